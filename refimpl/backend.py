@@ -1,0 +1,354 @@
+"""Array namespace, device and dtype helpers on top of array-api-compat.
+
+Every operator in refimpl is written against the Python array API standard:
+``xp = namespace(A=A, b=b)`` gives the namespace of its inputs (NumPy, CuPy or
+``array_api_strict``) and all arithmetic goes through ``xp``.  This module
+holds the few pieces the standard lacks (``logsumexp``, batched ``diag``,
+``sum_to_shape``, vector right-hand sides for ``solve``), written once from
+standard functions, plus input validation and host <-> device transfer.
+
+Conventions
+-----------
+* float64 is the reference dtype; float32 is supported.  No other dtype is
+  accepted by an operator (``TypeError`` naming the argument).
+* Outputs live in the namespace and on the device of the inputs.
+* Nothing here mutates its arguments.
+* Host-side work (SciPy, random numbers for tests) uses NumPy explicitly via
+  :func:`to_host` / :func:`from_host`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "Backend",
+    "available_backends",
+    "check_array",
+    "check_positive",
+    "device",
+    "diag_embed",
+    "diagonal",
+    "dtype_name",
+    "eye_like",
+    "from_host",
+    "get_backend",
+    "gpu_available",
+    "inner",
+    "logsumexp",
+    "matvec",
+    "mT",
+    "namespace",
+    "solve_vec",
+    "sum_to_shape",
+    "to_float",
+    "to_host",
+]
+
+SUPPORTED_DTYPES = ("float64", "float32")
+
+
+# --------------------------------------------------------------------------
+# Namespaces, devices, dtypes
+# --------------------------------------------------------------------------
+
+def _is_array(x: Any) -> bool:
+    """True for an array of a supported library (not a list, not a scalar)."""
+    if isinstance(x, (list, tuple, int, float, complex, bool)) or np.isscalar(x):
+        return False
+    return array_api_compat.is_array_api_obj(x)
+
+
+def namespace(**named: Any):
+    """Array namespace shared by the named arrays.
+
+    Parameters
+    ----------
+    **named
+        ``name=array`` pairs; ``None`` values are skipped.  The names only
+        serve error messages.
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array (a list, a Python or NumPy scalar) or
+        the arrays come from different libraries.
+    ValueError
+        If the arrays live on different devices.
+    """
+    arrays = {k: v for k, v in named.items() if v is not None}
+    if not arrays:
+        raise TypeError("namespace() needs at least one array")
+    for name, x in arrays.items():
+        if not _is_array(x):
+            raise TypeError(
+                f"argument {name!r} must be an array (numpy, cupy or "
+                f"array_api_strict), got {type(x).__name__}"
+            )
+    try:
+        xp = array_api_compat.array_namespace(*arrays.values())
+    except TypeError as exc:
+        kinds = ", ".join(f"{k}: {type(v).__module__}.{type(v).__name__}"
+                          for k, v in arrays.items())
+        raise TypeError(f"arrays from different libraries ({kinds})") from exc
+    devices = {name: array_api_compat.device(x) for name, x in arrays.items()}
+    first_name, first_dev = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first_dev:
+            raise ValueError(
+                f"argument {name!r} is on device {dev!r} but {first_name!r} "
+                f"is on {first_dev!r}"
+            )
+    return xp
+
+
+def device(x):
+    """Device of an array (``array_api_compat.device``)."""
+    return array_api_compat.device(x)
+
+
+def dtype_name(dtype) -> str:
+    """'float64' / 'float32' for a floating dtype of any supported namespace."""
+    text = str(dtype)
+    for name in ("float64", "float32", "float16", "complex128", "complex64"):
+        if name in text:
+            return name
+    return text
+
+
+def check_array(x: Any, name: str, *, ndim: int | None = None,
+                min_ndim: int | None = None, finite: bool = True):
+    """Validate an operator input and return it unchanged.
+
+    Checks, in this order: it is an array (``TypeError``), its dtype is
+    float32 or float64 (``TypeError``), its number of dimensions
+    (``ValueError``), and that it holds no NaN/Inf (``ValueError``).
+    Every message names ``name``.
+    """
+    if not _is_array(x):
+        raise TypeError(
+            f"argument {name!r} must be an array (numpy, cupy or "
+            f"array_api_strict), got {type(x).__name__}"
+        )
+    xp = array_api_compat.array_namespace(x)
+    if not xp.isdtype(x.dtype, "real floating") or dtype_name(x.dtype) not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"argument {name!r} has dtype {dtype_name(x.dtype)}; refimpl "
+            f"operators take float64 (reference) or float32 arrays"
+        )
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"argument {name!r} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.ndim < min_ndim:
+        raise ValueError(
+            f"argument {name!r} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}"
+        )
+    if finite and x.size != 0 and not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"argument {name!r} contains NaN or Inf")
+    return x
+
+
+def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    """A finite positive Python float (``eps``, ``tol``, ...) or ``ValueError``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"argument {name!r} must be a real number, got {type(value).__name__}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"argument {name!r} must be finite and {bound}, got {value!r}")
+    return v
+
+
+# --------------------------------------------------------------------------
+# Host <-> device
+# --------------------------------------------------------------------------
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of any supported array (CuPy via ``.get()``, others via DLPack)."""
+    if isinstance(x, np.ndarray):
+        return np.array(x, copy=True)
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if np.isscalar(x):
+        return np.asarray(x)
+    # array_api_strict (any of its devices) and other DLPack producers.
+    return np.array(np.from_dlpack(x), copy=True)
+
+
+def from_host(a, xp, *, device=None, dtype=None):
+    """Move a host (NumPy) array into namespace ``xp`` on ``device``.
+
+    ``dtype`` may be a dtype of ``xp`` or one of the names in
+    :data:`SUPPORTED_DTYPES`.
+    """
+    a = np.asarray(a)
+    if isinstance(dtype, str):
+        dtype = getattr(xp, dtype)
+    elif dtype is None and a.dtype.kind == "f":
+        dtype = getattr(xp, a.dtype.name)
+    if array_api_compat.is_cupy_namespace(xp):
+        import cupy
+        with cupy.cuda.Device(device.id if device is not None else None):
+            return xp.asarray(a, dtype=dtype)
+    return xp.asarray(a, dtype=dtype, device=device)
+
+
+def to_float(x) -> float:
+    """A Python float from a 0-d array (forces a device sync on GPU)."""
+    return float(x)
+
+
+# --------------------------------------------------------------------------
+# Backends used by tests and the CLI
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Backend:
+    """An array library plus the device test inputs are placed on.
+
+    ``array_api_strict`` is placed on its non-default ``device1`` so that any
+    array an operator creates without ``device=`` (which lands on the default
+    device) fails loudly when combined with the inputs.
+    """
+
+    name: str
+    xp: Any
+    device: Any
+
+    def asarray(self, a, dtype: str | None = None):
+        """Host array -> this backend, cast to ``dtype`` ('float64'/'float32')."""
+        return from_host(a, self.xp, device=self.device, dtype=dtype)
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import cupy
+        return bool(cupy.is_available())
+    except Exception:  # ImportError, CUDA driver errors
+        return False
+
+
+def get_backend(name: str) -> Backend:
+    """``'numpy'``, ``'array_api_strict'`` or ``'cupy'`` as a :class:`Backend`."""
+    if name == "numpy":
+        import array_api_compat.numpy as xp
+        return Backend("numpy", xp, "cpu")
+    if name == "array_api_strict":
+        try:
+            import array_api_strict as xp
+        except ImportError as exc:
+            raise ValueError("backend 'array_api_strict' needs the package "
+                             "array-api-strict (pip install array-api-strict)") from exc
+        return Backend("array_api_strict", xp, xp.Device("device1"))
+    if name == "cupy":
+        if not gpu_available():
+            raise ValueError("backend 'cupy' needs CuPy and a CUDA device; none found")
+        import array_api_compat.cupy as xp
+        import cupy
+        return Backend("cupy", xp, cupy.cuda.Device(0))
+    raise ValueError(f"unknown backend {name!r}; choose numpy, array_api_strict or cupy")
+
+
+def available_backends() -> list[str]:
+    """Backends usable on this machine."""
+    names = ["numpy"]
+    try:
+        import array_api_strict  # noqa: F401
+        names.append("array_api_strict")
+    except ImportError:
+        pass
+    if gpu_available():
+        names.append("cupy")
+    return names
+
+
+# --------------------------------------------------------------------------
+# Pieces the standard lacks, written from standard functions
+# --------------------------------------------------------------------------
+
+def mT(A):
+    """Transpose of the last two axes (``xp.matrix_transpose``)."""
+    return array_api_compat.array_namespace(A).matrix_transpose(A)
+
+
+def matvec(A, x):
+    """Batched matrix-vector product: ``(A @ x[..., None])[..., 0]``."""
+    return (A @ x[..., None])[..., 0]
+
+
+def solve_vec(A, b):
+    """Batched ``A^{-1} b`` for a vector right-hand side ``b`` (..., n).
+
+    The standard's ``linalg.solve`` treats a non-1-D second argument as a
+    stack of matrices, so the vector is lifted to a column and back.
+    """
+    xp = array_api_compat.array_namespace(A, b)
+    return xp.linalg.solve(A, b[..., None])[..., 0]
+
+
+def diagonal(A):
+    """Batched main diagonal (..., n)."""
+    return array_api_compat.array_namespace(A).linalg.diagonal(A)
+
+
+def eye_like(A, n: int | None = None):
+    """Identity of size ``n`` (default: A's last axis) with A's dtype and device."""
+    xp = array_api_compat.array_namespace(A)
+    n = A.shape[-1] if n is None else n
+    return xp.eye(n, dtype=A.dtype, device=device(A))
+
+
+def diag_embed(v):
+    """Batched diagonal matrix: ``diag_embed(v)[..., i, j] = v[..., i] delta_ij``."""
+    return v[..., :, None] * eye_like(v, v.shape[-1])
+
+
+def inner(a, b):
+    """Frobenius inner product <a, b> = sum(a * b) over all axes (0-d array)."""
+    xp = array_api_compat.array_namespace(a, b)
+    return xp.sum(a * b)
+
+
+def logsumexp(x, axis: int = -1, keepdims: bool = False):
+    """Stable ``log(sum(exp(x), axis))``.
+
+    Uses ``m + log(sum(exp(x - m)))`` with ``m`` the maximum along ``axis``;
+    a slice that is entirely ``-inf`` gives ``-inf`` (no NaN, no warning).
+    """
+    xp = array_api_compat.array_namespace(x)
+    m = xp.max(x, axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    s = xp.sum(xp.exp(x - m), axis=axis, keepdims=True)
+    positive = s > 0
+    out = xp.where(positive, xp.log(xp.where(positive, s, xp.ones_like(s))),
+                   xp.full_like(s, -math.inf)) + m
+    if not keepdims:
+        out = xp.squeeze(out, axis=axis)
+    return out
+
+
+def sum_to_shape(x, shape: tuple[int, ...]):
+    """Sum ``x`` over the axes that broadcasting added or stretched to reach
+    ``x.shape`` from ``shape`` (the adjoint of ``broadcast_to``)."""
+    xp = array_api_compat.array_namespace(x)
+    shape = tuple(shape)
+    if tuple(x.shape) == shape:
+        return x
+    lead = x.ndim - len(shape)
+    if lead < 0:
+        raise ValueError(f"cannot reduce shape {tuple(x.shape)} to {shape}")
+    if lead:
+        x = xp.sum(x, axis=tuple(range(lead)))
+    axes = tuple(i for i, (n, s) in enumerate(zip(shape, x.shape)) if n == 1 and s != 1)
+    if axes:
+        x = xp.sum(x, axis=axes, keepdims=True)
+    if tuple(x.shape) != shape:
+        raise ValueError(f"cannot reduce shape {tuple(x.shape)} to {shape}")
+    return x

@@ -1,0 +1,176 @@
+"""Command line: ``refimpl verify | bench``.
+
+``refimpl verify`` runs every registered operator's curated cases through
+the checks of :func:`refimpl.registry.verify_case` (forward against an
+independent oracle, adjoint test, finite differences, batch == loop, no
+mutation, operator-specific closed forms), prints one table row per check
+and exits with status 1 if any check fails.
+
+``refimpl bench NAME`` runs ``benchmarks/bench_NAME.py`` from a source
+checkout (benchmarks are not part of the installed package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .backend import SUPPORTED_DTYPES, available_backends, get_backend
+
+BACKENDS = ("numpy", "array_api_strict", "cupy")
+
+
+def _expand(value: str, choices, available=None) -> list[str]:
+    if value == "all":
+        return list(available if available is not None else choices)
+    return [value]
+
+
+def _format_table(rows: list[tuple], headers: tuple) -> str:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(headers)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [line.format(*headers), line.format(*("-" * w for w in widths))]
+    out.extend(line.format(*r) for r in rows)
+    return "\n".join(out)
+
+
+def cmd_verify(args) -> int:
+    from . import registry
+
+    try:
+        specs = [registry.get_spec(n) for n in args.op] if args.op else registry.all_specs()
+        backends = [get_backend(b) for b in _expand(args.backend, BACKENDS, available_backends())]
+    except ValueError as exc:
+        print(f"refimpl verify: {exc}", file=sys.stderr)
+        return 2
+    dtypes = _expand(args.dtype, SUPPORTED_DTYPES)
+
+    jobs = []
+    for spec in specs:
+        cases = [spec.case(args.case)] if args.case else list(spec.cases)
+        for case in cases:
+            for be in backends:
+                for dt in dtypes:
+                    if dt in case.dtypes:
+                        jobs.append((spec, case, be, dt))
+    if not jobs:
+        print("refimpl verify: nothing to run (no matching operator/case/dtype)", file=sys.stderr)
+        return 2
+
+    rows, n_fail = [], 0
+    start = time.perf_counter()
+    for i, (spec, case, be, dt) in enumerate(jobs, 1):
+        if not args.quiet:
+            print(f"[{i}/{len(jobs)}] {spec.name} / {case.id} ({be.name}, {dt}) "
+                  f"{time.perf_counter() - start:6.1f}s", file=sys.stderr, flush=True)
+        for r in registry.verify_case(spec, case, backend=be, dtype=dt):
+            n_fail += not r.passed
+            if args.failures_only and r.passed:
+                continue
+            rows.append((spec.name, case.id, be.name, dt, r.check, f"{r.error:.2e}",
+                         f"{r.tol:.1e}", "pass" if r.passed else "FAIL"))
+            if not r.passed and r.detail:
+                rows.append(("", "", "", "", "", "", "", f"  {r.detail}"))
+    headers = ("operator", "case", "backend", "dtype", "check", "error", "tol", "result")
+    if rows:
+        print(_format_table(rows, headers))
+    n_checks = sum(1 for r in rows if r[0])
+    elapsed = time.perf_counter() - start
+    verdict = "all checks passed" if n_fail == 0 else f"{n_fail} check(s) FAILED"
+    print(f"\n{len(jobs)} case runs, {verdict} ({elapsed:.1f}s)"
+          + ("" if not args.failures_only else f"; {n_checks} failing rows shown"))
+    return 1 if n_fail else 0
+
+
+def _benchmarks_dir() -> Path | None:
+    candidates = []
+    if os.environ.get("REFIMPL_BENCHMARKS"):
+        candidates.append(Path(os.environ["REFIMPL_BENCHMARKS"]))
+    candidates.append(Path.cwd() / "benchmarks")
+    candidates.append(Path(__file__).resolve().parent.parent / "benchmarks")
+    for c in candidates:
+        if c.is_dir() and any(c.glob("bench_*.py")):
+            return c
+    return None
+
+
+def cmd_bench(args) -> int:
+    bdir = _benchmarks_dir()
+    if bdir is None:
+        print("refimpl bench: no benchmarks/ directory found; run it from a source "
+              "checkout or set REFIMPL_BENCHMARKS", file=sys.stderr)
+        return 2
+    available = sorted(p.stem[len("bench_"):] for p in bdir.glob("bench_*.py"))
+    if args.name is None:
+        print("available benchmarks: " + ", ".join(available))
+        return 0
+    if args.name not in available:
+        print(f"refimpl bench: unknown benchmark {args.name!r}; available: "
+              + ", ".join(available), file=sys.stderr)
+        return 2
+    path = bdir / f"bench_{args.name}.py"
+    spec = importlib.util.spec_from_file_location(f"refimpl_bench_{args.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(args.bench_args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="refimpl",
+        description="Reference gradients for differentiable operators: check them, "
+                    "and check yours against them.",
+    )
+    p.add_argument("--version", action="version", version=f"refimpl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    v = sub.add_parser(
+        "verify",
+        help="run every operator's cases through forward, adjoint, finite-difference, "
+             "batch and operator-specific checks; exit 1 on any failure",
+        description="Run every registered operator's curated cases through the forward "
+                    "oracle, the adjoint (dot-product) test, finite differences, batch == "
+                    "loop, a no-mutation check and the operator's own closed-form checks. "
+                    "Prints one row per check; exits 1 if any check fails.",
+    )
+    v.add_argument("--op", action="append", metavar="NAME",
+                   help="operator to verify (repeatable; default: all)")
+    v.add_argument("--case", metavar="ID", help="only this case id")
+    v.add_argument("--backend", default="numpy", choices=BACKENDS + ("all",),
+                   help="array backend (default numpy; 'all' = every available one)")
+    v.add_argument("--dtype", default="all", choices=SUPPORTED_DTYPES + ("all",),
+                   help="dtype (default all: float64, the reference, and float32)")
+    v.add_argument("--failures-only", action="store_true",
+                   help="print only failing checks")
+    v.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    v.set_defaults(func=cmd_verify)
+
+    b = sub.add_parser(
+        "bench",
+        help="run a benchmark from benchmarks/ (source checkout); no NAME lists them",
+        description="Run benchmarks/bench_NAME.py (side-by-side timings against "
+                    "baselines). Arguments after NAME are passed to the benchmark.",
+    )
+    b.add_argument("name", nargs="?", metavar="NAME")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
