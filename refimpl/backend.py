@@ -27,6 +27,8 @@ import array_api_compat
 import numpy as np
 
 __all__ = [
+    "ConditioningWarning",
+    "ConvergenceWarning",
     "SUPPORTED_DTYPES",
     "Backend",
     "available_backends",
@@ -52,6 +54,19 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = ("float64", "float32")
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solver stopped before reaching its tolerance.
+
+    The result still carries ``converged=False`` and the error reached; a VJP
+    of such a result warns again because implicit gradients assume the
+    optimality conditions hold.
+    """
+
+
+class ConditioningWarning(UserWarning):
+    """A backward solve is ill-conditioned; the gradient may be inaccurate."""
 
 
 # --------------------------------------------------------------------------
