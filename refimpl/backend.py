@@ -197,10 +197,10 @@ def to_host(x) -> np.ndarray:
 
 
 def from_host(a, xp, *, device=None, dtype=None):
-    """Move a host (NumPy) array into namespace ``xp`` on ``device``.
+    """Copy a host (NumPy) array into namespace ``xp`` on ``device``.
 
     ``dtype`` may be a dtype of ``xp`` or one of the names in
-    :data:`SUPPORTED_DTYPES`.
+    :data:`SUPPORTED_DTYPES`.  The result never shares memory with ``a``.
     """
     a = np.asarray(a)
     if isinstance(dtype, str):
@@ -211,7 +211,7 @@ def from_host(a, xp, *, device=None, dtype=None):
         import cupy
         with cupy.cuda.Device(device.id if device is not None else None):
             return xp.asarray(a, dtype=dtype)
-    return xp.asarray(a, dtype=dtype, device=device)
+    return xp.asarray(a, dtype=dtype, device=device, copy=True)
 
 
 def to_float(x) -> float:

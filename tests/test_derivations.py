@@ -1,0 +1,41 @@
+"""Run every sympy derivation in derivations/.
+
+Convention: each ``derivations/<operator>.py`` defines top-level functions
+named ``check_*`` that derive or verify one identity with sympy and raise
+``AssertionError`` when it does not hold.  Each one is a test here.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+DERIVATIONS = Path(__file__).resolve().parent.parent / "derivations"
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"derivations_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _checks():
+    params = []
+    for path in sorted(DERIVATIONS.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        module = _load(path)
+        names = [n for n in dir(module) if n.startswith("check_") and callable(getattr(module, n))]
+        assert names, f"{path.name} defines no check_* function"
+        params += [pytest.param(module, n, id=f"{path.stem}.{n}") for n in sorted(names)]
+    return params
+
+
+CHECKS = _checks()
+
+
+@pytest.mark.skipif(not CHECKS, reason="no derivations yet")
+@pytest.mark.parametrize("module, name", CHECKS)
+def test_derivation(module, name):
+    getattr(module, name)()
