@@ -129,12 +129,9 @@ def device(x):
 
 
 def dtype_name(dtype) -> str:
-    """'float64' / 'float32' for a floating dtype of any supported namespace."""
+    """The plain dtype name ('float64', 'int64', ...) in any supported namespace."""
     text = str(dtype)
-    for name in ("float64", "float32", "float16", "complex128", "complex64"):
-        if name in text:
-            return name
-    return text
+    return text.rsplit(".", 1)[-1] if text.startswith("array_api_strict.") else text
 
 
 def check_array(x: Any, name: str, *, ndim: int | None = None,

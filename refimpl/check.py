@@ -100,12 +100,14 @@ def _result(check: str, error: float, tol: float, detail: str = "") -> CheckResu
 # --------------------------------------------------------------------------
 
 def _as_tuple(x: Any, name: str) -> tuple:
-    """A single array or a tuple of arrays (None allowed) as a tuple."""
-    if isinstance(x, tuple):
-        return x
+    """A single array or a tuple of arrays (None allowed) as a tuple.
+
+    NumPy scalars (what NumPy reductions return) are taken as 0-d arrays.
+    """
     if isinstance(x, list):
         raise TypeError(f"argument {name!r} must be an array or a tuple of arrays, got list")
-    return (x,)
+    items = x if isinstance(x, tuple) else (x,)
+    return tuple(np.asarray(a) if isinstance(a, np.generic) else a for a in items)
 
 
 def _validated(arrays: tuple, name: str, *, like: tuple | None = None,

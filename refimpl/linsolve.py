@@ -101,9 +101,15 @@ def solve(A, b) -> SolveResult:
         working precision (the solution is not finite).
     """
     xp = _check_inputs(A, b)
-    x = solve_vec(A, b)
+    singular = "argument 'A' is singular to working precision"
+    try:
+        x = solve_vec(A, b)
+    except Exception as exc:  # numpy/strict raise LinAlgError; CuPy returns non-finite values
+        if type(exc).__name__ == "LinAlgError":
+            raise ValueError(singular) from exc
+        raise
     if not bool(xp.all(xp.isfinite(x))):
-        raise ValueError("argument 'A' is singular to working precision")
+        raise ValueError(singular)
     r = matvec(A, x) - b
     norm = xp.linalg.vector_norm
     rel = norm(r, axis=-1) / (xp.linalg.matrix_norm(A) * norm(x, axis=-1) + norm(b, axis=-1))

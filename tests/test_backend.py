@@ -1,0 +1,132 @@
+"""refimpl.backend: namespaces, validation, transfers and the non-standard pieces."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.special
+
+from refimpl import backend as B
+
+
+def test_namespace_rejects_non_arrays_by_name(backend):
+    x = backend.asarray(np.ones(3))
+    with pytest.raises(TypeError, match="'C' must be an array.*list"):
+        B.namespace(a=x, C=[1.0, 2.0])
+    with pytest.raises(TypeError, match="'eps' must be an array.*float"):
+        B.namespace(eps=0.1)
+    with pytest.raises(TypeError, match="at least one array"):
+        B.namespace(a=None)
+
+
+def test_namespace_rejects_mixed_libraries():
+    import array_api_strict as xs
+    with pytest.raises(TypeError, match="different libraries"):
+        B.namespace(a=np.ones(2), b=xs.ones(2))
+
+
+def test_namespace_rejects_mixed_devices():
+    import array_api_strict as xs
+    a = xs.ones(2, device=xs.Device("device1"))
+    b = xs.ones(2)  # default device
+    with pytest.raises(ValueError, match="'b' is on device"):
+        B.namespace(a=a, b=b)
+
+
+def test_check_array_messages(backend):
+    good = backend.asarray(np.ones((2, 3)))
+    assert B.check_array(good, "C", ndim=2) is good
+    with pytest.raises(TypeError, match="'C' has dtype int64"):
+        B.check_array(backend.xp.asarray(np.ones(3, dtype=np.int64), device=backend.device), "C")
+    with pytest.raises(ValueError, match="'C' must have 3 dimensions"):
+        B.check_array(good, "C", ndim=3)
+    with pytest.raises(ValueError, match="at least 3 dimensions"):
+        B.check_array(good, "C", min_ndim=3)
+    for bad in (np.nan, np.inf, -np.inf):
+        h = np.ones((2, 3))
+        h[1, 2] = bad
+        with pytest.raises(ValueError, match="'C' contains NaN or Inf"):
+            B.check_array(backend.asarray(h), "C")
+    with pytest.raises(TypeError, match="got list"):
+        B.check_array([1.0], "C")
+
+
+def test_check_array_rejects_float16_and_complex():
+    with pytest.raises(TypeError, match="float16"):
+        B.check_array(np.ones(2, dtype=np.float16), "x")
+    with pytest.raises(TypeError, match="complex128"):
+        B.check_array(np.ones(2, dtype=np.complex128), "x")
+
+
+def test_check_positive():
+    assert B.check_positive(np.float64(0.5), "eps") == 0.5
+    assert type(B.check_positive(np.float64(0.5), "eps")) is float
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="'eps' must be finite and > 0"):
+            B.check_positive(bad, "eps")
+    assert B.check_positive(0.0, "tol", allow_zero=True) == 0.0
+    with pytest.raises(TypeError, match="'eps' must be a real number"):
+        B.check_positive("a", "eps")
+
+
+def test_host_round_trip_copies(backend, dtype, rng):
+    h = rng.standard_normal((3, 4))
+    x = backend.asarray(h, dtype)
+    assert B.dtype_name(x.dtype) == dtype
+    assert B.device(x) == backend.device
+    back = B.to_host(x)
+    np.testing.assert_array_equal(back, h.astype(dtype))
+    h[0, 0] = 99.0  # the device copy does not alias the host array
+    assert B.to_host(x)[0, 0] != 99.0
+
+
+def test_logsumexp_matches_scipy(backend, dtype, rng):
+    h = rng.standard_normal((4, 5)) * 300.0  # exp overflows without the shift
+    h[1] = -np.inf                            # an all -inf row gives -inf, no NaN
+    h[2, :3] = -np.inf
+    x = backend.asarray(h, dtype)
+    for axis in (0, 1, -1):
+        got = B.to_host(B.logsumexp(x, axis=axis))
+        with np.errstate(divide="ignore"):
+            want = scipy.special.logsumexp(h.astype(dtype).astype(np.float64), axis=axis)
+        rtol = 1e-14 if dtype == "float64" else 1e-6
+        np.testing.assert_allclose(got, want, rtol=rtol)
+    assert B.logsumexp(x, axis=1, keepdims=True).shape == (4, 1)
+
+
+def test_small_linear_algebra_helpers(backend, rng):
+    A = backend.asarray(rng.standard_normal((2, 3, 3)) + 3 * np.eye(3))
+    v = backend.asarray(rng.standard_normal((2, 3)))
+    Ah, vh = B.to_host(A), B.to_host(v)
+    np.testing.assert_allclose(B.to_host(B.matvec(A, v)), np.einsum("bij,bj->bi", Ah, vh))
+    np.testing.assert_allclose(B.to_host(B.solve_vec(A, v)),
+                               np.stack([np.linalg.solve(Ah[i], vh[i]) for i in range(2)]))
+    np.testing.assert_array_equal(B.to_host(B.mT(A)), np.swapaxes(Ah, -1, -2))
+    np.testing.assert_array_equal(B.to_host(B.diagonal(A)), np.diagonal(Ah, axis1=-2, axis2=-1))
+    D = B.to_host(B.diag_embed(v))
+    for i in range(2):
+        np.testing.assert_array_equal(D[i], np.diag(vh[i]))
+    assert float(B.inner(A, A)) == pytest.approx(np.sum(Ah * Ah))
+
+
+def test_sum_to_shape_is_adjoint_of_broadcast(backend, rng):
+    # <broadcast_to(x, S), y> == <x, sum_to_shape(y, x.shape)> for every y.
+    xp = backend.xp
+    for shape, target in [((3,), (2, 4, 3)), ((1, 3), (5, 3)), ((4, 1, 3), (4, 2, 3)), ((2, 3), (2, 3))]:
+        x = backend.asarray(rng.standard_normal(shape))
+        y = backend.asarray(rng.standard_normal(target))
+        lhs = float(B.inner(xp.broadcast_to(x, target), y))
+        rhs = float(B.inner(x, B.sum_to_shape(y, shape)))
+        assert lhs == pytest.approx(rhs, rel=1e-13)
+        assert tuple(B.sum_to_shape(y, shape).shape) == shape
+    with pytest.raises(ValueError, match="cannot reduce"):
+        B.sum_to_shape(backend.asarray(np.ones((2, 3))), (4, 2, 3))
+
+
+def test_get_backend():
+    assert "numpy" in B.available_backends()
+    with pytest.raises(ValueError, match="unknown backend 'torch'"):
+        B.get_backend("torch")
+    if not B.gpu_available():
+        with pytest.raises(ValueError, match="needs CuPy and a CUDA device"):
+            B.get_backend("cupy")
