@@ -422,12 +422,12 @@ def _linear_solve_spec() -> OpSpec:
                  3, shared_matrix, flags=("batched", "broadcast")),
             Case("ill_conditioned", "6x6 with cond 1e6 (float64 only)", 4, ill_conditioned,
                  flags=("ill_conditioned",), dtypes=("float64",), fd_step=1e-9,
-                 tol={"float64": {"forward": 1e-8, "fd": 1e-6}}),
+                 tol={"float64": {"forward": 1e-8, "adjoint": 1e-9, "fd": 1e-6}}),
             Case("scalar", "1x1 system", 5, scalar, flags=("edge",)),
         ),
         tol={
             "float64": Tolerance(forward=1e-11, adjoint=1e-11, fd=1e-8, batch=1e-12),
-            "float32": Tolerance(forward=1e-4, adjoint=1e-5, fd=1e-3, batch=1e-5),
+            "float32": Tolerance(forward=1e-4, adjoint=1e-6, fd=1e-3, batch=1e-5),
         },
     )
 
