@@ -687,3 +687,19 @@ def test_nothing_mutates_its_inputs(rng):
     comb.perturbed_vjp(comb.perturbed(top2, w, sigma=1.0, n_samples=4, rng=0), g)
     np.testing.assert_array_equal(w, w0)
     np.testing.assert_array_equal(g, g0)
+
+
+def test_benchmark_quick_smoke(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_combinatorial.py"
+    spec = importlib.util.spec_from_file_location("bench_combinatorial", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", "--repeats", "1", "--json", "-"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("assignment", "shortest path"))]
+    assert len(rows) == 10                    # 6 assignment methods, 4 shortest-path methods
+    blackbox = [line.split() for line in rows if "blackbox" in line]
+    assert all(r[r.index("blackbox") + 2: r.index("blackbox") + 4] == ["1", "1"] for r in blackbox)
