@@ -810,7 +810,7 @@ class IdentityResult:
 
 
 def identity_layer(solver, w, *, projection=None, alpha: float = 0.0,
-                   noise_order: str = "after", rng=None) -> IdentityResult:
+                   noise_order: str = "after", rng=None, xi=None) -> IdentityResult:
     """Forward of the identity-with-projection layer: ``y = solver(P(w) [+ xi])``.
 
     Parameters
@@ -824,7 +824,12 @@ def identity_layer(solver, w, *, projection=None, alpha: float = 0.0,
     noise_order : "after" (default): ``u = P(w) + xi``, so ``alpha`` is on
         the projected scale (for norm/std: relative to unit-norm costs);
         "before": ``u = P(w + xi)``.
-    rng : Generator or int seed; required when ``alpha > 0``.
+    rng : Generator or int seed; required when ``alpha > 0`` (and no ``xi``).
+        The noise is drawn for the whole batch at once, so a batch equals a
+        loop over its members only when each member is given its slice of
+        the batch's draws through ``xi``.
+    xi : optional explicit noise-margin draws shaped like ``w`` (replaying a
+        forward, or batch == loop); used instead of drawing from ``rng``.
 
     Examples
     --------
@@ -840,8 +845,9 @@ def identity_layer(solver, w, *, projection=None, alpha: float = 0.0,
     _check_choice(noise_order, "noise_order", ("after", "before"))
     alpha = backend.check_positive(alpha, "alpha", allow_zero=True)
     _check_cost(w, "w", spec.core_ndim)
-    xi = None
-    if alpha > 0.0:
+    if xi is not None:
+        _check_like(xi, "xi", w, "w")
+    elif alpha > 0.0:
         if rng is None:
             raise ValueError("argument 'rng' (a Generator or an int seed) is required when alpha > 0")
         xi = noise_margin(w, alpha=alpha, rng=rng)

@@ -414,6 +414,22 @@ def test_noise_margin_is_seeded_two_valued_and_ordered(backend, rng):
     np.testing.assert_array_equal(host(rerun.y), host(after.y))
 
 
+def test_noise_margin_batch_equals_loop_given_the_draws(backend, rng):
+    w = backend.asarray(rng.standard_normal((3, 6)), "float64")
+    g = backend.asarray(rng.standard_normal((3, 6)), "float64")
+    for order in ("after", "before"):
+        res = comb.identity_layer(top2, w, projection="std", alpha=0.5, rng=2, noise_order=order)
+        w_bar = host(comb.identity_layer_vjp(res, g))
+        for b in range(3):
+            member = comb.identity_layer(top2, w[b, ...], projection="std", alpha=0.5,
+                                         xi=res.xi[b, ...], noise_order=order)
+            np.testing.assert_array_equal(host(member.y), host(res.y)[b])
+            np.testing.assert_allclose(host(comb.identity_layer_vjp(member, g[b, ...])), w_bar[b],
+                                       rtol=1e-14, atol=1e-15)
+    with pytest.raises(ValueError, match="'xi'"):
+        comb.identity_layer(top2, w, alpha=0.5, xi=res.xi[0, ...])
+
+
 def test_noise_margin_breaks_cost_collapse_ties():
     # all-equal costs: without noise the tie-break always picks the same
     # solution; with noise the solutions vary with the seed
