@@ -9,9 +9,9 @@ one run and on the same inputs:
 * the perturbed optimizer (M solves in the forward, none in the backward),
 
 and counts the problem instances solved in the forward and in the backward
-with ``CountingSolver``.  Times are medians over ``--repeats`` runs; the
-ratio columns divide by the plain identity's backward / forward+backward
-time measured in the same run.
+with ``CountingSolver``.  Times are medians over ``--repeats`` runs (the JSON
+also holds the best times); the ratio columns divide by the plain
+identity's backward / forward+backward time measured in the same run.
 
 Run: ``refimpl bench combinatorial [--quick] [--repeats R] [--samples M]
 [--backend numpy|array_api_strict|cupy] [--json PATH]``.
@@ -33,13 +33,14 @@ from refimpl import combinatorial as comb
 from refimpl.backend import get_backend
 
 
-def _median_time(fn, repeats: int) -> float:
+def _timings(fn, repeats: int) -> tuple[float, float]:
+    """(median, best) wall time of ``fn()`` over ``repeats`` runs."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def _problems(quick: bool, rng):
@@ -93,10 +94,11 @@ def run(quick: bool = False, repeats: int = 20, samples: int = 10, backend: str 
             backward(counted, state, y_bar)
             bwd_solves = counted.instances
             plain = comb.CountingSolver(solver)          # timing runs, uncounted in the table
-            t_fwd = _median_time(lambda: forward(plain, W), repeats)
-            t_bwd = _median_time(lambda: backward(plain, state, y_bar), repeats)
+            t_fwd, best_fwd = _timings(lambda: forward(plain, W), repeats)
+            t_bwd, best_bwd = _timings(lambda: backward(plain, state, y_bar), repeats)
             rows.append(dict(problem=problem, method=name, forward_solves=fwd_solves,
-                             backward_solves=bwd_solves, forward_s=t_fwd, backward_s=t_bwd))
+                             backward_solves=bwd_solves, forward_s=t_fwd, backward_s=t_bwd,
+                             forward_best_s=best_fwd, backward_best_s=best_bwd))
         base = next(r for r in rows if r["problem"] == problem and r["method"] == "identity")
         for r in rows:
             if r["problem"] == problem:
