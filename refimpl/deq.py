@@ -97,13 +97,17 @@ Every backward returns explicit counts in its result
 =========  =========  =============  ===============  =========
 method     f evals    J^T products   F^T products     stored
 =========  =========  =============  ===============  =========
-exact      1          n_iter         1                1
+exact      1          n_iter + 1     1                1
 unroll     k          k - 1          k                k
 neumann    1          k - 1          1                1
 jfb        1          0              1                1
 =========  =========  =============  ===============  =========
 
-(the dense exact solve forms ``J`` once instead of ``n_iter`` products).
+The dense exact solve forms ``J`` once instead (in closed form when the
+linearisation provides it, else from ``n`` basis VJPs).  The f evaluation
+at ``z`` itself is saved when ``f(z)`` is already known: :func:`deq_backward`
+reuses the forward solver's last evaluation, so there the f-evaluation
+counts are 0, ``k - 1``, 0 and 0.
 
 Diagnostics
 -----------
@@ -618,7 +622,7 @@ def _dense_adjoint(lin: Linearization, g, n_counts: dict):
 def implicit_vjp(f_vjp: Callable, z, z_bar, *, method: str = "exact", k: int | None = None,
                  lam: float | None = None, solver: str | None = None, tol: float | None = None,
                  atol: float | None = None, max_iter: int | None = None, m: int | None = None,
-                 warn: bool = True) -> ImplicitVJPResult:
+                 fz=None, warn: bool = True) -> ImplicitVJPResult:
     """Exact or phantom VJP of the fixed point ``z = f(z; theta)`` of any ``f``.
 
     Parameters
@@ -639,6 +643,9 @@ def implicit_vjp(f_vjp: Callable, z, z_bar, *, method: str = "exact", k: int | N
         ``"picard"`` for the linear fixed point ``u = J^T u + g``.
     tol, atol, max_iter, m : exact iterative only: tolerances of that linear
         fixed point (``tol`` defaults to :data:`DEFAULT_TOL`, ``max_iter`` to 1000).
+    fz : ``f(z)`` when already known (the forward solver's last evaluation);
+        ``f_vjp`` is then called as ``f_vjp(z, fz)`` at ``z`` and must use it
+        instead of evaluating ``f`` (one evaluation fewer, counted as such).
 
     Returns
     -------
@@ -661,17 +668,23 @@ def implicit_vjp(f_vjp: Callable, z, z_bar, *, method: str = "exact", k: int | N
             f"VJP of an unconverged fixed point (residual {forward.residual:.3e}): the "
             f"{method} gradient assumes z = f(z) and is unreliable",
             ConvergenceWarning, stacklevel=2)
+    if fz is not None:
+        backend.namespace(z=z, fz=fz)
+        if tuple(fz.shape) != tuple(z.shape):
+            raise ValueError(f"argument 'fz' has shape {tuple(fz.shape)}, expected {tuple(z.shape)}")
     return _implicit_vjp(f_vjp, z, z_bar, method=method, k=k, lam=lam, solver=solver,
-                         tol=tol, atol=atol, max_iter=max_iter, m=m, warn=warn)
+                         tol=tol, atol=atol, max_iter=max_iter, m=m, fz=fz, warn=warn)
 
 
-def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m, warn):
-    xp = array_api_compat.array_namespace(z, g)
+def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m, fz, warn):
+    # The linearisation at z reuses a known f(z) (no evaluation) when given.
+    lin_z = _as_linearization(f_vjp(z) if fz is None else f_vjp(z, fz))
+    n_f0 = 1 if fz is None else 0
     if method == "unroll":
         # Forward: h_{t+1} = lam f(h_t) + (1 - lam) h_t from h_0 = z, keeping
         # the k linearisations (the "stored graph").
-        lins, h = [], z
-        for _ in range(k):
+        lins, h = [lin_z], lam * lin_z.fz + (1.0 - lam) * z
+        for _ in range(k - 1):
             lin = _as_linearization(f_vjp(h))
             lins.append(lin)
             h = lam * lin.fz + (1.0 - lam) * h
@@ -682,13 +695,15 @@ def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m
             theta_bar = _add_bars(theta_bar, lins[t].vjp_theta(lam * a))
             if t > 0:
                 a = lam * lins[t].vjp_z(a) + (1.0 - lam) * a
-        return ImplicitVJPResult(theta_bar, None, method, k, lam, None, n_f_evals=k,
-                                 n_vjp_z=k - 1, n_vjp_theta=k, n_stored_linearizations=k)
+        return ImplicitVJPResult(theta_bar, None, method, k, lam, None,
+                                 n_f_evals=k - 1 + n_f0, n_vjp_z=k - 1, n_vjp_theta=k,
+                                 n_stored_linearizations=k)
 
-    lin = _as_linearization(f_vjp(z))
+    lin = lin_z
     if method == "jfb":
         return ImplicitVJPResult(tuple(lin.vjp_theta(g)), g, method, None, None, None,
-                                 n_f_evals=1, n_vjp_z=0, n_vjp_theta=1, n_stored_linearizations=1)
+                                 n_f_evals=n_f0, n_vjp_z=0, n_vjp_theta=1,
+                                 n_stored_linearizations=1)
     if method == "neumann":
         # u_k = lam sum_{i<k} (B^T)^i g,  B^T v = lam J^T v + (1 - lam) v.
         v, s = g, g
@@ -697,7 +712,7 @@ def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m
             s = s + v
         u = lam * s
         return ImplicitVJPResult(tuple(lin.vjp_theta(u)), u, method, k, lam, None,
-                                 n_f_evals=1, n_vjp_z=k - 1, n_vjp_theta=1,
+                                 n_f_evals=n_f0, n_vjp_z=k - 1, n_vjp_theta=1,
                                  n_stored_linearizations=1)
 
     # -- exact: (I - J^T) u = g -------------------------------------------------
@@ -715,7 +730,7 @@ def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m
         counts = {"vjp_z": 0}
         u, cond = _dense_adjoint(lin, g, counts)
         return ImplicitVJPResult(tuple(lin.vjp_theta(u)), u, method, None, None, "dense",
-                                 n_f_evals=1, n_vjp_z=counts["vjp_z"], n_vjp_theta=1,
+                                 n_f_evals=n_f0, n_vjp_z=counts["vjp_z"], n_vjp_theta=1,
                                  n_stored_linearizations=1, condition=cond)
     # Linear fixed point u = J^T u + g, started from u_0 = g.
     sol = fixed_point(lambda v: lin.vjp_z(v) + g, g, method=solver, tol=tol,
@@ -728,7 +743,7 @@ def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m
             f"gradient is inaccurate. If J has an eigenvalue near or beyond 1, use "
             f"solver='anderson' or 'dense'", ConvergenceWarning, stacklevel=3)
     return ImplicitVJPResult(tuple(lin.vjp_theta(sol.z)), sol.z, method, None, None, solver,
-                             n_f_evals=1, n_vjp_z=sol.n_f_evals, n_vjp_theta=1,
+                             n_f_evals=n_f0, n_vjp_z=sol.n_f_evals, n_vjp_theta=1,
                              n_stored_linearizations=1, n_iter=sol.n_iter,
                              residual=sol.residual, converged=sol.converged)
 
@@ -810,11 +825,13 @@ def _check_layer(x, W, U, b):
 
 
 def _tanh_linearization(x, W, U, b) -> Callable:
-    """``f_vjp`` of ``f(h) = tanh(W h + U x + b)`` (see :class:`Linearization`)."""
+    """``f_vjp`` of ``f(h) = tanh(W h + U x + b)`` (see :class:`Linearization`);
+    ``f_vjp(h, fh)`` linearises at ``h`` with a known ``fh = f(h)``."""
     c = _rows_matvec(U, x) + b                                 # U x + b, computed once
 
-    def f_vjp(h) -> Linearization:
-        fh = backend.namespace(h=h).tanh(_rows_matvec(W, h) + c)
+    def f_vjp(h, fh=None) -> Linearization:
+        if fh is None:
+            fh = backend.namespace(h=h).tanh(_rows_matvec(W, h) + c)
         D = 1.0 - fh * fh                                      # tanh' at W h + U x + b
 
         def vjp_z(v):                                          # J^T v = W^T (D v)
@@ -901,8 +918,9 @@ def deq_backward(res: TanhDEQResult, z_bar, *, method: str = "exact", k: int | N
     if not isinstance(res, TanhDEQResult):
         raise TypeError(f"argument 'res' must be a TanhDEQResult from tanh_deq, got {type(res).__name__}")
     f_vjp = _tanh_linearization(res.x, res.W, res.U, res.b)
+    # The forward's last evaluation f(z) linearises the layer at z: no new f evaluation.
     return implicit_vjp(f_vjp, res.solve, z_bar, method=method, k=k, lam=lam, solver=solver,
-                        tol=tol, atol=atol, max_iter=max_iter, m=m, warn=warn)
+                        tol=tol, atol=atol, max_iter=max_iter, m=m, fz=res.solve.fz, warn=warn)
 
 
 def deq_vjp(res: TanhDEQResult, z_bar, *, method: str = "exact", k: int | None = None,

@@ -586,7 +586,23 @@ def test_stored_linearizations_grow_with_k_only_for_unroll(instance):
         up = deq.deq_backward(res, g, method="unroll", k=k, lam=0.5)
         ne = deq.deq_backward(res, g, method="neumann", k=k, lam=0.5)
         assert (up.n_stored_linearizations, ne.n_stored_linearizations) == (k, 1)
-        assert (up.n_f_evals, ne.n_f_evals) == (k, 1)
+        # the forward's last evaluation f(z*) is reused: one evaluation fewer
+        assert (up.n_f_evals, ne.n_f_evals) == (k - 1, 0)
+
+
+def test_reusing_the_forward_evaluation_changes_nothing_but_the_count(instance):
+    h, g, _ = instance
+    res = deq.tanh_deq(h["x"], h["W"], h["U"], h["b"])
+    f_vjp = deq._tanh_linearization(h["x"], h["W"], h["U"], h["b"])
+    for method, kw in (("exact", {}), ("unroll", {"k": 4, "lam": 0.5}),
+                       ("neumann", {"k": 4, "lam": 0.5}), ("jfb", {})):
+        fresh = deq.implicit_vjp(f_vjp, res.z, g, method=method, **kw)
+        reused = deq.deq_backward(res, g, method=method, **kw)
+        assert reused.n_f_evals == fresh.n_f_evals - 1
+        np.testing.assert_allclose(_flat(reused.theta_bar), _flat(fresh.theta_bar),
+                                   rtol=1e-14, atol=1e-15)
+    with pytest.raises(ValueError, match="'fz' has shape"):
+        deq.implicit_vjp(f_vjp, res.z, g, fz=res.solve.fz[0])
 
 
 # --------------------------------------------------------------------------
