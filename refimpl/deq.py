@@ -121,10 +121,10 @@ too, and then ``cos(p, theta_bar) >= (sigma_min - ||E||)/(sigma_min +
 :func:`neumann_rate` (``rho(B)``) and :func:`damping_threshold` (the
 largest ``lam`` with ``rho(B) < 1``).
 
-Broyden's method is not offered: on these layers Anderson acceleration
-(which on the linear backward problem is a restarted GMRES) already
-converges in a few tens of iterations, and a limited-memory Broyden would
-add code without changing any reference number.
+Broyden's method is not offered: Anderson acceleration (on the linear
+backward problem, a restarted GMRES) already serves the forward and the
+backward solves, and a limited-memory Broyden would add code without
+changing any reference number.
 
 References
 ----------
