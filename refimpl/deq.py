@@ -190,17 +190,11 @@ __all__ = [
 ]
 
 #: Default relative tolerance of the forward and backward solvers per dtype
-#: (reachable: a few hundred units of round-off).
+#: (reachable: about 4500 and 80 units of round-off respectively).
 DEFAULT_TOL = {"float64": 1e-12, "float32": 1e-5}
 
 #: Largest ``d`` for which ``solver="auto"`` solves the exact backward densely.
 DENSE_MAX_D = 128
-
-#: Condition number of ``I - J`` above which a dense solve warns: beyond
-#: ``1 / sqrt(eps)`` more than half of the working digits are lost.
-def _cond_limit(dtype) -> float:
-    return 1.0 / math.sqrt(_finfo(dtype).eps)
-
 
 METHODS = ("exact", "unroll", "neumann", "jfb")
 SOLVERS = ("anderson", "picard")
@@ -216,6 +210,12 @@ def _finfo(dtype):
 
 def _default_tol(dtype) -> float:
     return DEFAULT_TOL[backend.dtype_name(dtype)]
+
+
+def _cond_limit(dtype) -> float:
+    """Condition number of ``I - J`` above which a dense solve warns: beyond
+    ``1 / sqrt(eps)`` more than half of the working digits are lost."""
+    return 1.0 / math.sqrt(_finfo(dtype).eps)
 
 
 def _check_lam(lam) -> float:
@@ -431,6 +431,9 @@ def fixed_point(f: Callable, z0, *, method: str = "anderson", tol: float | None 
         if not array_api_compat.is_array_api_obj(fz_raw) or tuple(fz_raw.shape) != tuple(z.shape):
             shape = getattr(fz_raw, "shape", None)
             raise ValueError(f"argument 'f' returned shape {shape}, expected {tuple(z.shape)} like 'z0'")
+        if fz_raw.dtype != z.dtype:
+            raise TypeError(f"argument 'f' returned dtype {backend.dtype_name(fz_raw.dtype)} for "
+                            f"a {backend.dtype_name(z.dtype)} 'z0' (no silent up- or down-cast)")
         # A member whose f value is not finite is stopped (failed); its f is
         # replaced by z so that nothing downstream sees NaN/Inf.
         finite = xp.all(xp.isfinite(fz_raw), axis=-1)

@@ -704,6 +704,8 @@ def test_options_a_method_does_not_use_are_rejected(small):
         deq.fixed_point(np.cos, np.zeros(1), tol=0.0)
     with pytest.raises(ValueError, match="'f' returned shape"):
         deq.fixed_point(lambda z: z[:1], np.zeros(2))
+    with pytest.raises(TypeError, match="'f' returned dtype float64"):
+        deq.fixed_point(lambda z: np.cos(z).astype(np.float64), np.zeros(2, dtype=np.float32))
 
 
 def test_unconverged_forward_is_flagged_warned_and_its_vjp_warns(backend, rng):
