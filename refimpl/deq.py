@@ -1,0 +1,1217 @@
+r"""Implicit (deep equilibrium) layers: fixed points, exact implicit gradients,
+phantom gradients.
+
+Definition
+----------
+An implicit layer outputs the fixed point ``z* = f(z*; theta)`` of a map
+``f``.  The reference layer of this module is
+
+    f(z) = tanh(W z + U x + b),      z* = f(z*),
+
+with ``W`` (d, d), ``U`` (d, p), ``b`` (d,) and an input ``x`` (p,) or
+batched ``x`` (..., p); parameter batch dimensions broadcast too.  It has a
+unique fixed point whenever ``||W||_2 < 1`` (``|tanh'| <= 1``, so ``f`` is a
+contraction), and often beyond.
+
+Symbols (numerator layout)
+--------------------------
+``z`` the fixed point, ``g = z_bar = dL/dz`` the incoming cotangent,
+``J = df/dz`` (d, d) and ``F = df/dtheta`` (d, P) at ``z``,
+``D = diag(1 - f(z)^2)`` so that ``J = D W`` for the tanh layer,
+``u`` the adjoint vector, ``lam`` the damping (weight on ``f``), ``k`` the
+number of phantom steps, ``B = lam J + (1 - lam) I`` the damped Jacobian.
+
+Forward
+-------
+:func:`fixed_point` solves ``z = f(z)`` by damped Picard iteration
+``z <- lam f(z) + (1 - lam) z`` or by Anderson acceleration (type II, memory
+``m``, same damping), per batch member, and stops a member when
+
+    ||f(z) - z||_2 <= atol + tol * ||f(z)||_2      (norms over the last axis).
+
+Converged members are frozen, so a batch gives exactly what a loop gives.
+Non-convergence sets ``converged=False``, keeps the residual reached and
+raises a :class:`~refimpl.backend.ConvergenceWarning`; a member whose map
+value becomes non-finite is stopped and reported the same way.
+
+Exact gradient (implicit function theorem)
+------------------------------------------
+Differentiating ``z = f(z; theta)`` gives ``dz = (I - J)^{-1} F dtheta``
+(forward mode), hence in reverse mode
+
+    (I - J^T) u = g,        theta_bar = F^T u.
+
+For the tanh layer, with ``s = D u``:
+
+    x_bar = U^T s,   W_bar = s z^T,   U_bar = s x^T,   b_bar = s,
+
+summed over batch dimensions that a parameter was broadcast along, and
+
+    dz = (I - J)^{-1} D (dW z + dU x + db + U dx).
+
+``u`` comes from a dense solve (small ``d``) or from the linear fixed point
+``u = J^T u + g`` solved with the same :func:`fixed_point` machinery (one
+VJP ``v -> J^T v`` per iteration), with its tolerance exposed.
+
+Phantom gradients (Geng et al., 2021)
+-------------------------------------
+Replace ``u`` by a cheap estimate:
+
+* NPG, truncated Neumann series:  ``u_k = lam sum_{i<k} (B^T)^i g``.
+  Since ``I - J = (I - B) / lam``, ``(I - J)^{-1} = lam sum_i B^i`` and the
+  error is exactly ``theta_bar - theta_bar_k = F^T (B^T)^k u``.  It tends to
+  the exact gradient as ``k -> inf`` iff ``rho(B) < 1``, i.e. every
+  eigenvalue ``mu`` of ``J`` has ``|1 - lam (1 - mu)| < 1``.
+* UPG, damped unrolling: from ``h_0 = z`` (no gradient into it) take
+  ``h_{t+1} = lam f(h_t) + (1 - lam) h_t`` for ``t < k`` and backpropagate
+  from ``h_k``.  At an exact fixed point every ``h_t = z`` and UPG equals NPG.
+* JFB (Jacobian-free backprop): ``u = g``; UPG and NPG with ``k = 1`` are
+  ``lam`` times JFB.
+
+Damping convention
+------------------
+Here ``lam`` is always the weight on ``f``: ``h <- lam f(h) + (1 - lam) h``,
+``lam`` in (0, 1], ``lam = 1`` undamped.  Mapping to other names:
+
+* Geng et al. (2021), "On Training Implicit Models": their ``lambda`` is our
+  ``lam`` (damped unrolling ``h_{t+1} = lambda F(h_t) + (1 - lambda) h_t``);
+  their ``k`` is our ``k``.
+* TorchDEQ: ``tau`` (phantom-gradient damping, ``tau * f(z) + (1 - tau) * z``,
+  and the Anderson solver's mixing) is our ``lam``; ``grad=k`` is our ``k``.
+  Beware that TorchDEQ's Anderson argument called ``lam`` is its Tikhonov
+  regularisation (our ``reg``), not a damping.
+* optimistix: ``FixedPointIteration`` has no damping.  Its Anderson solver
+  (``AndersonAcceleration(mixing=beta)``, where present) forms the next
+  iterate as ``sum_i alpha_i (f_i + beta (y_i - f_i))``, i.e. ``beta`` is the
+  weight on the *previous iterate*: ``beta = 1 - lam``.
+* SciPy's ``scipy.optimize.fixed_point`` has no damping parameter.
+
+Counting
+--------
+Every backward returns explicit counts in its result
+(:class:`ImplicitVJPResult`): ``n_f_evals`` (evaluations of ``f``),
+``n_vjp_z`` (products ``v -> J^T v``), ``n_vjp_theta`` (products
+``v -> F^T v``) and ``n_stored_linearizations`` (how many linearisations of
+``f`` are alive at once: ``k`` for UPG, 1 otherwise).  For ``k`` steps:
+
+=========  =========  =============  ===============  =========
+method     f evals    J^T products   F^T products     stored
+=========  =========  =============  ===============  =========
+exact      1          n_iter + 1     1                1
+unroll     k          k - 1          k                k
+neumann    1          k - 1          1                1
+jfb        1          0              1                1
+=========  =========  =============  ===============  =========
+
+The dense exact solve forms ``J`` once instead (in closed form when the
+linearisation provides it, else from ``n`` basis VJPs).  The f evaluation
+at ``z`` itself is saved when ``f(z)`` is already known: :func:`deq_backward`
+reuses the forward solver's last evaluation, so there the f-evaluation
+counts are 0, ``k - 1``, 0 and 0.
+
+Diagnostics
+-----------
+:func:`gradient_agreement` (cosine and norm ratio between a phantom and the
+exact gradient), :func:`theorem1_check` (Theorem 1 of Geng et al.: with
+``A`` the matrix of a phantom gradient ``p = A g`` and
+``E = A (I - J^T) - F^T``, ``||E||_2 <= sigma_min^2 / sigma_max`` of ``F``
+implies ``<p, theta_bar> >= 0``; the sharper ``||E||_2 <= sigma_min`` does
+too, and then ``cos(p, theta_bar) >= (sigma_min - ||E||)/(sigma_min +
+||E||)``), :func:`cosine_lower_bound`, :func:`phantom_matrix`,
+:func:`neumann_rate` (``rho(B)``) and :func:`damping_threshold` (the
+largest ``lam`` with ``rho(B) < 1``).
+
+Broyden's method is not offered: Anderson acceleration (on the linear
+backward problem, a restarted GMRES) already serves the forward and the
+backward solves, and a limited-memory Broyden would add code without
+changing any reference number.
+
+References
+----------
+* Z. Geng, X.-Y. Zhang, S. Bai, Y. Wang, Z. Lin, "On Training Implicit
+  Models", NeurIPS 2021 (phantom gradients, Theorem 1).
+* S. Bai, J. Z. Kolter, V. Koltun, "Deep Equilibrium Models", NeurIPS 2019.
+* S. W. Fung et al., "JFB: Jacobian-Free Backpropagation for Implicit
+  Networks", AAAI 2022.
+* H. F. Walker, P. Ni, "Anderson Acceleration for Fixed-Point Iterations",
+  SIAM J. Numer. Anal. 49 (2011).
+
+Examples
+--------
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> W = 0.5 * np.linalg.qr(rng.standard_normal((4, 4)))[0]   # ||W||_2 = 0.5
+>>> U, b, x = rng.standard_normal((4, 3)), rng.standard_normal(4), rng.standard_normal(3)
+>>> res = tanh_deq(x, W, U, b)
+>>> bool(np.allclose(res.z, np.tanh(W @ res.z + U @ x + b), atol=1e-12))
+True
+>>> x_bar, W_bar, U_bar, b_bar = deq_vjp(res, np.ones(4))
+>>> D = 1 - np.tanh(W @ res.z + U @ x + b) ** 2
+>>> u = np.linalg.solve(np.eye(4) - (D[:, None] * W).T, np.ones(4))
+>>> bool(np.allclose(b_bar, D * u))
+True
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import array_api_compat
+import numpy as np
+
+from . import backend
+from .backend import ConditioningWarning, ConvergenceWarning, matvec, mT, solve_vec, sum_to_shape
+
+__all__ = [
+    "DEFAULT_TOL",
+    "FixedPointResult",
+    "GradientAgreement",
+    "ImplicitVJPResult",
+    "Linearization",
+    "TanhDEQResult",
+    "Theorem1Result",
+    "cosine_lower_bound",
+    "damping_threshold",
+    "deq_backward",
+    "deq_jvp",
+    "deq_vjp",
+    "fixed_point",
+    "gradient_agreement",
+    "implicit_vjp",
+    "neumann_rate",
+    "phantom_matrix",
+    "tanh_deq",
+    "tanh_deq_jacobians",
+    "theorem1_check",
+]
+
+#: Default relative tolerance of the forward and backward solvers per dtype
+#: (reachable: about 4500 and 80 units of round-off respectively).
+DEFAULT_TOL = {"float64": 1e-12, "float32": 1e-5}
+
+#: Largest ``d`` for which ``solver="auto"`` solves the exact backward densely.
+DENSE_MAX_D = 128
+
+METHODS = ("exact", "unroll", "neumann", "jfb")
+SOLVERS = ("anderson", "picard")
+
+
+# --------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------
+
+def _finfo(dtype):
+    return np.finfo(backend.dtype_name(dtype))
+
+
+def _default_tol(dtype) -> float:
+    return DEFAULT_TOL[backend.dtype_name(dtype)]
+
+
+def _cond_limit(dtype) -> float:
+    """Condition number of ``I - J`` above which a dense solve warns: beyond
+    ``1 / sqrt(eps)`` more than half of the working digits are lost."""
+    return 1.0 / math.sqrt(_finfo(dtype).eps)
+
+
+def _check_lam(lam) -> float:
+    """Damping in (0, 1] as a Python float, or ValueError/TypeError naming 'lam'."""
+    if isinstance(lam, bool):
+        raise TypeError("argument 'lam' must be a real number in (0, 1], got bool")
+    try:
+        v = float(lam)
+    except (TypeError, ValueError):
+        raise TypeError(f"argument 'lam' must be a real number in (0, 1], got {type(lam).__name__}") from None
+    if not (math.isfinite(v) and 0.0 < v <= 1.0):
+        raise ValueError(f"argument 'lam' (damping, weight on f) must lie in (0, 1], got {lam!r}")
+    return v
+
+
+def _check_int(value, name: str, *, minimum: int) -> int:
+    """An integer >= minimum (bools and floats rejected), naming the argument."""
+    if isinstance(value, bool):
+        raise TypeError(f"argument {name!r} must be an integer, got bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"argument {name!r} must be an integer, got {type(value).__name__}") from None
+    if v < minimum:
+        raise ValueError(f"argument {name!r} must be >= {minimum}, got {v}")
+    return v
+
+
+def _rows_matvec(W, z):
+    """``W z`` for every row of ``z`` (..., n); one GEMM ``z W^T`` when W is 2-D."""
+    return z @ mT(W) if W.ndim == 2 else matvec(W, z)
+
+
+def _rows_rmatvec(W, v):
+    """``W^T v`` for every row of ``v`` (..., n); one GEMM ``v W`` when W is 2-D."""
+    return v @ W if W.ndim == 2 else matvec(mT(W), v)
+
+
+def _outer_to_shape(s, h, shape):
+    """``sum over batch of s h^T`` reduced to ``shape`` (the adjoint of
+    broadcasting a parameter of that shape).
+
+    For an unbatched 2-D parameter this is one GEMM ``S^T H`` over the
+    flattened batch, so the (batch, n, q) outer products are never formed.
+    """
+    xp = array_api_compat.array_namespace(s, h)
+    bshape = tuple(np.broadcast_shapes(tuple(s.shape[:-1]), tuple(h.shape[:-1])))
+    if len(shape) == 2:
+        n, q = s.shape[-1], h.shape[-1]
+        S = xp.reshape(xp.broadcast_to(s, bshape + (n,)), (-1, n))
+        H = xp.reshape(xp.broadcast_to(h, bshape + (q,)), (-1, q))
+        return mT(S) @ H
+    return sum_to_shape(s[..., :, None] * h[..., None, :], tuple(shape))
+
+
+def _norm_rows(v):
+    xp = array_api_compat.array_namespace(v)
+    return xp.linalg.vector_norm(v, axis=-1)
+
+
+def _is_gpu(xp) -> bool:
+    return array_api_compat.is_cupy_namespace(xp)
+
+
+def _as_float(x) -> float:
+    """Python float of a 0-d array (one device sync)."""
+    return float(x)
+
+
+# --------------------------------------------------------------------------
+# Forward: fixed-point solvers
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FixedPointResult:
+    """Result of :func:`fixed_point`.
+
+    Attributes
+    ----------
+    z : the final iterate (..., n); converged members are frozen at the first
+        iterate that met the tolerance.
+    fz : ``f(z)`` at that iterate (the backward linearises ``f`` there).
+    n_iter : int, updates taken by the slowest member.
+    n_f_evals : int, calls of ``f`` on the whole batch (``n_iter + 1`` plus
+        up to ``check_every - 1`` calls made after the last member finished).
+    residual : float, max over members of ``||f(z) - z||_2``.
+    rel_residual : float, max over members of ``||f(z) - z|| / ||f(z)||``
+        (0 where both vanish, inf where only ``f(z)`` does).
+    converged : bool, every member met ``||f(z) - z|| <= atol + tol ||f(z)||``.
+    member_residual, member_converged, member_n_iter : per-member arrays
+        (shape ``z.shape[:-1]``) of the above.
+    method, lam, tol, atol, m : the settings used.
+    history : tuple of floats (max residual after each evaluation) when
+        ``record_history=True``, else None.
+    """
+
+    z: Any
+    fz: Any
+    n_iter: int
+    n_f_evals: int
+    residual: float
+    rel_residual: float
+    converged: bool
+    member_residual: Any
+    member_converged: Any
+    member_n_iter: Any
+    method: str
+    lam: float
+    tol: float
+    atol: float
+    m: int
+    history: tuple | None = None
+
+
+def _anderson_step(z, g, dZ, dG, lam: float, reg: float):
+    """One type-II Anderson step from the differences of the last iterates.
+
+    Solves ``min_gamma ||g - dG^T gamma||^2 + delta ||gamma||^2`` through
+    the normal equations ``(dG dG^T + delta I) gamma = dG g`` with
+    ``delta = reg * trace(dG dG^T) / n + smallest_normal`` (the floor keeps a
+    frozen member, whose differences are exactly zero, finite), then
+
+        z_new = z + lam g - (dZ + lam dG)^T gamma.
+    """
+    xp = array_api_compat.array_namespace(z, dG)
+    n = dG.shape[-2]
+    M = dG @ mT(dG)                                            # (..., n, n)
+    rhs = matvec(dG, g)                                        # (..., n)
+    tiny = float(_finfo(z.dtype).smallest_normal)
+    delta = reg * xp.sum(dG * dG, axis=(-2, -1)) / float(n) + tiny
+    eye = xp.eye(n, dtype=z.dtype, device=backend.device(z))
+    gamma = solve_vec(M + delta[..., None, None] * eye, rhs)
+    return z + lam * g - matvec(mT(dZ + lam * dG), gamma)
+
+
+def fixed_point(f: Callable, z0, *, method: str = "anderson", tol: float | None = None,
+                atol: float = 0.0, max_iter: int = 500, lam: float = 1.0, m: int | None = None,
+                reg: float | None = None, check_every: int | None = None, warn: bool = True,
+                record_history: bool = False) -> FixedPointResult:
+    """Solve ``z = f(z)`` for every batch member of ``z0`` (..., n).
+
+    Parameters
+    ----------
+    f : callable mapping an array shaped like ``z0`` to one of the same
+        shape, row by row (member ``i`` of ``f(z)`` depends only on member
+        ``i`` of ``z``).
+    z0 : starting point (..., n), float32 or float64.
+    method : ``"anderson"`` (type-II Anderson acceleration with memory ``m``)
+        or ``"picard"`` (``z <- lam f(z) + (1 - lam) z``).
+    tol, atol : stop a member when ``||f(z) - z|| <= atol + tol ||f(z)||``;
+        ``tol`` defaults to :data:`DEFAULT_TOL` of the dtype.
+    max_iter : maximum number of updates.
+    lam : damping in (0, 1], the weight on ``f`` (also Anderson's mixing).
+    m : Anderson memory (default 5).
+    reg : relative Tikhonov regularisation of Anderson's least squares
+        (default 1e-10).  ``m`` and ``reg`` are Anderson's only: passing them
+        with ``method="picard"`` is an error rather than silently ignored.
+    check_every : synchronise with the device to test "all members done"
+        every this many iterations (default 1 on the host, 8 on a GPU); the
+        per-member freezing itself happens on the device every iteration.
+    warn : raise a ConvergenceWarning when some member did not converge.
+    record_history : keep the max residual after every evaluation (one sync
+        per iteration).
+
+    Returns
+    -------
+    FixedPointResult
+
+    Raises
+    ------
+    TypeError, ValueError : bad ``z0``, ``method``, tolerances, ``lam``,
+        ``m`` or ``max_iter``, or ``f`` returning an array of another shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> res = fixed_point(np.cos, np.zeros(1))
+    >>> bool(abs(np.cos(res.z[0]) - res.z[0]) < 1e-11) and res.converged
+    True
+    """
+    backend.check_array(z0, "z0", min_ndim=1)
+    xp = array_api_compat.array_namespace(z0)
+    if method not in SOLVERS:
+        raise ValueError(f"argument 'method' must be one of {SOLVERS}, got {method!r}")
+    tol = _default_tol(z0.dtype) if tol is None else backend.check_positive(tol, "tol", allow_zero=True)
+    atol = backend.check_positive(atol, "atol", allow_zero=True)
+    if tol == 0.0 and atol == 0.0:
+        raise ValueError("arguments 'tol' and 'atol' are both 0: the solver could never stop")
+    max_iter = _check_int(max_iter, "max_iter", minimum=0)
+    lam = _check_lam(lam)
+    if method == "picard" and (m is not None or reg is not None):
+        raise ValueError("arguments 'm' and 'reg' apply only to method='anderson'")
+    m = 5 if m is None else _check_int(m, "m", minimum=1)
+    reg = 1e-10 if reg is None else backend.check_positive(reg, "reg", allow_zero=True)
+    if check_every is None:
+        check_every = 8 if _is_gpu(xp) else 1
+    check_every = _check_int(check_every, "check_every", minimum=1)
+
+    dev = backend.device(z0)
+    bshape = tuple(z0.shape[:-1])
+    z = z0
+    converged = xp.zeros(bshape, dtype=xp.bool, device=dev)
+    failed = xp.zeros(bshape, dtype=xp.bool, device=dev)
+    n_iter = xp.zeros(bshape, dtype=xp.int64, device=dev)
+    dZ = dG = None                      # Anderson differences (..., n_hist, n)
+    z_prev = g_prev = None
+    history = [] if record_history else None
+    n_f_evals = 0
+    fz = r = nf = None
+    for it in range(max_iter + 1):
+        fz_raw = f(z)
+        n_f_evals += 1
+        if not array_api_compat.is_array_api_obj(fz_raw) or tuple(fz_raw.shape) != tuple(z.shape):
+            shape = getattr(fz_raw, "shape", None)
+            raise ValueError(f"argument 'f' returned shape {shape}, expected {tuple(z.shape)} like 'z0'")
+        if fz_raw.dtype != z.dtype:
+            raise TypeError(f"argument 'f' returned dtype {backend.dtype_name(fz_raw.dtype)} for "
+                            f"a {backend.dtype_name(z.dtype)} 'z0' (no silent up- or down-cast)")
+        # A member whose f value is not finite is stopped (failed); its f is
+        # replaced by z so that nothing downstream sees NaN/Inf.
+        finite = xp.all(xp.isfinite(fz_raw), axis=-1)
+        fz = xp.where(finite[..., None], fz_raw, z)
+        g = fz - z                                             # residual f(z) - z
+        r = _norm_rows(g)
+        nf = _norm_rows(fz)
+        active = ~(converged | failed)
+        converged = converged | (active & finite & (r <= atol + tol * nf))
+        failed = failed | (active & ~finite)
+        active = ~(converged | failed)
+        if record_history:
+            history.append(_as_float(xp.max(xp.where(finite, r, math.inf))))
+        if it == max_iter or ((it + 1) % check_every == 0 and not bool(xp.any(active))):
+            break
+        # -- one update of every active member -------------------------------
+        if method == "picard":
+            z_new = z + lam * g                                # lam f(z) + (1 - lam) z
+        else:
+            if z_prev is not None:
+                # Append the newest differences, keep the last m (oldest first).
+                new_dz, new_dg = (z - z_prev)[..., None, :], (g - g_prev)[..., None, :]
+                if dZ is None:
+                    dZ, dG = new_dz, new_dg
+                else:
+                    start = 1 if dZ.shape[-2] == m else 0
+                    dZ = xp.concat([dZ[..., start:, :], new_dz], axis=-2)
+                    dG = xp.concat([dG[..., start:, :], new_dg], axis=-2)
+            z_prev, g_prev = z, g
+            z_new = z + lam * g if dG is None else _anderson_step(z, g, dZ, dG, lam, reg)
+        z = xp.where(active[..., None], z_new, z)
+        n_iter = n_iter + xp.astype(active, xp.int64)
+
+    member_residual = xp.where(failed, math.inf, r)
+    safe_nf = xp.where(nf > 0, nf, 1.0)
+    member_rel = xp.where(nf > 0, member_residual / safe_nf,
+                          xp.where(member_residual > 0, xp.full_like(nf, math.inf), 0.0))
+    all_converged = bool(xp.all(converged))
+    res = FixedPointResult(
+        z=z, fz=fz, n_iter=int(xp.max(n_iter)) if n_iter.ndim else int(n_iter),
+        n_f_evals=n_f_evals, residual=_as_float(xp.max(member_residual)),
+        rel_residual=_as_float(xp.max(member_rel)), converged=all_converged,
+        member_residual=member_residual, member_converged=converged, member_n_iter=n_iter,
+        method=method, lam=lam, tol=tol, atol=atol, m=m,
+        history=tuple(history) if record_history else None,
+    )
+    if warn and not all_converged:
+        n_bad = int(xp.sum(xp.astype(~converged, xp.int64)))
+        n_fail = int(xp.sum(xp.astype(failed, xp.int64)))
+        total = max(1, math.prod(bshape))
+        why = f" ({n_fail} with a non-finite f value)" if n_fail else ""
+        warnings.warn(
+            f"fixed_point ({method}, lam={lam}) did not converge for {n_bad} of {total} "
+            f"member(s){why} after {res.n_iter} iterations: residual {res.residual:.3e}, "
+            f"relative {res.rel_residual:.3e} > tol {tol:.1e} (atol {atol:.1e})",
+            ConvergenceWarning, stacklevel=2)
+    return res
+
+
+# --------------------------------------------------------------------------
+# Generic implicit VJP for a user-supplied f
+# --------------------------------------------------------------------------
+
+class Linearization(NamedTuple):
+    """``f`` evaluated and linearised at a point ``h``.
+
+    ``fz = f(h)``; ``vjp_z(v) = J(h)^T v``; ``vjp_theta(v) = F(h)^T v`` as a
+    tuple of parameter cotangents (already summed over batch dimensions a
+    parameter was broadcast along); ``jacobian()`` (optional) the dense
+    ``J(h)`` (..., n, n).
+    """
+
+    fz: Any
+    vjp_z: Callable
+    vjp_theta: Callable
+    jacobian: Callable | None = None
+
+
+@dataclass(frozen=True)
+class ImplicitVJPResult:
+    """Result of :func:`implicit_vjp` / :func:`deq_backward`.
+
+    Attributes
+    ----------
+    theta_bar : tuple of parameter cotangents (for the tanh layer
+        ``(x_bar, W_bar, U_bar, b_bar)``).
+    u : the adjoint vector used, ``theta_bar = F^T u`` (exact: the solution of
+        ``(I - J^T) u = g``; neumann: ``u_k``; jfb: ``g``; unroll: None, since
+        UPG linearises at ``k`` different points).
+    method, k, lam, solver : what was computed (k, lam None where unused).
+    n_f_evals, n_vjp_z, n_vjp_theta, n_stored_linearizations : the counts of
+        the module docstring's table.
+    n_iter, residual, converged : of the backward linear solve (iterative
+        exact), else ``0, 0.0, True``.
+    condition : 2-norm condition number of ``I - J`` (max over members) for
+        the dense exact solve, else None.
+    """
+
+    theta_bar: tuple
+    u: Any
+    method: str
+    k: int | None
+    lam: float | None
+    solver: str | None
+    n_f_evals: int
+    n_vjp_z: int
+    n_vjp_theta: int
+    n_stored_linearizations: int
+    n_iter: int = 0
+    residual: float = 0.0
+    converged: bool = True
+    condition: float | None = None
+
+    @property
+    def n_vjp(self) -> int:
+        """Total VJP products, ``n_vjp_z + n_vjp_theta``."""
+        return self.n_vjp_z + self.n_vjp_theta
+
+
+def _as_linearization(out) -> Linearization:
+    if isinstance(out, Linearization):
+        return out
+    if isinstance(out, tuple) and len(out) in (3, 4):
+        return Linearization(*out)
+    raise TypeError("argument 'f_vjp' must return a Linearization or a tuple "
+                    "(f(h), vjp_z, vjp_theta[, jacobian])")
+
+
+def _add_bars(a: tuple | None, b: tuple) -> tuple:
+    if a is None:
+        return tuple(b)
+    return tuple(x if y is None else (y if x is None else x + y) for x, y in zip(a, b))
+
+
+def _resolve_method_args(method, k, lam, solver, solver_opts: dict):
+    """Validate the backward's options; reject options the method ignores
+    (an option that is silently ignored is a bug report waiting to happen)."""
+    if method not in METHODS:
+        raise ValueError(f"argument 'method' must be one of {METHODS}, got {method!r}")
+    if method != "exact":
+        for name, val in dict(solver_opts, solver=solver).items():
+            if val is not None:
+                raise ValueError(f"argument {name!r} applies only to method='exact', "
+                                 f"not to method={method!r}")
+    if method in ("unroll", "neumann"):
+        k = 5 if k is None else _check_int(k, "k", minimum=1)
+        lam = 0.5 if lam is None else _check_lam(lam)
+        return k, lam, None
+    for name, val in (("k", k), ("lam", lam)):
+        if val is not None:
+            raise ValueError(f"argument {name!r} applies only to method='unroll' or "
+                             f"'neumann', not to method={method!r}")
+    if method == "jfb":
+        return None, None, None
+    solver = "auto" if solver is None else solver
+    if solver not in ("auto", "dense") + SOLVERS:
+        raise ValueError(f"argument 'solver' must be 'auto', 'dense', 'anderson' or "
+                         f"'picard', got {solver!r}")
+    return None, None, solver
+
+
+def _dense_adjoint(lin: Linearization, g, n_counts: dict):
+    """Solve ``(I - J^T) u = g`` densely; also return cond_2(I - J) (max over members)."""
+    xp = array_api_compat.array_namespace(g)
+    n = g.shape[-1]
+    if lin.jacobian is not None:
+        J = lin.jacobian()
+    else:
+        # J[..., i, :] = (J^T e_i)^T: one VJP per basis vector.
+        eye = xp.eye(n, dtype=g.dtype, device=backend.device(g))
+        rows = [lin.vjp_z(xp.broadcast_to(eye[i, :], tuple(g.shape))) for i in range(n)]
+        n_counts["vjp_z"] += n
+        J = xp.stack(rows, axis=-2)
+    A = backend.eye_like(g, n) - J                             # I - J
+    sv = xp.linalg.svdvals(A)
+    s_max, s_min = sv[..., 0], sv[..., -1]
+    tiny = float(_finfo(g.dtype).smallest_normal)
+    cond = _as_float(xp.max(s_max / xp.where(s_min > tiny, s_min, tiny)))
+    if cond * float(_finfo(g.dtype).eps) >= 1.0:
+        raise ValueError(f"I - J is singular to working precision (cond {cond:.2e}): the "
+                         f"exact implicit gradient is undefined at this point")
+    u = solve_vec(mT(A), g)                                    # (I - J)^T u = g
+    if cond > _cond_limit(g.dtype):
+        warnings.warn(f"exact backward: I - J is ill-conditioned (cond_2 = {cond:.2e}); the "
+                      f"implicit gradient may be inaccurate", ConditioningWarning, stacklevel=3)
+    return u, cond
+
+
+def implicit_vjp(f_vjp: Callable, z, z_bar, *, method: str = "exact", k: int | None = None,
+                 lam: float | None = None, solver: str | None = None, tol: float | None = None,
+                 atol: float | None = None, max_iter: int | None = None, m: int | None = None,
+                 fz=None, warn: bool = True) -> ImplicitVJPResult:
+    """Exact or phantom VJP of the fixed point ``z = f(z; theta)`` of any ``f``.
+
+    Parameters
+    ----------
+    f_vjp : callable ``f_vjp(h) -> Linearization(f(h), vjp_z, vjp_theta[,
+        jacobian])`` (or the same as a plain tuple): evaluates ``f`` at ``h``
+        and returns the two VJPs there (``v -> J(h)^T v`` and ``v -> F(h)^T v``,
+        the latter a tuple of parameter cotangents).
+    z : the fixed point (..., n), or a :class:`FixedPointResult` (then a VJP of
+        an unconverged forward warns).
+    z_bar : cotangent ``g = dL/dz``, shaped like ``z``.
+    method : ``"exact"``, ``"unroll"`` (UPG), ``"neumann"`` (NPG) or ``"jfb"``.
+    k, lam : phantom steps (default 5) and damping in (0, 1] (default 0.5,
+        the paper's setting); only for ``"unroll"``/``"neumann"`` (passing them
+        to another method is an error, not silently ignored).
+    solver : exact only: ``"auto"`` (dense if a ``jacobian`` is available and
+        ``n <= DENSE_MAX_D``, else Anderson), ``"dense"``, ``"anderson"`` or
+        ``"picard"`` for the linear fixed point ``u = J^T u + g``.
+    tol, atol, max_iter, m : exact iterative only: tolerances of that linear
+        fixed point (``tol`` defaults to :data:`DEFAULT_TOL`, ``max_iter`` to 1000).
+    fz : ``f(z)`` when already known (the forward solver's last evaluation);
+        ``f_vjp`` is then called as ``f_vjp(z, fz)`` at ``z`` and must use it
+        instead of evaluating ``f`` (one evaluation fewer, counted as such).
+
+    Returns
+    -------
+    ImplicitVJPResult
+        with ``theta_bar`` and the counts.  A backward solve that does not
+        converge warns (ConvergenceWarning) and reports ``converged=False``.
+    """
+    forward = None
+    if isinstance(z, FixedPointResult):
+        forward, z = z, z.z
+    backend.namespace(z=z, z_bar=z_bar)
+    backend.check_array(z, "z", min_ndim=1)
+    backend.check_array(z_bar, "z_bar")
+    if tuple(z_bar.shape) != tuple(z.shape):
+        raise ValueError(f"argument 'z_bar' has shape {tuple(z_bar.shape)}, expected {tuple(z.shape)} like 'z'")
+    k, lam, solver = _resolve_method_args(method, k, lam, solver,
+                                          dict(tol=tol, atol=atol, max_iter=max_iter, m=m))
+    if forward is not None and not forward.converged and warn:
+        warnings.warn(
+            f"VJP of an unconverged fixed point (residual {forward.residual:.3e}): the "
+            f"{method} gradient assumes z = f(z) and is unreliable",
+            ConvergenceWarning, stacklevel=2)
+    if fz is not None:
+        backend.namespace(z=z, fz=fz)
+        if tuple(fz.shape) != tuple(z.shape):
+            raise ValueError(f"argument 'fz' has shape {tuple(fz.shape)}, expected {tuple(z.shape)}")
+    return _implicit_vjp(f_vjp, z, z_bar, method=method, k=k, lam=lam, solver=solver,
+                         tol=tol, atol=atol, max_iter=max_iter, m=m, fz=fz, warn=warn)
+
+
+def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m, fz, warn):
+    # The linearisation at z reuses a known f(z) (no evaluation) when given.
+    lin_z = _as_linearization(f_vjp(z) if fz is None else f_vjp(z, fz))
+    n_f0 = 1 if fz is None else 0
+    if method == "unroll":
+        # Forward: h_{t+1} = lam f(h_t) + (1 - lam) h_t from h_0 = z, keeping
+        # the k linearisations (the "stored graph").
+        lins, h = [lin_z], lam * lin_z.fz + (1.0 - lam) * z
+        for _ in range(k - 1):
+            lin = _as_linearization(f_vjp(h))
+            lins.append(lin)
+            h = lam * lin.fz + (1.0 - lam) * h
+        # Backward from h_k: theta_bar += F(h_t)^T (lam a_{t+1}),
+        # a_t = lam J(h_t)^T a_{t+1} + (1 - lam) a_{t+1}  (h_0 gets no gradient).
+        a, theta_bar = g, None
+        for t in range(k - 1, -1, -1):
+            theta_bar = _add_bars(theta_bar, lins[t].vjp_theta(lam * a))
+            if t > 0:
+                a = lam * lins[t].vjp_z(a) + (1.0 - lam) * a
+        return ImplicitVJPResult(theta_bar, None, method, k, lam, None,
+                                 n_f_evals=k - 1 + n_f0, n_vjp_z=k - 1, n_vjp_theta=k,
+                                 n_stored_linearizations=k)
+
+    lin = lin_z
+    if method == "jfb":
+        return ImplicitVJPResult(tuple(lin.vjp_theta(g)), g, method, None, None, None,
+                                 n_f_evals=n_f0, n_vjp_z=0, n_vjp_theta=1,
+                                 n_stored_linearizations=1)
+    if method == "neumann":
+        # u_k = lam sum_{i<k} (B^T)^i g,  B^T v = lam J^T v + (1 - lam) v.
+        v, s = g, g
+        for _ in range(k - 1):
+            v = lam * lin.vjp_z(v) + (1.0 - lam) * v
+            s = s + v
+        u = lam * s
+        return ImplicitVJPResult(tuple(lin.vjp_theta(u)), u, method, k, lam, None,
+                                 n_f_evals=n_f0, n_vjp_z=k - 1, n_vjp_theta=1,
+                                 n_stored_linearizations=1)
+
+    # -- exact: (I - J^T) u = g -------------------------------------------------
+    n = z.shape[-1]
+    if solver == "auto":
+        # Dense for small n, unless iterative options were given (then honour them).
+        iterative_opts = any(v is not None for v in (tol, atol, max_iter, m))
+        solver = ("dense" if (lin.jacobian is not None and n <= DENSE_MAX_D and not iterative_opts)
+                  else "anderson")
+    if solver == "dense":
+        for name, val in (("tol", tol), ("atol", atol), ("max_iter", max_iter), ("m", m)):
+            if val is not None:
+                raise ValueError(f"argument {name!r} applies to the iterative exact solvers, "
+                                 f"not to solver='dense'")
+        counts = {"vjp_z": 0}
+        u, cond = _dense_adjoint(lin, g, counts)
+        return ImplicitVJPResult(tuple(lin.vjp_theta(u)), u, method, None, None, "dense",
+                                 n_f_evals=n_f0, n_vjp_z=counts["vjp_z"], n_vjp_theta=1,
+                                 n_stored_linearizations=1, condition=cond)
+    # Linear fixed point u = J^T u + g, started from u_0 = g.
+    sol = fixed_point(lambda v: lin.vjp_z(v) + g, g, method=solver, tol=tol,
+                      atol=0.0 if atol is None else atol,
+                      max_iter=1000 if max_iter is None else max_iter, m=m, warn=False)
+    if warn and not sol.converged:
+        warnings.warn(
+            f"exact backward ({solver}) did not converge after {sol.n_iter} iterations "
+            f"(residual {sol.residual:.3e}, relative {sol.rel_residual:.3e}); the returned "
+            f"gradient is inaccurate. If J has an eigenvalue near or beyond 1, use "
+            f"solver='anderson' or 'dense'", ConvergenceWarning, stacklevel=3)
+    return ImplicitVJPResult(tuple(lin.vjp_theta(sol.z)), sol.z, method, None, None, solver,
+                             n_f_evals=n_f0, n_vjp_z=sol.n_f_evals, n_vjp_theta=1,
+                             n_stored_linearizations=1, n_iter=sol.n_iter,
+                             residual=sol.residual, converged=sol.converged)
+
+
+# --------------------------------------------------------------------------
+# The reference layer z = tanh(W z + U x + b)
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TanhDEQResult:
+    """Result of :func:`tanh_deq`.
+
+    Attributes
+    ----------
+    z : the fixed point (..., d).
+    x, W, U, b : the inputs (references, never modified).
+    solve : the :class:`FixedPointResult` (``fz``, per-member diagnostics).
+
+    ``n_iter``, ``n_f_evals``, ``residual``, ``rel_residual`` and
+    ``converged`` read through to ``solve``.
+    """
+
+    z: Any
+    x: Any
+    W: Any
+    U: Any
+    b: Any
+    solve: FixedPointResult
+
+    @property
+    def n_iter(self) -> int:
+        return self.solve.n_iter
+
+    @property
+    def n_f_evals(self) -> int:
+        return self.solve.n_f_evals
+
+    @property
+    def residual(self) -> float:
+        return self.solve.residual
+
+    @property
+    def rel_residual(self) -> float:
+        return self.solve.rel_residual
+
+    @property
+    def converged(self) -> bool:
+        return self.solve.converged
+
+
+def _check_layer(x, W, U, b):
+    """Validate the layer's inputs; return (xp, batch shape, d)."""
+    xp = backend.namespace(x=x, W=W, U=U, b=b)
+    backend.check_array(x, "x", min_ndim=1)
+    backend.check_array(W, "W", min_ndim=2)
+    backend.check_array(U, "U", min_ndim=2)
+    backend.check_array(b, "b", min_ndim=1)
+    dts = {name: backend.dtype_name(a.dtype) for name, a in (("x", x), ("W", W), ("U", U), ("b", b))}
+    if len(set(dts.values())) != 1:
+        raise TypeError(f"arguments must share one dtype, got {dts}")
+    d = W.shape[-1]
+    if W.shape[-2] != d:
+        raise ValueError(f"argument 'W' must be square (..., d, d), got shape {tuple(W.shape)}")
+    if U.shape[-2] != d:
+        raise ValueError(f"argument 'U' must have {d} rows like 'W' (shape (..., {d}, p)), "
+                         f"got shape {tuple(U.shape)}")
+    if x.shape[-1] != U.shape[-1]:
+        raise ValueError(f"argument 'x' has length {x.shape[-1]} in its last axis but 'U' "
+                         f"has {U.shape[-1]} columns")
+    if b.shape[-1] != d:
+        raise ValueError(f"argument 'b' must have length {d} like 'W', got shape {tuple(b.shape)}")
+    shapes = {"x": tuple(x.shape[:-1]), "W": tuple(W.shape[:-2]), "U": tuple(U.shape[:-2]),
+              "b": tuple(b.shape[:-1])}
+    try:
+        bshape = tuple(np.broadcast_shapes(*shapes.values()))
+    except ValueError:
+        raise ValueError(f"batch shapes do not broadcast: {shapes}") from None
+    return xp, bshape, d
+
+
+def _tanh_linearization(x, W, U, b) -> Callable:
+    """``f_vjp`` of ``f(h) = tanh(W h + U x + b)`` (see :class:`Linearization`);
+    ``f_vjp(h, fh)`` linearises at ``h`` with a known ``fh = f(h)``."""
+    c = _rows_matvec(U, x) + b                                 # U x + b, computed once
+
+    def f_vjp(h, fh=None) -> Linearization:
+        if fh is None:
+            fh = backend.namespace(h=h).tanh(_rows_matvec(W, h) + c)
+        D = 1.0 - fh * fh                                      # tanh' at W h + U x + b
+
+        def vjp_z(v):                                          # J^T v = W^T (D v)
+            return _rows_rmatvec(W, D * v)
+
+        def vjp_theta(v):                                      # s = D v
+            s = D * v
+            return (sum_to_shape(_rows_rmatvec(U, s), tuple(x.shape)),     # U^T s
+                    _outer_to_shape(s, h, tuple(W.shape)),                 # s h^T
+                    _outer_to_shape(s, x, tuple(U.shape)),                 # s x^T
+                    sum_to_shape(s, tuple(b.shape)))                       # s
+
+        def jacobian():                                        # J = D W
+            return D[..., :, None] * W
+
+        return Linearization(fh, vjp_z, vjp_theta, jacobian)
+
+    return f_vjp
+
+
+def tanh_deq(x, W, U, b, *, method: str = "anderson", tol: float | None = None,
+             atol: float = 0.0, max_iter: int = 500, lam: float = 1.0, m: int | None = None,
+             z0=None, check_every: int | None = None, warn: bool = True,
+             record_history: bool = False) -> TanhDEQResult:
+    """Fixed point of the reference implicit layer ``z = tanh(W z + U x + b)``.
+
+    Parameters
+    ----------
+    x : (..., p) input(s).
+    W : (..., d, d); ``||W||_2 < 1`` guarantees a unique fixed point.
+    U : (..., d, p).
+    b : (..., d).
+        Batch dimensions of all four broadcast.
+    method, tol, atol, max_iter, lam, m, check_every, warn, record_history :
+        passed to :func:`fixed_point` (Anderson by default).
+    z0 : starting point, default zeros (broadcast batch shape + (d,)).
+
+    Returns
+    -------
+    TanhDEQResult
+        ``converged=False`` plus a ConvergenceWarning when the solver stopped
+        at ``max_iter``.
+
+    Raises
+    ------
+    TypeError : non-array or non-float inputs, mixed dtypes.
+    ValueError : NaN/Inf, mismatched shapes, bad solver settings.
+    """
+    xp, bshape, d = _check_layer(x, W, U, b)
+    if z0 is None:
+        z0 = xp.zeros(bshape + (d,), dtype=W.dtype, device=backend.device(W))
+    else:
+        backend.namespace(z0=z0, W=W)
+        backend.check_array(z0, "z0")
+        if tuple(z0.shape) != bshape + (d,):
+            raise ValueError(f"argument 'z0' has shape {tuple(z0.shape)}, expected {bshape + (d,)}")
+    c = _rows_matvec(U, x) + b                                 # U x + b, computed once
+
+    def f(z):
+        return xp.tanh(_rows_matvec(W, z) + c)
+
+    sol = fixed_point(f, z0, method=method, tol=tol, atol=atol, max_iter=max_iter, lam=lam,
+                      m=m, check_every=check_every, warn=False, record_history=record_history)
+    if warn and not sol.converged:
+        warnings.warn(
+            f"tanh_deq: the {method} solver did not converge after {sol.n_iter} iterations "
+            f"(residual {sol.residual:.3e}, relative {sol.rel_residual:.3e} > tol {sol.tol:.1e}); "
+            f"||W||_2 >= 1 may allow no or several fixed points. Try method='anderson', "
+            f"damping lam < 1 or a larger max_iter", ConvergenceWarning, stacklevel=2)
+    return TanhDEQResult(z=sol.z, x=x, W=W, U=U, b=b, solve=sol)
+
+
+def deq_backward(res: TanhDEQResult, z_bar, *, method: str = "exact", k: int | None = None,
+                 lam: float | None = None, solver: str | None = None, tol: float | None = None,
+                 atol: float | None = None, max_iter: int | None = None, m: int | None = None,
+                 warn: bool = True) -> ImplicitVJPResult:
+    """VJP of :func:`tanh_deq` with its counts and diagnostics.
+
+    Same arguments as :func:`deq_vjp`; returns the full
+    :class:`ImplicitVJPResult` (``theta_bar = (x_bar, W_bar, U_bar, b_bar)``).
+    The layer is linearised at ``res.z``; a VJP of an unconverged forward
+    warns (ConvergenceWarning).
+    """
+    if not isinstance(res, TanhDEQResult):
+        raise TypeError(f"argument 'res' must be a TanhDEQResult from tanh_deq, got {type(res).__name__}")
+    f_vjp = _tanh_linearization(res.x, res.W, res.U, res.b)
+    # The forward's last evaluation f(z) linearises the layer at z: no new f evaluation.
+    return implicit_vjp(f_vjp, res.solve, z_bar, method=method, k=k, lam=lam, solver=solver,
+                        tol=tol, atol=atol, max_iter=max_iter, m=m, fz=res.solve.fz, warn=warn)
+
+
+def deq_vjp(res: TanhDEQResult, z_bar, *, method: str = "exact", k: int | None = None,
+            lam: float | None = None, solver: str | None = None, tol: float | None = None,
+            atol: float | None = None, max_iter: int | None = None, m: int | None = None,
+            warn: bool = True):
+    """Reverse mode of :func:`tanh_deq`: ``(x_bar, W_bar, U_bar, b_bar)``.
+
+    Parameters
+    ----------
+    res : the forward's result.
+    z_bar : cotangent ``dL/dz`` shaped like ``res.z``.
+    method :
+        ``"exact"``: ``(I - J^T) u = z_bar``, dense for ``d <= DENSE_MAX_D``
+        (``solver="auto"``) else Anderson on ``u = J^T u + z_bar``;
+        ``"unroll"``: UPG with ``k`` damped steps; ``"neumann"``: NPG
+        ``u_k = lam sum_{i<k} (B^T)^i z_bar``; ``"jfb"``: ``u = z_bar``.
+    k, lam : phantom steps (default 5) and damping (default 0.5); rejected
+        for "exact" and "jfb".
+    solver, tol, atol, max_iter, m : the exact backward's solver and its
+        tolerance (rejected for phantom methods).
+
+    Returns
+    -------
+    tuple ``(x_bar, W_bar, U_bar, b_bar)`` shaped like ``(x, W, U, b)``;
+    parameter gradients are summed over the batch.  Use :func:`deq_backward`
+    for the counts of f evaluations and VJPs.
+    """
+    return deq_backward(res, z_bar, method=method, k=k, lam=lam, solver=solver, tol=tol,
+                        atol=atol, max_iter=max_iter, m=m, warn=warn).theta_bar
+
+
+def deq_jvp(res: TanhDEQResult, dx=None, dW=None, dU=None, db=None, *, solver: str = "auto",
+            tol: float | None = None, atol: float | None = None, max_iter: int | None = None,
+            m: int | None = None):
+    """Forward mode of :func:`tanh_deq`: ``dz = (I - J)^{-1} D (dW z + dU x + db + U dx)``.
+
+    Tangents may be None (zero).  ``solver``: ``"auto"`` (dense for
+    ``d <= DENSE_MAX_D``), ``"dense"``, ``"anderson"`` or ``"picard"`` (the
+    linear fixed point ``v = J v + r``; ``tol``/``atol``/``max_iter`` apply).
+    """
+    if not isinstance(res, TanhDEQResult):
+        raise TypeError(f"argument 'res' must be a TanhDEQResult from tanh_deq, got {type(res).__name__}")
+    xp = backend.namespace(z=res.z, dx=dx, dW=dW, dU=dU, db=db)
+    for name, t, ref in (("dx", dx, res.x), ("dW", dW, res.W), ("dU", dU, res.U), ("db", db, res.b)):
+        if t is not None:
+            backend.check_array(t, name)
+            if tuple(t.shape) != tuple(ref.shape):
+                raise ValueError(f"argument {name!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+    if solver not in ("auto", "dense") + SOLVERS:
+        raise ValueError(f"argument 'solver' must be 'auto', 'dense', 'anderson' or 'picard', got {solver!r}")
+    if not res.converged:
+        warnings.warn(f"JVP of an unconverged fixed point (residual {res.residual:.3e}): the "
+                      f"implicit derivative is unreliable", ConvergenceWarning, stacklevel=2)
+    z, fz = res.z, res.solve.fz
+    D = 1.0 - fz * fz
+    r = xp.zeros_like(z)                                       # dW z + dU x + db + U dx
+    if dW is not None:
+        r = r + matvec(dW, z)
+    if dU is not None:
+        r = r + matvec(dU, res.x)
+    if db is not None:
+        r = r + db
+    if dx is not None:
+        r = r + _rows_matvec(res.U, dx)
+    r = D * r
+    d = z.shape[-1]
+    if solver == "auto":
+        iterative_opts = any(v is not None for v in (tol, atol, max_iter, m))
+        solver = "dense" if (d <= DENSE_MAX_D and not iterative_opts) else "anderson"
+    if solver == "dense":
+        for name, val in (("tol", tol), ("atol", atol), ("max_iter", max_iter), ("m", m)):
+            if val is not None:
+                raise ValueError(f"argument {name!r} applies to the iterative solvers, not to "
+                                 f"solver='dense'")
+        A = backend.eye_like(z, d) - D[..., :, None] * res.W  # I - J
+        return solve_vec(A, r)
+    sol = fixed_point(lambda v: D * _rows_matvec(res.W, v) + r, r, method=solver, tol=tol,
+                      atol=0.0 if atol is None else atol,
+                      max_iter=1000 if max_iter is None else max_iter, m=m, warn=False)
+    if not sol.converged:
+        warnings.warn(f"deq_jvp ({solver}) did not converge (residual {sol.residual:.3e})",
+                      ConvergenceWarning, stacklevel=2)
+    return sol.z
+
+
+# --------------------------------------------------------------------------
+# Dense Jacobians and phantom matrices (diagnostics, small d)
+# --------------------------------------------------------------------------
+
+def tanh_deq_jacobians(res: TanhDEQResult):
+    """Dense ``J = df/dz`` (..., d, d) and ``F = df/dtheta`` (..., d, P) at ``res.z``.
+
+    ``theta`` is ``(x, W, U, b)`` flattened in that order (row-major), so
+    ``P = p + d^2 + d p + d``:
+
+        F = D [ U | I (x) z^T | I (x) x^T | I ].
+
+    Per member: with shared parameters the layer's parameter gradient is the
+    sum over members of ``F_i^T u_i``.
+    """
+    xp = array_api_compat.array_namespace(res.z)
+    z, x, W, U = res.z, res.x, res.W, res.U
+    D = 1.0 - res.solve.fz * res.solve.fz
+    d, p = W.shape[-1], U.shape[-1]
+    bshape = tuple(z.shape[:-1])
+    eye = backend.eye_like(z, d)
+    xb = xp.broadcast_to(x, bshape + (p,))
+    Ub = xp.broadcast_to(U, bshape + (d, p))
+    blocks = [
+        Ub,                                                                         # d pre / dx
+        xp.reshape(eye[:, :, None] * z[..., None, None, :], bshape + (d, d * d)),  # d pre / dW
+        xp.reshape(eye[:, :, None] * xb[..., None, None, :], bshape + (d, d * p)),  # d pre / dU
+        xp.broadcast_to(eye, bshape + (d, d)),                                     # d pre / db
+    ]
+    F = D[..., :, None] * xp.concat(blocks, axis=-1)
+    J = D[..., :, None] * xp.broadcast_to(W, bshape + (d, d))
+    return J, F
+
+
+def phantom_matrix(J, F, *, method: str, k: int | None = None, lam: float | None = None):
+    """The matrix ``A`` (..., P, d) with ``theta_bar = A g`` for a method.
+
+    exact: ``F^T (I - J^T)^{-1}``; neumann and unroll at an exact fixed point:
+    ``F^T lam sum_{i<k} (B^T)^i``; jfb: ``F^T``.
+    """
+    xp = backend.namespace(J=J, F=F)
+    k, lam, _ = _resolve_method_args(method, k, lam, None, {})
+    n = J.shape[-1]
+    eye = backend.eye_like(J, n)
+    Ft = mT(F)
+    if method == "exact":
+        return mT(xp.linalg.solve(eye - J, F))                # ((I - J)^{-1} F)^T
+    if method == "jfb":
+        return Ft
+    Bt = mT(lam * J + (1.0 - lam) * eye)
+    S, P = eye, eye
+    for _ in range(k - 1):
+        P = P @ Bt
+        S = S + P
+    return Ft @ (lam * S)
+
+
+@dataclass(frozen=True)
+class GradientAgreement:
+    """``cosine = <p, e> / (||p|| ||e||)``, ``norm_ratio = ||p|| / ||e||``,
+    ``rel_error = ||p - e|| / ||e||`` over all arrays concatenated."""
+
+    cosine: float
+    norm_ratio: float
+    rel_error: float
+
+
+def gradient_agreement(phantom, exact) -> GradientAgreement:
+    """Cosine, norm ratio and relative error of ``phantom`` against ``exact``.
+
+    Both are arrays or tuples of arrays (None = zero), e.g. the outputs of
+    :func:`deq_vjp`; they are compared as one long vector.  Cosine and ratio
+    are NaN when a norm is zero.
+    """
+    ps = phantom if isinstance(phantom, tuple) else (phantom,)
+    es = exact if isinstance(exact, tuple) else (exact,)
+    if len(ps) != len(es):
+        raise ValueError(f"'phantom' has {len(ps)} arrays but 'exact' has {len(es)}")
+    pp = ee = pe = dd = 0.0
+    for i, (p, e) in enumerate(zip(ps, es)):
+        if p is None and e is None:
+            continue
+        ref = p if p is not None else e
+        xp = array_api_compat.array_namespace(ref)
+        p = xp.zeros_like(e) if p is None else p
+        e = xp.zeros_like(p) if e is None else e
+        if tuple(p.shape) != tuple(e.shape):
+            raise ValueError(f"phantom[{i}] has shape {tuple(p.shape)} but exact[{i}] has {tuple(e.shape)}")
+        pp += _as_float(xp.sum(p * p))
+        ee += _as_float(xp.sum(e * e))
+        pe += _as_float(xp.sum(p * e))
+        dd += _as_float(xp.sum((p - e) * (p - e)))
+    npn, nen = math.sqrt(pp), math.sqrt(ee)
+    cos = pe / (npn * nen) if npn > 0 and nen > 0 else math.nan
+    ratio = npn / nen if nen > 0 else math.nan
+    rel = math.sqrt(dd) / nen if nen > 0 else math.nan
+    return GradientAgreement(cos, ratio, rel)
+
+
+# --------------------------------------------------------------------------
+# Theory: Theorem 1, the cosine bound, convergence of the Neumann series
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Theorem1Result:
+    """Theorem 1 of Geng et al. (2021) evaluated on one instance.
+
+    ``E = A (I - J^T) - F^T`` (P, d); ``E_norm = ||E||_2``; ``sigma_min``,
+    ``sigma_max`` the extreme singular values of ``F`` (d, P), ``sigma_min =
+    0`` when ``P < d``.  ``paper_condition``: ``E_norm <= sigma_min^2 /
+    sigma_max`` (the theorem's hypothesis); ``sharp_condition``: ``E_norm <=
+    sigma_min``; either implies ``<A g, exact> >= 0`` for every ``g``.
+    ``cosine_bound``: the guaranteed cosine (``-1`` when vacuous).
+    """
+
+    E_norm: float
+    sigma_min: float
+    sigma_max: float
+    paper_bound: float
+    paper_condition: bool
+    sharp_condition: bool
+    cosine_bound: float
+
+
+def cosine_lower_bound(E_norm: float, sigma_min: float) -> float:
+    """``(sigma_min - ||E||) / (sigma_min + ||E||)`` when ``||E|| < sigma_min``, else -1.
+
+    Derivation (``w = (I - J^T)^{-1} g``, exact ``e = F^T w``, phantom
+    ``p = e + E w``): ``<p, e> >= ||e||^2 - ||E|| ||w|| ||e||`` and
+    ``||p|| <= ||e|| + ||E|| ||w||``, so with ``r = ||e|| / ||w|| >= sigma_min``,
+    ``cos >= (r - ||E||) / (r + ||E||)``, increasing in ``r``.
+    """
+    E_norm = backend.check_positive(E_norm, "E_norm", allow_zero=True)
+    sigma_min = backend.check_positive(sigma_min, "sigma_min", allow_zero=True)
+    if E_norm >= sigma_min:
+        return -1.0
+    return (sigma_min - E_norm) / (sigma_min + E_norm)
+
+
+def theorem1_check(A, J, F) -> Theorem1Result:
+    """Evaluate Theorem 1's condition and the cosine bound for one instance.
+
+    Parameters
+    ----------
+    A : (P, d) the phantom gradient's matrix, ``phantom = A g``
+        (e.g. :func:`phantom_matrix`).
+    J : (d, d) ``df/dz`` at the fixed point.
+    F : (d, P) ``df/dtheta`` at the fixed point.
+
+    In the paper's notation ``A (I - dF/dh) - dF/dtheta``; here in numerator
+    layout that is ``A (I - J^T) - F^T``.
+    """
+    xp = backend.namespace(A=A, J=J, F=F)
+    for name, a in (("A", A), ("J", J), ("F", F)):
+        backend.check_array(a, name, ndim=2)
+    d, P = J.shape[-1], F.shape[-1]
+    if tuple(J.shape) != (d, d) or tuple(F.shape) != (d, P) or tuple(A.shape) != (P, d):
+        raise ValueError(f"expected J (d, d), F (d, P), A (P, d); got J {tuple(J.shape)}, "
+                         f"F {tuple(F.shape)}, A {tuple(A.shape)}")
+    E = A @ (backend.eye_like(J, d) - mT(J)) - mT(F)
+    E_norm = _as_float(xp.linalg.svdvals(E)[0])
+    s = xp.linalg.svdvals(F)
+    s_max = _as_float(s[0])
+    s_min = _as_float(s[d - 1]) if P >= d else 0.0
+    paper_bound = s_min * s_min / s_max if s_max > 0 else 0.0
+    return Theorem1Result(E_norm, s_min, s_max, paper_bound, E_norm <= paper_bound,
+                          E_norm <= s_min, cosine_lower_bound(E_norm, s_min))
+
+
+def _eigvals_host(J):
+    backend.check_array(J, "J", min_ndim=2)
+    if J.shape[-1] != J.shape[-2]:
+        raise ValueError(f"argument 'J' must be square, got shape {tuple(J.shape)}")
+    return np.linalg.eigvals(backend.to_host(J).astype(np.float64))
+
+
+def neumann_rate(J, lam: float) -> float:
+    """Spectral radius of ``B = lam J + (1 - lam) I`` (max over members).
+
+    The Neumann series / damped unrolling converges to the exact gradient as
+    ``k -> inf`` iff this is < 1; its error decays like ``rate^k``.
+    Eigenvalues are computed on the host (NumPy), as the standard has no
+    non-symmetric eigensolver.
+    """
+    lam = _check_lam(lam)
+    mu = _eigvals_host(J)
+    return float(np.max(np.abs(1.0 - lam * (1.0 - mu))))
+
+
+def damping_threshold(J) -> float:
+    """Supremum of the ``lam > 0`` with ``rho(lam J + (1 - lam) I) < 1``.
+
+    With ``w = 1 - mu`` for each eigenvalue ``mu`` of ``J``,
+    ``|1 - lam w| < 1  <=>  lam < 2 Re(w) / |w|^2`` (needs ``Re(w) > 0``), so
+    the threshold is ``min_mu 2 Re(1 - mu) / |1 - mu|^2`` (0 when some
+    ``Re(mu) >= 1``: no damping helps).  Every ``lam`` in ``(0, min(1,
+    threshold))`` makes the phantom gradients converge; undamped (``lam = 1``)
+    works iff the threshold exceeds 1, i.e. (for real spectra) no eigenvalue
+    is ``<= -1``.  Max over members is not meaningful, so ``J`` is one
+    matrix or the minimum over a batch is returned.
+    """
+    w = 1.0 - _eigvals_host(J)
+    if np.any(w.real <= 0):
+        return 0.0
+    return float(np.min(2.0 * w.real / np.abs(w) ** 2))
