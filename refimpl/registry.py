@@ -80,6 +80,11 @@ class Case:
     the spec's input names; ``params`` are the forward's keyword arguments,
     ``vjp_params``/``jvp_params`` those of the derivatives.  ``tol`` holds
     partial per-dtype overrides, e.g. ``{"float64": {"fd": 1e-7}}``.
+    ``for_candidates=False`` keeps ``refimpl validate`` from comparing foreign
+    implementations with this case: set it where the reference is
+    deliberately not the operator's exact value (an approximant forward such
+    as MPA, the derivative of that approximant) -- the case is still
+    verified and exported, and validate lists it as skipped.
     """
 
     id: str
@@ -93,6 +98,7 @@ class Case:
     tol: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     dtypes: tuple[str, ...] = _backend.SUPPORTED_DTYPES
     fd_step: float = DEFAULT_FD_STEP
+    for_candidates: bool = True
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ Arrays in a case file (all float64, C order, little-endian)::
                       operator's gauge/projection (OpSpec.canonicalize) applied
     tangent.<name>    a (feasible) input direction ``u``      } operators with
     jvp.<name>        the reference ``J u``                   } a JVP only
+    param.<name>      an array-valued parameter (also vjp_param., jvp_param.),
+                      referenced from the manifest as {"$array": "param.<name>"}
 
 The numbers are those ``refimpl verify`` checks: inputs from the case's
 seeded generator, tangents then cotangent drawn from the same generator in
@@ -113,6 +115,11 @@ GENERAL_CONVENTIONS = {
 }
 
 _ARRAY_KINDS = ("input", "output", "cotangent", "vjp", "tangent", "jvp")
+
+
+def _param_kinds(gc: "GoldenCase"):
+    """(npz key prefix, parameter dict) of a case: array parameters live in the npz."""
+    return (("param", gc.params), ("vjp_param", gc.vjp_params), ("jvp_param", gc.jvp_params))
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -151,10 +158,14 @@ class GoldenCase:
     tangents: Mapping[str, np.ndarray] | None = None
     jvp: np.ndarray | None = None
     diagnostics: Mapping[str, Any] = field(default_factory=dict)
+    for_candidates: bool = True
 
     def arrays(self, spec_output: str) -> dict[str, np.ndarray]:
         """The case as the flat ``{key: array}`` mapping of its ``.npz`` file."""
         out = {f"input.{k}": v for k, v in self.inputs.items()}
+        for kind, params in _param_kinds(self):
+            out.update({f"{kind}.{k}": np.asarray(v, dtype=np.float64)
+                        for k, v in params.items() if isinstance(v, np.ndarray)})
         out[f"output.{spec_output}"] = self.output
         out[f"cotangent.{spec_output}"] = self.cotangent
         out.update({f"vjp.{k}": v for k, v in self.vjp.items()})
@@ -250,12 +261,28 @@ def reference_case(spec: registry.OpSpec, case: registry.Case,
         tolerance=dataclasses.asdict(spec.tolerance(case, dtype)),
         inputs={k: host[k] for k in spec.inputs}, output=out, cotangent=v, vjp=vjp,
         tangents=tangents, jvp=jvp, diagnostics=_diagnostics(res),
+        for_candidates=bool(case.for_candidates),
     )
 
 
 # --------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------
+
+def _params_json(params: Mapping[str, Any], kind: str, where: str) -> dict:
+    """Parameters as JSON; a NumPy array parameter becomes ``{"$array": "<kind>.<name>"}``,
+    a reference to the float64 array of that key in the case's .npz."""
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, np.ndarray):
+            if v.dtype.kind not in "biuf":
+                raise TypeError(f"{where}.{k} is an array of dtype {v.dtype}; golden "
+                                "vectors store real arrays only")
+            out[str(k)] = {"$array": f"{kind}.{k}"}
+        else:
+            out[str(k)] = _jsonable(v, f"{where}.{k}")
+    return out
+
 
 def _jsonable(value: Any, where: str) -> Any:
     """``value`` as plain JSON data (finite numbers, str, bool, None, lists, dicts)."""
@@ -348,7 +375,7 @@ def _check_name(name: str, what: str) -> str:
     return name
 
 
-def export(path: str | os.PathLike, *, ops: Iterable[str] | None = None,
+def export(path: str | os.PathLike, *, ops: Iterable[str | registry.OpSpec] | None = None,
            dtypes: Sequence[str] = ("float64",),
            cases: Iterable[str] | None = None) -> Path:
     """Write golden vectors for registered operators into directory ``path``.
@@ -357,7 +384,8 @@ def export(path: str | os.PathLike, *, ops: Iterable[str] | None = None,
     ----------
     path : directory (created if needed); an existing manifest there is
         replaced, other files are left alone.
-    ops : operator names (default: every registered operator).
+    ops : operator names or :class:`~refimpl.registry.OpSpec` objects
+        (default: every registered operator).
     dtypes : "float64" (the reference) and/or "float32"; a case is exported
         for each dtype it supports.
     cases : restrict to these case ids (default: all).
@@ -371,7 +399,8 @@ def export(path: str | os.PathLike, *, ops: Iterable[str] | None = None,
     ValueError : unknown operator, case or dtype, or nothing to export.
     RuntimeError : the reference failed on a case.
     """
-    specs = [registry.get_spec(n) for n in ops] if ops is not None else registry.all_specs()
+    specs = ([n if isinstance(n, registry.OpSpec) else registry.get_spec(n) for n in ops]
+             if ops is not None else registry.all_specs())
     dtypes = tuple(dtypes)
     for dt in dtypes:
         if dt not in _backend.SUPPORTED_DTYPES:
@@ -414,9 +443,12 @@ def export(path: str | os.PathLike, *, ops: Iterable[str] | None = None,
                     "dtype": dt,
                     "seed": int(case.seed),
                     "flags": list(case.flags),
-                    "params": _jsonable(dict(case.params), f"{where} params"),
-                    "vjp_params": _jsonable(dict(case.vjp_params), f"{where} vjp_params"),
-                    "jvp_params": _jsonable(dict(case.jvp_params), f"{where} jvp_params"),
+                    "for_candidates": bool(case.for_candidates),
+                    "params": _params_json(case.params, "param", f"{where} params"),
+                    "vjp_params": _params_json(case.vjp_params, "vjp_param",
+                                               f"{where} vjp_params"),
+                    "jvp_params": _params_json(case.jvp_params, "jvp_param",
+                                               f"{where} jvp_params"),
                     "tolerance": _jsonable(gc.tolerance, f"{where} tolerance"),
                     "reference": _jsonable(gc.diagnostics, f"{where} diagnostics"),
                     "file": rel,
@@ -540,7 +572,8 @@ def _read_manifest(root: Path) -> dict:
         for j, c in enumerate(_require(entry, "cases", list, w)):
             wc = f"{w} cases[{j}]"
             for key, kind in (("id", str), ("description", str), ("dtype", str),
-                              ("seed", int), ("flags", list), ("params", dict),
+                              ("seed", int), ("flags", list), ("for_candidates", bool),
+                              ("params", dict),
                               ("vjp_params", dict), ("jvp_params", dict),
                               ("tolerance", dict), ("file", str), ("sha256", str),
                               ("size", int), ("arrays", dict)):
@@ -550,14 +583,24 @@ def _read_manifest(root: Path) -> dict:
     return manifest
 
 
-def _expected_keys(entry: Mapping) -> set[str]:
+def _param_refs(c: Mapping) -> dict[tuple[str, str], str]:
+    """``{(params field, name): npz key}`` for the array parameters of a case entry."""
+    refs = {}
+    for fld in ("params", "vjp_params", "jvp_params"):
+        for k, v in c[fld].items():
+            if isinstance(v, dict) and set(v) == {"$array"}:
+                refs[(fld, k)] = v["$array"]
+    return refs
+
+
+def _expected_keys(entry: Mapping, c: Mapping) -> set[str]:
     names = [i["name"] for i in entry["inputs"]]
     out = entry["output"]["name"]
     keys = {f"input.{n}" for n in names} | {f"vjp.{n}" for n in names}
     keys |= {f"output.{out}", f"cotangent.{out}"}
     if entry["has_jvp"]:
         keys |= {f"tangent.{n}" for n in names} | {f"jvp.{out}"}
-    return keys
+    return keys | set(_param_refs(c).values())
 
 
 def _read_case_file(root: Path, op: str, entry: Mapping, c: Mapping) -> dict[str, np.ndarray]:
@@ -578,7 +621,7 @@ def _read_case_file(root: Path, op: str, entry: Mapping, c: Mapping) -> dict[str
         raise VectorsError(f"{label}: SHA-256 {digest} does not match the manifest's "
                            f"{c['sha256']}; the file is corrupted or was modified")
     declared = c["arrays"]
-    expected = _expected_keys(entry)
+    expected = _expected_keys(entry, c)
     if set(declared) != expected:
         raise VectorsError(f"{label}: manifest lists arrays {sorted(declared)}, the operator "
                            f"needs {sorted(expected)}")
@@ -630,10 +673,13 @@ def load(path: str | os.PathLike) -> GoldenVectors:
         out = entry["output"]["name"]
         for c in entry["cases"]:
             arrays = _read_case_file(root, op, entry, c)
+            params = {fld: dict(c[fld]) for fld in ("params", "vjp_params", "jvp_params")}
+            for (fld, k), key in _param_refs(c).items():
+                params[fld][k] = arrays[key]
             cases.append(GoldenCase(
                 op=op, id=c["id"], description=c["description"], dtype=c["dtype"],
-                seed=c["seed"], flags=tuple(c["flags"]), params=c["params"],
-                vjp_params=c["vjp_params"], jvp_params=c["jvp_params"],
+                seed=c["seed"], flags=tuple(c["flags"]), params=params["params"],
+                vjp_params=params["vjp_params"], jvp_params=params["jvp_params"],
                 tolerance=c["tolerance"],
                 inputs={n: arrays[f"input.{n}"] for n in names},
                 output=arrays[f"output.{out}"], cotangent=arrays[f"cotangent.{out}"],
@@ -642,5 +688,6 @@ def load(path: str | os.PathLike) -> GoldenVectors:
                           if entry["has_jvp"] else None),
                 jvp=arrays[f"jvp.{out}"] if entry["has_jvp"] else None,
                 diagnostics=c.get("reference", {}),
+                for_candidates=c["for_candidates"],
             ))
     return GoldenVectors(path=root, manifest=manifest, cases=tuple(cases))
