@@ -755,8 +755,10 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
         if wanted is not None:
             golden = [g for g in golden if g.id in wanted]
     else:
-        golden = [vectors.reference_case(spec, c, "float64") for c in spec.cases
-                  if "float64" in c.dtypes and (wanted is None or c.id in wanted)]
+        selected = [c for c in spec.cases
+                    if "float64" in c.dtypes and (wanted is None or c.id in wanted)]
+        golden = [vectors.reference_case(spec, c, "float64") if c.for_candidates else c
+                  for c in selected]
 
     notes = []
     skipped = [g.id for g in golden if not g.for_candidates]

@@ -189,17 +189,23 @@ def _diagnostics(res) -> dict:
     """Scalar convergence diagnostics of a forward result, as JSON values."""
     out = {}
     for name in ("converged", "n_iter", "error", "residual"):
-        if not hasattr(res, name):
+        raw = getattr(res, name, None)
+        if raw is None:
             continue
-        value = to_host(getattr(res, name))
-        if value.size != 1 and name != "converged":
-            value = np.max(value)
-        if name == "converged":
-            out[name] = bool(np.all(value))
-        elif np.issubdtype(np.asarray(value).dtype, np.integer):
-            out[name] = int(value)
-        else:
-            out[name] = float(value)
+        try:
+            value = np.asarray(to_host(raw))
+            if value.size == 0 or value.dtype.kind not in "biuf":
+                continue
+            if name == "converged":
+                out[name] = bool(np.all(value))
+            elif value.dtype.kind in "iu":
+                out[name] = int(np.max(value))
+            else:
+                v = float(np.max(value))
+                if math.isfinite(v):
+                    out[name] = v
+        except Exception:   # a diagnostic the host cannot read is simply not recorded
+            continue
     return out
 
 
