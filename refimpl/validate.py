@@ -45,10 +45,10 @@ beyond ``core_ndim``), so a bug that only shows on the batch member of size
 
 where ``FLOOR = 64 * eps_float64``: a member whose reference is zero up
 to round-off of the largest member may differ from it by that round-off.
-(So in a batch whose gradients span 1e9, as in linear_solve's
-``batched_scales``, an error of 1e-5 relative to the smallest member is
-still seen; a whole-batch normwise comparison would miss anything below
-10.)  A case passes when the forward
+(So in linear_solve's ``batched_scales``, whose members' gradients span
+a factor 4e8, an error of 1e-5 relative to the smallest member is still
+seen; a whole-batch normwise comparison with tolerance 1e-8 would miss
+anything below 4.)  A case passes when the forward
 error is at most the case's ``forward`` tolerance and every gradient error
 at most its ``fd`` tolerance (the accuracy to which ``refimpl verify``
 certifies the reference gradient against finite differences); both can be
