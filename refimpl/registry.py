@@ -81,10 +81,12 @@ class Case:
     ``vjp_params``/``jvp_params`` those of the derivatives.  ``tol`` holds
     partial per-dtype overrides, e.g. ``{"float64": {"fd": 1e-7}}``.
     ``for_candidates=False`` keeps ``refimpl validate`` from comparing foreign
-    implementations with this case: set it where the reference is
-    deliberately not the operator's exact value (an approximant forward such
-    as MPA, the derivative of that approximant) -- the case is still
-    verified and exported, and validate lists it as skipped.
+    implementations with this case: set it where a function following the
+    candidate calling convention cannot reproduce the reference -- an
+    approximant forward (MPA, MTP) or its own derivative, or a variant
+    selected by a parameter candidates do not receive (unbalanced Sinkhorn's
+    ``rho_a``/``rho_b``).  The case is still verified and exported, and
+    validate lists it as skipped.
     """
 
     id: str

@@ -107,9 +107,10 @@ GENERAL_CONVENTIONS = {
            "that input fixed",
     "gauge": "vjp arrays are stored after the operator's canonicalisation "
              "(conventions.gauge): apply the same map to your gradients before comparing",
-    "comparison": "normwise: max|actual - expected| / max|expected| per batch member, "
-                  "against tolerance.forward for outputs and tolerance.fd for gradients "
-                  "(the accuracy to which refimpl verifies its own reference)",
+    "comparison": "normwise: max|actual - expected| / max|expected| per batch member "
+                  "(with a round-off floor, see docs/vectors.md), against "
+                  "tolerance.forward for outputs and tolerance.fd for gradients (the "
+                  "accuracy to which refimpl verifies its own reference)",
     "surrogate": "when an operator has surrogate: true, vjp.* is the operator's "
                  "surrogate gradient (its defining formula), not a derivative",
 }

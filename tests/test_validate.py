@@ -72,6 +72,48 @@ def test_member_error_by_hand():
     assert member_error(np.ones((2, 2)), np.ones((2, 2)), 2, 1e-8) == (0.0, None)
 
 
+def test_member_error_scale_floor():
+    """A reference that is zero up to round-off is compared at its natural scale."""
+    e = np.array([1e-17, 0.0, -2e-17])
+    a = np.array([-3e-17, 1e-17, 0.0])
+    assert member_error(a, e, 1, 1e-8)[0] > 1.0                   # noise vs noise
+    assert member_error(a, e, 1, 1e-8, scale=1.0)[0] <= 1e-8      # round-off of 1.0
+    assert member_error(a + 1e-9, e, 1, 1e-8, scale=1.0)[0] > 1e-8
+    with pytest.raises(ValueError, match="tol"):
+        member_error(a, e, 1, 0.0)
+
+
+def _zero_gradient_spec(noise):
+    """x = A^{-1} b + (c - c): the gradient of c is zero, computed as round-off."""
+    from refimpl import linsolve
+
+    def make(rng):
+        return {"A": registry._random_matrix(rng, 4, 5.0), "b": rng.standard_normal(4),
+                "c": rng.standard_normal(4)}
+
+    return dataclasses.replace(
+        LINEAR_SOLVE, name="toy_zero_gradient", inputs=("A", "b", "c"), core_ndim=(2, 1, 1),
+        forward=lambda A, b, c: linsolve.solve(A, b), jvp=None, oracle=None,
+        vjp=lambda res, x_bar: (*linsolve.solve_vjp(res, x_bar), noise * x_bar),
+        cases=(registry.Case("one", "toy", 7, make),), tangents=None)
+
+
+def test_zero_gradient_is_compared_at_round_off_of_its_natural_size():
+    spec = _zero_gradient_spec(1e-17)
+
+    def fn(A, b, c):
+        return solve(A, b)
+
+    def vjp_with(noise):
+        def vjp(A, b, c, x_bar):
+            return (*solve_vjp(A, b, x_bar), noise * x_bar[::-1])
+        return vjp
+
+    assert validate(spec, fn, framework="numpy", vjp=vjp_with(-3e-17)).passed
+    report = validate(spec, fn, framework="numpy", vjp=vjp_with(1e-6))
+    assert not report.passed and report.cases[0].worst == "c", report.table()
+
+
 def test_correct_numpy_candidate_passes():
     report = validate("linear_solve", solve, framework="numpy", vjp=solve_vjp)
     assert report.passed, report.table()
