@@ -637,14 +637,20 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
         fwd_err, fwd_member = member_error(out_h, gc.output, spec.output_core_ndim, ftol)
 
         stage = "vjp" if vjp is not None else f"{fw.name} autodiff"
+        vargs = []
         if vjp is not None:
             vargs = fw.inputs(host_in, requires_grad=False)
-            bars = _call(vjp, *vargs, fw.like(gc.cotangent, out), **params)
+            out_bar = fw.like(gc.cotangent, out)
+            bars = _call(vjp, *vargs, out_bar, **params)
         else:
             bars = _call(fw.pullback, ctx, args, out, gc.cotangent)
         mine = _cotangents(fw, bars, spec, host_in)
         moved = [k for k, a, h in zip(spec.inputs, args, host_in)
                  if not np.array_equal(fw.host(a), h)]
+        moved += [f"{k} (in the vjp)" for k, a, h in zip(spec.inputs, vargs, host_in)
+                  if not np.array_equal(fw.host(a), h)]
+        if vjp is not None and not np.array_equal(fw.host(out_bar), gc.cotangent):
+            moved.append(f"{spec.output}_bar (in the vjp)")
     except CandidateError as exc:
         return _error_report(gc, ftol, gtol, f"{stage}: {exc}", forward=fwd_err)
     except _Raised as raised:

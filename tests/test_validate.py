@@ -211,6 +211,16 @@ def test_mutating_candidate_fails():
     (case,) = report.cases
     assert case.status == "FAIL" and "modified its input(s) b in place" in case.message
 
+    def mutating_vjp(A, b, x_bar):
+        bars = solve_vjp(A, b, x_bar)
+        x_bar *= 0.0
+        return bars
+
+    report = validate("linear_solve", solve, framework="numpy", vjp=mutating_vjp,
+                      cases=["well_conditioned"])
+    (case,) = report.cases
+    assert case.status == "FAIL" and "x_bar (in the vjp)" in case.message
+
 
 def test_rtol_override():
     report = validate("linear_solve", solve, framework="numpy", vjp=_wrong_scale, rtol=1e-4)
