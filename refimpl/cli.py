@@ -1,10 +1,18 @@
-"""Command line: ``refimpl verify | bench``.
+"""Command line: ``refimpl verify | export | validate | bench``.
 
 ``refimpl verify`` runs every registered operator's curated cases through
 the checks of :func:`refimpl.registry.verify_case` (forward against an
 independent oracle, adjoint test, finite differences, batch == loop, no
 mutation, operator-specific closed forms), prints one table row per check
 and exits with status 1 if any check fails.
+
+``refimpl export DIR`` writes the golden test vectors of every registered
+case (:mod:`refimpl.vectors`; format in docs/vectors.md).
+
+``refimpl validate OP TARGET --framework torch|jax|numpy`` runs a foreign
+implementation on the operator's cases and compares its forward and its
+gradients with the reference (:mod:`refimpl.validate`); exit status 1 if any
+case fails, 2 on a usage error (unknown operator, TARGET not importable).
 
 ``refimpl bench NAME`` runs ``benchmarks/bench_NAME.py`` from a source
 checkout (benchmarks are not part of the installed package).
@@ -88,6 +96,44 @@ def cmd_verify(args) -> int:
     return 1 if n_fail else 0
 
 
+def cmd_export(args) -> int:
+    from . import vectors
+
+    dtypes = _expand(args.dtype, SUPPORTED_DTYPES)
+    try:
+        manifest = vectors.export(args.dir, ops=args.op, dtypes=dtypes, cases=args.case)
+        gv = vectors.load(args.dir)   # read back: what was written is loadable
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"refimpl export: {exc}", file=sys.stderr)
+        return 2
+    total = sum(f.stat().st_size for f in Path(args.dir).rglob("*.npz"))
+    for op in gv.ops:
+        cases = gv.cases_of(op)
+        print(f"{op}: {len(cases)} case file(s) "
+              f"({', '.join(sorted({c.dtype for c in cases}))})")
+    print(f"wrote {len(gv)} case file(s) and {manifest} ({total / 1024:.0f} KiB of .npz); "
+          f"read back and verified")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from . import validate as _validate
+
+    try:
+        report = _validate.validate(
+            args.op, args.target, framework=args.framework, vjp=args.vjp,
+            cases=args.case, rtol=args.rtol, forward_rtol=args.forward_rtol,
+            vectors_dir=args.vectors)
+    except (ValueError, KeyError, TypeError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"refimpl validate: {msg}", file=sys.stderr)
+        return 2
+    print(report.table(show_tracebacks=args.traceback))
+    if args.json:
+        Path(args.json).write_text(_validate.report_json(report) + "\n", encoding="utf-8")
+    return 0 if report.passed else 1
+
+
 def _benchmarks_dir() -> Path | None:
     candidates = []
     if os.environ.get("REFIMPL_BENCHMARKS"):
@@ -150,6 +196,64 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print only failing checks")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     v.set_defaults(func=cmd_verify)
+
+    e = sub.add_parser(
+        "export",
+        help="write golden test vectors (JSON manifest + one .npz per case) into DIR",
+        description="Write golden test vectors for every registered operator and case: "
+                    "DIR/manifest.json (schema version, library versions, conventions, "
+                    "per case id, description, flags, params, tolerance, SHA-256) and "
+                    "DIR/<op>/<case>.<dtype>.npz holding inputs, output, cotangent, "
+                    "expected VJPs, tangents and expected JVPs (float64). The export is "
+                    "read back and verified. Format: docs/vectors.md.",
+    )
+    e.add_argument("dir", metavar="DIR", help="output directory (created if needed)")
+    e.add_argument("--op", action="append", metavar="NAME",
+                   help="operator to export (repeatable; default: all)")
+    e.add_argument("--case", action="append", metavar="ID",
+                   help="only this case id (repeatable)")
+    e.add_argument("--dtype", default="float64", choices=SUPPORTED_DTYPES + ("all",),
+                   help="input precision of the vectors (default float64, the reference; "
+                        "float32 rounds inputs to float32 and uses float32 tolerances)")
+    e.set_defaults(func=cmd_export)
+
+    va = sub.add_parser(
+        "validate",
+        help="check a PyTorch/JAX/NumPy implementation's forward and gradients against "
+             "the reference; exit 1 on any failure",
+        description="Run TARGET, a function following the calling convention "
+                    "fn(*inputs, **params) -> output (e.g. sinkhorn: fn(C, a, b, *, eps) "
+                    "-> P), on every case of operator OP with float64 arrays of the "
+                    "framework; take its VJP from the framework's autodiff "
+                    "(torch.autograd.grad, jax.vjp) or from --vjp; canonicalise gauges; "
+                    "compare forward and gradients with the reference per batch member. "
+                    "Prints per case the forward error, gradient error, tolerances and "
+                    "pass/fail, then a verdict. Exit status: 0 all passed, 1 a case "
+                    "failed, 2 usage error (unknown OP, TARGET not importable, framework "
+                    "missing).",
+    )
+    va.add_argument("op", metavar="OP", help="registered operator (see 'refimpl verify')")
+    va.add_argument("target", metavar="TARGET",
+                    help="the candidate: module:function or path/to/file.py:function")
+    va.add_argument("--framework", required=True, choices=("torch", "jax", "numpy"),
+                    help="the candidate's array library (and autodiff)")
+    va.add_argument("--vjp", metavar="TARGET",
+                    help="the candidate's VJP, vjp(*inputs, out_bar, **params) -> "
+                         "(input cotangents...); required for numpy, replaces autodiff "
+                         "for torch/jax")
+    va.add_argument("--case", action="append", metavar="ID",
+                    help="only this case id (repeatable)")
+    va.add_argument("--rtol", type=float, metavar="TOL",
+                    help="gradient tolerance (default: each case's 'fd' tolerance)")
+    va.add_argument("--forward-rtol", type=float, metavar="TOL",
+                    help="forward tolerance (default: each case's 'forward' tolerance)")
+    va.add_argument("--vectors", metavar="DIR",
+                    help="take the reference from golden vectors written by "
+                         "'refimpl export' instead of computing it")
+    va.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    va.add_argument("--traceback", action="store_true",
+                    help="print the full traceback of exceptions raised by the candidate")
+    va.set_defaults(func=cmd_validate)
 
     b = sub.add_parser(
         "bench",

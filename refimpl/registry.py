@@ -80,6 +80,13 @@ class Case:
     the spec's input names; ``params`` are the forward's keyword arguments,
     ``vjp_params``/``jvp_params`` those of the derivatives.  ``tol`` holds
     partial per-dtype overrides, e.g. ``{"float64": {"fd": 1e-7}}``.
+    ``for_candidates=False`` keeps ``refimpl validate`` from comparing foreign
+    implementations with this case: set it where a function following the
+    candidate calling convention cannot reproduce the reference -- an
+    approximant forward (MPA, MTP) or its own derivative, or a variant
+    selected by a parameter candidates do not receive (unbalanced Sinkhorn's
+    ``rho_a``/``rho_b``).  The case is still verified and exported, and
+    validate lists it as skipped.
     """
 
     id: str
@@ -93,6 +100,7 @@ class Case:
     tol: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     dtypes: tuple[str, ...] = _backend.SUPPORTED_DTYPES
     fd_step: float = DEFAULT_FD_STEP
+    for_candidates: bool = True
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,11 @@ class OpSpec:
         in ``validate`` (default: identity).
     candidate_params : keyword parameters a foreign candidate receives in
         ``validate`` (DESIGN.md's calling convention, e.g. ``("eps",)``).
+    conventions : ``{topic: one-sentence statement}``, JSON-able text written
+        into the golden-vector manifest so a consumer in any language knows
+        the conventions behind the numbers (which gauge ``canonicalize``
+        fixes, which value of an operator is returned, how broadcast inputs'
+        cotangents are reduced), e.g. ``{"gauge": "a_bar - mean(a_bar), ..."}``.
     surrogate : True when the "VJP" is a surrogate gradient (identity,
         phantom): no adjoint or finite-difference check, its extra_checks
         compare against the defining formula instead.
@@ -147,6 +160,7 @@ class OpSpec:
     surrogate: bool = False
     extra_checks: tuple[Callable, ...] = ()
     candidate_params: tuple[str, ...] = ()
+    conventions: Mapping[str, str] = field(default_factory=dict)
 
     def case(self, case_id: str) -> Case:
         for c in self.cases:
@@ -428,6 +442,13 @@ def _linear_solve_spec() -> OpSpec:
         tol={
             "float64": Tolerance(forward=1e-11, adjoint=1e-11, fd=1e-8, batch=1e-12),
             "float32": Tolerance(forward=1e-4, adjoint=1e-6, fd=1e-3, batch=1e-5),
+        },
+        conventions={
+            "output": "x solves A x = b (the unique solution; A is non-singular)",
+            "broadcasting": "batch dimensions of A (..., n, n) and b (..., n) broadcast; "
+                            "the cotangent of a broadcast input is summed over the "
+                            "dimensions it was broadcast along, so it has that input's shape",
+            "gauge": "none (the gradient is unique)",
         },
     )
 

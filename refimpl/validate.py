@@ -1,0 +1,834 @@
+"""Check a foreign implementation's forward and gradients against the reference.
+
+Someone has written a Sinkhorn layer, a soft top-k, a matrix square root or
+a DEQ in PyTorch, JAX or NumPy and wants to know whether its gradients are
+right.  :func:`validate` runs their function on every curated case of the
+operator in :mod:`refimpl.registry` (edge cases included) and compares, per
+case, the forward output and the VJP with refimpl's reference.
+
+The candidate follows DESIGN.md's calling convention: the operator's array
+inputs positionally, the parameters named in ``OpSpec.candidate_params`` as
+keywords, the primary output back, in the candidate framework's arrays::
+
+    linear_solve: fn(A, b)                  -> x
+    sinkhorn:     fn(C, a, b, *, eps)       -> P
+    soft_topk:    fn(x, *, k, eps, largest) -> A
+    sqrtm:        fn(A)                     -> S
+
+Procedure for one case (the numbers are :func:`refimpl.vectors.reference_case`'s,
+i.e. the golden vectors ``refimpl export`` writes):
+
+1. the case's float64 inputs become float64 arrays of the framework
+   (``torch.float64`` tensors with ``requires_grad``, ``jax`` arrays under
+   ``enable_x64``, NumPy arrays); batched cases are passed batched;
+2. ``out = fn(*inputs, **params)``; its type, shape and finiteness are
+   checked, then it is compared with the reference output;
+3. the candidate's VJP ``J^T out_bar`` for the case's cotangent comes from
+   the framework's own autodiff (``torch.autograd.grad``, ``jax.vjp``) or
+   from a supplied ``vjp`` function (required for NumPy), with signature::
+
+       vjp(*inputs, out_bar, **params) -> tuple of one cotangent per input
+
+   (inputs and ``out_bar`` positionally, the same keywords as ``fn``; None
+   for an input the output does not depend on);
+4. both the candidate's and the reference's cotangents go through the
+   operator's ``canonicalize`` (gauge fixing, e.g. Sinkhorn's ``(c, -c)``
+   freedom in ``(a_bar, b_bar)``; symmetric part for SPD inputs), then are
+   compared input by input;
+5. the inputs must come back unmodified.
+
+Errors are normwise and relative *per batch member* (leading dimensions
+beyond ``core_ndim``), so a bug that only shows on the batch member of size
+1e-6 next to one of size 1e3 is not drowned out::
+
+    error = max_m  max|a_m - e_m| / max(max|e_m|, FLOOR * max|e| / tol)
+
+where ``FLOOR = 64 * eps_float64``: a member whose reference is zero up
+to round-off of the largest member may differ from it by that round-off.
+For a gradient, ``max|e|`` is at least the input's natural gradient size
+``max|out_bar| max|out| / max(max|x|, 1)``, so a gradient that is zero in
+exact arithmetic (the cost gradient of a one-column transport plan) is
+compared at round-off of that size.
+(So in linear_solve's ``batched_scales``, whose members' gradients span
+a factor 4e8, an error of 1e-5 relative to the smallest member is still
+seen; a whole-batch normwise comparison with tolerance 1e-8 would miss
+anything below 4.)  A case passes when the forward
+error is at most the case's ``forward`` tolerance and every gradient error
+at most its ``fd`` tolerance (the accuracy to which ``refimpl verify``
+certifies the reference gradient against finite differences); both can be
+overridden, and neither is taken below ``FLOOR`` (a case whose reference is
+exact, tolerance 0, still allows a foreign implementation round-off).
+
+Bad candidates never end the run with a bare traceback: an import failure
+of the target raises :class:`TargetError` (the CLI prints it), and a wrong
+signature, a wrong output type or shape, NaN output, or an exception inside
+the candidate is reported as an ``ERROR`` for that case, with the place in
+the candidate's code where it was raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import sys
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from . import registry, vectors
+
+__all__ = [
+    "FLOOR",
+    "FRAMEWORKS",
+    "CaseReport",
+    "TargetError",
+    "ValidationReport",
+    "load_target",
+    "validate",
+]
+
+FRAMEWORKS = ("torch", "jax", "numpy")
+
+#: Round-off floor of the per-member comparison, relative to the largest
+#: reference entry of the whole batch (64 units of float64 round-off).
+FLOOR = 64.0 * float(np.finfo(np.float64).eps)
+
+
+class TargetError(ValueError):
+    """A TARGET (``module:function`` or ``path.py:function``) cannot be loaded."""
+
+
+class CandidateError(Exception):
+    """The candidate ran but broke the calling convention (type, shape, NaN...)."""
+
+
+class _Raised(Exception):
+    """An exception raised inside the candidate's code (or its framework's autodiff)."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(str(exc))
+        self.exc = exc
+        self.tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _call(f: Callable, *args, **kwargs):
+    """Call candidate code; whatever it raises becomes a :class:`_Raised`."""
+    try:
+        return f(*args, **kwargs)
+    except Exception as exc:
+        raise _Raised(exc) from exc
+
+
+# --------------------------------------------------------------------------
+# Loading a candidate by name
+# --------------------------------------------------------------------------
+
+def _import_file(path: Path):
+    """Import a .py file as a fresh module (its directory on sys.path meanwhile)."""
+    name = f"refimpl_candidate_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TargetError(f"cannot import {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+    return module
+
+
+def load_target(target: str, *, what: str = "TARGET") -> Callable:
+    """The callable named by ``module:function`` or ``path/to/file.py:function``.
+
+    ``function`` may be dotted (``module:Class.method``).  A module name is
+    looked up with the current directory on ``sys.path`` (as ``python -m``
+    does).  Every failure raises :class:`TargetError` with a message saying
+    what was tried and what went wrong (missing module, exception while
+    importing, missing attribute with the names the module does define,
+    attribute not callable).
+    """
+    if not isinstance(target, str) or ":" not in target:
+        raise TargetError(f"{what} {target!r} must be 'module:function' or "
+                          f"'path/to/file.py:function'")
+    where, _, attr = target.rpartition(":")
+    if not where or not attr:
+        raise TargetError(f"{what} {target!r} must be 'module:function' or "
+                          f"'path/to/file.py:function'")
+    try:
+        if where.endswith(".py") or os.sep in where or "/" in where:
+            path = Path(where)
+            if not path.is_file():
+                raise TargetError(f"{what} {target!r}: no such file {where!r}")
+            module = _import_file(path)
+        else:
+            cwd = os.getcwd()
+            added = cwd not in sys.path
+            if added:
+                sys.path.insert(0, cwd)
+            try:
+                module = importlib.import_module(where)
+            finally:
+                if added and cwd in sys.path:
+                    sys.path.remove(cwd)
+    except TargetError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise TargetError(f"{what} {target!r}: cannot import {where!r} ({exc})") from None
+    except BaseException as exc:  # SyntaxError, errors raised at import time, SystemExit
+        tb = traceback.extract_tb(exc.__traceback__)
+        at = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+        if isinstance(exc, SyntaxError) and exc.filename:
+            at = f" at {exc.filename}:{exc.lineno}"
+        raise TargetError(f"{what} {target!r}: importing {where!r} raised "
+                          f"{type(exc).__name__}: {exc}{at}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            defined = sorted(n for n, v in vars(module).items()
+                             if callable(v) and not n.startswith("_"))
+            raise TargetError(f"{what} {target!r}: {where!r} has no attribute {attr!r}; "
+                              f"callables it defines: {', '.join(defined) or 'none'}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TargetError(f"{what} {target!r}: {attr!r} is not callable "
+                          f"(it is a {type(obj).__name__})")
+    return obj
+
+
+# --------------------------------------------------------------------------
+# Frameworks
+# --------------------------------------------------------------------------
+
+class _Framework:
+    """How to hand arrays to a framework, take them back, and pull back a cotangent."""
+
+    name = ""
+    array_type = ""
+
+    def version(self) -> str:
+        raise NotImplementedError
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def inputs(self, host: Sequence[np.ndarray], requires_grad: bool) -> list:
+        raise NotImplementedError
+
+    def like(self, host: np.ndarray, out) -> Any:
+        """A host cotangent as an array of the framework, with ``out``'s dtype."""
+        raise NotImplementedError
+
+    def is_array(self, x) -> bool:
+        raise NotImplementedError
+
+    def host(self, x) -> np.ndarray:
+        raise NotImplementedError
+
+    def forward(self, fn, args, params):
+        """``(out, ctx)``; ``ctx`` is what :meth:`pullback` needs."""
+        return fn(*args, **params), None
+
+    def pullback(self, ctx, args, out, v_host) -> Sequence:
+        raise CandidateError(f"framework {self.name!r} has no autodiff: supply a vjp")
+
+
+class _Torch(_Framework):
+    name, array_type = "torch", "torch.Tensor"
+
+    def __init__(self):
+        import torch
+        self.torch = torch
+
+    def version(self):
+        return self.torch.__version__
+
+    def inputs(self, host, requires_grad):
+        return [self.torch.tensor(h, dtype=self.torch.float64, requires_grad=requires_grad)
+                for h in host]
+
+    def like(self, host, out):
+        dtype = out.dtype if out.dtype.is_floating_point else self.torch.float64
+        return self.torch.as_tensor(np.array(host), dtype=dtype, device=out.device)
+
+    def is_array(self, x):
+        return isinstance(x, self.torch.Tensor)
+
+    def host(self, x):
+        if x.is_complex():
+            raise CandidateError(f"returned a complex tensor ({x.dtype})")
+        return x.detach().cpu().to(self.torch.float64).numpy().copy()
+
+    def pullback(self, ctx, args, out, v_host):
+        if not out.requires_grad:
+            raise CandidateError(
+                "the output is not connected to the inputs' autograd graph (does the "
+                "candidate detach, call .numpy()/.item(), or run under torch.no_grad()?)")
+        return self.torch.autograd.grad(out, args, grad_outputs=self.like(v_host, out),
+                                        allow_unused=True)
+
+
+@contextlib.contextmanager
+def _jax_x64():
+    """float64 in JAX for the duration (the context manager if this JAX has one)."""
+    import jax
+    if callable(getattr(jax, "enable_x64", None)):
+        with jax.enable_x64(True):
+            yield
+        return
+    try:
+        from jax.experimental import enable_x64
+    except ImportError:
+        enable_x64 = None
+    if enable_x64 is not None:
+        with enable_x64():
+            yield
+        return
+    previous = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+class _Jax(_Framework):
+    name, array_type = "jax", "jax.Array"
+
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+        self.jax, self.jnp = jax, jnp
+
+    def version(self):
+        return self.jax.__version__
+
+    def context(self):
+        return _jax_x64()
+
+    def inputs(self, host, requires_grad):
+        return [self.jnp.asarray(np.array(h), dtype=self.jnp.float64) for h in host]
+
+    def like(self, host, out):
+        return self.jnp.asarray(np.array(host), dtype=getattr(out, "dtype", self.jnp.float64))
+
+    def is_array(self, x):
+        return isinstance(x, self.jax.Array)
+
+    def host(self, x):
+        a = np.asarray(x)
+        if np.iscomplexobj(a):
+            raise CandidateError(f"returned a complex array ({a.dtype})")
+        return np.array(a, dtype=np.float64)
+
+    def forward(self, fn, args, params):
+        out, pull = self.jax.vjp(lambda *xs: fn(*xs, **params), *args)
+        return out, pull
+
+    def pullback(self, ctx, args, out, v_host):
+        return ctx(self.like(v_host, out))
+
+
+class _NumPy(_Framework):
+    name, array_type = "numpy", "numpy.ndarray"
+
+    def version(self):
+        return np.__version__
+
+    def inputs(self, host, requires_grad):
+        return [np.array(h, dtype=np.float64) for h in host]
+
+    def like(self, host, out):
+        return np.array(host, dtype=np.float64)
+
+    def is_array(self, x):
+        return isinstance(x, np.ndarray)
+
+    def host(self, x):
+        if np.iscomplexobj(x):
+            raise CandidateError(f"returned a complex array ({x.dtype})")
+        return np.array(x, dtype=np.float64)
+
+
+def _framework(name: str) -> _Framework:
+    if name not in FRAMEWORKS:
+        raise ValueError(f"argument 'framework' must be one of {', '.join(FRAMEWORKS)}, "
+                         f"got {name!r}")
+    try:
+        return {"torch": _Torch, "jax": _Jax, "numpy": _NumPy}[name]()
+    except ImportError as exc:
+        hint = {"torch": "pip install torch", "jax": "pip install jax"}.get(name, "")
+        raise ValueError(f"framework {name!r} is not installed ({exc}); {hint}") from None
+
+
+# --------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CaseReport:
+    """The outcome of one case.
+
+    ``status`` is ``"pass"``, ``"FAIL"`` (ran, numbers outside tolerance) or
+    ``"ERROR"`` (could not be compared: exception, wrong type/shape, NaN).
+    ``gradient_errors`` maps each input name to its error; ``worst`` names
+    the input (and batch member) with the largest one.
+    """
+
+    case: str
+    description: str
+    flags: tuple[str, ...]
+    status: str
+    forward_error: float | None
+    gradient_error: float | None
+    forward_tol: float
+    gradient_tol: float
+    gradient_errors: Mapping[str, float] = field(default_factory=dict)
+    worst: str = ""
+    message: str = ""
+    traceback: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Per-case results of :func:`validate`; ``passed`` when every case passed."""
+
+    op: str
+    framework: str
+    framework_version: str
+    candidate: str
+    gradient_source: str
+    cases: tuple[CaseReport, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.cases) and all(c.passed for c in self.cases)
+
+    @property
+    def n_passed(self) -> int:
+        return sum(c.passed for c in self.cases)
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.cases) - self.n_passed
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        bad = [c.case for c in self.cases if not c.passed]
+        tail = f" (failed: {', '.join(bad)})" if bad else ""
+        return (f"{self.op}: {self.n_passed} of {len(self.cases)} cases passed{tail} "
+                f"-> {verdict}")
+
+    def table(self, *, show_tracebacks: bool = False) -> str:
+        """The human-readable report the CLI prints."""
+        def fmt(x):
+            return "-" if x is None else ("inf" if math.isinf(x) else f"{x:.1e}")
+
+        lines = [f"refimpl validate {self.op}: {self.candidate} "
+                 f"[{self.framework} {self.framework_version}, float64, "
+                 f"gradients by {self.gradient_source}]"]
+        lines += [f"note: {n}" for n in self.notes]
+        headers = ("case", "flags", "forward", "tol", "gradient", "tol", "worst", "result")
+        rows = [(c.case, ",".join(c.flags) or "-", fmt(c.forward_error), fmt(c.forward_tol),
+                 fmt(c.gradient_error), fmt(c.gradient_tol), c.worst or "-", c.status)
+                for c in self.cases]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+                  for i, h in enumerate(headers)]
+        line = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines += [line.format(*headers), line.format(*("-" * w for w in widths))]
+        for c, r in zip(self.cases, rows):
+            lines.append(line.format(*r).rstrip())
+            if c.message:
+                lines.extend(f"    {m}" for m in c.message.splitlines())
+            if show_tracebacks and c.traceback:
+                lines.extend(f"    | {t}" for t in c.traceback.rstrip().splitlines())
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+# --------------------------------------------------------------------------
+# Comparison
+# --------------------------------------------------------------------------
+
+def member_error(actual: np.ndarray, expected: np.ndarray, core_ndim: int,
+                 tol: float, scale: float = 0.0) -> tuple[float, tuple | None]:
+    """Worst per-batch-member normwise relative error and that member's index.
+
+    ``error_m = max|a_m - e_m| / max(max|e_m|, FLOOR * max(max|e|, scale) / tol)``,
+    so ``error_m <= tol`` exactly when the difference is within ``tol`` of
+    the member's own size or within ``FLOOR`` of ``max(max|e|, scale)``
+    (round-off; ``scale`` is the natural size of the array when its
+    reference is itself zero up to round-off).  The index is None for an
+    unbatched array.  NaN/Inf in ``actual`` gives inf.
+    """
+    if tol <= 0:
+        raise ValueError(f"argument 'tol' must be > 0, got {tol!r}")
+    if not np.all(np.isfinite(actual)):
+        return math.inf, None
+    lead = max(expected.ndim - core_ndim, 0)
+    if expected.size == 0:
+        return 0.0, None
+    axes = tuple(range(lead, expected.ndim))
+    diff = np.max(np.abs(actual - expected), axis=axes) if axes else np.abs(actual - expected)
+    ref = np.max(np.abs(expected), axis=axes) if axes else np.abs(expected)
+    gmax = max(float(np.max(np.abs(expected))), float(scale))
+    denom = np.maximum(ref, FLOOR * gmax / tol) if gmax > 0 else np.ones_like(ref)
+    err = np.ravel(diff / denom)
+    i = int(np.argmax(err))
+    idx = np.unravel_index(i, np.shape(diff)) if lead else None
+    return float(err[i]), (tuple(int(j) for j in idx) if idx is not None else None)
+
+
+def _where(name: str, member: tuple | None) -> str:
+    if member is None:
+        return name
+    return f"{name}[{', '.join(map(str, member))}]"
+
+
+# --------------------------------------------------------------------------
+# Running one case
+# --------------------------------------------------------------------------
+
+def _gradient_scale(gc: vectors.GoldenCase, x: np.ndarray) -> float:
+    """Natural size of an input's gradient: ``max|out_bar| max|out| / max(max|x|, 1)``.
+
+    A relative change ``dx/|x|`` of the input moves ``<out_bar, out>`` by at
+    most about this times ``|dx|``; a gradient that is zero in exact
+    arithmetic (e.g. the cost gradient of a one-column transport plan)
+    comes out of any algorithm as round-off of this size, not of its own
+    (zero) size.  Dividing by at least 1 keeps the floor conservative for
+    small inputs.
+    """
+    if gc.cotangent.size == 0 or gc.output.size == 0:
+        return 0.0
+    xmax = float(np.max(np.abs(x))) if x.size else 0.0
+    return float(np.max(np.abs(gc.cotangent)) * np.max(np.abs(gc.output))) / max(xmax, 1.0)
+
+
+def _signature_text(spec: registry.OpSpec) -> str:
+    params = (", *, " + ", ".join(spec.candidate_params)) if spec.candidate_params else ""
+    return f"fn({', '.join(spec.inputs)}{params}) -> {spec.output}"
+
+
+def _vjp_signature_text(spec: registry.OpSpec) -> str:
+    params = (", *, " + ", ".join(spec.candidate_params)) if spec.candidate_params else ""
+    bars = ", ".join(f"{k}_bar" for k in spec.inputs)
+    return f"vjp({', '.join(spec.inputs)}, {spec.output}_bar{params}) -> ({bars})"
+
+
+def _check_signature(fn: Callable, n_args: int, params: Mapping, expected: str,
+                     role: str) -> None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):   # builtins without a signature: just call it
+        return
+    try:
+        sig.bind(*([None] * n_args), **params)
+    except TypeError as exc:
+        raise CandidateError(f"the {role}'s signature {getattr(fn, '__name__', 'fn')}{sig} "
+                             f"cannot be called as {expected}: {exc}") from None
+
+
+def _candidate_params(spec: registry.OpSpec, case_params: Mapping) -> dict:
+    """The keywords the candidate receives: the case's, else the forward's default."""
+    out = {}
+    try:
+        defaults = inspect.signature(spec.forward).parameters
+    except (TypeError, ValueError):
+        defaults = {}
+    for k in spec.candidate_params:
+        if k in case_params:
+            out[k] = case_params[k]
+        elif k in defaults and defaults[k].default is not inspect.Parameter.empty:
+            out[k] = defaults[k].default
+    return out
+
+
+def _to_host(fw: _Framework, x, what: str, shape: tuple) -> np.ndarray:
+    if isinstance(x, (tuple, list)):
+        raise CandidateError(f"{what} is a {type(x).__name__} of {len(x)}; expected a single "
+                             f"{fw.array_type} (the convention returns the primary output only)")
+    if not fw.is_array(x):
+        raise CandidateError(f"{what} is a {type(x).__module__}.{type(x).__name__}; "
+                             f"expected a {fw.array_type}")
+    h = fw.host(x)
+    if tuple(h.shape) != tuple(shape):
+        raise CandidateError(f"{what} has shape {tuple(h.shape)}, expected {tuple(shape)}")
+    if not np.all(np.isfinite(h)):
+        bad = int(np.sum(~np.isfinite(h)))
+        raise CandidateError(f"{what} contains NaN or Inf ({bad} of {h.size} entries)")
+    return h
+
+
+def _cotangents(fw: _Framework, bars, spec: registry.OpSpec, host_inputs) -> list[np.ndarray]:
+    n = len(spec.inputs)
+    if fw.is_array(bars) and n == 1:
+        bars = (bars,)
+    if not isinstance(bars, (tuple, list)):
+        raise CandidateError(f"the VJP returned a {type(bars).__name__}; expected a tuple of "
+                             f"{n} cotangents ({', '.join(spec.inputs)})")
+    if len(bars) != n:
+        raise CandidateError(f"the VJP returned {len(bars)} cotangent(s); expected {n} "
+                             f"({', '.join(spec.inputs)})")
+    out = []
+    for k, b, h in zip(spec.inputs, bars, host_inputs):
+        if b is None:
+            out.append(np.zeros(h.shape))
+        else:
+            out.append(_to_host(fw, b, f"the cotangent of {k!r}", h.shape))
+    return out
+
+
+def _error_report(gc, ftol, gtol, message: str, tb: str = "", forward=None) -> CaseReport:
+    return CaseReport(gc.id, gc.description, tuple(gc.flags), "ERROR", forward, None,
+                      ftol, gtol, {}, "", message, tb)
+
+
+def _candidate_frame(exc: BaseException) -> str:
+    """'file:line in function' of the deepest frame in the user's code."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    here = os.path.abspath(__file__)
+    user = [f for f in frames if os.path.abspath(f.filename) != here
+            and "site-packages" not in f.filename and "dist-packages" not in f.filename
+            and not f.filename.startswith("<")]
+    f = (user or [f for f in frames if os.path.abspath(f.filename) != here] or [None])[-1]
+    return f" (at {f.filename}:{f.lineno} in {f.name})" if f is not None else ""
+
+
+def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
+              fw: _Framework, vjp: Callable | None, ftol: float, gtol: float) -> CaseReport:
+    host_in = [gc.inputs[k] for k in spec.inputs]
+    params = _candidate_params(spec, gc.params)
+    stage = "forward"
+    fwd_err = None
+    try:
+        params = {k: fw.inputs([v], requires_grad=False)[0] if isinstance(v, np.ndarray) else v
+                  for k, v in params.items()}
+        _check_signature(fn, len(host_in), params, _signature_text(spec), "candidate")
+        if vjp is not None:
+            _check_signature(vjp, len(host_in) + 1, params, _vjp_signature_text(spec), "vjp")
+        args = fw.inputs(host_in, requires_grad=vjp is None)
+        out, ctx = _call(fw.forward, fn, args, params)
+        out_h = _to_host(fw, out, f"the output {spec.output!r}", gc.output.shape)
+        fwd_err, fwd_member = member_error(out_h, gc.output, spec.output_core_ndim, ftol)
+
+        stage = "vjp" if vjp is not None else f"{fw.name} autodiff"
+        vargs = []
+        if vjp is not None:
+            vargs = fw.inputs(host_in, requires_grad=False)
+            out_bar = fw.like(gc.cotangent, out)
+            bars = _call(vjp, *vargs, out_bar, **params)
+        else:
+            bars = _call(fw.pullback, ctx, args, out, gc.cotangent)
+        mine = _cotangents(fw, bars, spec, host_in)
+        moved = [k for k, a, h in zip(spec.inputs, args, host_in)
+                 if not np.array_equal(fw.host(a), h)]
+        moved += [f"{k} (in the vjp)" for k, a, h in zip(spec.inputs, vargs, host_in)
+                  if not np.array_equal(fw.host(a), h)]
+        if vjp is not None and not np.array_equal(fw.host(out_bar), gc.cotangent):
+            moved.append(f"{spec.output}_bar (in the vjp)")
+    except CandidateError as exc:
+        return _error_report(gc, ftol, gtol, f"{stage}: {exc}", forward=fwd_err)
+    except _Raised as raised:
+        exc = raised.exc
+        if isinstance(exc, CandidateError):     # raised by pullback's own checks
+            return _error_report(gc, ftol, gtol, f"{stage}: {exc}", forward=fwd_err)
+        return _error_report(gc, ftol, gtol,
+                             f"{stage}: the candidate raised {type(exc).__name__}: "
+                             f"{exc}{_candidate_frame(exc)}", raised.tb, forward=fwd_err)
+    except Exception as exc:  # e.g. converting an exotic output object
+        return _error_report(gc, ftol, gtol,
+                             f"{stage}: checking the candidate's result failed: "
+                             f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                             forward=fwd_err)
+
+    try:
+        mine = registry._canon(spec, mine)
+        ref = registry._canon(spec, [gc.vjp[k] for k in spec.inputs])
+    except Exception as exc:
+        return _error_report(gc, ftol, gtol, f"canonicalising the gradients failed: "
+                             f"{type(exc).__name__}: {exc}", traceback.format_exc(), fwd_err)
+    errors, where = {}, {}
+    for k, c, a, e, x in zip(spec.inputs, spec.core_ndim, mine, ref, host_in):
+        a = np.asarray(a, dtype=np.float64)
+        e = np.asarray(e, dtype=np.float64)
+        errors[k], member = member_error(a, e, c, gtol, _gradient_scale(gc, x))
+        where[k] = _where(k, member)
+    worst_input = max(errors, key=lambda k: errors[k])
+    grad_err = errors[worst_input]
+
+    problems = []
+    if not fwd_err <= ftol:
+        problems.append(f"forward error {fwd_err:.1e} > {ftol:.1e} at "
+                        f"{_where(spec.output, fwd_member)}")
+    bad = [k for k in spec.inputs if not errors[k] <= gtol]
+    if bad:
+        problems.append("gradient errors: " + ", ".join(
+            f"{where[k]} {errors[k]:.1e}" for k in spec.inputs) + f" (tol {gtol:.1e})")
+    if moved:
+        problems.append(f"the candidate modified its input(s) {', '.join(moved)} in place")
+    if getattr(out, "dtype", None) is not None and "float64" not in str(out.dtype):
+        problems.append(f"note: the output has dtype {out.dtype}; the inputs were float64")
+    failed = bool(bad or moved or not fwd_err <= ftol)
+    return CaseReport(gc.id, gc.description, tuple(gc.flags), "FAIL" if failed else "pass",
+                      fwd_err, grad_err,
+                      ftol, gtol, errors, where[worst_input], "\n".join(problems))
+
+
+# --------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------
+
+def _name_of(obj) -> str:
+    if isinstance(obj, str):
+        return obj
+    mod = getattr(obj, "__module__", None) or ""
+    qual = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)
+    return f"{mod}:{qual}" if mod else qual
+
+
+def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, framework: str,
+             vjp: Callable | str | None = None, cases: Iterable[str] | None = None,
+             rtol: float | None = None, forward_rtol: float | None = None,
+             vectors_dir: str | os.PathLike | None = None) -> ValidationReport:
+    """Run ``candidate`` on every case of ``op_name`` and compare with the reference.
+
+    Parameters
+    ----------
+    op_name : a registered operator (``refimpl.registry.all_specs()``), or an
+        :class:`~refimpl.registry.OpSpec` (e.g. one under development).
+    candidate : the function under test, or a TARGET string
+        (``module:function`` / ``path.py:function``), following the calling
+        convention ``fn(*inputs, **candidate_params) -> output``.
+    framework : ``"torch"``, ``"jax"`` or ``"numpy"``: the arrays the
+        candidate receives and returns, and whose autodiff gives its VJP.
+    vjp : the candidate's own VJP (or a TARGET),
+        ``vjp(*inputs, out_bar, **params) -> tuple of cotangents``; required
+        for NumPy, optional for torch/jax (it replaces their autodiff).
+    cases : only these case ids (default: all).
+    rtol, forward_rtol : override the per-case gradient (``fd``) and
+        forward tolerances.
+    vectors_dir : take the reference numbers from a golden-vector export
+        (``refimpl export``) instead of computing them.
+
+    Returns
+    -------
+    ValidationReport
+        ``report.passed``, ``report.cases`` (one :class:`CaseReport` each),
+        ``print(report)`` gives the table.
+
+    Raises
+    ------
+    ValueError : unknown operator or case, framework not installed, NumPy
+        without ``vjp``, a TARGET that cannot be loaded (:class:`TargetError`).
+        Problems *inside* a case never raise; they are reported per case.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> def solve(A, b):
+    ...     return np.linalg.solve(A, b[..., None])[..., 0]
+    >>> def solve_vjp(A, b, x_bar):
+    ...     x = solve(A, b)
+    ...     b_bar = np.linalg.solve(np.swapaxes(A, -1, -2), x_bar[..., None])[..., 0]
+    ...     A_bar = -b_bar[..., :, None] * x[..., None, :]
+    ...     return A_bar.sum(axis=tuple(range(A_bar.ndim - A.ndim))), b_bar
+    >>> validate("linear_solve", solve, framework="numpy", vjp=solve_vjp).passed
+    True
+    """
+    spec = op_name if isinstance(op_name, registry.OpSpec) else registry.get_spec(op_name)
+    op_name = spec.name
+    fw = _framework(framework)
+    fn = load_target(candidate) if isinstance(candidate, str) else candidate
+    if not callable(fn):
+        raise TypeError(f"argument 'candidate' must be callable, got {type(fn).__name__}")
+    vjp_fn = load_target(vjp, what="--vjp TARGET") if isinstance(vjp, str) else vjp
+    if vjp_fn is not None and not callable(vjp_fn):
+        raise TypeError(f"argument 'vjp' must be callable, got {type(vjp_fn).__name__}")
+    if fw.name == "numpy" and vjp_fn is None:
+        raise ValueError("framework 'numpy' has no autodiff: pass the candidate's VJP as "
+                         f"vjp= (--vjp TARGET), called as {_vjp_signature_text(spec)}")
+
+    wanted = list(cases) if cases is not None else None
+    if wanted is not None:
+        for cid in wanted:
+            spec.case(cid)  # KeyError listing the known ids
+    if vectors_dir is not None:
+        gv = vectors.load(vectors_dir)
+        entry = gv.operator(op_name)
+        names = [i["name"] for i in entry["inputs"]]
+        if names != list(spec.inputs):
+            raise ValueError(f"{vectors_dir}: operator {op_name!r} has inputs {names} there "
+                             f"but {list(spec.inputs)} in this refimpl")
+        golden = gv.cases_of(op_name, "float64")
+        if wanted is not None:
+            golden = [g for g in golden if g.id in wanted]
+    else:
+        selected = [c for c in spec.cases
+                    if "float64" in c.dtypes and (wanted is None or c.id in wanted)]
+        golden = [vectors.reference_case(spec, c, "float64") if c.for_candidates else c
+                  for c in selected]
+
+    notes = []
+    skipped = [g.id for g in golden if not g.for_candidates]
+    if skipped:
+        notes.append(f"skipped {len(skipped)} case(s) not meant for candidates (an "
+                     f"approximant reference, or a variant selected by a parameter "
+                     f"candidates do not receive): {', '.join(skipped)}")
+        golden = [g for g in golden if g.for_candidates]
+    if not golden:
+        raise ValueError(f"no case of {op_name!r} to validate against"
+                         + (f" ({notes[0]})" if notes else ""))
+    if fw.name == "jax":
+        notes.append("JAX runs with jax_enable_x64 switched on for the validation")
+    reports = []
+    with fw.context():
+        for gc in golden:
+            # An exact reference (tolerance 0, e.g. a surrogate gradient's defining
+            # formula) still allows a foreign implementation FLOOR of round-off.
+            ftol = max(forward_rtol if forward_rtol is not None
+                       else float(gc.tolerance["forward"]), FLOOR)
+            gtol = max(rtol if rtol is not None else float(gc.tolerance["fd"]), FLOOR)
+            reports.append(_run_case(spec, gc, fn, fw, vjp_fn, ftol, gtol))
+    source = f"vjp {_name_of(vjp)}" if vjp_fn is not None else {
+        "torch": "torch.autograd.grad", "jax": "jax.vjp"}[fw.name]
+    return ValidationReport(op=op_name, framework=fw.name, framework_version=fw.version(),
+                            candidate=_name_of(candidate), gradient_source=source,
+                            cases=tuple(reports), notes=tuple(notes))
+
+
+def report_json(report: ValidationReport) -> str:
+    """The report as JSON (inf written as null)."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(report.to_dict()), indent=1)

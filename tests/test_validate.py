@@ -1,0 +1,754 @@
+"""refimpl.validate: correct candidates pass, planted bugs fail, bad input is explained.
+
+NumPy candidates (with a hand-written VJP) always run; the PyTorch and JAX
+paths run when those frameworks are installed and are skipped otherwise.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refimpl import check, cli, registry, vectors
+from refimpl.validate import FLOOR, TargetError, load_target, member_error, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+LINEAR_SOLVE = registry.get_spec("linear_solve")
+ALL_CASES = [c.id for c in LINEAR_SOLVE.cases]
+NONSYMMETRIC = [c for c in ALL_CASES if c != "scalar"]   # 1x1 is its own transpose
+
+
+def _example(name):
+    """Import examples/<name>.py (its folder on sys.path, as validate does)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+def _statuses(report):
+    return {c.case: c.status for c in report.cases}
+
+
+def _registered(name):
+    names = [s.name for s in registry.all_specs()]
+    if name not in names:
+        pytest.skip(f"operator {name!r} is not registered in refimpl.registry on this "
+                    f"branch (registered: {', '.join(names)}); its example is checked "
+                    "against SciPy/POT and gradcheck in the other tests")
+    return name
+
+
+# --------------------------------------------------------------------------
+# NumPy candidates with a hand-written VJP
+# --------------------------------------------------------------------------
+
+np_ex = _example("numpy_linear_solve")
+solve, solve_vjp = np_ex.linear_solve, np_ex.linear_solve_vjp
+
+
+def test_member_error_by_hand():
+    e = np.array([[1.0, -2.0], [1e-6, 3e-6]])        # two members, scales 1 and 1e-6
+    a = e + np.array([[0.0, 2e-9], [0.0, 3e-16]])      # 1e-9 and 1e-10 relative
+    err, member = member_error(a, e, core_ndim=1, tol=1e-8)
+    assert member == (0,) and err == pytest.approx(1e-9)
+    a = e + np.array([[0.0, 0.0], [3e-11, 0.0]])     # 1e-5 relative error in member 1
+    err, member = member_error(a, e, core_ndim=1, tol=1e-8)
+    assert member == (1,) and err == pytest.approx(1e-5)
+    # a member whose reference is zero: measured against the round-off floor
+    e0 = np.array([[1.0, 2.0], [0.0, 0.0]])
+    err, member = member_error(e0 + np.array([[0, 0], [1e-16, 0]]), e0, 1, 1e-8)
+    assert err == pytest.approx(1e-16 / (FLOOR * 2.0 / 1e-8))
+    assert member_error(np.array([np.nan, 1.0]), np.array([1.0, 1.0]), 1, 1e-8)[0] == np.inf
+    assert member_error(np.ones((2, 2)), np.ones((2, 2)), 2, 1e-8) == (0.0, None)
+
+
+def test_member_error_scale_floor():
+    """A reference that is zero up to round-off is compared at its natural scale."""
+    e = np.array([1e-17, 0.0, -2e-17])
+    a = np.array([-3e-17, 1e-17, 0.0])
+    assert member_error(a, e, 1, 1e-8)[0] > 1.0                   # noise vs noise
+    assert member_error(a, e, 1, 1e-8, scale=1.0)[0] <= 1e-8      # round-off of 1.0
+    assert member_error(a + 1e-9, e, 1, 1e-8, scale=1.0)[0] > 1e-8
+    with pytest.raises(ValueError, match="tol"):
+        member_error(a, e, 1, 0.0)
+
+
+def _zero_gradient_spec(noise):
+    """x = A^{-1} b + (c - c): the gradient of c is zero, computed as round-off."""
+    from refimpl import linsolve
+
+    def make(rng):
+        return {"A": registry._random_matrix(rng, 4, 5.0), "b": rng.standard_normal(4),
+                "c": rng.standard_normal(4)}
+
+    return dataclasses.replace(
+        LINEAR_SOLVE, name="toy_zero_gradient", inputs=("A", "b", "c"), core_ndim=(2, 1, 1),
+        forward=lambda A, b, c: linsolve.solve(A, b), jvp=None, oracle=None,
+        vjp=lambda res, x_bar: (*linsolve.solve_vjp(res, x_bar), noise * x_bar),
+        cases=(registry.Case("one", "toy", 7, make),), tangents=None)
+
+
+def test_zero_gradient_is_compared_at_round_off_of_its_natural_size():
+    spec = _zero_gradient_spec(1e-17)
+
+    def fn(A, b, c):
+        return solve(A, b)
+
+    def vjp_with(noise):
+        def vjp(A, b, c, x_bar):
+            return (*solve_vjp(A, b, x_bar), noise * x_bar[::-1])
+        return vjp
+
+    assert validate(spec, fn, framework="numpy", vjp=vjp_with(-3e-17)).passed
+    report = validate(spec, fn, framework="numpy", vjp=vjp_with(1e-6))
+    assert not report.passed and report.cases[0].worst == "c", report.table()
+
+
+def test_correct_numpy_candidate_passes():
+    report = validate("linear_solve", solve, framework="numpy", vjp=solve_vjp)
+    assert report.passed, report.table()
+    assert [c.case for c in report.cases] == ALL_CASES
+    for c in report.cases:
+        assert c.forward_error <= c.forward_tol and c.gradient_error <= c.gradient_tol
+        assert set(c.gradient_errors) == {"A", "b"}
+    assert report.n_failed == 0 and "5 of 5 cases passed -> PASS" in report.summary()
+
+
+def _wrong_sign(A, b, x_bar):
+    A_bar, b_bar = solve_vjp(A, b, x_bar)
+    return -A_bar, b_bar
+
+
+def _wrong_transpose(A, b, x_bar):
+    x = solve(A, b)
+    b_bar = np.linalg.solve(A, x_bar[..., None])[..., 0]          # A^{-1}, not A^{-T}
+    return np_ex._sum_to_shape(-b_bar[..., :, None] * x[..., None, :], A.shape), \
+        np_ex._sum_to_shape(b_bar, b.shape)
+
+
+def _wrong_scale(A, b, x_bar):
+    A_bar, b_bar = solve_vjp(A, b, x_bar)
+    return A_bar, b_bar * (1.0 + 1e-5)                              # subtle: 1e-5
+
+
+def _coupled_batch(A, b, x_bar):
+    A_bar, b_bar = solve_vjp(A, b, x_bar)
+    if b_bar.ndim > 1:    # each member's gradient leaks into its batch-mates
+        b_bar = b_bar + 1e-3 * b_bar.mean(axis=0, keepdims=True)
+    return A_bar, b_bar
+
+
+def _wrong_forward(A, b):
+    return solve(A, b) * (1.0 + 1e-9)
+
+
+PLANTED = {
+    # name: (candidate, vjp, cases that must fail, cases that must pass)
+    "wrong_sign": (solve, _wrong_sign, ALL_CASES, []),
+    "wrong_transpose": (solve, _wrong_transpose, NONSYMMETRIC, ["scalar"]),
+    "wrong_scale": (solve, _wrong_scale, ALL_CASES, []),
+    "coupled_batch": (solve, _coupled_batch, ["batched_scales", "shared_matrix"],
+                      ["well_conditioned", "ill_conditioned", "scalar"]),
+    "wrong_forward": (_wrong_forward, solve_vjp, ["well_conditioned", "batched_scales",
+                                                  "shared_matrix", "scalar"], []),
+}
+
+
+@pytest.mark.parametrize("bug", PLANTED)
+def test_planted_bug_fails(bug):
+    fn, vjp, must_fail, must_pass = PLANTED[bug]
+    report = validate("linear_solve", fn, framework="numpy", vjp=vjp)
+    status = _statuses(report)
+    assert not report.passed
+    assert all(status[c] == "FAIL" for c in must_fail), report.table()
+    assert all(status[c] == "pass" for c in must_pass), report.table()
+    for c in report.cases:
+        if c.status == "FAIL":
+            assert c.message      # says what is wrong
+
+
+def test_bug_in_one_small_batch_member_is_caught():
+    """A 1e-3 error in the batch member with the smallest gradients is invisible to a
+    normwise comparison over the whole batch (max entries ~1e9 times larger), but
+    not to the per-member comparison."""
+    def vjp(A, b, x_bar):
+        A_bar, b_bar = solve_vjp(A, b, x_bar)
+        if A.ndim == 3:
+            A_bar, b_bar = A_bar.copy(), b_bar.copy()
+            A_bar[3] *= 1.0 + 1e-3       # member 3 has scale 1e3: gradients ~1e-3
+        return A_bar, b_bar
+
+    report = validate("linear_solve", solve, framework="numpy", vjp=vjp,
+                      cases=["batched_scales"])
+    (case,) = report.cases
+    assert case.status == "FAIL" and case.worst == "A[3]", report.table()
+    assert case.gradient_errors["A"] > case.gradient_tol
+    assert case.gradient_errors["b"] <= case.gradient_tol
+    # what a whole-batch normwise comparison would have said
+    gc = vectors.reference_case(LINEAR_SOLVE, LINEAR_SOLVE.case("batched_scales"))
+    A_bar, _ = vjp(gc.inputs["A"], gc.inputs["b"], gc.cotangent)
+    assert check.compare(A_bar, gc.vjp["A"], rtol=1e-8).passed
+
+
+def test_mutating_candidate_fails():
+    def mutating(A, b):
+        x = solve(A, b)
+        b *= 2.0
+        return x
+
+    report = validate("linear_solve", mutating, framework="numpy", vjp=solve_vjp,
+                      cases=["well_conditioned"])
+    (case,) = report.cases
+    assert case.status == "FAIL" and "modified its input(s) b in place" in case.message
+
+    def mutating_vjp(A, b, x_bar):
+        bars = solve_vjp(A, b, x_bar)
+        x_bar *= 0.0
+        return bars
+
+    report = validate("linear_solve", solve, framework="numpy", vjp=mutating_vjp,
+                      cases=["well_conditioned"])
+    (case,) = report.cases
+    assert case.status == "FAIL" and "x_bar (in the vjp)" in case.message
+
+
+def test_rtol_override():
+    report = validate("linear_solve", solve, framework="numpy", vjp=_wrong_scale, rtol=1e-4)
+    assert report.passed, report.table()
+    report = validate("linear_solve", _wrong_forward, framework="numpy", vjp=solve_vjp,
+                      forward_rtol=1e-7)
+    assert report.passed, report.table()
+
+
+def test_validate_against_exported_vectors(tmp_path):
+    vectors.export(tmp_path, ops=["linear_solve"])
+    from_files = validate("linear_solve", solve, framework="numpy", vjp=solve_vjp,
+                          vectors_dir=tmp_path)
+    live = validate("linear_solve", solve, framework="numpy", vjp=solve_vjp)
+    assert from_files.passed
+    assert [(c.case, c.forward_error, c.gradient_errors) for c in from_files.cases] == \
+        [(c.case, c.forward_error, c.gradient_errors) for c in live.cases]
+    bad = validate("linear_solve", solve, framework="numpy", vjp=_wrong_sign,
+                   vectors_dir=tmp_path)
+    assert not bad.passed
+
+
+# --------------------------------------------------------------------------
+# Gauges and keyword parameters (test-local operators)
+# --------------------------------------------------------------------------
+
+def _mean_gauge(bars):
+    """b_bar - mean(b_bar) per member: a toy gauge (b's gradient up to a constant)."""
+    A_bar, b_bar = bars
+    return A_bar, b_bar - np.mean(b_bar, axis=-1, keepdims=True)
+
+
+GAUGED = dataclasses.replace(LINEAR_SOLVE, name="toy_gauge", canonicalize=_mean_gauge)
+
+
+def test_gauge_is_applied_to_candidate_and_reference():
+    def shifted(A, b, x_bar):     # right up to the gauge: b_bar + a per-member constant
+        A_bar, b_bar = solve_vjp(A, b, x_bar)
+        return A_bar, b_bar + 7.0 * np.abs(b_bar).max(axis=-1, keepdims=True)
+
+    assert validate(GAUGED, solve, framework="numpy", vjp=shifted).passed
+    # without the gauge the same gradient is wrong
+    assert not validate("linear_solve", solve, framework="numpy", vjp=shifted).passed
+    # and the gauge does not excuse a real error
+    assert not validate(GAUGED, solve, framework="numpy", vjp=_wrong_scale).passed
+
+
+def _scaled_spec():
+    """y = alpha * A^{-1} b with a keyword parameter passed to candidates."""
+    from refimpl import linsolve
+
+    def forward(A, b, *, alpha, method="lu"):
+        res = linsolve.solve(A, b)
+        return dataclasses.replace(res, x=res.x * alpha)
+
+    cases = tuple(dataclasses.replace(c, params={"alpha": 2.5, "method": "lu"})
+                  for c in LINEAR_SOLVE.cases[:2])
+    return dataclasses.replace(
+        LINEAR_SOLVE, name="toy_scaled", forward=forward, cases=cases,
+        candidate_params=("alpha",), oracle=None,
+        vjp=lambda res, x_bar: linsolve.solve_vjp(dataclasses.replace(res, x=res.x / 2.5),
+                                                  2.5 * x_bar),
+        jvp=None)
+
+
+def test_keyword_params_reach_the_candidate():
+    spec = _scaled_spec()
+    seen = []
+
+    def fn(A, b, *, alpha):
+        seen.append(alpha)
+        return alpha * solve(A, b)
+
+    def vjp(A, b, x_bar, *, alpha):
+        return solve_vjp(A, b, alpha * x_bar)
+
+    report = validate(spec, fn, framework="numpy", vjp=vjp)
+    assert report.passed, report.table()
+    assert seen == [2.5, 2.5]            # only candidate_params, not 'method'
+
+    def no_alpha(A, b):
+        return solve(A, b)
+
+    report = validate(spec, no_alpha, framework="numpy", vjp=vjp)
+    assert all(c.status == "ERROR" for c in report.cases)
+    assert "unexpected keyword argument 'alpha'" in report.cases[0].message
+    assert "fn(A, b, *, alpha) -> x" in report.cases[0].message
+
+    def ignores_alpha(A, b, **kw):
+        return solve(A, b)
+
+    report = validate(spec, ignores_alpha, framework="numpy", vjp=vjp)
+    assert all("forward error" in c.message for c in report.cases)
+
+
+def test_cases_not_meant_for_candidates_are_skipped_and_listed():
+    cases = tuple(dataclasses.replace(c, for_candidates=(c.id != "ill_conditioned"))
+                  for c in LINEAR_SOLVE.cases)
+    spec = dataclasses.replace(LINEAR_SOLVE, name="toy_skip", cases=cases)
+    report = validate(spec, solve, framework="numpy", vjp=solve_vjp)
+    assert report.passed
+    assert "ill_conditioned" not in _statuses(report)
+    assert any("skipped 1 case(s)" in n and "ill_conditioned" in n for n in report.notes)
+    assert "skipped 1 case(s)" in report.table()
+    with pytest.raises(ValueError, match="no case of 'toy_skip' to validate against"):
+        validate(spec, solve, framework="numpy", vjp=solve_vjp, cases=["ill_conditioned"])
+
+
+def test_array_params_reach_the_candidate_as_framework_arrays():
+    from refimpl import linsolve
+
+    def forward(A, b, *, shift):     # an array parameter (unused by the maths here)
+        assert shift.shape == (5,)
+        return linsolve.solve(A, b)
+
+    case = dataclasses.replace(LINEAR_SOLVE.case("well_conditioned"),
+                               params={"shift": np.arange(5.0)})
+    spec = dataclasses.replace(LINEAR_SOLVE, name="toy_array_param", forward=forward,
+                               oracle=None, cases=(case,), candidate_params=("shift",))
+    seen = []
+
+    def fn(A, b, *, shift):
+        seen.append(type(shift))
+        return solve(A, b)
+
+    def vjp(A, b, x_bar, *, shift):
+        return solve_vjp(A, b, x_bar)
+
+    assert validate(spec, fn, framework="numpy", vjp=vjp).passed
+    assert seen == [np.ndarray]
+
+
+SPECS = registry.all_specs()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_reference_as_candidate_passes_for_every_operator(spec):
+    """validate's machinery (params, gauges, shapes, batches) works on every registered
+    operator: the reference itself, called through the NumPy candidate convention,
+    passes every case with errors at round-off."""
+    for case in spec.cases:
+        if "float64" not in case.dtypes:
+            continue
+
+        def fn(*xs, **kw):
+            return np.asarray(getattr(spec.forward(*xs, **case.params), spec.output))
+
+        def vjp(*args, **kw):
+            *xs, out_bar = args
+            res = spec.forward(*xs, **case.params)
+            return tuple(spec.vjp(res, out_bar, **case.vjp_params))
+
+        one = dataclasses.replace(spec, cases=(dataclasses.replace(case, for_candidates=True),))
+        report = validate(one, fn, framework="numpy", vjp=vjp)
+        assert report.passed, report.table()
+        (c,) = report.cases
+        assert c.forward_error <= 1e-12 and c.gradient_error <= 1e-12, report.table()
+
+
+# --------------------------------------------------------------------------
+# Bad input: clear messages, never a bare traceback
+# --------------------------------------------------------------------------
+
+def test_bad_targets(tmp_path):
+    with pytest.raises(TargetError, match="must be 'module:function'"):
+        load_target("no_colon")
+    with pytest.raises(TargetError, match="cannot import 'no_such_module_xyz'"):
+        load_target("no_such_module_xyz:f")
+    with pytest.raises(TargetError, match="no such file"):
+        load_target(str(tmp_path / "missing.py") + ":f")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(:\n")
+    with pytest.raises(TargetError, match=r"SyntaxError.*broken.py:1"):
+        load_target(f"{broken}:f")
+    raising = tmp_path / "raising.py"
+    raising.write_text("raise RuntimeError('import-time failure')\n")
+    with pytest.raises(TargetError, match="RuntimeError: import-time failure"):
+        load_target(f"{raising}:f")
+    good = tmp_path / "good.py"
+    good.write_text("def forward(A, b):\n    return A\nCONST = 3\n")
+    with pytest.raises(TargetError, match="has no attribute 'nope'; callables it defines: forward"):
+        load_target(f"{good}:nope")
+    with pytest.raises(TargetError, match="'CONST' is not callable \\(it is a int\\)"):
+        load_target(f"{good}:CONST")
+    assert load_target(f"{good}:forward").__name__ == "forward"
+    assert load_target("numpy.linalg:solve") is np.linalg.solve
+
+
+def test_usage_errors():
+    with pytest.raises(ValueError, match="unknown operator 'nope'"):
+        validate("nope", solve, framework="numpy", vjp=solve_vjp)
+    with pytest.raises(ValueError, match="has no autodiff.*vjp\\(A, b, x_bar\\)"):
+        validate("linear_solve", solve, framework="numpy")
+    with pytest.raises(ValueError, match="framework"):
+        validate("linear_solve", solve, framework="tensorflow")
+    with pytest.raises(KeyError, match="no case 'nope'"):
+        validate("linear_solve", solve, framework="numpy", vjp=solve_vjp, cases=["nope"])
+    with pytest.raises(TypeError, match="callable"):
+        validate("linear_solve", 42, framework="numpy", vjp=solve_vjp)
+
+
+def _boom(A, b):
+    raise ValueError("candidate blew up")
+
+
+BAD_CANDIDATES = {
+    # name: (fn, vjp, expected text in every case's message)
+    "wrong_signature": (lambda A: A, solve_vjp, "cannot be called as fn(A, b) -> x"),
+    "wrong_shape": (lambda A, b: solve(A, b)[..., None], solve_vjp,
+                    "the output 'x' has shape"),
+    "nan_output": (lambda A, b: solve(A, b) * np.nan, solve_vjp, "contains NaN or Inf"),
+    "returns_tuple": (lambda A, b: (solve(A, b), 0), solve_vjp,
+                      "is a tuple of 2; expected a single numpy.ndarray"),
+    "returns_list": (lambda A, b: solve(A, b).tolist(), solve_vjp, "is a list of"),
+    "returns_scalar": (lambda A, b: 1.0, solve_vjp, "is a builtins.float; expected a numpy.ndarray"),
+    "raises": (_boom, solve_vjp, "raised ValueError: candidate blew up (at "),
+    "vjp_count": (solve, lambda A, b, x_bar: solve_vjp(A, b, x_bar)[:1],
+                  "returned 1 cotangent(s); expected 2 (A, b)"),
+    "vjp_shape": (solve, lambda A, b, x_bar: (solve_vjp(A, b, x_bar)[0][..., None], x_bar),
+                  "the cotangent of 'A' has shape"),
+    "vjp_nan": (solve, lambda A, b, x_bar: (np.full(A.shape, np.nan), x_bar),
+                "cotangent of 'A' contains NaN"),
+    "vjp_signature": (solve, lambda A, x_bar: x_bar, "vjp(A, b, x_bar) -> (A_bar, b_bar)"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_CANDIDATES)
+def test_bad_candidate_gives_clear_message_per_case(bad):
+    fn, vjp, text = BAD_CANDIDATES[bad]
+    report = validate("linear_solve", fn, framework="numpy", vjp=vjp)
+    assert not report.passed
+    assert len(report.cases) == len(ALL_CASES)
+    for c in report.cases:
+        assert c.status == "ERROR", report.table()
+        assert text in c.message, c.message
+    table = report.table()
+    assert text in table and "Traceback" not in table
+    if bad == "raises":
+        assert "test_validate.py" in report.cases[0].message         # where it was raised
+        assert "Traceback" in report.table(show_tracebacks=True)
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+NP_TARGET = f"{EXAMPLES / 'numpy_linear_solve.py'}:linear_solve"
+NP_VJP = f"{EXAMPLES / 'numpy_linear_solve.py'}:linear_solve_vjp"
+
+
+def test_cli_validate_pass_and_json(tmp_path, capsys):
+    out_json = tmp_path / "report.json"
+    rc = cli.main(["validate", "linear_solve", NP_TARGET, "--framework", "numpy",
+                   "--vjp", NP_VJP, "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "linear_solve: 5 of 5 cases passed -> PASS" in out
+    for cid in ALL_CASES:
+        assert cid in out
+    data = json.loads(out_json.read_text())
+    assert data["passed"] is True and len(data["cases"]) == 5
+
+
+def test_cli_validate_failure_exit_code(tmp_path, capsys):
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text(
+        "import numpy as np\n"
+        "def vjp(A, b, x_bar):\n"
+        "    x = np.linalg.solve(A, b[..., None])[..., 0]\n"
+        "    b_bar = np.linalg.solve(A, x_bar[..., None])[..., 0]  # missing transpose\n"
+        "    A_bar = -b_bar[..., :, None] * x[..., None, :]\n"
+        "    return A_bar, b_bar\n")
+    rc = cli.main(["validate", "linear_solve", NP_TARGET, "--framework", "numpy",
+                   "--vjp", f"{wrong}:vjp", "--case", "well_conditioned"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "FAIL" in out and "gradient errors: A" in out
+
+
+def test_cli_validate_usage_errors(capsys):
+    assert cli.main(["validate", "linear_solve", "no_such_module_xyz:f",
+                     "--framework", "numpy", "--vjp", NP_VJP]) == 2
+    err = capsys.readouterr().err
+    assert "cannot import 'no_such_module_xyz'" in err and "Traceback" not in err
+    assert cli.main(["validate", "nope", NP_TARGET, "--framework", "numpy",
+                     "--vjp", NP_VJP]) == 2
+    assert "unknown operator" in capsys.readouterr().err
+    assert cli.main(["validate", "linear_solve", NP_TARGET, "--framework", "numpy"]) == 2
+    assert "has no autodiff" in capsys.readouterr().err
+    assert cli.main(["validate", "linear_solve", NP_TARGET, "--framework", "numpy",
+                     "--vjp", NP_VJP, "--case", "nope"]) == 2
+    assert "no case 'nope'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# PyTorch (skipped without torch)
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
+
+
+def test_torch_example_passes(torch):
+    ex = _example("torch_linear_solve")
+    report = validate("linear_solve", ex.linear_solve, framework="torch")
+    assert report.passed, report.table()
+    assert report.gradient_source == "torch.autograd.grad"
+
+
+def test_torch_wrong_example_fails(torch):
+    ex = _example("torch_linear_solve_wrong")
+    report = validate("linear_solve", ex.linear_solve, framework="torch")
+    status = _statuses(report)
+    assert all(status[c] == "FAIL" for c in NONSYMMETRIC), report.table()
+    assert status["scalar"] == "pass"
+    assert all(c.forward_error < 1e-11 for c in report.cases)   # the forward is right
+
+
+def test_torch_cli_example(torch, capsys):
+    rc = cli.main(["validate", "linear_solve",
+                   f"{EXAMPLES / 'torch_linear_solve_wrong.py'}:linear_solve",
+                   "--framework", "torch"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "1 of 5 cases passed" in out
+
+
+def _torch_planted(torch):
+    def solve_t(A, b):
+        return torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)
+
+    class Scaled(torch.autograd.Function):
+        """Identity forward, backward multiplies by s (a missing/extra factor)."""
+
+        @staticmethod
+        def forward(ctx, x, s):
+            ctx.s = s
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * ctx.s, None
+
+    def wrong_sign(A, b):
+        return Scaled.apply(solve_t(A, b), -1.0)
+
+    def wrong_scale(A, b):
+        return Scaled.apply(solve_t(A, b), 2.0)
+
+    def wrong_transpose(A, b):
+        # the value of A^{-1} b with the derivative of A^{-T} b
+        x, y = solve_t(A, b), solve_t(A.mT, b)
+        return x.detach() + (y - y.detach())
+
+    def coupled(A, b):
+        x = solve_t(A, b)
+        if x.dim() > 1:   # zero in value, but the gradient couples batch members
+            m = x.mean(dim=0, keepdim=True)
+            x = x + 1e-3 * (m - m.detach())
+        return x
+
+    def detached(A, b):
+        return torch.from_numpy(np.linalg.solve(A.detach().numpy(),
+                                                b.detach().numpy()[..., None])[..., 0])
+
+    def float32(A, b):
+        return solve_t(A.float(), b.float())
+
+    return dict(wrong_sign=wrong_sign, wrong_scale=wrong_scale,
+                wrong_transpose=wrong_transpose, coupled=coupled,
+                detached=detached, float32=float32)
+
+
+def test_torch_planted_bugs(torch):
+    bugs = _torch_planted(torch)
+    for name in ("wrong_sign", "wrong_scale"):
+        report = validate("linear_solve", bugs[name], framework="torch")
+        assert all(s == "FAIL" for s in _statuses(report).values()), (name, report.table())
+
+    report = validate("linear_solve", bugs["wrong_transpose"], framework="torch")
+    status = _statuses(report)
+    assert all(status[c] == "FAIL" for c in NONSYMMETRIC), report.table()
+
+    report = validate("linear_solve", bugs["coupled"], framework="torch")
+    status = _statuses(report)
+    assert status["batched_scales"] == "FAIL" and status["shared_matrix"] == "FAIL"
+    assert status["well_conditioned"] == "pass", report.table()
+    assert all(c.forward_error <= c.forward_tol for c in report.cases)   # value unchanged
+
+    report = validate("linear_solve", bugs["detached"], framework="torch",
+                      cases=["well_conditioned"])
+    (c,) = report.cases
+    assert c.status == "ERROR" and "not connected to the inputs' autograd graph" in c.message
+
+    report = validate("linear_solve", bugs["float32"], framework="torch",
+                      cases=["well_conditioned"])
+    (c,) = report.cases
+    assert c.status == "FAIL" and "dtype torch.float32" in c.message
+
+
+def test_torch_exception_inside_backward(torch):
+    class Broken(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, A, b):
+            return torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("backward not implemented")
+
+    report = validate("linear_solve", Broken.apply, framework="torch", cases=["scalar"])
+    (c,) = report.cases
+    assert c.status == "ERROR" and c.forward_error == 0.0
+    assert "torch autodiff: the candidate raised RuntimeError: backward not implemented" \
+        in c.message
+
+
+def test_torch_supplied_vjp(torch):
+    ex = _example("torch_linear_solve")
+
+    def vjp(A, b, x_bar):
+        assert isinstance(x_bar, torch.Tensor)
+        x = ex.linear_solve(A, b)
+        b_bar = torch.linalg.solve(A.mT, x_bar.unsqueeze(-1)).squeeze(-1)
+        return ex.sum_to_shape(-b_bar.unsqueeze(-1) * x.unsqueeze(-2), A.shape), \
+            ex.sum_to_shape(b_bar, b.shape)
+
+    report = validate("linear_solve", ex.linear_solve, framework="torch", vjp=vjp)
+    assert report.passed, report.table()
+    assert report.gradient_source.startswith("vjp ")
+
+
+# --------------------------------------------------------------------------
+# Second operators: the sqrtm and Sinkhorn examples
+# --------------------------------------------------------------------------
+
+def test_torch_sqrtm_example_is_correct(torch):
+    """Independently of the registry: S @ S = A, SciPy's sqrtm, gradcheck, and the
+    closed form at a repeated eigenvalue (A = c I: A_bar = G / (2 sqrt c))."""
+    import scipy.linalg
+    ex = _example("torch_sqrtm")
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((3, 4, 4))
+    A = torch.tensor(M @ np.swapaxes(M, -1, -2) + 0.5 * np.eye(4))
+    S = ex.sqrtm(A)
+    for i in range(3):
+        assert np.allclose(S[i].numpy(), scipy.linalg.sqrtm(A[i].numpy()).real, atol=1e-12)
+        assert np.allclose(ex.inv_sqrtm(A)[i].numpy(),
+                           np.linalg.inv(scipy.linalg.sqrtm(A[i].numpy()).real), atol=1e-10)
+    Mt = torch.tensor(M, requires_grad=True)
+    eye = torch.eye(4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda m: ex.sqrtm(m @ m.mT + eye), (Mt,))
+    assert torch.autograd.gradcheck(lambda m: ex.inv_sqrtm(m @ m.mT + eye), (Mt,))
+    c = 2.25
+    A = (c * eye).requires_grad_()
+    G = torch.tensor(rng.standard_normal((4, 4)))
+    (A_bar,) = torch.autograd.grad(ex.sqrtm(A), A, G)
+    assert torch.allclose(A_bar, G / (2 * c ** 0.5), atol=1e-14)
+    (A_bar,) = torch.autograd.grad(ex.inv_sqrtm(A), A, G)
+    assert torch.allclose(A_bar, -G / (2 * c ** 1.5), atol=1e-14)
+
+
+def test_torch_sinkhorn_example_is_correct(torch):
+    """Independently of the registry: POT's plan and torch.autograd.gradcheck."""
+    ot = pytest.importorskip("ot")
+    ex = _example("torch_sinkhorn")
+    rng = np.random.default_rng(1)
+    C = torch.tensor(rng.random((3, 4)), requires_grad=True)
+    a = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    b = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    P = ex.sinkhorn(C, a, b, eps=0.1)
+    P_ot = ot.sinkhorn(a.numpy(), b.numpy(), C.detach().numpy(), reg=0.1,
+                       method="sinkhorn_log", stopThr=1e-15, numItermax=100000)
+    assert np.allclose(P.detach().numpy(), P_ot, rtol=1e-10, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda C: ex.sinkhorn(C, a, b, eps=0.1), (C,))
+
+
+@pytest.mark.parametrize("op, target", [
+    ("sqrtm", "torch_sqrtm.py:sqrtm"),
+    ("inv_sqrtm", "torch_sqrtm.py:inv_sqrtm"),
+    ("sinkhorn", "torch_sinkhorn.py:sinkhorn"),
+])
+def test_torch_second_operator_example_validates_clean(torch, op, target):
+    _registered(op)
+    report = validate(op, f"{EXAMPLES / target}", framework="torch")
+    assert report.passed, report.table()
+
+
+# --------------------------------------------------------------------------
+# JAX (skipped without jax)
+# --------------------------------------------------------------------------
+
+def test_jax_candidates(tmp_path):
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    x64_before = jax.config.read("jax_enable_x64")
+
+    def jsolve(A, b):
+        return jnp.linalg.solve(A, b[..., None])[..., 0]
+
+    report = validate("linear_solve", jsolve, framework="jax")
+    assert report.passed, report.table()
+    assert report.gradient_source == "jax.vjp"
+
+    @jax.custom_vjp
+    def wrong(A, b):
+        return jsolve(A, b)
+
+    def wrong_fwd(A, b):
+        x = jsolve(A, b)
+        return x, (A, x)
+
+    def wrong_bwd(res, x_bar):
+        A, x = res
+        b_bar = jnp.linalg.solve(A, x_bar[..., None])[..., 0]     # missing transpose
+        A_bar = -b_bar[..., :, None] * x[..., None, :]
+        return A_bar, b_bar
+
+    wrong.defvjp(wrong_fwd, wrong_bwd)
+    report = validate("linear_solve", wrong, framework="jax",
+                      cases=["well_conditioned", "scalar"])
+    assert _statuses(report) == {"well_conditioned": "FAIL", "scalar": "pass"}, report.table()
+
+    def uses_numpy(A, b):     # leaves JAX: cannot be traced
+        return np.linalg.solve(np.asarray(A), np.asarray(b)[..., None])[..., 0]
+
+    report = validate("linear_solve", uses_numpy, framework="jax", cases=["scalar"])
+    (c,) = report.cases
+    assert c.status == "ERROR" and "raised" in c.message
+    # float64 only for the validation; the caller's setting is restored afterwards
+    assert jax.config.read("jax_enable_x64") == x64_before

@@ -1,0 +1,415 @@
+"""Golden vectors: export -> load round trip, meaning of the numbers, integrity checks."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from refimpl import cli, registry, vectors
+from refimpl.vectors import VectorsError
+
+LINEAR_SOLVE = registry.get_spec("linear_solve")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One export of linear_solve in both dtypes, shared read-only by the tests."""
+    d = tmp_path_factory.mktemp("golden")
+    vectors.export(d, ops=["linear_solve"], dtypes=("float64", "float32"))
+    return d
+
+
+@pytest.fixture
+def export_copy(exported, tmp_path):
+    """A private copy of the export that a test may corrupt."""
+    d = tmp_path / "copy"
+    shutil.copytree(exported, d)
+    return d
+
+
+def _manifest(d):
+    return json.loads((d / vectors.MANIFEST).read_text())
+
+
+def _write_manifest(d, m):
+    (d / vectors.MANIFEST).write_text(json.dumps(m))
+
+
+def _entry(m, case_id="well_conditioned", dtype="float64"):
+    return next(c for c in m["operators"]["linear_solve"]["cases"]
+                if c["id"] == case_id and c["dtype"] == dtype)
+
+
+# --------------------------------------------------------------------------
+# Round trip
+# --------------------------------------------------------------------------
+
+def test_round_trip_is_bit_identical(exported):
+    gv = vectors.load(exported)
+    expected_ids = {(c.id, dt) for c in LINEAR_SOLVE.cases for dt in c.dtypes}
+    assert {(c.id, c.dtype) for c in gv} == expected_ids
+    for case in LINEAR_SOLVE.cases:
+        for dt in case.dtypes:
+            fresh = vectors.reference_case(LINEAR_SOLVE, case, dt)
+            got = gv.case("linear_solve", case.id, dt)
+            want_arrays = fresh.arrays("x")
+            got_arrays = got.arrays("x")
+            assert want_arrays.keys() == got_arrays.keys()
+            for k in want_arrays:
+                assert got_arrays[k].dtype == np.float64
+                assert got_arrays[k].shape == want_arrays[k].shape, k
+                # bit-identical: compare the bytes, not values within a tolerance
+                assert got_arrays[k].tobytes() == want_arrays[k].tobytes(), k
+            assert got.params == fresh.params and got.flags == fresh.flags
+            assert got.tolerance == fresh.tolerance
+            assert got.seed == case.seed and got.description == case.description
+
+
+def test_manifest_content(exported):
+    m = _manifest(exported)
+    assert m["schema"] == vectors.SCHEMA and m["schema_version"] == vectors.SCHEMA_VERSION
+    import scipy
+    import refimpl
+    assert m["versions"]["refimpl"] == refimpl.__version__
+    assert m["versions"]["numpy"] == np.__version__
+    assert m["versions"]["scipy"] == scipy.__version__
+    op = m["operators"]["linear_solve"]
+    assert [i["name"] for i in op["inputs"]] == ["A", "b"]
+    assert [i["core_ndim"] for i in op["inputs"]] == [2, 1]
+    assert op["output"] == {"name": "x", "core_ndim": 1}
+    assert op["signature"] == "linear_solve(A, b) -> x"
+    assert op["has_jvp"] is True and op["surrogate"] is False
+    assert "gauge" in op["conventions"] and "broadcasting" in op["conventions"]
+    e = _entry(m, "batched_scales")
+    assert e["flags"] == ["batched", "scales"]
+    assert e["tolerance"] == dataclasses.asdict(LINEAR_SOLVE.tolerance(LINEAR_SOLVE.case("batched_scales"), "float64"))
+    assert e["file"] == "linear_solve/batched_scales.float64.npz"
+    digest = hashlib.sha256((exported / e["file"]).read_bytes()).hexdigest()
+    assert e["sha256"] == digest
+    # ill_conditioned is float64-only: no float32 file
+    assert not (exported / "linear_solve" / "ill_conditioned.float32.npz").exists()
+
+
+def test_files_are_plain_npz_readable_without_refimpl(exported):
+    """What docs/vectors.md promises a reader in another language: a zip of .npy."""
+    import zipfile
+    path = exported / "linear_solve" / "shared_matrix.float64.npz"
+    with zipfile.ZipFile(path) as zf:
+        names = sorted(zf.namelist())
+        assert names == sorted(f"{k}.npy" for k in
+                               ["input.A", "input.b", "output.x", "cotangent.x", "vjp.A",
+                                "vjp.b", "tangent.A", "tangent.b", "jvp.x"])
+        raw = zf.read("input.A.npy")
+    assert raw[:6] == b"\x93NUMPY" and raw[6:8] == b"\x01\x00"   # .npy format 1.0
+    header_len = int.from_bytes(raw[8:10], "little")
+    header = raw[10:10 + header_len].decode("latin1")
+    assert "'descr': '<f8'" in header and "'fortran_order': False" in header
+    assert "'shape': (3, 3)" in header
+    data = np.frombuffer(raw[10 + header_len:], dtype="<f8").reshape(3, 3)
+    gv = vectors.load(exported)
+    assert np.array_equal(data, gv.case("linear_solve", "shared_matrix").inputs["A"])
+
+
+def test_numbers_mean_what_the_format_says(exported):
+    """Independent checks of each stored array against its definition."""
+    gv = vectors.load(exported)
+    for c in gv.cases_of("linear_solve", "float64"):
+        A, b, x = c.inputs["A"], c.inputs["b"], c.output
+        v = c.cotangent
+        Ab, xb = np.broadcast_arrays(A, b[..., None])[0], x
+        # output: SciPy's solve, member by member
+        bshape = xb.shape[:-1]
+        for idx in np.ndindex(*bshape):
+            xs = scipy.linalg.solve(Ab[idx], np.broadcast_to(b, x.shape)[idx])
+            assert np.allclose(xb[idx], xs, rtol=1e-8, atol=0), c.id
+        # vjp: A^T b_bar = out_bar and A_bar = -b_bar x^T (summed where A is broadcast)
+        b_bar = c.vjp["b"]
+        assert np.allclose(np.einsum("...ji,...j->...i", Ab, np.broadcast_to(b_bar, x.shape)),
+                           v, rtol=1e-8, atol=1e-12 * np.abs(v).max())
+        A_bar = -(b_bar[..., :, None] * x[..., None, :])
+        A_bar = A_bar.reshape((-1,) + A.shape).sum(axis=0) if A_bar.ndim > A.ndim else A_bar
+        assert np.allclose(c.vjp["A"], A_bar, rtol=1e-12, atol=0)
+        # jvp vs vjp: the dot-product identity <J u, v> = <u, J^T v>
+        lhs = np.sum(c.jvp * v)
+        rhs = sum(np.sum(c.tangents[k] * c.vjp[k]) for k in ("A", "b"))
+        assert abs(lhs - rhs) <= 1e-9 * (abs(lhs) + abs(rhs))
+        # jvp vs a central difference of SciPy's solve along the tangent
+        if c.id == "well_conditioned":
+            h = 1e-6
+            xp = scipy.linalg.solve(A + h * c.tangents["A"], b + h * c.tangents["b"])
+            xm = scipy.linalg.solve(A - h * c.tangents["A"], b - h * c.tangents["b"])
+            assert np.allclose(c.jvp, (xp - xm) / (2 * h), rtol=1e-6)
+
+
+def test_float32_vectors_are_float32_representable(exported):
+    gv = vectors.load(exported)
+    c32 = gv.case("linear_solve", "well_conditioned", "float32")
+    c64 = gv.case("linear_solve", "well_conditioned", "float64")
+    for a in [*c32.inputs.values(), c32.cotangent, *c32.tangents.values()]:
+        assert np.array_equal(a.astype(np.float32).astype(np.float64), a)
+    assert not np.array_equal(c32.inputs["A"], c64.inputs["A"])   # really rounded
+    assert c32.tolerance["forward"] == LINEAR_SOLVE.tol["float32"].forward
+    # the expected output is the float64 answer for the rounded inputs
+    assert np.allclose(c32.inputs["A"] @ c32.output, c32.inputs["b"], rtol=1e-13, atol=1e-13)
+
+
+def test_export_is_deterministic(exported, tmp_path):
+    vectors.export(tmp_path, ops=["linear_solve"], dtypes=("float64", "float32"))
+    assert (tmp_path / vectors.MANIFEST).read_bytes() == (exported / vectors.MANIFEST).read_bytes()
+
+
+def test_export_selection_and_errors(tmp_path):
+    vectors.export(tmp_path, ops=["linear_solve"], cases=["scalar"])
+    gv = vectors.load(tmp_path)
+    assert [(c.id, c.dtype) for c in gv] == [("scalar", "float64")]
+    with pytest.raises(ValueError, match="unknown operator 'nope'"):
+        vectors.export(tmp_path, ops=["nope"])
+    with pytest.raises(ValueError, match="unknown case"):
+        vectors.export(tmp_path, ops=["linear_solve"], cases=["nope"])
+    with pytest.raises(ValueError, match="float16"):
+        vectors.export(tmp_path, ops=["linear_solve"], dtypes=("float16",))
+    with pytest.raises(ValueError, match="nothing to export"):
+        vectors.export(tmp_path, ops=["linear_solve"], cases=["ill_conditioned"],
+                       dtypes=("float32",))
+
+
+# --------------------------------------------------------------------------
+# Conventions from the spec (operators added later are covered the same way)
+# --------------------------------------------------------------------------
+
+def _gauge(bars):
+    """b_bar - mean(b_bar): b's gradient is defined up to a constant (toy gauge)."""
+    A_bar, b_bar = bars
+    return A_bar, b_bar - np.mean(b_bar, axis=-1, keepdims=True)
+
+
+def test_gauge_and_params_reach_the_manifest(tmp_path):
+    spec = dataclasses.replace(
+        LINEAR_SOLVE, name="toy_gauge", canonicalize=_gauge, conventions={},
+        candidate_params=("alpha",),
+        cases=(dataclasses.replace(LINEAR_SOLVE.case("well_conditioned"),
+                                   params={}, vjp_params={}),))
+    vectors.export(tmp_path, ops=[spec])
+    op = _manifest(tmp_path)["operators"]["toy_gauge"]
+    # no explicit convention: the canonicalize docstring's first line is used
+    assert op["conventions"]["gauge"] == _gauge.__doc__.splitlines()[0]
+    assert op["signature"] == "toy_gauge(A, b, *, alpha) -> x"
+    c = vectors.load(tmp_path).case("toy_gauge", "well_conditioned")
+    assert abs(c.vjp["b"].sum()) < 1e-12 * np.abs(c.vjp["b"]).max()   # stored canonicalised
+
+
+def test_unjsonable_param_is_a_clear_error(tmp_path):
+    case = dataclasses.replace(LINEAR_SOLVE.case("scalar"), params={"weights": object()})
+    spec = dataclasses.replace(LINEAR_SOLVE, name="toy_params", cases=(case,),
+                               forward=lambda A, b, weights: LINEAR_SOLVE.forward(A, b))
+    with pytest.raises(TypeError, match="toy_params/scalar params.weights has type object"):
+        vectors.export(tmp_path, ops=[spec])
+
+
+def test_reference_failure_names_the_case(tmp_path):
+    def broken(A, b):
+        raise RuntimeError("boom")
+    spec = dataclasses.replace(LINEAR_SOLVE, name="toy_broken", forward=broken)
+    with pytest.raises(RuntimeError, match="toy_broken/well_conditioned.*boom"):
+        vectors.export(tmp_path, ops=[spec])
+
+
+# --------------------------------------------------------------------------
+# Integrity: corrupted or mismatched files give a clear error
+# --------------------------------------------------------------------------
+
+def test_flipped_byte_is_detected(export_copy):
+    path = export_copy / "linear_solve" / "well_conditioned.float64.npz"
+    data = bytearray(path.read_bytes())
+    first = data.index(b"\x93NUMPY")          # input.A.npy: 128-byte header, then data
+    data[first + 128 + 8 * 7 + 3] ^= 0x01      # a bit in the mantissa of A[1, 2]
+    path.write_bytes(bytes(data))
+    with pytest.raises(VectorsError, match="well_conditioned.*SHA-256.*corrupted"):
+        vectors.load(export_copy)
+
+
+def test_modified_but_valid_file_is_detected(export_copy):
+    """A rewritten, perfectly valid .npz with one number changed: only the hash knows."""
+    path = export_copy / "linear_solve" / "well_conditioned.float64.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["vjp.A"] = arrays["vjp.A"].copy()
+    arrays["vjp.A"][1, 2] *= 1.0 + 1e-12
+    vectors._write_npz(path, arrays)
+    with np.load(path) as z:                   # NumPy reads it without complaint
+        assert np.array_equal(z["vjp.A"], arrays["vjp.A"])
+    with pytest.raises(VectorsError, match="well_conditioned.*SHA-256.*corrupted"):
+        vectors.load(export_copy)
+
+
+def test_truncated_and_missing_files_are_detected(export_copy):
+    path = export_copy / "linear_solve" / "scalar.float64.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(VectorsError, match="scalar.*bytes.*truncated"):
+        vectors.load(export_copy)
+    path.unlink()
+    with pytest.raises(VectorsError, match="scalar.*missing"):
+        vectors.load(export_copy)
+
+
+def test_manifest_problems_are_detected(export_copy):
+    good = _manifest(export_copy)
+
+    (export_copy / vectors.MANIFEST).write_text(json.dumps(good)[:-10])
+    with pytest.raises(VectorsError, match="not valid JSON"):
+        vectors.load(export_copy)
+
+    m = json.loads(json.dumps(good)); m["schema_version"] = 99
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match="schema_version 99.*newer"):
+        vectors.load(export_copy)
+
+    m = json.loads(json.dumps(good)); m["schema"] = "something-else"
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match="schema 'something-else'"):
+        vectors.load(export_copy)
+
+    m = json.loads(json.dumps(good)); del _entry(m)["sha256"]
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match="missing the key 'sha256'"):
+        vectors.load(export_copy)
+
+    m = json.loads(json.dumps(good)); _entry(m)["tolerance"]["fd"] = "small"
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match=r"tolerance\['fd'\] must be float"):
+        vectors.load(export_copy)
+
+    m = json.loads(json.dumps(good)); _entry(m)["file"] = "../outside.npz"
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match="must be relative"):
+        vectors.load(export_copy)
+
+    m = json.loads(json.dumps(good)); _entry(m)["arrays"]["input.A"] = [4, 4]
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match=r"'input.A' has shape \[5, 5\].*says \[4, 4\]"):
+        vectors.load(export_copy)
+
+    m = json.loads(json.dumps(good)); m["operators"]["linear_solve"]["has_jvp"] = False
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match="manifest lists arrays"):
+        vectors.load(export_copy)
+
+    _write_manifest(export_copy, good)
+    assert len(vectors.load(export_copy / vectors.MANIFEST)) == len(vectors.load(export_copy))
+
+
+def test_no_manifest_or_no_directory(tmp_path):
+    with pytest.raises(VectorsError, match="does not exist"):
+        vectors.load(tmp_path / "nope")
+    with pytest.raises(VectorsError, match="no manifest.json"):
+        vectors.load(tmp_path)
+
+
+def _rehash(d, entry, path):
+    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    entry["size"] = path.stat().st_size
+
+
+def test_swapped_file_with_matching_hash_but_wrong_arrays(export_copy):
+    """A file replaced by another case's (hash updated): shapes/keys still checked."""
+    m = _manifest(export_copy)
+    e = _entry(m)
+    src = export_copy / "linear_solve" / "scalar.float64.npz"
+    dst = export_copy / e["file"]
+    shutil.copy(src, dst)
+    _rehash(export_copy, e, dst)
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match="well_conditioned.*shape"):
+        vectors.load(export_copy)
+
+
+def test_load_never_unpickles(export_copy):
+    """An object array (a pickle) in a case file is refused without being executed."""
+    marker = export_copy / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    m = _manifest(export_copy)
+    e = _entry(m)
+    path = export_copy / e["file"]
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["input.A"] = np.array([Payload()], dtype=object)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)     # allow_pickle defaults to True on save
+    _rehash(export_copy, e, path)
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match="cannot be read.*(pickle|allow_pickle)"):
+        vectors.load(export_copy)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+def test_cli_export(tmp_path, capsys):
+    rc = cli.main(["export", str(tmp_path), "--op", "linear_solve", "--dtype", "all"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "linear_solve: 9 case file(s) (float32, float64)" in out
+    assert "read back and verified" in out
+    assert len(vectors.load(tmp_path)) == 9
+
+
+def test_cli_export_errors(tmp_path, capsys):
+    assert cli.main(["export", str(tmp_path), "--op", "nope"]) == 2
+    assert "unknown operator 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(tmp_path), "--dtype", "float16"])
+
+
+# --------------------------------------------------------------------------
+# Array parameters, candidate flags, and every registered operator
+# --------------------------------------------------------------------------
+
+def test_array_params_and_for_candidates_round_trip(tmp_path):
+    from refimpl import linsolve
+
+    def forward(A, b, *, shift):     # an array parameter (unused by the maths here)
+        assert shift.shape == (5,)
+        return linsolve.solve(A, b)
+
+    weights = np.array([0.5, -1.25, 2.0, 3.0, 1e-3])
+    case = dataclasses.replace(LINEAR_SOLVE.case("well_conditioned"),
+                               params={"shift": weights}, for_candidates=False)
+    spec = dataclasses.replace(LINEAR_SOLVE, name="toy_array_param", forward=forward,
+                               oracle=None, cases=(case,))
+    vectors.export(tmp_path, ops=[spec])
+    e = _manifest(tmp_path)["operators"]["toy_array_param"]["cases"][0]
+    assert e["params"] == {"shift": {"$array": "param.shift"}}
+    assert e["for_candidates"] is False
+    c = vectors.load(tmp_path).case("toy_array_param", "well_conditioned")
+    assert isinstance(c.params["shift"], np.ndarray)
+    assert c.params["shift"].tobytes() == weights.tobytes()
+    assert c.for_candidates is False
+    x0 = scipy.linalg.solve(c.inputs["A"], c.inputs["b"])
+    assert np.allclose(c.output, x0, rtol=1e-12)
+
+
+ALL_SPECS = registry.all_specs()
+
+
+def test_every_registered_operator_exports_and_loads(tmp_path):
+    """Operators added to the registry are covered by export/load automatically."""
+    vectors.export(tmp_path)
+    gv = vectors.load(tmp_path)
+    assert set(gv.ops) == {s.name for s in ALL_SPECS}
+    for spec in ALL_SPECS:
+        got = {c.id for c in gv.cases_of(spec.name, "float64")}
+        assert got == {c.id for c in spec.cases if "float64" in c.dtypes}, spec.name
+        op = gv.operator(spec.name)
+        assert op["conventions"]["gauge"]
+        assert op["candidate_params"] == list(spec.candidate_params)
