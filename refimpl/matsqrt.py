@@ -89,10 +89,14 @@ difference quotient, so it is exact at repeated eigenvalues (``A = cI`` gives
     K_ij = -1 / (s_i s_j (s_i + s_j)),
     A_bar = L_T^{-1}(-T^2 G T^2)  with T = S_inv                      (2)
 
-(conjugating (1) by ``T``: ``T L_S(X) T = L_T(X)``).  These are the
-adjoints of the Fréchet derivative of the matrix function, valid for any
-(non-symmetric) ``G`` and ``dA``; on the symmetric matrices the forward is
-defined on, only ``sym(A_bar)`` is determined.
+(conjugating (1) by ``T``: ``T L_S(X) T = L_T(X)``).  ``L_S`` commutes
+with transposition, so ``L_S^{-1}(sym G) = sym(L_S^{-1}(G))``.
+
+Convention: the forward only sees ``sym(A)``, so every VJP returns the
+symmetric ``A_bar = L_S^{-1}(sym G)`` — the symmetric part of the Fréchet
+adjoint ``L_S^{-1}(G)`` (non-symmetric for a non-symmetric ``G``), and the
+exact gradient of the implemented forward even along non-symmetric
+perturbations.  Every JVP likewise differentiates along ``sym(dA)``.
 
 "lyapunov_sign" solves (1)/(2) by the matrix sign function: for ``B``
 with spectrum in the open right half-plane and ``B X + X B^T = C``,
@@ -106,9 +110,13 @@ computed by the structured Newton–Schulz iteration on the scaled
     C_{k+1} = (3 C_k - B_k^2 C_k + B_k C_k B_k^T - C_k (B_k^T)^2) / 2,
     X = C_T / 2.
 
-For sqrtm ``B = S, C = G, sigma = sqrt(||A||_F)``; for inv_sqrtm ``B = T,
-C = -T^2 G T^2, sigma = ||T||_F``.  The map ``C_0 -> C_T`` is linear and,
-for symmetric ``B``, self-adjoint, so the JVP is the same solve with ``dA``.
+For sqrtm ``B = S, C = sym(G), sigma = sqrt(||A||_F)``; for inv_sqrtm
+``B = T, C = -T^2 sym(G) T^2, sigma = ||T||_F``.  With ``B`` and ``C``
+symmetric a step takes 5 matmuls (``E = B C``, ``B^2 C = B E``, ``C B^2 =
+(B E)^T``, ``B C B = E B``, plus ``B^2, B^3``) instead of 6.  The map ``C_0
+-> C_T`` is linear and, for symmetric ``B``, self-adjoint, so the JVP is the
+same solve with ``sym(dA)``.  A member's ``C`` is frozen after its last step
+(its ``B`` runs on at the fixed point), so batch-mates never change it.
 
 "approximant" is the exact derivative of the forward actually computed
 (normalisation, symmetrisations, polynomial/rational evaluation or the
@@ -151,7 +159,8 @@ Examples
 True
 >>> G = np.array([[1.0, 2.0], [0.0, 1.0]])            # a non-symmetric cotangent
 >>> A_bar = sqrtm_vjp(res, G, method="exact")
->>> bool(np.allclose(res.S @ A_bar + A_bar @ res.S, G))  # S A_bar + A_bar S = G
+>>> Gs = (G + G.T) / 2                                  # only sym(G) reaches sym(A)
+>>> bool(np.allclose(res.S @ A_bar + A_bar @ res.S, Gs))  # S A_bar + A_bar S = sym(G)
 True
 """
 
@@ -412,7 +421,7 @@ def _raise_not_psd(As, norm, name, *, definite, eigenvalues=None):
 # --------------------------------------------------------------------------
 
 def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: float,
-                   max_iter: int, record: bool = False):
+                   max_iter: int, record: bool = False, frozen: tuple | None = None):
     """Run ``state <- step(state)`` per member until its residual is <= tol.
 
     ``step(state) -> (new_state, err, aux)`` where ``err`` (batch shape) is
@@ -422,6 +431,10 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
     incoming residual is <= tol, so its result does not depend on its
     batch-mates, and the loop ends when all are frozen (tested every
     :data:`CHECK_EVERY` steps) or after ``max_iter`` steps.
+
+    ``frozen`` says which state components are held once a member stops
+    (default: all); a component that only drives the others (the sign
+    iteration's ``B``, which stays at its fixed point) may run on.
 
     Returns ``(state, n_iter, error, converged, history)``; ``error`` is the
     residual measured at the start of each member's last step, ``history``
@@ -440,7 +453,12 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
         active = ~done
         if record:
             history.append((state, aux, active))
-        state = tuple(xp.where(_mm(active), a, b) for a, b in zip(new, state))
+        if iters is None:                    # hold the members that have stopped
+            keep = frozen or (True,) * len(state)
+            state = tuple(xp.where(_mm(active), a, b) if f else a
+                          for a, b, f in zip(new, state, keep))
+        else:
+            state = new
         err = xp.where(active, e, err)
         n_iter = n_iter + xp.astype(active, xp.int64)
         if iters is None:
@@ -533,12 +551,16 @@ def matrix_sign(M, *, iters: int | None = None, tol: float | None = None,
     return SignResult(sign=X, n_iter=n_iter, error=err, converged=conv)
 
 
-def _lyapunov_sign_core(B0, C0, *, iters, tol, max_iter):
+def _lyapunov_sign_core(B0, C0, *, iters, tol, max_iter, symmetric: bool = False):
     """Structured Newton–Schulz on sign([[B0, C0], [0, -B0^T]]) (identity (3)).
 
     ``B0`` must already be scaled (spectrum in the right half-plane, inside
     the unit disc).  Returns ``(X, n_iter, error, converged)`` with ``X =
     C_T / 2`` solving ``B0 X + X B0^T = C0``.
+
+    General ``B, C``: 6 matmuls a step.  ``symmetric`` (``B0`` and ``C0``
+    symmetric, so every ``B_k, C_k`` is): with ``E = B C``, ``B^2 C = B E``,
+    ``C B^2 = (B E)^T`` and ``B C B = E B``, i.e. 5 matmuls a step.
     """
     eye = eye_like(B0)
 
@@ -546,14 +568,19 @@ def _lyapunov_sign_core(B0, C0, *, iters, tol, max_iter):
         B, C = state
         B2 = B @ B                                     # B_k^2
         e = _fro(B2 - eye)
-        B2T = mT(B2)
         B_next = 1.5 * B - 0.5 * (B @ B2)              # B (3I - B^2) / 2
-        # C_{k+1} = (3C - B^2 C + B C B^T - C (B^T)^2) / 2
-        C_next = 1.5 * C - 0.5 * (B2 @ C) + 0.5 * ((B @ C) @ mT(B)) - 0.5 * (C @ B2T)
+        if symmetric:
+            E = B @ C
+            F = B @ E                                  # B^2 C, and C B^2 = F^T
+            # C_{k+1} = (3C - B^2 C - C B^2 + B C B) / 2
+            C_next = 1.5 * C - 0.5 * (F + mT(F) - E @ B)
+        else:
+            # C_{k+1} = (3C - B^2 C + B C B^T - C (B^T)^2) / 2
+            C_next = 1.5 * C - 0.5 * (B2 @ C - (B @ C) @ mT(B) + C @ mT(B2))
         return (B_next, C_next), e, None
 
     (_, C), n_iter, err, conv, _ = _newton_schulz((B0, C0), step, iters=iters, tol=tol,
-                                                  max_iter=max_iter)
+                                                  max_iter=max_iter, frozen=(False, True))
     return 0.5 * C, n_iter, err, conv
 
 
@@ -981,7 +1008,7 @@ def _eig_of(res):
 
 
 def _exact(res, E, inverse: bool):
-    """``U [(U^T E U) o K] U^T`` with K the divided differences of sqrt
+    """``U [(U^T sym(E) U) o K] U^T`` with K the divided differences of sqrt
     (``1/(s_i + s_j)``) or of 1/sqrt (``-1/(s_i s_j (s_i + s_j))``).
 
     The same self-adjoint map is the JVP (E = dA) and the VJP (E = G).
@@ -1004,7 +1031,7 @@ def _exact(res, E, inverse: bool):
     else:
         def K(a, b):
             return 1.0 / (a + b)
-    return _symmetric_eig_solve(eig.U, s, E, K)
+    return _symmetric_eig_solve(eig.U, s, _sym(E), K)
 
 
 # --------------------------------------------------------------------------
@@ -1016,16 +1043,16 @@ def _lyapunov_operand(res, E, inverse: bool):
     if inverse:
         T = res.S_inv
         T2 = T @ T
-        return T, -(T2 @ E @ T2), _fro(T)               # L_T(X) = -T^2 E T^2
+        return T, -_sym(T2 @ E @ T2), _fro(T)           # L_T(X) = -T^2 E T^2
     xp = array_api_compat.array_namespace(res.A)
     return res.S, E, xp.sqrt(_fro(res.A))               # L_S(X) = E
 
 
 def _lyap_sign(res, E, inverse: bool, iters, tol, max_iter, full_output):
-    B, C, sigma = _lyapunov_operand(res, E, inverse)
+    B, C, sigma = _lyapunov_operand(res, _sym(E), inverse)
     iters, tol, max_iter = _iteration_options(iters, tol, max_iter, _eps(res.A))
     X, n_iter, err, conv = _lyapunov_sign_core(B / _mm(sigma), C / _mm(sigma), iters=iters,
-                                               tol=tol, max_iter=max_iter)
+                                               tol=tol, max_iter=max_iter, symmetric=True)
     _warn_unconverged("the Lyapunov sign iteration", conv, err, tol, stacklevel=5)
     if not full_output:
         return X, None
@@ -1211,9 +1238,9 @@ def sqrtm_vjp(res: SqrtmResult, S_bar, *, method: str = "exact", iters: int | No
     ----------
     res : the forward's result.
     S_bar : cotangent of ``S`` (..., n, n); need not be symmetric.
-    method : "exact" — ``U [(U^T G U) / (s_i + s_j)] U^T`` (the derivative of
+    method : "exact" — ``U [(U^T sym(G) U) / (s_i + s_j)] U^T`` (the derivative of
         the true root; uses the stored or a fresh ``eigh(A)``); "lyapunov_sign"
-        — ``S X + X S = G`` by the Newton–Schulz sign iteration (the paper's
+        — ``S X + X S = sym(G)`` by the Newton–Schulz sign iteration (the paper's
         backward, using the forward's ``S``); "approximant" — the exact
         derivative of the forward actually computed (MPA/MTP/NS; equals
         "exact" for the eig forward).
@@ -1223,10 +1250,9 @@ def sqrtm_vjp(res: SqrtmResult, S_bar, *, method: str = "exact", iters: int | No
 
     Returns
     -------
-    A_bar : (..., n, n).  For "exact"/"lyapunov_sign" the adjoint of the
-        Fréchet derivative (non-symmetric when ``S_bar`` is); "approximant"
-        differentiates the symmetrisations too and is symmetric.  Compare
-        symmetric parts.
+    A_bar : (..., n, n), symmetric: the gradient with respect to (symmetric)
+        perturbations of A, i.e. the symmetric part of the Fréchet adjoint
+        ``L_S^{-1}(S_bar)`` (see the module docstring).
     """
     _check_derivative_args(res, S_bar, False, "S_bar", method, "sqrtm_vjp")
     return _derivative(res, S_bar, inverse=False, method=method, mode="vjp", iters=iters,

@@ -620,7 +620,7 @@ def _matsqrt_extra_checks(inverse: bool):
                         name="gradient_vs_solve_sylvester")]
 
     def closed_forms(run):
-        """A = cI: S = sqrt(c) I, A_bar = G/(2 sqrt c) (inverse: -G/(2 c^{3/2}));
+        """A = cI: S = sqrt(c) I, A_bar = sym(G)/(2 sqrt c) (inverse: -sym(G)/(2 c^{3/2}));
         diagonal A; the 2x2 formula S = (A + sqrt(det A) I)/sqrt(tr A + 2 sqrt(det A))."""
         flags = set(run.case.flags)
         A = run.host["A"]
@@ -638,7 +638,7 @@ def _matsqrt_extra_checks(inverse: bool):
                 G = run.rng.standard_normal(A.shape)
                 A_bar = to_host(vjp_fn(run.result, run.asarray(G), **run.case.vjp_params))
                 k = -1.0 / (2.0 * c ** 1.5) if inverse else 1.0 / (2.0 * math.sqrt(c))
-                out.append(compare(A_bar, k * G, rtol=run.tol.adjoint * 100,
+                out.append(compare(A_bar, k * _host_sym(G), rtol=run.tol.adjoint * 100,
                                    name="closed_form_A_bar"))
         if "diagonal" in flags:
             d = np.diagonal(A, axis1=-2, axis2=-1)
@@ -652,7 +652,7 @@ def _matsqrt_extra_checks(inverse: bool):
                 A_bar = to_host(vjp_fn(run.result, run.asarray(G), **run.case.vjp_params))
                 si, sj = s[..., :, None], s[..., None, :]
                 K = -1.0 / (si * sj * (si + sj)) if inverse else 1.0 / (si + sj)
-                out.append(compare(A_bar, G * K, rtol=run.tol.adjoint * 100,
+                out.append(compare(A_bar, _host_sym(G) * K, rtol=run.tol.adjoint * 100,
                                    name="closed_form_A_bar"))
         if "two_by_two" in flags and _is_exact_forward(run.case.params):
             det = A[..., 0, 0] * A[..., 1, 1] - A[..., 0, 1] * A[..., 1, 0]
