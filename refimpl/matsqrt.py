@@ -513,9 +513,16 @@ def matrix_sign(M, *, iters: int | None = None, tol: float | None = None,
     """Matrix sign function by the Newton–Schulz iteration.
 
     ``X_0 = M / ||M||_F`` (per member; ``sign(aM) = sign(M)`` for a > 0),
-    ``X_{k+1} = X_k (3I - X_k^2) / 2``.  Converges quadratically when
-    ``||I - X_0^2|| < 1``, in particular for a real spectrum without zeros;
-    otherwise non-convergence is reported and warned about.
+    ``X_{k+1} = X_k (3I - X_k^2) / 2`` — a polynomial in ``M``, acting on each
+    eigenvalue ``lambda`` of ``X_0`` by the scalar map.  That map converges
+    quadratically to ``sign(Re lambda)`` when ``|1 - lambda^2| < 1``, which
+    holds for every real spectrum without zeros (``|lambda| <= 1`` after the
+    scaling) and for complex eigenvalues within 45 degrees of the real axis.
+    Outside that region the iteration may not converge (reported and warned
+    about) or, in principle, converge to another involution commuting with
+    ``M``, which the residual ``||X^2 - I||`` cannot tell apart: check the
+    spectrum of such an ``M`` first.  (:func:`lyapunov` guards against this
+    with the residual of its own equation.)
 
     Parameters
     ----------
@@ -1226,6 +1233,7 @@ def _derivative(res, E, *, inverse, method, mode, iters, tol, max_iter, full_out
         out, info = _lyap_sign(res, E, inverse, iters, tol, max_iter, full_output)
     else:
         out, info = _approximant(res, E, inverse, mode), None
+    out = _sym(out)          # symmetric in exact arithmetic; make it exactly so
     return (out, info) if full_output else out
 
 
