@@ -193,14 +193,15 @@ def check_structured_newton_schulz_step():
     assert Mn[:2, 2:] == Cn
     assert Mn[2:, :2] == Z2
     assert Mn[2:, 2:] == (-Bn.T).applyfunc(sp.expand)
-    # Symmetric B and C (the VJP's case): with E = B C and F = B E,
-    # C' = 3C/2 - (F + F^T - E B)/2 -- 3 matmuls for the C part instead of 4.
+    # Symmetric B and C (the VJP's case): with P = (3I - B^2)/2 and E = B C,
+    # B' = B P and C' = P C + (E - E^T) B / 2 -- 5 matmuls a step instead of 6.
     Bs, Cs = _mat2("p", symmetric=True), _mat2("q", symmetric=True)
+    P = (3 * sp.eye(2) - Bs * Bs) / 2
     E = Bs * Cs
-    F = Bs * E
-    C_sym = (sp.Rational(3, 2) * Cs - (F + F.T - E * Bs) / 2).applyfunc(sp.expand)
+    C_sym = (P * Cs + (E - E.T) * Bs / 2).applyfunc(sp.expand)
     C_gen = ((3 * Cs - Bs * Bs * Cs + Bs * Cs * Bs.T - Cs * Bs.T * Bs.T) / 2).applyfunc(sp.expand)
     assert C_sym == C_gen
+    assert (Bs * P).applyfunc(sp.expand) == (Bs * (3 * sp.eye(2) - Bs * Bs) / 2).applyfunc(sp.expand)
 
 
 # --------------------------------------------------------------------------

@@ -112,8 +112,8 @@ computed by the structured Newton–Schulz iteration on the scaled
 
 For sqrtm ``B = S, C = sym(G), sigma = sqrt(||A||_F)``; for inv_sqrtm
 ``B = T, C = -T^2 sym(G) T^2, sigma = ||T||_F``.  With ``B`` and ``C``
-symmetric a step takes 5 matmuls (``E = B C``, ``B^2 C = B E``, ``C B^2 =
-(B E)^T``, ``B C B = E B``, plus ``B^2, B^3``) instead of 6.  The map ``C_0
+symmetric a step takes 5 matmuls instead of 6: with ``P = (3I - B^2)/2``
+and ``E = B C``, ``B_{k+1} = B P`` and ``C_{k+1} = P C + (E - E^T) B / 2``.  The map ``C_0
 -> C_T`` is linear and, for symmetric ``B``, self-adjoint, so the JVP is the
 same solve with ``sym(dA)``.  A member's ``C`` is frozen after its last step
 (its ``B`` runs on at the fixed point), so batch-mates never change it.
@@ -205,8 +205,10 @@ VJP_METHODS = ("exact", "lyapunov_sign", "approximant")
 DEFAULT_MPA_ORDER = 5          # [5/5]: 4 matmuls + 1 solve, ~10.7 n^3 flops
 DEFAULT_MTP_DEGREE = 10        # 9 matmuls, ~18 n^3 flops
 DEFAULT_MAX_ITER = 100
-#: Iterations between convergence tests of the Newton–Schulz loops (each test
-#: is a device sync on a GPU; members are frozen individually in between).
+#: Iterations between convergence tests of the Newton–Schulz loops while the
+#: residual is still >= 1 (each test is a device sync on a GPU; members are
+#: frozen individually in between).  Below 1 the quadratic model predicts the
+#: next test (see :func:`_steps_to_tol`).
 CHECK_EVERY = 2
 
 
@@ -420,6 +422,22 @@ def _raise_not_psd(As, norm, name, *, definite, eigenvalues=None):
 # Newton–Schulz driver shared by matrix_sign, lyapunov and the NS root
 # --------------------------------------------------------------------------
 
+def _steps_to_tol(err: float, tol: float) -> int:
+    """Steps the Newton–Schulz error model ``d' = d^2 (3 + d) / 4`` needs to
+    take a residual ``err < 1`` to ``<= tol`` (at least 1): when to test next.
+
+    Every iteration here (sign, coupled root) obeys this recursion on each
+    eigenvalue's ``d = 1 - lambda^2`` (resp. ``1 - w``); the Frobenius residual
+    bounds the largest ``|d|``, so the prediction is never late by more than the
+    model's slack, and a late member is simply tested again.
+    """
+    k, d = 0, err
+    while d > tol and k < 64:
+        d = d * d * (3.0 + d) / 4.0
+        k += 1
+    return max(k, 1)
+
+
 def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: float,
                    max_iter: int, record: bool = False, frozen: tuple | None = None):
     """Run ``state <- step(state)`` per member until its residual is <= tol.
@@ -429,8 +447,11 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
     ``iters`` given every member takes exactly ``iters`` steps (the papers'
     fixed ``T``); otherwise a member is frozen after the first step whose
     incoming residual is <= tol, so its result does not depend on its
-    batch-mates, and the loop ends when all are frozen (tested every
-    :data:`CHECK_EVERY` steps) or after ``max_iter`` steps.
+    batch-mates, and the loop ends when all are frozen or after ``max_iter``
+    steps.  Whether all are frozen is tested (a host sync) every
+    :data:`CHECK_EVERY` steps while the largest residual is >= 1, then when
+    the quadratic model predicts convergence; the schedule only decides when
+    the loop stops, never what a member computes.
 
     ``frozen`` says which state components are held once a member stops
     (default: all); a component that only drives the others (the sign
@@ -448,6 +469,7 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
     err = xp.full(bshape, math.inf, dtype=state[0].dtype, device=dev)
     history = []
     n_steps = iters if iters is not None else max_iter
+    next_check = 1
     for k in range(n_steps):
         new, e, aux = step(state)
         active = ~done
@@ -463,8 +485,15 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
         n_iter = n_iter + xp.astype(active, xp.int64)
         if iters is None:
             done = done | (e <= tol)
-            if (k + 1) % CHECK_EVERY == 0 and bool(xp.all(done)):
-                break
+            if k + 1 >= next_check:
+                if bool(xp.all(done)):
+                    break
+                # the largest residual of a running member, one step ago
+                worst = float(xp.max(xp.where(done, xp.zeros_like(e), e)))
+                # a member whose residual entering step k is e stops after step
+                # k + _steps_to_tol(e): test right after that step
+                ahead = _steps_to_tol(worst, tol) if worst < 1.0 else CHECK_EVERY
+                next_check = k + 1 + ahead
     converged = err <= tol
     return state, n_iter, err, converged, history
 
@@ -566,25 +595,28 @@ def _lyapunov_sign_core(B0, C0, *, iters, tol, max_iter, symmetric: bool = False
     C_T / 2`` solving ``B0 X + X B0^T = C0``.
 
     General ``B, C``: 6 matmuls a step.  ``symmetric`` (``B0`` and ``C0``
-    symmetric, so every ``B_k, C_k`` is): with ``E = B C``, ``B^2 C = B E``,
-    ``C B^2 = (B E)^T`` and ``B C B = E B``, i.e. 5 matmuls a step.
+    symmetric, so every ``B_k, C_k`` is): with ``P = (3I - B^2)/2`` and
+    ``E = B C`` (so ``C B = E^T``),
+
+        B_{k+1} = B P,    C_{k+1} = P C + (E - E^T) B / 2,
+
+    equal to the general update when ``C = C^T`` (checked with sympy in
+    derivations/matsqrt.py): 5 matmuls and fewer elementwise passes.
     """
     eye = eye_like(B0)
 
     def step(state):
         B, C = state
-        B2 = B @ B                                     # B_k^2
-        e = _fro(B2 - eye)
-        B_next = 1.5 * B - 0.5 * (B @ B2)              # B (3I - B^2) / 2
+        R = eye - B @ B                                # I - B_k^2
+        e = _fro(R)
         if symmetric:
+            P = 0.5 * R + eye                          # (3I - B^2) / 2
             E = B @ C
-            F = B @ E                                  # B^2 C, and C B^2 = F^T
-            # C_{k+1} = (3C - B^2 C - C B^2 + B C B) / 2
-            C_next = 1.5 * C - 0.5 * (F + mT(F) - E @ B)
-        else:
-            # C_{k+1} = (3C - B^2 C + B C B^T - C (B^T)^2) / 2
-            C_next = 1.5 * C - 0.5 * (B2 @ C - (B @ C) @ mT(B) + C @ mT(B2))
-        return (B_next, C_next), e, None
+            return (B @ P, P @ C + 0.5 * ((E - mT(E)) @ B)), e, None
+        # C_{k+1} = (3C - B^2 C + B C B^T - C (B^T)^2) / 2, with B^2 = I - R
+        B2 = eye - R
+        C_next = 1.5 * C - 0.5 * (B2 @ C - (B @ C) @ mT(B) + C @ mT(B2))
+        return (1.5 * B - 0.5 * (B @ B2), C_next), e, None
 
     (_, C), n_iter, err, conv, _ = _newton_schulz((B0, C0), step, iters=iters, tol=tol,
                                                   max_iter=max_iter, frozen=(False, True))
@@ -1061,6 +1093,7 @@ def _lyap_sign(res, E, inverse: bool, iters, tol, max_iter, full_output):
     X, n_iter, err, conv = _lyapunov_sign_core(B / _mm(sigma), C / _mm(sigma), iters=iters,
                                                tol=tol, max_iter=max_iter, symmetric=True)
     _warn_unconverged("the Lyapunov sign iteration", conv, err, tol, stacklevel=5)
+    X = _sym(X)              # symmetric in exact arithmetic (C_0 is)
     if not full_output:
         return X, None
     info = LyapunovResult(X=X, B=B, C=C, method="sign", residual=_lyapunov_residual(B, C, X),
