@@ -26,6 +26,9 @@ reference ``S = U diag(sqrt l) U^T``, ``A_bar = U [(U^T G U)/(s_i + s_j)]
 U^T`` computed here with NumPy.  The gradient error of an approximate
 forward includes its approximation error: that is the point of the column.
 
+Sizes: the issue's (64, 32), (64, 64), (16, 256), plus (1024, 4) and (256, 8)
+where the CPU crossover between eigh and the matmul-only methods shows.
+
 Inputs: covariance matrices ``A = X X^T / (2n) + 1e-3 I`` of ``2n``
 standard normal samples (condition number ~ 30-40, printed), cotangent ``G``
 standard normal (non-symmetric).
@@ -64,8 +67,12 @@ import scipy.linalg
 import refimpl
 from refimpl import backend, matsqrt
 
-SIZES = ((64, 32), (64, 64), (16, 256))
-GPU_SIZES = SIZES + ((256, 256),)
+ISSUE_SIZES = ((64, 32), (64, 64), (16, 256))
+#: Small matrices in large batches, where per-call LAPACK overhead makes eigh
+#: lose to the matmul-only methods on a CPU: they show the crossover.
+CROSSOVER_SIZES = ((1024, 4), (256, 8))
+SIZES = ISSUE_SIZES + CROSSOVER_SIZES
+GPU_SIZES = ISSUE_SIZES + ((256, 256),)
 QUICK_SIZES = ((8, 8), (4, 32))
 METHODS = ("mpa+lyapunov_sign", "mtp+lyapunov_sign", "ns", "eig+exact", "mpa+approximant",
            "mpa+lyapunov_sign(T=8)", "scipy loop")

@@ -325,8 +325,8 @@ def _member(idx, batch_shape) -> str:
 
 
 def _worst(v, batch_shape):
-    """(value, index) of the largest entry of a per-member host array."""
-    import numpy as np  # host side: error path only
+    """(value, index) of the largest entry of a per-member host (NumPy) array."""
+    import numpy as np  # host-side bookkeeping on the error path only
     v = np.asarray(v, dtype=float).reshape(batch_shape)
     idx = np.unravel_index(int(np.argmax(v)), batch_shape) if batch_shape else ()
     return float(v[idx]) if batch_shape else float(v), idx
@@ -394,8 +394,6 @@ def _psd_tol(A, psd_tol) -> float:
 
 def _check_psd(As, norm, name: str, *, definite: bool, psd_tol: float | None):
     """Raise ValueError unless every member is PSD (``definite``: PD)."""
-    xp = array_api_compat.array_namespace(As)
-    n = As.shape[-1]
     shifted = As if definite else As + _mm(_psd_tol(As, psd_tol) * norm) * eye_like(As)
     if _cholesky_ok(shifted):
         return
@@ -404,10 +402,9 @@ def _check_psd(As, norm, name: str, *, definite: bool, psd_tol: float | None):
 
 def _raise_not_psd(As, norm, name, *, definite, eigenvalues=None):
     """ValueError naming the member with the most negative relative eigenvalue."""
-    import numpy as np  # host side: error path only, to name the member
+    xp = array_api_compat.array_namespace(As)
     bshape = tuple(As.shape[:-2])
-    lam = (np.linalg.eigvalsh(backend.to_host(As)) if eigenvalues is None
-           else backend.to_host(eigenvalues))
+    lam = backend.to_host(xp.linalg.eigvalsh(As) if eigenvalues is None else eigenvalues)
     lmin = lam[..., 0].reshape(bshape)
     rel = lmin / backend.to_host(norm).reshape(bshape)
     _, idx = _worst(-rel, bshape)
@@ -607,14 +604,14 @@ def _lyapunov_sign_core(B0, C0, *, iters, tol, max_iter, symmetric: bool = False
 
     def step(state):
         B, C = state
-        R = eye - B @ B                                # I - B_k^2
+        B2 = B @ B
+        R = eye - B2                                   # I - B_k^2
         e = _fro(R)
         if symmetric:
             P = 0.5 * R + eye                          # (3I - B^2) / 2
             E = B @ C
             return (B @ P, P @ C + 0.5 * ((E - mT(E)) @ B)), e, None
-        # C_{k+1} = (3C - B^2 C + B C B^T - C (B^T)^2) / 2, with B^2 = I - R
-        B2 = eye - R
+        # C_{k+1} = (3C - B^2 C + B C B^T - C (B^T)^2) / 2
         C_next = 1.5 * C - 0.5 * (B2 @ C - (B @ C) @ mT(B) + C @ mT(B2))
         return (1.5 * B - 0.5 * (B @ B2), C_next), e, None
 
