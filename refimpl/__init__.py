@@ -6,8 +6,12 @@ and ``op_jvp(res, *tangents)`` differentiate it.  ``refimpl.registry`` lists
 the operators; ``refimpl.check`` is the gradient-checking harness.
 """
 
-from . import backend, check, linsolve, registry
+from . import backend, check, linsolve, matsqrt, registry
+from .matsqrt import (inv_sqrtm, inv_sqrtm_jvp, inv_sqrtm_vjp, lyapunov, matrix_sign, sqrtm,
+                      sqrtm_jvp, sqrtm_vjp)
 
 __version__ = "0.1.0"
 
-__all__ = ["backend", "check", "linsolve", "registry", "__version__"]
+__all__ = ["backend", "check", "linsolve", "matsqrt", "registry", "__version__",
+           "inv_sqrtm", "inv_sqrtm_jvp", "inv_sqrtm_vjp", "lyapunov", "matrix_sign", "sqrtm",
+           "sqrtm_jvp", "sqrtm_vjp"]

@@ -1,0 +1,409 @@
+"""Benchmark: forward + backward of the batched matrix square root.
+
+Side by side, in one process, on the same batch of SPD matrices (float64):
+
+=====================  ==================================================
+mpa+lyapunov_sign      MPA [5/5] forward, Lyapunov backward via the sign
+                       function (the paper's pair)
+mtp+lyapunov_sign      MTP degree 10 forward, same backward
+ns                     coupled Newton-Schulz to tolerance, backward through
+                       its iterations ("approximant", i.e. what autodiff of
+                       iSQRT-COV computes)
+eig+exact              eigh forward, exact eigenbasis backward
+mpa+approximant        MPA forward and its own exact derivative (extra row)
+mpa+lyapunov_sign(T=8) the paper's fixed 8 sign steps instead of iterating
+                       to tolerance (extra row: faster, see its grad err)
+scipy loop             scipy.linalg.sqrtm + scipy.linalg.solve_sylvester
+                       per member (the baseline)
+=====================  ==================================================
+
+Columns: forward / backward / total time (median of ``--repeat`` runs after
+a warm-up, the methods interleaved within each repeat), the speed-up of the
+scipy loop's total over each method's total, nominal GFLOP/s (flop model
+below) and two accuracy columns: the forward's and the gradient's relative
+error (Frobenius, worst batch member) against the float64 eigenbasis
+reference ``S = U diag(sqrt l) U^T``, ``A_bar = U [(U^T G U)/(s_i + s_j)]
+U^T`` computed here with NumPy.  The gradient error of an approximate
+forward includes its approximation error: that is the point of the column.
+
+Sizes: the issue's (64, 32), (64, 64), (16, 256), plus (1024, 4) and (256, 8)
+where the CPU crossover between eigh and the matmul-only methods shows.
+
+Inputs: covariance matrices ``A = X X^T / (2n) + 1e-3 I`` of ``2n``
+standard normal samples (condition number ~ 30-40, printed), cotangent ``G``
+standard normal (non-symmetric).
+
+Flop model (per matrix, n^3 units): matmul 2, LU solve with n right-hand
+sides 8/3, Cholesky 1/3, eigh with vectors 9 (LAPACK syevd, approx.),
+Lyapunov-sign step 10 (5 matmuls, symmetric), NS forward step 6, NS backward
+step 12.
+
+With CuPy and a CUDA device present (``--cupy auto``, the default) the same
+table is measured on the GPU against a measured batched matmul throughput;
+otherwise that part is skipped with a message.
+
+Run: ``refimpl bench matsqrt`` (or ``python benchmarks/bench_matsqrt.py``);
+``--quick`` for a seconds-long smoke run.  Results also go to
+``bench-results/matsqrt.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import scipy
+import scipy.linalg
+
+import refimpl
+from refimpl import backend, matsqrt
+
+ISSUE_SIZES = ((64, 32), (64, 64), (16, 256))
+#: Small matrices in large batches, where per-call LAPACK overhead makes eigh
+#: lose to the matmul-only methods on a CPU: they show the crossover.
+CROSSOVER_SIZES = ((1024, 4), (256, 8))
+SIZES = ISSUE_SIZES + CROSSOVER_SIZES
+GPU_SIZES = ISSUE_SIZES + ((256, 256),)
+QUICK_SIZES = ((8, 8), (4, 32))
+METHODS = ("mpa+lyapunov_sign", "mtp+lyapunov_sign", "ns", "eig+exact", "mpa+approximant",
+           "mpa+lyapunov_sign(T=8)", "scipy loop")
+
+
+# --------------------------------------------------------------------------
+# Inputs and the float64 reference
+# --------------------------------------------------------------------------
+
+def make_inputs(b: int, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed + 1000 * n + b)
+    X = rng.standard_normal((b, n, 2 * n))
+    A = X @ np.swapaxes(X, -1, -2) / (2 * n) + 1e-3 * np.eye(n)
+    A = 0.5 * (A + np.swapaxes(A, -1, -2))
+    G = rng.standard_normal((b, n, n))
+    return A, G
+
+
+def reference(A, G):
+    """S and the exact A_bar in the eigenbasis (NumPy, float64)."""
+    lam, U = np.linalg.eigh(A)
+    s = np.sqrt(lam)
+    S = (U * s[..., None, :]) @ np.swapaxes(U, -1, -2)
+    Ut = np.swapaxes(U, -1, -2)
+    K = 1.0 / (s[..., :, None] + s[..., None, :])
+    A_bar = U @ ((Ut @ G @ U) * K) @ Ut
+    return S, A_bar, lam[..., -1] / lam[..., 0]
+
+
+def rel_err(X, R):
+    """Worst per-member relative Frobenius error."""
+    num = np.linalg.norm(X - R, axis=(-2, -1))
+    return float(np.max(num / np.linalg.norm(R, axis=(-2, -1))))
+
+
+def sym(X):
+    return 0.5 * (X + np.swapaxes(X, -1, -2))
+
+
+# --------------------------------------------------------------------------
+# The methods: (forward, backward) pairs on namespace arrays
+# --------------------------------------------------------------------------
+
+def _refimpl_pair(fwd_kw, vjp_method, **vjp_kw):
+    def forward(A):
+        return matsqrt.sqrtm(A, **fwd_kw)
+
+    def backward(res, G):
+        if vjp_method == "lyapunov_sign":
+            A_bar, info = matsqrt.sqrtm_vjp(res, G, method=vjp_method, full_output=True,
+                                            **vjp_kw)
+            return A_bar, int(backend.to_host(info.n_iter).max())
+        return matsqrt.sqrtm_vjp(res, G, method=vjp_method), None
+    return forward, backward
+
+
+PAIRS = {
+    "mpa+lyapunov_sign": _refimpl_pair({"method": "mpa"}, "lyapunov_sign"),
+    "mtp+lyapunov_sign": _refimpl_pair({"method": "mtp"}, "lyapunov_sign"),
+    "ns": _refimpl_pair({"method": "ns"}, "approximant"),
+    "eig+exact": _refimpl_pair({"method": "eig"}, "exact"),
+    "mpa+approximant": _refimpl_pair({"method": "mpa"}, "approximant"),
+    "mpa+lyapunov_sign(T=8)": _refimpl_pair({"method": "mpa"}, "lyapunov_sign", iters=8),
+}
+
+
+def scipy_forward(A):
+    return np.stack([scipy.linalg.sqrtm(a).real for a in A])
+
+
+def scipy_backward(S, G):
+    return np.stack([scipy.linalg.solve_sylvester(s, s, g) for s, g in zip(S, G)]), None
+
+
+def flops(method: str, n: int, res, sign_steps) -> float | None:
+    """Nominal flops per matrix for one forward + backward (see module docstring)."""
+    n3 = float(n) ** 3
+    if method == "scipy loop":
+        return None
+    chol_resid = (1.0 / 3.0 + 2.0) * n3                      # PSD check + residual matmul
+    if method.startswith("mpa"):
+        fwd = chol_resid + 2.0 * (matsqrt.DEFAULT_MPA_ORDER - 1) * n3 + 8.0 / 3.0 * n3
+    elif method.startswith("mtp"):
+        fwd = chol_resid + 2.0 * (matsqrt.DEFAULT_MTP_DEGREE - 1) * n3
+    elif method == "ns":
+        fwd = chol_resid + 6.0 * float(backend.to_host(res.n_iter).max()) * n3
+    else:
+        fwd = 2.0 * n3 + 9.0 * n3 + 2.0 * n3                  # eigh + reconstruction + residual
+    if "lyapunov_sign" in method:
+        bwd = 10.0 * sign_steps * n3                          # 5 matmuls a step (symmetric)
+    elif method == "ns":
+        bwd = 12.0 * float(backend.to_host(res.n_iter).max()) * n3
+    elif method == "eig+exact":
+        bwd = 8.0 * n3                                         # 4 matmuls
+    else:                                                      # mpa approximant
+        bwd = 8.0 / 3.0 * n3 + 2.0 * (2 * (matsqrt.DEFAULT_MPA_ORDER - 1) + 1) * n3
+    return fwd + bwd
+
+
+# --------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------
+
+def _timer(sync):
+    def timed(fn, *args):
+        sync()
+        t0 = time.perf_counter()
+        out = fn(*args)
+        sync()
+        return out, time.perf_counter() - t0
+    return timed
+
+
+def run_size(b, n, methods, repeat, be, sync, with_scipy=True):
+    """Time every method on one (b, n) batch; returns one row dict per method."""
+    A_h, G_h = make_inputs(b, n)
+    S_ref, Abar_ref, cond = reference(A_h, G_h)
+    A, G = be.asarray(A_h, "float64"), be.asarray(G_h, "float64")
+    timed = _timer(sync)
+    times = {m: ([], []) for m in methods}
+    last = {}
+    for rep in range(repeat + 1):                              # repeat 0 is the warm-up
+        for m in methods:
+            if m == "scipy loop":
+                if not with_scipy:
+                    continue
+                S, tf = timed(scipy_forward, A_h)
+                (A_bar, steps), tb = timed(scipy_backward, S, G_h)
+                res = None
+            else:
+                forward, backward = PAIRS[m]
+                with warnings.catch_warnings():
+                    # the fixed-T row is expected not to reach the tolerance
+                    warnings.simplefilter("ignore" if "T=" in m else "error",
+                                          backend.ConvergenceWarning)
+                    res, tf = timed(forward, A)
+                    (A_bar, steps), tb = timed(backward, res, G)
+                S = res.S
+            if rep > 0:
+                times[m][0].append(tf)
+                times[m][1].append(tb)
+            last[m] = (S, A_bar, res, steps)
+    rows = []
+    for m in methods:
+        if m not in last:
+            continue
+        S, A_bar, res, steps = last[m]
+        tf, tb = statistics.median(times[m][0]), statistics.median(times[m][1])
+        fl = flops(m, n, res, steps)
+        rows.append({
+            "b": b, "n": n, "method": m, "fwd_ms": 1e3 * tf, "bwd_ms": 1e3 * tb,
+            "total_ms": 1e3 * (tf + tb),
+            "gflops": (b * fl / (tf + tb) / 1e9) if fl is not None else None,
+            "sign_steps": steps,
+            "fwd_err": rel_err(backend.to_host(S), S_ref),
+            "grad_err": rel_err(sym(backend.to_host(A_bar)), sym(Abar_ref)),
+            "cond_median": float(np.median(cond)),
+        })
+    base = next((r["total_ms"] for r in rows if r["method"] == "scipy loop"), None)
+    for r in rows:
+        r["speedup_vs_scipy"] = (base / r["total_ms"]) if base else None
+    return rows
+
+
+def batched_matmul_gflops(b, n, be, sync, repeat):
+    """Measured throughput of a (b, n, n) @ (b, n, n) matmul."""
+    X = be.asarray(np.random.default_rng(0).standard_normal((b, n, n)), "float64")
+    timed = _timer(sync)
+    timed(lambda: X @ X)
+    ts = [timed(lambda: X @ X)[1] for _ in range(max(3, repeat))]
+    return 2.0 * b * n ** 3 / statistics.median(ts) / 1e9
+
+
+# --------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------
+
+def format_table(rows, matmul_rate):
+    head = ("b", "n", "method", "fwd ms", "bwd ms", "total ms", "x scipy", "GFLOP/s",
+            "fwd err", "grad err")
+    lines = []
+    for r in rows:
+        lines.append((
+            str(r["b"]), str(r["n"]), r["method"], f"{r['fwd_ms']:.2f}", f"{r['bwd_ms']:.2f}",
+            f"{r['total_ms']:.2f}",
+            f"{r['speedup_vs_scipy']:.1f}" if r["speedup_vs_scipy"] else "-",
+            f"{r['gflops']:.1f}" if r["gflops"] else "-",
+            f"{r['fwd_err']:.1e}", f"{r['grad_err']:.1e}"))
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:>{w}}}" if i not in (2,) else f"{{:<{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    prev = None
+    for r, l in zip(rows, lines):
+        if prev is not None and (r["b"], r["n"]) != prev:
+            out.append("")
+        prev = (r["b"], r["n"])
+        out.append(fmt.format(*l))
+    out.append("")
+    for (b, n), rate in matmul_rate.items():
+        out.append(f"measured batched matmul ({b}x{n}x{n}): {rate:.1f} GFLOP/s")
+    return "\n".join(out)
+
+
+def verdicts(rows):
+    """Where eig wins, where the iterative methods win, and the 5x target."""
+    out = []
+    sizes = sorted({(r["b"], r["n"]) for r in rows}, key=lambda s: (s[1], s[0]))
+    for b, n in sizes:
+        rs = {r["method"]: r for r in rows if (r["b"], r["n"]) == (b, n)}
+        ranked = sorted((r for m, r in rs.items() if m != "scipy loop"),
+                        key=lambda r: r["total_ms"])
+        best = ranked[0]
+        line = f"(b={b}, n={n}), cond ~{best['cond_median']:.0f}: fastest {best['method']}"
+        if "eig+exact" in rs and "mpa+lyapunov_sign" in rs:
+            e, m = rs["eig+exact"]["total_ms"], rs["mpa+lyapunov_sign"]["total_ms"]
+            who = "eig+exact" if e < m else "mpa+lyapunov_sign"
+            line += f"; eig+exact vs mpa+lyapunov_sign: {who} wins by {max(e, m) / min(e, m):.1f}x"
+        if "mpa+lyapunov_sign" in rs and rs["mpa+lyapunov_sign"]["speedup_vs_scipy"]:
+            sp = rs["mpa+lyapunov_sign"]["speedup_vs_scipy"]
+            line += f"; mpa+lyapunov_sign is {sp:.1f}x faster than the scipy loop"
+            if (b, n) == (64, 64):
+                line += f" (target >= 5x: {'met' if sp >= 5 else 'NOT met'}"
+                fixed = rs.get("mpa+lyapunov_sign(T=8)")
+                if fixed and fixed["speedup_vs_scipy"]:
+                    line += (f"; with the paper's fixed T=8: {fixed['speedup_vs_scipy']:.1f}x, "
+                             f"gradient error {fixed['grad_err']:.0e}")
+                line += ")"
+        out.append(line)
+    return "\n".join(out)
+
+
+def environment():
+    info = {"python": platform.python_version(), "numpy": np.__version__,
+            "scipy": scipy.__version__, "refimpl": refimpl.__version__,
+            "machine": platform.machine(), "cpus": os.cpu_count()}
+    try:
+        cfg = np.show_config(mode="dicts")
+        info["blas"] = cfg["Build Dependencies"]["blas"]["name"]
+    except Exception:
+        pass
+    return info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench_matsqrt", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke run)")
+    p.add_argument("--repeat", type=int, default=5, help="timed repeats per method (median)")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated bxn list, e.g. 64x32,64x64 (default: the issue's)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--cupy", choices=("auto", "off"), default="auto",
+                   help="also run the table on CuPy when a CUDA device is present")
+    p.add_argument("--json", default="bench-results/matsqrt.json",
+                   help="where to write the results ('' to skip)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="limit BLAS/LAPACK threads (needs threadpoolctl; default: library default)")
+    args = p.parse_args(argv)
+    if args.threads is not None:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            p.error("--threads needs threadpoolctl (pip install threadpoolctl)")
+        with threadpool_limits(limits=args.threads):
+            return _run(args, p)
+    return _run(args, p)
+
+
+def _run(args, p) -> int:
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods: {sorted(unknown)}")
+    if args.sizes:
+        sizes = tuple(tuple(int(v) for v in s.split("x")) for s in args.sizes.split(","))
+    else:
+        sizes = QUICK_SIZES if args.quick else SIZES
+    repeat = 1 if args.quick else max(1, args.repeat)
+
+    results = {"environment": environment(), "cpu": [], "gpu": None}
+    cpu = backend.get_backend("numpy")
+    threads = f", BLAS threads limited to {args.threads}" if args.threads else ""
+    print(f"refimpl matsqrt benchmark, float64, CPU (numpy {np.__version__}, "
+          f"{os.cpu_count()} cpus{threads}), median of {repeat} repeat(s)\n")
+    rates = {}
+    for b, n in sizes:
+        results["cpu"] += run_size(b, n, methods, repeat, cpu, lambda: None)
+        rates[(b, n)] = batched_matmul_gflops(b, n, cpu, lambda: None, repeat)
+    print(format_table(results["cpu"], rates))
+    print()
+    print(verdicts(results["cpu"]))
+    results["cpu_matmul_gflops"] = {f"{b}x{n}": r for (b, n), r in rates.items()}
+
+    if args.cupy == "auto":
+        if backend.gpu_available():
+            import cupy
+            gpu = backend.get_backend("cupy")
+
+            def sync():
+                cupy.cuda.Device().synchronize()
+
+            gsizes = QUICK_SIZES if args.quick else (sizes if args.sizes else GPU_SIZES)
+            gmethods = tuple(m for m in methods if m != "scipy loop")
+            print(f"\nCuPy {cupy.__version__} on {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}"
+                  " (scipy loop: CPU time, for reference)\n")
+            grows, grates = [], {}
+            for b, n in gsizes:
+                rows = run_size(b, n, gmethods, repeat, gpu, sync, with_scipy=False)
+                cpu_base = next((r["total_ms"] for r in results["cpu"]
+                                 if (r["b"], r["n"]) == (b, n) and r["method"] == "scipy loop"), None)
+                for r in rows:
+                    r["speedup_vs_scipy"] = (cpu_base / r["total_ms"]) if cpu_base else None
+                grows += rows
+                grates[(b, n)] = batched_matmul_gflops(b, n, gpu, sync, repeat)
+                for r in rows:
+                    if r["gflops"]:
+                        r["fraction_of_matmul"] = r["gflops"] / grates[(b, n)]
+            print(format_table(grows, grates))
+            results["gpu"] = {"rows": grows,
+                              "matmul_gflops": {f"{b}x{n}": r for (b, n), r in grates.items()}}
+        else:
+            print("\nCuPy mode skipped: CuPy with a CUDA device is not available on this machine "
+                  "(install the 'gpu' extra on a GPU host to get the GPU table).")
+
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, default=str))
+        print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1482 @@
+r"""Differentiable matrix square root and inverse square root of SPD matrices.
+
+Definition
+----------
+For a symmetric positive (semi)definite ``A = U diag(l) U^T`` (..., n, n),
+
+    S     = A^{1/2}  = U diag(sqrt l) U^T        (sqrtm)
+    S_inv = A^{-1/2} = U diag(1/sqrt l) U^T      (inv_sqrtm, A definite)
+
+are the unique SPD roots.  Batches (leading dimensions) are independent:
+every normalisation, stopping test and diagnostic is per member.
+
+Symbols: ``A`` the input (its symmetric part, see *Input*), ``l``/``U`` its
+eigenvalues/eigenvectors, ``S``/``S_inv`` the outputs, ``c`` the per-member
+normalisation constant, ``Z = I - A/c`` the normalised argument, ``x = l/c``
+the normalised eigenvalues (``z = 1 - x``), ``G = S_bar`` (or ``S_inv_bar``)
+the incoming cotangent, ``A_bar`` the outgoing one, ``dA, dS`` tangents,
+``L_B(X) = B X + X B^T`` the Lyapunov operator.
+
+Input
+-----
+``A`` must be square, finite, symmetric up to a relative tolerance
+(``||A - A^T||_F <= sym_tol ||A||_F``; its symmetric part is used) and
+positive semidefinite (``A + psd_tol ||A||_F I`` has a Cholesky factor;
+``inv_sqrtm`` needs ``A`` itself definite).  Anything else is a ValueError
+naming the problem.  A zero matrix is rejected (no normalisation exists and
+the root is not differentiable there).
+
+Forward equations
+-----------------
+``"mtp"`` (matrix Taylor polynomial, degree ``K``), with ``c = ||A||_F``
+(so that ``l_max <= c`` and ``x in (0, 1]``, ``z in [0, 1)``):
+
+    S     = sqrt(c) * sum_{k=0..K} t_k Z^k,   (1 - z)^{1/2}  = sum_k t_k z^k,
+    S_inv = c^{-1/2} * sum_{k=0..K} u_k Z^k,  (1 - z)^{-1/2} = sum_k u_k z^k,
+
+``t_k = binom(1/2, k) (-1)^k`` (``t_0 = 1``, all others negative),
+``u_k = binom(2k, k) / 4^k``.
+
+``"mpa"`` (matrix Padé approximant [m/m]), same ``c`` and ``Z``:
+
+    S     = sqrt(c) Q(Z)^{-1} P(Z),      S_inv = c^{-1/2} P(Z)^{-1} Q(Z),
+
+where ``P/Q`` (``q_0 = 1``) is the [m/m] Padé approximant of ``sqrt(1 - z)``
+at ``z = 0``: ``Q f - P = O(z^{2m+1})``.  Its coefficients are rationals,
+computed exactly (:func:`pade_coefficients`).  In ``x = 1 - z`` it has the
+closed form ``r_m(x) = sqrt(x) coth((2m+1) artanh sqrt x) = E(x) / O(x)``
+with ``E(x) = sum_j binom(2m+1, 2j) x^j``, ``O(x) = sum_j binom(2m+1, 2j+1)
+x^j``; its poles lie at ``x = -tan^2(pi k / (2m+1)) < 0``, so it is finite on
+the PSD cone, and ``r_m(0) = 1/(2m+1)`` (a zero eigenvalue is *not* mapped
+to zero).
+
+``"ns"`` (coupled Newton–Schulz, iSQRT-COV), with ``c = tr A``:
+
+    Y_0 = A / c,  Z_0 = I,  M_k = 3I - Z_k Y_k,
+    Y_{k+1} = Y_k M_k / 2,  Z_{k+1} = M_k Z_k / 2,
+    S = sqrt(c) Y_T,  S_inv = Z_T / sqrt(c).
+
+On an eigenvalue, ``w_k = x z_k^2`` obeys ``1 - w_{k+1} = (1 - w_k)^2 (3 +
+(1 - w_k)) / 4``, quadratic convergence to ``w = 1``, i.e. ``y = sqrt x``;
+zero eigenvalues stay zero.  ``T`` is either fixed (``iters``, the paper's
+setting) or chosen per member: a member stops after the first step whose
+incoming residual ``||I - Z_k Y_k||_F`` is ``<= tol`` (default
+``sqrt(eps)``; the returned iterate is one more step on, error ~ tol^2).
+
+``"eig"``: ``S = U diag(sqrt max(l, 0)) U^T`` from ``xp.linalg.eigh``.
+
+Every output is symmetrised, ``S <- (S + S^T)/2`` (exact in exact
+arithmetic).  Diagnostics: ``residual = ||S S - A||_F / ||A||_F`` (sqrtm) or
+``||S_inv A S_inv - I||_F / sqrt(n)`` (inv_sqrtm), per member.
+
+Adjoint equations
+-----------------
+Differentiating ``S S = A``: ``S dS + dS S = dA``, i.e. ``dS = L_S^{-1}(dA)``.
+``L_S`` is self-adjoint for symmetric ``S``, so
+
+    A_bar = L_S^{-1}(G):  S A_bar + A_bar S = G                       (1)
+
+(for a general, non-symmetric root the equation is ``S^T X + X S^T = G``;
+dropping the transposes is only right for symmetric ``S``).  In the
+eigenbasis ("exact"), with ``s = sqrt l``,
+
+    A_bar = U [ (U^T G U) o K ] U^T,   K_ij = 1 / (s_i + s_j),
+
+the divided difference ``(s_i - s_j)/(l_i - l_j)`` written without the
+difference quotient, so it is exact at repeated eigenvalues (``A = cI`` gives
+``G / (2 sqrt c)``).  Inverse root: ``dS_inv = -S_inv dS S_inv``, hence
+
+    K_ij = -1 / (s_i s_j (s_i + s_j)),
+    A_bar = L_T^{-1}(-T^2 G T^2)  with T = S_inv                      (2)
+
+(conjugating (1) by ``T``: ``T L_S(X) T = L_T(X)``).  ``L_S`` commutes
+with transposition, so ``L_S^{-1}(sym G) = sym(L_S^{-1}(G))``.
+
+Convention: the forward only sees ``sym(A)``, so every VJP returns the
+symmetric ``A_bar = L_S^{-1}(sym G)`` — the symmetric part of the Fréchet
+adjoint ``L_S^{-1}(G)`` (non-symmetric for a non-symmetric ``G``), and the
+exact gradient of the implemented forward even along non-symmetric
+perturbations.  Every JVP likewise differentiates along ``sym(dA)``.
+
+"lyapunov_sign" solves (1)/(2) by the matrix sign function: for ``B``
+with spectrum in the open right half-plane and ``B X + X B^T = C``,
+
+    sign([[B, C], [0, -B^T]]) = [[I, 2X], [0, -I]],                   (3)
+
+computed by the structured Newton–Schulz iteration on the scaled
+``B_0 = B / sigma``, ``C_0 = C / sigma`` (the sign is scale invariant):
+
+    B_{k+1} = B_k (3I - B_k^2) / 2,
+    C_{k+1} = (3 C_k - B_k^2 C_k + B_k C_k B_k^T - C_k (B_k^T)^2) / 2,
+    X = C_T / 2.
+
+For sqrtm ``B = S, C = sym(G), sigma = sqrt(||A||_F)``; for inv_sqrtm
+``B = T, C = -T^2 sym(G) T^2, sigma = ||T||_F``.  With ``B`` and ``C``
+symmetric a step takes 5 matmuls instead of 6: with ``P = (3I - B^2)/2``
+and ``E = B C``, ``B_{k+1} = B P`` and ``C_{k+1} = P C + (E - E^T) B / 2``.  The map ``C_0
+-> C_T`` is linear and, for symmetric ``B``, self-adjoint, so the JVP is the
+same solve with ``sym(dA)``.  A member's ``C`` is frozen after its last step
+(its ``B`` runs on at the fixed point), so batch-mates never change it.
+
+"approximant" is the exact derivative of the forward actually computed
+(normalisation, symmetrisations, polynomial/rational evaluation or the
+``T`` Newton–Schulz steps), by the chain rule written out below.  It differs
+from "exact" by the approximation error's derivative (0.4-7% for an MPA on
+well-conditioned inputs, ~100% near singular ones).
+
+Error bounds
+------------
+On an eigenvalue the approximants apply a scalar map ``phi`` to ``x``
+(:func:`scalar_map`, the "method oracle").  Their relative errors have closed
+forms (:func:`relative_error`), with ``rho = (1 - sqrt x)/(1 + sqrt x)``,
+``N = 2m + 1``:
+
+    mpa:  r_m(x)/sqrt x - 1 = 2 rho^N / (1 - rho^N)      (inverse: -2 rho^N / (1 + rho^N))
+    mtp:  (sum_k t_k z^k - sqrt x) / sqrt x = -(tail of the series)/sqrt x
+    ns:   sqrt(w_T) - 1, w_T from the scalar recursion above.
+
+:func:`error_bound` returns, per member, ``max_i |relative_error(x_i)|``,
+which bounds ``||S_method - A^{1/2}||_2 <= bound * ||A^{1/2}||_2`` (and the
+same for ``S_inv``) in exact arithmetic.
+
+References
+----------
+Y. Song, N. Sebe, W. Wang, "Fast Differentiable Matrix Square Root", ICLR
+2022, and "Fast Differentiable Matrix Square Root and Inverse Square Root",
+IEEE TPAMI 2022 (MTP/MPA forward, Lyapunov backward via the sign function).
+P. Li, J. Xie, Q. Wang, Z. Gao, "Towards Faster Training of Global
+Covariance Pooling Networks by Iterative Matrix Square Root Normalization",
+CVPR 2018 (coupled Newton–Schulz).  N. J. Higham, *Functions of Matrices*,
+SIAM 2008, ch. 3 (Fréchet derivatives, Daleckii–Krein), 5 (sign function,
+Newton–Schulz), 6 (square root, Padé).
+
+Examples
+--------
+>>> import numpy as np
+>>> A = np.array([[4.0, 1.0], [1.0, 3.0]])
+>>> res = sqrtm(A, method="eig")
+>>> bool(np.allclose(res.S @ res.S, A, rtol=0, atol=1e-14))
+True
+>>> G = np.array([[1.0, 2.0], [0.0, 1.0]])            # a non-symmetric cotangent
+>>> A_bar = sqrtm_vjp(res, G, method="exact")
+>>> Gs = (G + G.T) / 2                                  # only sym(G) reaches sym(A)
+>>> bool(np.allclose(res.S @ A_bar + A_bar @ res.S, Gs))  # S A_bar + A_bar S = sym(G)
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable
+
+import array_api_compat
+
+from . import backend
+from .backend import ConditioningWarning, ConvergenceWarning, eye_like, mT
+
+__all__ = [
+    "SQRT_METHODS",
+    "VJP_METHODS",
+    "InvSqrtmResult",
+    "LyapunovResult",
+    "SignResult",
+    "SqrtmResult",
+    "error_bound",
+    "inv_sqrtm",
+    "inv_sqrtm_jvp",
+    "inv_sqrtm_vjp",
+    "lyapunov",
+    "matrix_sign",
+    "pade_coefficients",
+    "relative_error",
+    "scalar_map",
+    "sqrtm",
+    "sqrtm_jvp",
+    "sqrtm_vjp",
+    "taylor_coefficients",
+]
+
+SQRT_METHODS = ("mpa", "mtp", "ns", "eig")
+VJP_METHODS = ("exact", "lyapunov_sign", "approximant")
+DEFAULT_MPA_ORDER = 5          # [5/5]: 4 matmuls + 1 solve, ~10.7 n^3 flops
+DEFAULT_MTP_DEGREE = 10        # 9 matmuls, ~18 n^3 flops
+DEFAULT_MAX_ITER = 100
+#: Iterations between convergence tests of the Newton–Schulz loops while the
+#: residual is still >= 1 (each test is a device sync on a GPU; members are
+#: frozen individually in between).  Below 1 the quadratic model predicts the
+#: next test (see :func:`_steps_to_tol`).
+CHECK_EVERY = 2
+
+
+# --------------------------------------------------------------------------
+# Small pieces: symmetric part, per-member reductions
+# --------------------------------------------------------------------------
+
+def _sym(X):
+    """Symmetric part (X + X^T) / 2 (exactly symmetric in floating point)."""
+    return 0.5 * (X + mT(X))
+
+
+def _fro(X):
+    """Per-member Frobenius norm ||X||_F, shape X.shape[:-2]."""
+    xp = array_api_compat.array_namespace(X)
+    return xp.linalg.matrix_norm(X)
+
+
+def _dot(X, Y):
+    """Per-member Frobenius inner product <X, Y>, shape X.shape[:-2]."""
+    xp = array_api_compat.array_namespace(X, Y)
+    return xp.sum(X * Y, axis=(-2, -1))
+
+
+def _mm(v):
+    """A per-member scalar (batch shape) lifted to broadcast against matrices."""
+    return v[..., None, None]
+
+
+def _eps(A) -> float:
+    return float(array_api_compat.array_namespace(A).finfo(A.dtype).eps)
+
+
+# --------------------------------------------------------------------------
+# Exact coefficients (rationals)
+# --------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def taylor_coefficients(degree: int, *, inverse: bool = False) -> tuple[Fraction, ...]:
+    """Exact Taylor coefficients of ``(1 - z)^{1/2}`` (or ``^{-1/2}``) at 0.
+
+    ``(1 - z)^a = sum_k binom(a, k) (-z)^k``, so ``t_0 = 1`` and
+    ``t_k = t_{k-1} (k - 1 - a) / k``.
+
+    >>> taylor_coefficients(3)
+    (Fraction(1, 1), Fraction(-1, 2), Fraction(-1, 8), Fraction(-1, 16))
+    >>> taylor_coefficients(2, inverse=True)
+    (Fraction(1, 1), Fraction(1, 2), Fraction(3, 8))
+    """
+    degree = _check_int(degree, "degree", minimum=0)
+    a = Fraction(-1, 2) if inverse else Fraction(1, 2)
+    t = [Fraction(1)]
+    for k in range(1, degree + 1):
+        t.append(t[-1] * (k - 1 - a) / k)
+    return tuple(t)
+
+
+@functools.lru_cache(maxsize=None)
+def pade_coefficients(order: int, basis: str = "z") -> tuple[tuple[Fraction, ...], tuple[Fraction, ...]]:
+    """Exact coefficients ``(p, q)`` of the [m/m] Padé approximant of sqrt(1 - z).
+
+    ``basis="x"`` returns instead ``(e, o)`` with ``sqrt(x) ~ E(x)/O(x)``, the
+    same rational function in ``x = 1 - z``: ``e_j = binom(2m+1, 2j) / 4^m``,
+    ``o_j = binom(2m+1, 2j+1) / 4^m`` (positive; ``E(1) = O(1) = 1``).
+
+    ``P(z) = sum_k p_k z^k``, ``Q(z) = sum_k q_k z^k`` with ``q_0 = 1`` and
+    ``Q(z) f(z) - P(z) = O(z^{2m+1})`` for ``f(z) = (1 - z)^{1/2}``: the
+    coefficients of ``z^{m+1} .. z^{2m}`` of ``Q f`` vanish (an m x m linear
+    system for ``q_1..q_m``, solved in rationals), then
+    ``p_k = sum_{j<=k} q_j c_{k-j}``.
+
+    >>> p, q = pade_coefficients(1)          # (1 - 3z/4) / (1 - z/4)
+    >>> p, q
+    ((Fraction(1, 1), Fraction(-3, 4)), (Fraction(1, 1), Fraction(-1, 4)))
+    """
+    m = _check_int(order, "order", minimum=1)
+    if basis == "x":
+        N, scale = 2 * m + 1, Fraction(1, 4 ** m)
+        return (tuple(math.comb(N, 2 * j) * scale for j in range(m + 1)),
+                tuple(math.comb(N, 2 * j + 1) * scale for j in range(m + 1)))
+    if basis != "z":
+        raise ValueError(f"argument 'basis' must be 'z' or 'x', got {basis!r}")
+    c = taylor_coefficients(2 * m)
+    # Row r (k = m+1+r): sum_{j=1..m} q_j c_{k-j} = -c_k.
+    rows = [[c[m + 1 + r - j] for j in range(1, m + 1)] + [-c[m + 1 + r]] for r in range(m)]
+    for col in range(m):                          # Gauss-Jordan in exact arithmetic
+        piv = next(r for r in range(col, m) if rows[r][col] != 0)
+        rows[col], rows[piv] = rows[piv], rows[col]
+        pv = rows[col][col]
+        rows[col] = [v / pv for v in rows[col]]
+        for r in range(m):
+            if r != col and rows[r][col] != 0:
+                f = rows[r][col]
+                rows[r] = [a - f * b for a, b in zip(rows[r], rows[col])]
+    q = (Fraction(1),) + tuple(rows[r][m] for r in range(m))
+    p = tuple(sum(q[j] * c[k - j] for j in range(k + 1)) for k in range(m + 1))
+    return p, q
+
+
+def _check_int(value, name: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"argument {name!r} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"argument {name!r} must be >= {minimum}, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------
+
+def _member(idx, batch_shape) -> str:
+    return f" (batch member {tuple(int(i) for i in idx)})" if batch_shape else ""
+
+
+def _worst(v, batch_shape):
+    """(value, index) of the largest entry of a per-member host (NumPy) array."""
+    import numpy as np  # host-side bookkeeping on the error path only
+    v = np.asarray(v, dtype=float).reshape(batch_shape)
+    idx = np.unravel_index(int(np.argmax(v)), batch_shape) if batch_shape else ()
+    return float(v[idx]) if batch_shape else float(v), idx
+
+
+def _check_square(A, name: str):
+    backend.check_array(A, name, min_ndim=2)
+    if A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"argument {name!r} must be square in its last two axes, "
+                         f"got shape {tuple(A.shape)}")
+    if A.shape[-1] == 0:
+        raise ValueError(f"argument {name!r} is empty (shape {tuple(A.shape)})")
+
+
+def _symmetric_part(A, name: str, sym_tol: float | None):
+    """Validate symmetry up to ``sym_tol`` (relative, Frobenius) and return
+    ``(sym(A), ||A||_F)``; zero members are rejected."""
+    xp = array_api_compat.array_namespace(A)
+    bshape = tuple(A.shape[:-2])
+    tol = math.sqrt(_eps(A)) if sym_tol is None else backend.check_positive(sym_tol, "sym_tol")
+    norm = _fro(A)
+    if not bool(xp.all(norm > 0)):
+        _, idx = _worst(backend.to_host(norm == 0), bshape)
+        raise ValueError(f"argument {name!r} is the zero matrix{_member(idx, bshape)}: "
+                         "no normalisation exists and its root is not differentiable")
+    asym = _fro(A - mT(A)) / norm
+    if not bool(xp.all(asym <= tol)):
+        val, idx = _worst(backend.to_host(asym), bshape)
+        raise ValueError(f"argument {name!r} is not symmetric: ||A - A^T||_F / ||A||_F = "
+                         f"{val:.2e} > sym_tol = {tol:.1e}{_member(idx, bshape)}")
+    As = _sym(A)
+    return As, _fro(As)
+
+
+def _cholesky_ok(M) -> bool:
+    """True when every member of M has a (finite) Cholesky factor.
+
+    NumPy raises LinAlgError; CuPy only does so inside
+    ``cupyx.errstate(linalg='raise')`` (its default silently returns garbage),
+    so that context is entered for CuPy arrays.  A factor with a non-finite
+    or non-positive diagonal also counts as a failure.
+    """
+    xp = array_api_compat.array_namespace(M)
+    try:
+        if array_api_compat.is_cupy_array(M):
+            import cupyx
+            with cupyx.errstate(linalg="raise"):
+                L = xp.linalg.cholesky(M)
+        else:
+            L = xp.linalg.cholesky(M)
+    except Exception as exc:  # LinAlgError of whichever library
+        if "LinAlgError" in type(exc).__name__ or "positive" in str(exc).lower():
+            return False
+        raise
+    d = backend.diagonal(L)
+    return bool(xp.all(xp.isfinite(d)) & xp.all(d > 0))
+
+
+def _psd_tol(A, psd_tol) -> float:
+    """Accepted negative eigenvalue relative to ||A||_F (default 10 n eps)."""
+    if psd_tol is None:
+        return 10.0 * A.shape[-1] * _eps(A)
+    return backend.check_positive(psd_tol, "psd_tol", allow_zero=True)
+
+
+def _check_psd(As, norm, name: str, *, definite: bool, psd_tol: float | None):
+    """Raise ValueError unless every member is PSD (``definite``: PD)."""
+    shifted = As if definite else As + _mm(_psd_tol(As, psd_tol) * norm) * eye_like(As)
+    if _cholesky_ok(shifted):
+        return
+    _raise_not_psd(As, norm, name, definite=definite)
+
+
+def _raise_not_psd(As, norm, name, *, definite, eigenvalues=None):
+    """ValueError naming the member with the most negative relative eigenvalue."""
+    xp = array_api_compat.array_namespace(As)
+    bshape = tuple(As.shape[:-2])
+    lam = backend.to_host(xp.linalg.eigvalsh(As) if eigenvalues is None else eigenvalues)
+    lmin = lam[..., 0].reshape(bshape)
+    rel = lmin / backend.to_host(norm).reshape(bshape)
+    _, idx = _worst(-rel, bshape)
+    kind = "positive definite" if definite else "positive semidefinite"
+    raise ValueError(
+        f"argument {name!r} is not symmetric {kind}: smallest eigenvalue "
+        f"{float(lmin[idx]):.3e} (relative to ||A||_F: {float(rel[idx]):.2e})"
+        f"{_member(idx, bshape)}")
+
+
+# --------------------------------------------------------------------------
+# Newton–Schulz driver shared by matrix_sign, lyapunov and the NS root
+# --------------------------------------------------------------------------
+
+def _steps_to_tol(err: float, tol: float) -> int:
+    """Steps the Newton–Schulz error model ``d' = d^2 (3 + d) / 4`` needs to
+    take a residual ``err < 1`` to ``<= tol`` (at least 1): when to test next.
+
+    Every iteration here (sign, coupled root) obeys this recursion on each
+    eigenvalue's ``d = 1 - lambda^2`` (resp. ``1 - w``); the Frobenius residual
+    bounds the largest ``|d|``, so the prediction is never late by more than the
+    model's slack, and a late member is simply tested again.
+    """
+    k, d = 0, err
+    while d > tol and k < 64:
+        d = d * d * (3.0 + d) / 4.0
+        k += 1
+    return max(k, 1)
+
+
+def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: float,
+                   max_iter: int, record: bool = False, frozen: tuple | None = None):
+    """Run ``state <- step(state)`` per member until its residual is <= tol.
+
+    ``step(state) -> (new_state, err, aux)`` where ``err`` (batch shape) is
+    the residual of the *incoming* state, a by-product of the step.  With
+    ``iters`` given every member takes exactly ``iters`` steps (the papers'
+    fixed ``T``); otherwise a member is frozen after the first step whose
+    incoming residual is <= tol, so its result does not depend on its
+    batch-mates, and the loop ends when all are frozen or after ``max_iter``
+    steps.  Whether all are frozen is tested (a host sync) every
+    :data:`CHECK_EVERY` steps while the largest residual is >= 1, then when
+    the quadratic model predicts convergence; the schedule only decides when
+    the loop stops, never what a member computes.
+
+    ``frozen`` says which state components are held once a member stops
+    (default: all); a component that only drives the others (the sign
+    iteration's ``B``, which stays at its fixed point) may run on.
+
+    Returns ``(state, n_iter, error, converged, history)``; ``error`` is the
+    residual measured at the start of each member's last step, ``history``
+    (if ``record``) the list of ``(incoming state, aux, active mask)``.
+    """
+    xp = array_api_compat.array_namespace(state[0])
+    bshape = tuple(state[0].shape[:-2])
+    dev = backend.device(state[0])
+    done = xp.zeros(bshape, dtype=xp.bool, device=dev)
+    n_iter = xp.zeros(bshape, dtype=xp.int64, device=dev)
+    err = xp.full(bshape, math.inf, dtype=state[0].dtype, device=dev)
+    history = []
+    n_steps = iters if iters is not None else max_iter
+    next_check = 1
+    for k in range(n_steps):
+        new, e, aux = step(state)
+        active = ~done
+        if record:
+            history.append((state, aux, active))
+        if iters is None:                    # hold the members that have stopped
+            keep = frozen or (True,) * len(state)
+            state = tuple(xp.where(_mm(active), a, b) if f else a
+                          for a, b, f in zip(new, state, keep))
+        else:
+            state = new
+        err = xp.where(active, e, err)
+        n_iter = n_iter + xp.astype(active, xp.int64)
+        if iters is None:
+            done = done | (e <= tol)
+            if k + 1 >= next_check:
+                if bool(xp.all(done)):
+                    break
+                # the largest residual of a running member, one step ago
+                worst = float(xp.max(xp.where(done, xp.zeros_like(e), e)))
+                # a member whose residual entering step k is e stops after step
+                # k + _steps_to_tol(e): test right after that step
+                ahead = _steps_to_tol(worst, tol) if worst < 1.0 else CHECK_EVERY
+                next_check = k + 1 + ahead
+    converged = err <= tol
+    return state, n_iter, err, converged, history
+
+
+def _iteration_options(iters, tol, max_iter, dtype_eps: float):
+    if iters is not None:
+        iters = _check_int(iters, "iters", minimum=1)
+    max_iter = _check_int(max_iter, "max_iter", minimum=1)
+    tol = math.sqrt(dtype_eps) if tol is None else backend.check_positive(tol, "tol")
+    return iters, tol, max_iter
+
+
+def _warn_unconverged(what: str, converged, error, tol: float, stacklevel: int = 3):
+    xp = array_api_compat.array_namespace(converged)
+    if bool(xp.all(converged)):
+        return
+    worst = float(xp.max(xp.where(converged, xp.zeros_like(error), error)))
+    warnings.warn(f"{what} did not converge: residual {worst:.2e} > tol {tol:.1e} "
+                  "(increase max_iter/iters, or the input is too ill-conditioned)",
+                  ConvergenceWarning, stacklevel=stacklevel)
+
+
+# --------------------------------------------------------------------------
+# Matrix sign function and the Lyapunov equation B X + X B^T = C
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SignResult:
+    """Result of :func:`matrix_sign`.
+
+    Attributes
+    ----------
+    sign : the iterate ``X_T`` (..., n, n), ``X_T^2 ~ I``.
+    n_iter, error, converged : per member; ``error = ||X_k^2 - I||_F`` at the
+        start of the last step (the returned iterate is one step further).
+    """
+
+    sign: Any
+    n_iter: Any
+    error: Any
+    converged: Any
+
+
+def matrix_sign(M, *, iters: int | None = None, tol: float | None = None,
+                max_iter: int = DEFAULT_MAX_ITER) -> SignResult:
+    """Matrix sign function by the Newton–Schulz iteration.
+
+    ``X_0 = M / ||M||_F`` (per member; ``sign(aM) = sign(M)`` for a > 0),
+    ``X_{k+1} = X_k (3I - X_k^2) / 2`` — a polynomial in ``M``, acting on each
+    eigenvalue ``lambda`` of ``X_0`` by the scalar map.  That map converges
+    quadratically to ``sign(Re lambda)`` when ``|1 - lambda^2| < 1``, which
+    holds for every real spectrum without zeros (``|lambda| <= 1`` after the
+    scaling) and for complex eigenvalues within 45 degrees of the real axis.
+    Outside that region the iteration may not converge (reported and warned
+    about) or, in principle, converge to another involution commuting with
+    ``M``, which the residual ``||X^2 - I||`` cannot tell apart: check the
+    spectrum of such an ``M`` first.  (:func:`lyapunov` guards against this
+    with the residual of its own equation.)
+
+    Parameters
+    ----------
+    M : (..., n, n) float array.
+    iters : run exactly this many steps (default: until ``error <= tol``).
+    tol : residual tolerance on ``||X_k^2 - I||_F`` (default sqrt(eps)).
+    max_iter : step limit of the adaptive mode.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r = matrix_sign(np.array([[2.0, 1.0], [0.0, -3.0]]))
+    >>> bool(np.allclose(r.sign @ r.sign, np.eye(2)))
+    True
+    """
+    xp = backend.namespace(M=M)
+    _check_square(M, "M")
+    iters, tol, max_iter = _iteration_options(iters, tol, max_iter, _eps(M))
+    norm = _fro(M)
+    if not bool(xp.all(norm > 0)):
+        raise ValueError("argument 'M' has a zero member: its sign is undefined")
+    eye = eye_like(M)
+
+    def step(state):
+        (X,) = state
+        X2 = X @ X                                     # X_k^2
+        e = _fro(X2 - eye)
+        return (1.5 * X - 0.5 * (X @ X2),), e, None    # X (3I - X^2) / 2
+
+    (X,), n_iter, err, conv, _ = _newton_schulz((M / _mm(norm),), step, iters=iters,
+                                                tol=tol, max_iter=max_iter)
+    _warn_unconverged("matrix_sign", conv, err, tol)
+    return SignResult(sign=X, n_iter=n_iter, error=err, converged=conv)
+
+
+def _lyapunov_sign_core(B0, C0, *, iters, tol, max_iter, symmetric: bool = False):
+    """Structured Newton–Schulz on sign([[B0, C0], [0, -B0^T]]) (identity (3)).
+
+    ``B0`` must already be scaled (spectrum in the right half-plane, inside
+    the unit disc).  Returns ``(X, n_iter, error, converged)`` with ``X =
+    C_T / 2`` solving ``B0 X + X B0^T = C0``.
+
+    General ``B, C``: 6 matmuls a step.  ``symmetric`` (``B0`` and ``C0``
+    symmetric, so every ``B_k, C_k`` is): with ``P = (3I - B^2)/2`` and
+    ``E = B C`` (so ``C B = E^T``),
+
+        B_{k+1} = B P,    C_{k+1} = P C + (E - E^T) B / 2,
+
+    equal to the general update when ``C = C^T`` (checked with sympy in
+    derivations/matsqrt.py): 5 matmuls and fewer elementwise passes.
+    """
+    eye = eye_like(B0)
+
+    def step(state):
+        B, C = state
+        B2 = B @ B
+        R = eye - B2                                   # I - B_k^2
+        e = _fro(R)
+        if symmetric:
+            P = 0.5 * R + eye                          # (3I - B^2) / 2
+            E = B @ C
+            return (B @ P, P @ C + 0.5 * ((E - mT(E)) @ B)), e, None
+        # C_{k+1} = (3C - B^2 C + B C B^T - C (B^T)^2) / 2
+        C_next = 1.5 * C - 0.5 * (B2 @ C - (B @ C) @ mT(B) + C @ mT(B2))
+        return (1.5 * B - 0.5 * (B @ B2), C_next), e, None
+
+    (_, C), n_iter, err, conv, _ = _newton_schulz((B0, C0), step, iters=iters, tol=tol,
+                                                  max_iter=max_iter, frozen=(False, True))
+    return 0.5 * C, n_iter, err, conv
+
+
+@dataclass(frozen=True)
+class LyapunovResult:
+    """Result of :func:`lyapunov`.
+
+    Attributes
+    ----------
+    X : the solution of ``B X + X B^T = C`` (..., n, n).
+    B, C : the inputs (references).
+    method : "sign" or "eig".
+    residual : per member ``||B X + X B^T - C||_F / (2 ||B||_F ||X||_F + ||C||_F)``
+        (a normwise backward error; ~eps for an accurate solve).
+    n_iter, error, converged : per member (sign method: the sign iteration's
+        ``||B_k^2 - I||_F`` at its last step; eig: 0 steps, error 0).
+    """
+
+    X: Any
+    B: Any
+    C: Any
+    method: str
+    residual: Any
+    n_iter: Any
+    error: Any
+    converged: Any
+
+
+def _lyapunov_residual(B, C, X):
+    R = B @ X + X @ mT(B) - C
+    return _fro(R) / (2.0 * _fro(B) * _fro(X) + _fro(C))
+
+
+def _symmetric_eig_solve(U, lam, C, denom_fn):
+    """``U [(U^T C U) o K] U^T`` with ``K_ij = denom_fn(lam_i, lam_j)`` (a
+    Loewner / divided-difference matrix in the eigenbasis of a symmetric matrix)."""
+    K = denom_fn(lam[..., :, None], lam[..., None, :])
+    return U @ (((mT(U) @ C) @ U) * K) @ mT(U)
+
+
+def lyapunov(B, C, *, method: str = "sign", iters: int | None = None,
+             tol: float | None = None, max_iter: int = DEFAULT_MAX_ITER,
+             sym_tol: float | None = None) -> LyapunovResult:
+    """Solve the continuous Lyapunov equation ``B X + X B^T = C`` (batched).
+
+    Parameters
+    ----------
+    B, C : (..., n, n) float arrays (batch dimensions broadcast).
+    method : ``"sign"`` — Newton–Schulz on the block sign function (3) after
+        scaling by ``||B||_F``; needs the spectrum of ``B`` in the open right
+        half-plane (e.g. B SPD), non-convergence is reported and warned about.
+        ``"eig"`` — ``B`` symmetric (up to ``sym_tol``): ``X = U [(U^T C U) /
+        (b_i + b_j)] U^T`` from ``eigh(B)``; ValueError when some
+        ``b_i + b_j`` is zero to working precision.
+    iters, tol, max_iter : the sign iteration's fixed step count, tolerance on
+        ``||B_k^2 - I||_F`` (default sqrt(eps)) and step limit.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> B = np.array([[3.0, 1.0], [0.5, 2.0]]); C = np.array([[1.0, 0.0], [2.0, 1.0]])
+    >>> X = lyapunov(B, C).X
+    >>> bool(np.allclose(B @ X + X @ B.T, C))
+    True
+    """
+    xp = backend.namespace(B=B, C=C)
+    _check_square(B, "B")
+    backend.check_array(C, "C", min_ndim=2)
+    if tuple(C.shape[-2:]) != tuple(B.shape[-2:]):
+        raise ValueError(f"argument 'C' has shape {tuple(C.shape)} but 'B' is "
+                         f"{B.shape[-1]}x{B.shape[-1]}")
+    if backend.dtype_name(B.dtype) != backend.dtype_name(C.dtype):
+        raise TypeError(f"arguments 'B' ({backend.dtype_name(B.dtype)}) and 'C' "
+                        f"({backend.dtype_name(C.dtype)}) must have the same dtype")
+    try:
+        B_b, C_b = xp.broadcast_arrays(B, C)
+    except ValueError:
+        raise ValueError(f"batch shapes of 'B' {tuple(B.shape[:-2])} and 'C' "
+                         f"{tuple(C.shape[:-2])} do not broadcast") from None
+    if method == "sign":
+        iters, tol, max_iter = _iteration_options(iters, tol, max_iter, _eps(B))
+        sigma = _fro(B_b)
+        if not bool(xp.all(sigma > 0)):
+            raise ValueError("argument 'B' has a zero member: B X + X B^T = C is singular")
+        X, n_iter, err, conv = _lyapunov_sign_core(B_b / _mm(sigma), C_b / _mm(sigma),
+                                                   iters=iters, tol=tol, max_iter=max_iter)
+        residual = _lyapunov_residual(B_b, C_b, X)
+        # A converged sign iteration with a large residual means B was not
+        # positive stable (the iteration found the sign of another matrix).
+        conv = conv & (residual <= math.sqrt(_eps(B)))
+        _warn_unconverged("lyapunov(method='sign')", conv, xp.maximum(err, residual), tol)
+    elif method == "eig":
+        Bs, norm = _symmetric_part(B_b, "B", sym_tol)
+        lam, U = xp.linalg.eigh(Bs)
+        pair = lam[..., :, None] + lam[..., None, :]
+        small = xp.min(xp.abs(pair), axis=(-2, -1)) <= 10.0 * B.shape[-1] * _eps(B) * norm
+        if bool(xp.any(small)):
+            raise ValueError("argument 'B' has eigenvalues b_i + b_j = 0 to working "
+                             "precision: B X + X B^T = C is singular")
+        X = _symmetric_eig_solve(U, lam, C_b, lambda a, b: 1.0 / (a + b))
+        residual = _lyapunov_residual(B_b, C_b, X)
+        bshape = tuple(B_b.shape[:-2])
+        dev = backend.device(B)
+        n_iter = xp.zeros(bshape, dtype=xp.int64, device=dev)
+        err = xp.zeros(bshape, dtype=B.dtype, device=dev)
+        conv = xp.ones(bshape, dtype=xp.bool, device=dev)
+    else:
+        raise ValueError(f"argument 'method' must be 'sign' or 'eig', got {method!r}")
+    return LyapunovResult(X=X, B=B, C=C, method=method, residual=residual,
+                          n_iter=n_iter, error=err, converged=conv)
+
+
+# --------------------------------------------------------------------------
+# Forward: sqrtm and inv_sqrtm
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Rational:
+    """Residuals of ``out = c^gamma sym(D(W)^{-1} N(W))``, ``W = a I + b A/c``
+    (``(a, b) = (1, -1)``: W = Z, the paper's basis; ``(0, 1)``: W = X = A/c).
+    MTP has D = I."""
+
+    b: float              # coefficient of A/c in W (the I coefficient drops out of dW)
+    num: tuple            # float coefficients of N
+    den: tuple            # float coefficients of D ((1.0,) for MTP)
+    gamma: float          # +1/2 (sqrtm) or -1/2 (inv_sqrtm)
+    powers: tuple         # W^0 = I, W^1, ..., W^d
+    D: Any                # D(Z) (None for MTP)
+    R: Any                # D^{-1} N
+
+
+@dataclass(frozen=True)
+class _NewtonSchulz:
+    """Residuals of the coupled NS iteration: final Y_T, Z_T and the steps taken."""
+
+    Y: Any
+    Z: Any
+    history: tuple        # (incoming (Y_k, Z_k), M_k, active mask) per step
+
+
+@dataclass(frozen=True)
+class _Eig:
+    """Eigendecomposition A = U diag(l) U^T (l clamped at 0) and s = sqrt(l)."""
+
+    l: Any
+    U: Any
+    s: Any
+
+
+@dataclass(frozen=True)
+class SqrtmResult:
+    """Result of :func:`sqrtm`.
+
+    Attributes
+    ----------
+    S : the square root (..., n, n), symmetric.
+    A : the symmetric part of the input (the matrix actually used).
+    method : "mpa" | "mtp" | "ns" | "eig"; ``order`` its [m/m], degree K or
+        None; ``options`` the iteration settings (ns).
+    normalization : "frobenius" (mpa, mtp), "trace" (ns) or "none" (eig);
+        ``scale`` the per-member constant ``c`` used (``||A||_F``, ``tr A`` or 1).
+    residual : per member ``||S S - A||_F / ||A||_F``.
+    n_iter, error, converged : per member; ns: steps taken and
+        ``||I - Z_k Y_k||_F`` at the start of the last one; direct methods:
+        0, None and True.
+    state : residuals for the backward (private).
+    """
+
+    S: Any
+    A: Any
+    method: str
+    order: int | None
+    normalization: str
+    scale: Any
+    residual: Any
+    n_iter: Any
+    error: Any
+    converged: Any
+    options: dict = field(default_factory=dict)
+    state: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class InvSqrtmResult:
+    """Result of :func:`inv_sqrtm`: as :class:`SqrtmResult` with ``S_inv``
+    (the inverse root) in place of ``S`` and ``residual = ||S_inv A S_inv -
+    I||_F / sqrt(n)``."""
+
+    S_inv: Any
+    A: Any
+    method: str
+    order: int | None
+    normalization: str
+    scale: Any
+    residual: Any
+    n_iter: Any
+    error: Any
+    converged: Any
+    options: dict = field(default_factory=dict)
+    state: Any = field(default=None, repr=False)
+
+
+def _powers(Z, d: int) -> tuple:
+    """(I, Z, Z^2, ..., Z^d) with Z^k = Z^{k-1} Z."""
+    pows = [eye_like(Z), Z]
+    for _ in range(2, d + 1):
+        pows.append(pows[-1] @ Z)
+    return tuple(pows[: d + 1])
+
+
+def _poly(coeffs, pows):
+    """sum_k coeffs[k] Z^k from precomputed powers."""
+    out = coeffs[0] * pows[0]
+    for a, P in zip(coeffs[1:], pows[1:]):
+        out = out + a * P
+    return out
+
+
+def _forward_rational(As, c, num, den, gamma, basis):
+    """``out = c^gamma sym(D(W)^{-1} N(W))`` with ``W = Z = I - A/c`` (basis "z")
+    or ``W = X = A/c`` (basis "x"); MTP has D = I."""
+    xp = array_api_compat.array_namespace(As)
+    a, b = (1.0, -1.0) if basis == "z" else (0.0, 1.0)
+    W = b * (As / _mm(c)) + a * eye_like(As)
+    pows = _powers(W, max(len(num), len(den)) - 1)
+    N = _poly(num, pows)
+    if len(den) > 1:
+        D = _poly(den, pows)
+        R = xp.linalg.solve(D, N)                      # D R = N
+    else:
+        D, R = None, N
+    out = _mm(c ** gamma) * _sym(R)
+    return out, _Rational(b=b, num=num, den=den, gamma=gamma, powers=pows, D=D, R=R)
+
+
+def _forward_ns(As, c, *, iters, tol, max_iter):
+    """Coupled Newton–Schulz on Y_0 = A / c, Z_0 = I (c = tr A)."""
+    eye = eye_like(As)
+
+    def step(state):
+        Y, Z = state
+        W = Z @ Y                                      # Z_k Y_k -> I
+        e = _fro(eye - W)
+        M = 3.0 * eye - W
+        return (0.5 * (Y @ M), 0.5 * (M @ Z)), e, M
+
+    (Y, Z), n_iter, err, conv, hist = _newton_schulz(
+        (As / _mm(c), eye + 0.0 * As), step, iters=iters, tol=tol, max_iter=max_iter,
+        record=True)
+    return Y, Z, n_iter, err, conv, _NewtonSchulz(Y=Y, Z=Z, history=tuple(hist))
+
+
+def _method_options(method, order, degree, iters, tol, max_iter, basis):
+    """The validated order (mpa) or degree (mtp) of a method; None otherwise."""
+    if method not in SQRT_METHODS:
+        raise ValueError(f"argument 'method' must be one of {SQRT_METHODS}, got {method!r}")
+    if basis not in ("z", "x"):
+        raise ValueError(f"argument 'basis' must be 'z' or 'x', got {basis!r}")
+    if basis != "z" and method != "mpa":
+        raise ValueError(f"argument 'basis' applies to method 'mpa' only (method={method!r})")
+    if order is not None and method != "mpa":
+        raise ValueError(f"argument 'order' applies to method 'mpa' only (method={method!r})")
+    if degree is not None and method != "mtp":
+        raise ValueError(f"argument 'degree' applies to method 'mtp' only (method={method!r})")
+    if method != "ns" and (iters is not None or tol is not None):
+        raise ValueError(f"arguments 'iters'/'tol' apply to method 'ns' only (method={method!r})")
+    if method == "mpa":
+        return _check_int(DEFAULT_MPA_ORDER if order is None else order, "order", minimum=1)
+    if method == "mtp":
+        return _check_int(DEFAULT_MTP_DEGREE if degree is None else degree, "degree", minimum=1)
+    return None
+
+
+def _root(A, *, inverse, method, order, degree, basis, iters, tol, max_iter, sym_tol, psd_tol):
+    """Shared forward of sqrtm / inv_sqrtm."""
+    xp = backend.namespace(A=A)
+    _check_square(A, "A")
+    k = _method_options(method, order, degree, iters, tol, max_iter, basis)
+    As, norm = _symmetric_part(A, "A", sym_tol)
+    bshape = tuple(A.shape[:-2])
+    dev = backend.device(A)
+    n = A.shape[-1]
+    gamma = -0.5 if inverse else 0.5
+    n_iter = xp.zeros(bshape, dtype=xp.int64, device=dev)
+    err = None
+    conv = xp.ones(bshape, dtype=xp.bool, device=dev)
+    options: dict = {}
+
+    if method == "eig":
+        lam, U = xp.linalg.eigh(As)
+        if inverse:   # definite: l_min > 0
+            bad = lam[..., 0] <= 0.0
+        else:         # semidefinite: l_min >= -psd_tol ||A||_F
+            bad = lam[..., 0] < -_psd_tol(A, psd_tol) * norm
+        if bool(xp.any(bad)):
+            _raise_not_psd(As, norm, "A", definite=inverse, eigenvalues=lam)
+        lam = xp.maximum(lam, xp.zeros_like(lam))
+        s = xp.sqrt(lam)
+        f = 1.0 / s if inverse else s
+        out = _sym((U * f[..., None, :]) @ mT(U))
+        state = _Eig(l=lam, U=U, s=s)
+        c, normalization = xp.ones(bshape, dtype=A.dtype, device=dev), "none"
+    else:
+        _check_psd(As, norm, "A", definite=inverse, psd_tol=psd_tol)
+        if method in ("mpa", "mtp"):
+            if method == "mpa":
+                p, q = pade_coefficients(k, basis)
+                num, den = (q, p) if inverse else (p, q)
+                options = {"basis": basis}
+            else:
+                num, den = taylor_coefficients(k, inverse=inverse), (Fraction(1),)
+            c, normalization = norm, "frobenius"
+            out, state = _forward_rational(As, c, tuple(float(v) for v in num),
+                                           tuple(float(v) for v in den), gamma, basis)
+        else:  # ns
+            iters, tol, max_iter = _iteration_options(iters, tol, max_iter, _eps(A))
+            options = {"iters": iters, "tol": tol, "max_iter": max_iter}
+            c, normalization = xp.linalg.trace(As), "trace"
+            Y, Z, n_iter, err, conv, state = _forward_ns(As, c, iters=iters, tol=tol,
+                                                         max_iter=max_iter)
+            out = _mm(c ** gamma) * _sym(Z if inverse else Y)
+            _warn_unconverged(f"{'inv_sqrtm' if inverse else 'sqrtm'}(method='ns')",
+                              conv, err, tol, stacklevel=4)
+
+    if inverse:
+        residual = _fro(out @ As @ out - eye_like(As)) / math.sqrt(n)
+    else:
+        residual = _fro(out @ out - As) / norm
+    common = dict(A=As, method=method, order=k, normalization=normalization, scale=c,
+                  residual=residual, n_iter=n_iter, error=err, converged=conv,
+                  options=options, state=state)
+    return InvSqrtmResult(S_inv=out, **common) if inverse else SqrtmResult(S=out, **common)
+
+
+def sqrtm(A, *, method: str = "mpa", order: int | None = None, degree: int | None = None,
+          basis: str = "z", iters: int | None = None, tol: float | None = None,
+          max_iter: int = DEFAULT_MAX_ITER, sym_tol: float | None = None,
+          psd_tol: float | None = None) -> SqrtmResult:
+    """Square root ``S = A^{1/2}`` of symmetric positive semidefinite matrices.
+
+    Parameters
+    ----------
+    A : (..., n, n) float32/float64, symmetric PSD (see the module docstring).
+    method : "mpa" (Padé [order/order], default order 5), "mtp" (Taylor,
+        default degree 10), "ns" (coupled Newton–Schulz) or "eig".
+    order, degree : the MPA order m / the MTP degree K.
+    basis : MPA only.  "z" (default, the paper's): P, Q in ``Z = I - A/c``,
+        whose alternating coefficients cancel near z = 1 (``P(1) = 4^{-m}``
+        against ``sum |p_k|`` growing with m).  Measured round-off against
+        the scalar map (6x6, cond 1e2..1e8): float64 ~1e-14 at m = 5, ~1e-11
+        at m = 8, ~1e-8 at m = 12; float32 ~5e-5 at m = 5, ~1e-3 at m = 8.
+        "x": the same rational function as ``E(X)/O(X)`` in ``X = A/c`` with
+        positive binomial coefficients, about 10-100x less round-off (float64
+        ~1e-12 at m = 8, ~5e-11 at m = 12; float32 ~3e-6 at m = 5); the
+        remaining loss comes from solving with ``O(X)``, whose condition
+        number grows like 4^m.  Same cost and same derivative.
+    iters, tol, max_iter : NS only — fixed step count (the paper's T), or the
+        per-member tolerance on ``||I - Z_k Y_k||_F`` (default sqrt(eps)) and
+        step limit.
+    sym_tol : accepted relative asymmetry (default sqrt(eps)).
+    psd_tol : accepted negative eigenvalues, relative to ||A||_F (default
+        10 n eps).
+
+    Returns
+    -------
+    SqrtmResult
+        ``S`` plus diagnostics (normalisation, residual ``||SS - A||/||A||``,
+        iteration counts) and the residuals the VJPs need.
+
+    Raises
+    ------
+    TypeError : not a float32/float64 array.
+    ValueError : non-square, NaN/Inf, non-symmetric, not PSD, zero matrix,
+        or a bad option.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> A = np.array([[2.0, -1.0], [-1.0, 2.0]])
+    >>> S = sqrtm(A, method="mpa", order=8).S
+    >>> bool(np.allclose(S @ S, A))
+    True
+    """
+    return _root(A, inverse=False, method=method, order=order, degree=degree, basis=basis,
+                 iters=iters,
+                 tol=tol, max_iter=max_iter, sym_tol=sym_tol, psd_tol=psd_tol)
+
+
+def inv_sqrtm(A, *, method: str = "mpa", order: int | None = None, degree: int | None = None,
+              basis: str = "z", iters: int | None = None, tol: float | None = None,
+              max_iter: int = DEFAULT_MAX_ITER, sym_tol: float | None = None,
+              psd_tol: float | None = None) -> InvSqrtmResult:
+    """Inverse square root ``S_inv = A^{-1/2}`` of symmetric positive definite matrices.
+
+    Same parameters as :func:`sqrtm` (``psd_tol`` is ignored: ``A`` must be
+    definite, i.e. have a Cholesky factor).  MPA computes ``c^{-1/2}
+    P(Z)^{-1} Q(Z)``, MTP the Taylor series of ``(1 - z)^{-1/2}``, NS returns
+    ``Z_T / sqrt(tr A)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> A = np.array([[2.0, -1.0], [-1.0, 2.0]])
+    >>> T = inv_sqrtm(A, method="eig").S_inv
+    >>> bool(np.allclose(T @ A @ T, np.eye(2)))
+    True
+    """
+    return _root(A, inverse=True, method=method, order=order, degree=degree, basis=basis,
+                 iters=iters,
+                 tol=tol, max_iter=max_iter, sym_tol=sym_tol, psd_tol=psd_tol)
+
+
+# --------------------------------------------------------------------------
+# Derivatives, method "exact": the Loewner matrix in the eigenbasis
+# --------------------------------------------------------------------------
+
+def _eig_of(res):
+    """The eigendecomposition of res.A: stored by method "eig", else computed."""
+    if isinstance(res.state, _Eig):
+        return res.state
+    xp = array_api_compat.array_namespace(res.A)
+    lam, U = xp.linalg.eigh(res.A)
+    lam = xp.maximum(lam, xp.zeros_like(lam))
+    return _Eig(l=lam, U=U, s=xp.sqrt(lam))
+
+
+def _exact(res, E, inverse: bool):
+    """``U [(U^T sym(E) U) o K] U^T`` with K the divided differences of sqrt
+    (``1/(s_i + s_j)``) or of 1/sqrt (``-1/(s_i s_j (s_i + s_j))``).
+
+    The same self-adjoint map is the JVP (E = dA) and the VJP (E = G).
+    """
+    xp = array_api_compat.array_namespace(res.A)
+    eig = _eig_of(res)
+    s = eig.s
+    s_min, s_max = s[..., 0], s[..., -1]
+    if not bool(xp.all(s_min > 0)):
+        raise ValueError("the matrix square root is not differentiable at a singular A "
+                         "(a zero eigenvalue); use method='approximant' for the derivative "
+                         "of the MPA/MTP/NS forward")
+    if not bool(xp.all(s_min >= math.sqrt(_eps(res.A)) * s_max)):
+        warnings.warn("A is ill-conditioned: the Lyapunov operator S X + X S has condition "
+                      f"number {float(xp.max(s_max / s_min)):.1e}; the gradient is large "
+                      "and sensitive", ConditioningWarning, stacklevel=4)
+    if inverse:
+        def K(a, b):
+            return -1.0 / (a * b * (a + b))
+    else:
+        def K(a, b):
+            return 1.0 / (a + b)
+    return _symmetric_eig_solve(eig.U, s, _sym(E), K)
+
+
+# --------------------------------------------------------------------------
+# Derivatives, method "lyapunov_sign": (1)/(2) solved through identity (3)
+# --------------------------------------------------------------------------
+
+def _lyapunov_operand(res, E, inverse: bool):
+    """(B, C, sigma) such that the derivative is the solution of B X + X B = C."""
+    if inverse:
+        T = res.S_inv
+        T2 = T @ T
+        return T, -_sym(T2 @ E @ T2), _fro(T)           # L_T(X) = -T^2 E T^2
+    xp = array_api_compat.array_namespace(res.A)
+    return res.S, E, xp.sqrt(_fro(res.A))               # L_S(X) = E
+
+
+def _lyap_sign(res, E, inverse: bool, iters, tol, max_iter, full_output):
+    B, C, sigma = _lyapunov_operand(res, _sym(E), inverse)
+    iters, tol, max_iter = _iteration_options(iters, tol, max_iter, _eps(res.A))
+    X, n_iter, err, conv = _lyapunov_sign_core(B / _mm(sigma), C / _mm(sigma), iters=iters,
+                                               tol=tol, max_iter=max_iter, symmetric=True)
+    _warn_unconverged("the Lyapunov sign iteration", conv, err, tol, stacklevel=5)
+    X = _sym(X)              # symmetric in exact arithmetic (C_0 is)
+    if not full_output:
+        return X, None
+    info = LyapunovResult(X=X, B=B, C=C, method="sign", residual=_lyapunov_residual(B, C, X),
+                          n_iter=n_iter, error=err, converged=conv)
+    return X, info
+
+
+# --------------------------------------------------------------------------
+# Derivatives, method "approximant": the chain rule through the forward
+# --------------------------------------------------------------------------
+
+def _rational_jvp(res, dA):
+    """Forward mode through ``out = c^g sym(D^{-1} N)``, ``W = a I + b A/c``, ``c = ||A||_F``:
+
+    dc = <A, dA>/c,  dW = b (dA/c - A dc/c^2),  d(W^k) = d(W^{k-1}) W + W^{k-1} dW,
+    dR = D^{-1} (dN - dD R),  d out = g c^{g-1} dc sym(R) + c^g sym(dR).
+    """
+    xp = array_api_compat.array_namespace(res.A)
+    st: _Rational = res.state
+    As, c, g = res.A, res.scale, st.gamma
+    dAs = _sym(dA)
+    dc = _dot(As, dAs) / c
+    Z = st.powers[1]
+    dZ = st.b * (dAs / _mm(c) - As * _mm(dc / c ** 2))
+    dpows = [None, dZ]
+    for k in range(2, len(st.powers)):
+        dpows.append(dpows[k - 1] @ Z + st.powers[k - 1] @ dZ)
+    dN = _poly((0.0,) + st.num[1:], [xp.zeros_like(Z)] + dpows[1:])
+    if st.D is not None:
+        dD = _poly((0.0,) + st.den[1:], [xp.zeros_like(Z)] + dpows[1:])
+        dR = xp.linalg.solve(st.D, dN - dD @ st.R)
+    else:
+        dR = dN
+    return _mm(g * c ** (g - 1.0) * dc) * _sym(st.R) + _mm(c ** g) * _sym(dR)
+
+
+def _rational_vjp(res, G):
+    """Reverse mode of :func:`_rational_jvp`:
+
+    Gs = sym(G); R_bar = c^g Gs; c_bar = g c^{g-1} <Gs, R>;
+    Y = D^{-T} R_bar;  (W^k)_bar = n_k Y - d_k Y R^T;
+    reverse W^k = W^{k-1} W:  (W^{k-1})_bar += (W^k)_bar W^T,  W_bar += (W^{k-1})^T (W^k)_bar;
+    A_bar = b W_bar / c + (c_bar - b <W_bar, A>/c^2) A / c, then sym.
+    """
+    xp = array_api_compat.array_namespace(res.A)
+    st: _Rational = res.state
+    As, c, g = res.A, res.scale, st.gamma
+    Gs = _sym(G)
+    R_bar = _mm(c ** g) * Gs
+    c_bar = g * c ** (g - 1.0) * _dot(Gs, st.R)
+    if st.D is not None:
+        Y = xp.linalg.solve(mT(st.D), R_bar)          # D^T Y = R_bar
+        W = Y @ mT(st.R)
+    else:
+        Y, W = R_bar, None
+    d = len(st.powers) - 1
+
+    def power_bar(k):
+        out = st.num[k] * Y if k < len(st.num) else xp.zeros_like(Y)
+        if W is not None and k < len(st.den):
+            out = out - st.den[k] * W
+        return out
+
+    acc = power_bar(d)                                  # (Z^d)_bar
+    Z_bar = xp.zeros_like(Y)
+    Zt = mT(st.powers[1])
+    for k in range(d, 1, -1):
+        Z_bar = Z_bar + mT(st.powers[k - 1]) @ acc
+        acc = power_bar(k - 1) + acc @ Zt
+    Z_bar = Z_bar + acc                                 # Z^1 = Z
+    c_bar = c_bar - st.b * _dot(Z_bar, As) / c ** 2
+    A_bar = st.b * Z_bar / _mm(c) + As * _mm(c_bar / c)
+    return _sym(A_bar)
+
+
+def _ns_out_scale(res, inverse):
+    """out = c^g sym(F), F = Z_T (inverse) or Y_T, c = tr A, g = -+1/2."""
+    st: _NewtonSchulz = res.state
+    return (st.Z if inverse else st.Y), (-0.5 if inverse else 0.5)
+
+
+def _ns_jvp(res, dA, inverse: bool):
+    """Forward mode through the NS steps actually taken (frozen members skip):
+
+    dY_0 = dA/c - A dc/c^2 (dc = tr dA), dZ_0 = 0;  dW = dZ Y + Z dY, dM = -dW,
+    dY' = (dY M + Y dM)/2,  dZ' = (dM Z + M dZ)/2;  d out = g c^{g-1} dc sym(F) + c^g sym(dF).
+    """
+    xp = array_api_compat.array_namespace(res.A)
+    st: _NewtonSchulz = res.state
+    As, c = res.A, res.scale
+    dAs = _sym(dA)
+    dc = xp.linalg.trace(dAs)
+    dY = dAs / _mm(c) - As * _mm(dc / c ** 2)
+    dZ = xp.zeros_like(dY)
+    for (Y, Z), M, active in st.history:
+        dM = -(dZ @ Y + Z @ dY)
+        dY_new = 0.5 * (dY @ M + Y @ dM)
+        dZ_new = 0.5 * (dM @ Z + M @ dZ)
+        dY = xp.where(_mm(active), dY_new, dY)
+        dZ = xp.where(_mm(active), dZ_new, dZ)
+    F, g = _ns_out_scale(res, inverse)
+    dF = dZ if inverse else dY
+    return _mm(g * c ** (g - 1.0) * dc) * _sym(F) + _mm(c ** g) * _sym(dF)
+
+
+def _ns_vjp(res, G, inverse: bool):
+    """Reverse mode of :func:`_ns_jvp` through the recorded steps:
+
+    Y_bar = Y'_bar M^T / 2 + Z^T W_bar,  Z_bar = M^T Z'_bar / 2 + W_bar Y^T,
+    W_bar = -M_bar = -(Y^T Y'_bar + Z'_bar Z^T) / 2;
+    A_bar = Y_0_bar / c + (c_bar - <Y_0_bar, A>/c^2) I, then sym.
+    """
+    xp = array_api_compat.array_namespace(res.A)
+    st: _NewtonSchulz = res.state
+    As, c = res.A, res.scale
+    F, g = _ns_out_scale(res, inverse)
+    Gs = _sym(G)
+    F_bar = _mm(c ** g) * Gs
+    c_bar = g * c ** (g - 1.0) * _dot(Gs, F)
+    zero = xp.zeros_like(Gs)
+    Y_bar, Z_bar = (zero, F_bar) if inverse else (F_bar, zero)
+    for (Y, Z), M, active in reversed(st.history):
+        W_bar = -0.5 * (mT(Y) @ Y_bar + Z_bar @ mT(Z))
+        Y_prev = 0.5 * (Y_bar @ mT(M)) + mT(Z) @ W_bar
+        Z_prev = 0.5 * (mT(M) @ Z_bar) + W_bar @ mT(Y)
+        Y_bar = xp.where(_mm(active), Y_prev, Y_bar)
+        Z_bar = xp.where(_mm(active), Z_prev, Z_bar)
+    c_bar = c_bar - _dot(Y_bar, As) / c ** 2
+    A_bar = Y_bar / _mm(c) + _mm(c_bar) * eye_like(As)
+    return _sym(A_bar)
+
+
+def _approximant(res, E, inverse: bool, mode: str):
+    if res.method == "eig":
+        return _exact(res, E, inverse)     # the eig forward is exact: same derivative
+    if res.method == "ns":
+        return _ns_jvp(res, E, inverse) if mode == "jvp" else _ns_vjp(res, E, inverse)
+    return _rational_jvp(res, E) if mode == "jvp" else _rational_vjp(res, E)
+
+
+# --------------------------------------------------------------------------
+# Public JVPs and VJPs
+# --------------------------------------------------------------------------
+
+def _check_derivative_args(res, E, inverse: bool, name: str, method: str, fn: str):
+    cls = InvSqrtmResult if inverse else SqrtmResult
+    if not isinstance(res, cls):
+        raise TypeError(f"argument 'res' of {fn} must be a {cls.__name__} (the result of "
+                        f"{'inv_sqrtm' if inverse else 'sqrtm'}), got {type(res).__name__}")
+    out = res.S_inv if inverse else res.S
+    backend.namespace(out=out, **{name: E})
+    backend.check_array(E, name)
+    if tuple(E.shape) != tuple(out.shape):
+        raise ValueError(f"argument {name!r} has shape {tuple(E.shape)}, expected "
+                         f"{tuple(out.shape)}")
+    if method not in VJP_METHODS:
+        raise ValueError(f"argument 'method' must be one of {VJP_METHODS}, got {method!r}")
+    xp = array_api_compat.array_namespace(E)
+    if not bool(xp.all(res.converged)):
+        warnings.warn(f"the {res.method!r} forward did not converge; its {method!r} "
+                      "derivative is unreliable", ConvergenceWarning, stacklevel=4)
+
+
+def _derivative(res, E, *, inverse, method, mode, iters, tol, max_iter, full_output):
+    if method != "lyapunov_sign" and (iters is not None or tol is not None):
+        raise ValueError("arguments 'iters'/'tol' apply to method 'lyapunov_sign' only")
+    if method == "exact":
+        out, info = _exact(res, E, inverse), None
+    elif method == "lyapunov_sign":
+        out, info = _lyap_sign(res, E, inverse, iters, tol, max_iter, full_output)
+    else:
+        out, info = _approximant(res, E, inverse, mode), None
+    out = _sym(out)          # symmetric in exact arithmetic; make it exactly so
+    return (out, info) if full_output else out
+
+
+def sqrtm_vjp(res: SqrtmResult, S_bar, *, method: str = "exact", iters: int | None = None,
+              tol: float | None = None, max_iter: int = DEFAULT_MAX_ITER,
+              full_output: bool = False):
+    """Reverse mode of :func:`sqrtm`: ``A_bar`` from ``S_bar``.
+
+    Parameters
+    ----------
+    res : the forward's result.
+    S_bar : cotangent of ``S`` (..., n, n); need not be symmetric.
+    method : "exact" — ``U [(U^T sym(G) U) / (s_i + s_j)] U^T`` (the derivative of
+        the true root; uses the stored or a fresh ``eigh(A)``); "lyapunov_sign"
+        — ``S X + X S = sym(G)`` by the Newton–Schulz sign iteration (the paper's
+        backward, using the forward's ``S``); "approximant" — the exact
+        derivative of the forward actually computed (MPA/MTP/NS; equals
+        "exact" for the eig forward).
+    iters, tol, max_iter : lyapunov_sign only (see :func:`lyapunov`).
+    full_output : also return the Lyapunov solve's :class:`LyapunovResult`
+        (or None for the other methods).
+
+    Returns
+    -------
+    A_bar : (..., n, n), symmetric: the gradient with respect to (symmetric)
+        perturbations of A, i.e. the symmetric part of the Fréchet adjoint
+        ``L_S^{-1}(S_bar)`` (see the module docstring).
+    """
+    _check_derivative_args(res, S_bar, False, "S_bar", method, "sqrtm_vjp")
+    return _derivative(res, S_bar, inverse=False, method=method, mode="vjp", iters=iters,
+                       tol=tol, max_iter=max_iter, full_output=full_output)
+
+
+def inv_sqrtm_vjp(res: InvSqrtmResult, S_inv_bar, *, method: str = "exact",
+                  iters: int | None = None, tol: float | None = None,
+                  max_iter: int = DEFAULT_MAX_ITER, full_output: bool = False):
+    """Reverse mode of :func:`inv_sqrtm`: ``A_bar`` from ``S_inv_bar``.
+
+    "exact": ``-U [(U^T G U) / (s_i s_j (s_i + s_j))] U^T``; "lyapunov_sign":
+    ``T X + X T = -T^2 G T^2`` with ``T = S_inv`` by the sign iteration;
+    "approximant": the derivative of the computed forward.  See
+    :func:`sqrtm_vjp`.
+    """
+    _check_derivative_args(res, S_inv_bar, True, "S_inv_bar", method, "inv_sqrtm_vjp")
+    return _derivative(res, S_inv_bar, inverse=True, method=method, mode="vjp", iters=iters,
+                       tol=tol, max_iter=max_iter, full_output=full_output)
+
+
+def sqrtm_jvp(res: SqrtmResult, dA, *, method: str = "exact", iters: int | None = None,
+              tol: float | None = None, max_iter: int = DEFAULT_MAX_ITER):
+    """Forward mode of :func:`sqrtm`: ``dS`` from ``dA``, for each VJP method
+    (the pair passes the adjoint test): "exact" ``U [(U^T dA U)/(s_i + s_j)]
+    U^T``, "lyapunov_sign" ``S dS + dS S = dA`` by the sign iteration,
+    "approximant" forward mode through the computed forward."""
+    _check_derivative_args(res, dA, False, "dA", method, "sqrtm_jvp")
+    return _derivative(res, dA, inverse=False, method=method, mode="jvp", iters=iters,
+                       tol=tol, max_iter=max_iter, full_output=False)
+
+
+def inv_sqrtm_jvp(res: InvSqrtmResult, dA, *, method: str = "exact",
+                  iters: int | None = None, tol: float | None = None,
+                  max_iter: int = DEFAULT_MAX_ITER):
+    """Forward mode of :func:`inv_sqrtm`: ``dS_inv`` from ``dA`` (see
+    :func:`sqrtm_jvp`; lyapunov_sign solves ``T X + X T = -T^2 dA T^2``)."""
+    _check_derivative_args(res, dA, True, "dA", method, "inv_sqrtm_jvp")
+    return _derivative(res, dA, inverse=True, method=method, mode="jvp", iters=iters,
+                       tol=tol, max_iter=max_iter, full_output=False)
+
+
+# --------------------------------------------------------------------------
+# Scalar maps ("method oracles") and error bounds
+# --------------------------------------------------------------------------
+
+def _approx_params(method, order, degree, iters):
+    if method not in SQRT_METHODS:
+        raise ValueError(f"argument 'method' must be one of {SQRT_METHODS}, got {method!r}")
+    if method == "mpa":
+        return _check_int(DEFAULT_MPA_ORDER if order is None else order, "order", minimum=1)
+    if method == "mtp":
+        return _check_int(DEFAULT_MTP_DEGREE if degree is None else degree, "degree", minimum=1)
+    if method == "ns":
+        if iters is None:
+            raise ValueError("method 'ns' needs 'iters' (the number of steps taken, "
+                             "e.g. res.n_iter)")
+        return iters
+    return None
+
+
+def _horner(coeffs, x):
+    out = coeffs[-1] + 0.0 * x
+    for a in reversed(coeffs[:-1]):
+        out = out * x + a
+    return out
+
+
+def _mpa_even_odd(m: int, x):
+    """E(x) = sum_j binom(N, 2j) x^j and O(x) = sum_j binom(N, 2j+1) x^j, N = 2m+1:
+    sqrt(x) coth(N artanh sqrt x) = E(x) / O(x) (positive coefficients, stable on [0, 1])."""
+    N = 2 * m + 1
+    E = _horner([float(math.comb(N, 2 * j)) for j in range(m + 1)], x)
+    O = _horner([float(math.comb(N, 2 * j + 1)) for j in range(m + 1)], x)
+    return E, O
+
+
+def _ns_w(x, iters):
+    """w_T of the scalar NS recursion w_{k+1} = w_k (3 - w_k)^2 / 4, w_0 = x.
+    ``iters`` may be an int or an integer array broadcasting against x."""
+    xp = array_api_compat.array_namespace(x)
+    if isinstance(iters, int):
+        its = xp.full(x.shape, iters, dtype=xp.int64, device=backend.device(x))
+    else:
+        its = xp.broadcast_to(iters, x.shape)
+    w = x
+    for k in range(int(xp.max(its)) if its.size else 0):
+        w = xp.where(its > k, w * (3.0 - w) ** 2 / 4.0, w)
+    return w
+
+
+def scalar_map(x, *, method: str, order: int | None = None, degree: int | None = None,
+               iters=None, inverse: bool = False):
+    """The scalar function each method applies to a normalised eigenvalue.
+
+    For ``A = U diag(l) U^T`` and ``x = l / c`` (``c`` the method's
+    normalisation), the forward is, in exact arithmetic,
+    ``S = sqrt(c) U diag(phi(x)) U^T`` (``S_inv = c^{-1/2} U diag(phi(x)) U^T``):
+
+    * eig: ``sqrt(x)`` (``1/sqrt(x)``);
+    * mpa: ``E(x)/O(x) = sqrt(x) coth((2m+1) artanh sqrt x)`` (``O/E``) — the
+      binomial closed form, independent of :func:`pade_coefficients`;
+    * mtp: ``sum_k t_k (1 - x)^k`` (Taylor coefficients of ``(1 - z)^{±1/2}``);
+    * ns: ``sqrt(x w_T)`` (``sqrt(w_T / x)``), ``w_T`` from the scalar recursion
+      (``iters`` = the steps taken, e.g. ``res.n_iter[..., None]``).
+
+    This is the "method oracle": the matrix result must agree with it to
+    round-off, which separates implementation bugs from approximation error.
+    """
+    xp = backend.namespace(x=x)
+    k = _approx_params(method, order, degree, iters)
+    if method == "eig":
+        return 1.0 / xp.sqrt(x) if inverse else xp.sqrt(x)
+    if method == "mpa":
+        E, O = _mpa_even_odd(k, x)
+        return O / E if inverse else E / O
+    if method == "mtp":
+        t = [float(v) for v in taylor_coefficients(k, inverse=inverse)]
+        return _horner(t, 1.0 - x)
+    w = _ns_w(x, k)
+    return xp.sqrt(w / x) if inverse else xp.sqrt(x * w)
+
+
+def relative_error(x, *, method: str, order: int | None = None, degree: int | None = None,
+                   iters=None, inverse: bool = False):
+    """Relative error ``phi(x) / x^{±1/2} - 1`` of a method at normalised eigenvalue(s) x.
+
+    Closed forms, with ``s = sqrt x``, ``rho = (1 - s)/(1 + s)``, ``N = 2m + 1``:
+
+    * mpa: ``2 rho^N / (1 - rho^N)`` (inverse: ``-2 rho^N / (1 + rho^N)``);
+    * mtp: ``(sum_{k<=K} t_k z^k - x^{±1/2}) / x^{±1/2}``, ``z = 1 - x``
+      (the negated series tail; for sqrtm ``<= 0``... i.e. the polynomial
+      overestimates, the tail is ``sum_{k>K} |t_k| z^k``);
+    * ns: ``sqrt(w_T) - 1`` (both roots);
+    * eig: 0.
+
+    ``x = 0`` gives ``inf`` for mpa/mtp (sqrtm) — a relative error at a zero
+    eigenvalue is unbounded — and -1 for ns.
+    """
+    xp = backend.namespace(x=x)
+    k = _approx_params(method, order, degree, iters)
+    if method == "eig":
+        return xp.zeros_like(x)
+    pos = x > 0
+    x1 = xp.where(pos, x, xp.ones_like(x))          # keeps x = 0 out of divisions
+    s = xp.sqrt(x1)
+    if method == "mpa":
+        rho_N = ((1.0 - s) / (1.0 + s)) ** (2 * k + 1)
+        if inverse:
+            return xp.where(pos, -2.0 * rho_N / (1.0 + rho_N), -xp.ones_like(x))
+        return xp.where(pos, 2.0 * rho_N / (1.0 - rho_N), xp.full_like(x, math.inf))
+    if method == "mtp":
+        t = [float(v) for v in taylor_coefficients(k, inverse=inverse)]
+        T = _horner(t, 1.0 - x1)
+        rel = T * s - 1.0 if inverse else T / s - 1.0
+        return xp.where(pos, rel, -xp.ones_like(x) if inverse else xp.full_like(x, math.inf))
+    w = _ns_w(x, k)
+    return xp.sqrt(w) - 1.0
+
+
+def error_bound(l, *, method: str, order: int | None = None, degree: int | None = None,
+                iters=None, inverse: bool = False):
+    """Per-member bound on the relative error of a method, from the spectrum.
+
+    Parameters
+    ----------
+    l : (..., n) eigenvalues of A (>= 0; clamped at 0).
+    method, order, degree, iters, inverse : as in :func:`scalar_map`
+        (``iters`` for ns: the steps taken, e.g. ``res.n_iter``).
+
+    Returns
+    -------
+    (...,) ``beta = max_i |relative_error(l_i / c)|`` with the method's
+    normalisation ``c`` (``||A||_F = ||l||_2`` for mpa/mtp, ``tr A`` for ns).
+    In exact arithmetic the computed root then satisfies
+    ``||S_method - A^{1/2}||_2 <= beta ||A^{1/2}||_2`` (likewise for
+    ``A^{-1/2}``), and every eigenvalue is off by at most the factor beta.
+    """
+    xp = backend.namespace(l=l)
+    l = xp.maximum(l, xp.zeros_like(l))
+    if method == "ns":
+        c = xp.sum(l, axis=-1, keepdims=True)
+        if iters is not None and not isinstance(iters, int):
+            iters = iters[..., None]
+    else:
+        c = xp.sqrt(xp.sum(l * l, axis=-1, keepdims=True))
+    rel = relative_error(l / c, method=method, order=order, degree=degree, iters=iters,
+                         inverse=inverse)
+    return xp.max(xp.abs(rel), axis=-1)
