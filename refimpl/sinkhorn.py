@@ -1283,12 +1283,13 @@ def kl_value(res: SinkhornResult):
     ``KL(P | Q) = sum P log(P / Q) - P + Q``; equals
     ``entropic_value - eps (<r, log a> + <c, log b>) + eps sum(a) sum(b)``.
     For probability marginals at the optimum it is the dual value
-    ``<f - eps log a, a> + <g - eps log b, b>`` of the KL-regularised problem:
-    GeomLoss's ``SamplesLoss("sinkhorn", debias=False)`` value and OTT-JAX's
-    ``reg_ot_cost`` / ``kl_reg_cost`` follow this convention (GeomLoss's
-    default ``debias=True`` returns the Sinkhorn divergence
-    ``W_KL(a, b) - (W_KL(a, a) + W_KL(b, b)) / 2`` instead).  The minimiser is
-    the same plan as for :func:`entropic_value`.  Batch-shaped.
+    ``<f - eps log a, a> + <g - eps log b, b>`` of the KL-regularised problem.
+    Peers: OTT-JAX's ``reg_ot_cost`` / ``kl_reg_cost`` (recent versions) and
+    GeomLoss's ``SamplesLoss("sinkhorn", debias=False)`` follow this
+    convention (GeomLoss with its own scaling: cost ``|x - y|^p / p`` and
+    ``eps = blur^p``; its default ``debias=True`` returns the Sinkhorn
+    divergence ``W_KL(a, b) - (W_KL(a, a) + W_KL(b, b)) / 2`` instead).  The
+    minimiser is the same plan as for :func:`entropic_value`.  Batch-shaped.
     """
     _check_result(res)
     _require_balanced(res, "kl_value")

@@ -742,3 +742,16 @@ def test_module_is_callable_as_in_design():
     a = np.array([0.5, 0.5])
     res = refimpl.sinkhorn(C, a, a, eps=0.5)
     assert isinstance(res, sk.SinkhornResult) and res.converged
+
+
+def test_benchmark_quick_smoke_run(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sinkhorn.py"
+    spec = importlib.util.spec_from_file_location("bench_sinkhorn", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", "--out", ""]) == 0
+    out = capsys.readouterr().out
+    assert "implicit-schur" in out and "unrolled" in out and "independent of tau" in out
