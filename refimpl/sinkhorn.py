@@ -73,11 +73,14 @@ Solvers of ``M [u; v] = [t_a; t_b]`` (``method=``):
     as ``diag(W_off 1) - W_off`` (``W_off`` = ``W`` without its diagonal, no
     cancellation), scaled symmetrically ``S^ = D_c^{-1/2} S D_c^{-1/2}``
     (eigenvalues in [0, 1]: ``1 - sigma_k^2``, ``sigma_k`` the singular values
-    of ``D_r^{-1/2} P D_c^{-1/2}``) and solved through its eigendecomposition:
-    the null eigenvector is dropped, as is any eigenvalue below
-    ``k u lambda_max`` (least squares on the consistent singular system: the
-    robust fallback, which warns).  ``O(n m k + k^3)``, ``k = min(n, m)``: a
-    tall-skinny problem (top-k: m = 2) solves a 2 x 2 system.
+    of ``D_r^{-1/2} P D_c^{-1/2}``).  ``eigvalsh`` gives its conditioning;
+    when ``cond <= 1/sqrt(u)`` it is solved by LU with the null vector
+    ``sqrt(c)`` deflated, otherwise (warning) through its eigendecomposition
+    with the null eigenvector and every eigenvalue below ``k u lambda_max``
+    dropped (least squares on the consistent singular system: the robust
+    fallback).  A final block Gauss-Seidel sweep restores relative accuracy on
+    nodes of tiny mass.  ``O(n m k + k^3)``, ``k = min(n, m)``: a tall-skinny
+    problem (top-k: m = 2) solves a 2 x 2 system.
 ``"cg"``  the same Schur system by preconditioned conjugate gradients
     (preconditioner ``D_c``), matrix-free: two products with ``P`` per
     iteration, never an n x n or m x m matrix.  Converges on the consistent
@@ -1065,11 +1068,13 @@ def sinkhorn_vjp(res: SinkhornResult, P_bar, *, method: str = "schur", cg_tol: f
     res : result of :func:`sinkhorn`.
     P_bar : (..., n, m) cotangent, any values (not only symmetric, not only
         of a particular loss).
-    method : ``"schur"`` (dense, smaller side, eigen pseudo-inverse; default),
+    method : ``"schur"`` (dense, smaller side; LU, or a truncated eigen
+        solve when ill-conditioned; default),
         ``"cg"`` (matrix-free conjugate gradients for large problems),
         ``"reduced"`` (the paper's (n + m - 1) dense system), ``"kkt"`` (full
         KKT system, tiny sizes only).  All agree to round-off.
-    cg_tol, cg_max_iter : CG relative residual tolerance (default 1e-12 in
+    cg_tol, cg_max_iter : CG tolerance on the residual in the D_c^{-1} norm
+        relative to the right-hand side (default 1e-12 in
         float64, 1e-5 in float32) and iteration limit (default
         ``max(1000, 10 min(n, m))``).
     warn : issue ConvergenceWarning (unconverged forward or CG) and
