@@ -4,14 +4,25 @@ Every operator is a set of plain functions side by side (see DESIGN.md):
 ``res = op(*inputs, **params)`` returns a frozen result; ``op_vjp(res, out_bar)``
 and ``op_jvp(res, *tangents)`` differentiate it.  ``refimpl.registry`` lists
 the operators; ``refimpl.check`` is the gradient-checking harness.
+
+``refimpl.sinkhorn`` is both the module and (called) the forward
+``refimpl.sinkhorn.sinkhorn``, as DESIGN.md names it.
 """
 
-from . import backend, check, linsolve, matsqrt, registry
+from . import backend, check, combinatorial, deq, linsolve, matsqrt, registry, sinkhorn
 from .matsqrt import (inv_sqrtm, inv_sqrtm_jvp, inv_sqrtm_vjp, lyapunov, matrix_sign, sqrtm,
                       sqrtm_jvp, sqrtm_vjp)
+from .sinkhorn import sinkhorn_jvp, sinkhorn_unrolled_vjp, sinkhorn_vjp
 
 __version__ = "0.1.0"
 
-__all__ = ["backend", "check", "linsolve", "matsqrt", "registry", "__version__",
-           "inv_sqrtm", "inv_sqrtm_jvp", "inv_sqrtm_vjp", "lyapunov", "matrix_sign", "sqrtm",
-           "sqrtm_jvp", "sqrtm_vjp"]
+__all__ = [
+    "__version__",
+    # modules
+    "backend", "check", "combinatorial", "deq", "linsolve", "matsqrt", "registry", "sinkhorn",
+    # Sinkhorn (refimpl.sinkhorn is callable: the forward)
+    "sinkhorn_jvp", "sinkhorn_unrolled_vjp", "sinkhorn_vjp",
+    # matrix square root
+    "inv_sqrtm", "inv_sqrtm_jvp", "inv_sqrtm_vjp", "lyapunov", "matrix_sign", "sqrtm",
+    "sqrtm_jvp", "sqrtm_vjp",
+]
