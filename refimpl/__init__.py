@@ -6,8 +6,8 @@ and ``op_jvp(res, *tangents)`` differentiate it.  ``refimpl.registry`` lists
 the operators; ``refimpl.check`` is the gradient-checking harness.
 """
 
-from . import backend, check, linsolve, registry
+from . import backend, check, linsolve, registry, sinkhorn
 
 __version__ = "0.1.0"
 
-__all__ = ["backend", "check", "linsolve", "registry", "__version__"]
+__all__ = ["backend", "check", "linsolve", "registry", "sinkhorn", "__version__"]
