@@ -463,10 +463,12 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
     nu = ((n - k) / n, k / n)
     plan = _anchor_transport(xp, xs, y, nu, eps, tol, max_iter)
     A = float(n) * plan.P[..., 1]
-    theta = 0.5 * (y1 + y2) - (plan.g[..., 1] - plan.g[..., 0]) / (2.0 * (y2 - y1))
+    theta = (xp.mean(xs, axis=-1) + 0.5 * (y1 + y2)
+             - (plan.g[..., 1] - plan.g[..., 0]) / (2.0 * (y2 - y1)))
+    n_iter, err, conv = _plan_diagnostics(xp, plan)
     return SoftTopkResult(A=A, theta=sign * theta, plan=plan, s=None, x=x, k=k, eps=eps,
-                          largest=largest, method=method, t=t, n_iter=int(plan.n_iter),
-                          error=float(plan.error), converged=bool(plan.converged))
+                          largest=largest, method=method, t=t, n_iter=n_iter, error=err,
+                          converged=conv)
 
 
 def _check_count(value, name: str) -> int:
@@ -501,9 +503,9 @@ def soft_topk_jvp(res: SoftTopkResult, dx):
     sign = 1.0 if res.largest else -1.0
     if res.k in (0, res.x.shape[-1]):
         return xp.zeros_like(res.A)
-    dxs = sign * dx
+    dxs = sign * dx                                      # A is a function of sign * x
     if res.method == "closed_form":
-        return sign * _closed_form_jvp(xp, res, dxs)
+        return _closed_form_jvp(xp, res, dxs)
     dP = _anchor_jvp(xp, res.plan, sign * res.x, ANCHORS, dxs)
     return float(res.x.shape[-1]) * dP[..., 1]
 
@@ -537,19 +539,28 @@ def soft_topk_vjp(res: SoftTopkResult, A_bar, *, method: str = "schur"):
 # General anchors: the Sinkhorn plan and its KKT (Schur) backward
 # --------------------------------------------------------------------------
 
-def _anchor_cost(xp, x, y):
-    """``C_ij = (x_i - y_j)^2`` for anchors ``y`` (Python floats), (..., n, m)."""
-    yy = xp.asarray(list(y), dtype=x.dtype, device=backend.device(x))
-    diff = x[..., :, None] - yy
+def _centred(xp, x):
+    """``x - mean(x)``: the plan, ``A`` and the Jacobian are unchanged (a shift
+    of the scores is absorbed by the potentials), and the log-domain
+    iterations see costs set by the spread of the scores, not their offset."""
+    return x - xp.mean(x, axis=-1, keepdims=True)
+
+
+def _anchor_cost(xp, xc, y):
+    """``C_ij = (xc_i - y_j)^2`` for anchors ``y`` (Python floats), (..., n, m),
+    and the differences ``xc_i - y_j`` (``dC_ij / dxc_i = 2 (xc_i - y_j)``)."""
+    yy = xp.asarray(list(y), dtype=xc.dtype, device=backend.device(xc))
+    diff = xc[..., :, None] - yy
     return diff * diff, diff
 
 
 def _anchor_transport(xp, x, y, nu, eps, tol, max_iter):
-    """Entropic plan between ``mu = 1/n`` and ``nu`` on anchors ``y``."""
+    """Entropic plan between ``mu = 1/n`` and ``nu`` on anchors ``y`` for the
+    centred scores (:func:`refimpl.sinkhorn.sinkhorn`, log domain)."""
     from .sinkhorn import sinkhorn
 
     n = x.shape[-1]
-    C, _ = _anchor_cost(xp, x, y)
+    C, _ = _anchor_cost(xp, _centred(xp, x), y)
     dev = backend.device(x)
     a = xp.full(tuple(x.shape), 1.0 / n, dtype=x.dtype, device=dev)
     b = xp.broadcast_to(xp.asarray(list(nu), dtype=x.dtype, device=dev),
@@ -560,23 +571,31 @@ def _anchor_transport(xp, x, y, nu, eps, tol, max_iter):
     return sinkhorn(C, a, b, eps=eps, tol=backend.check_positive(tol, "tol"), max_iter=max_iter)
 
 
+def _plan_diagnostics(xp, plan):
+    """(n_iter, error, converged) of a batched Sinkhorn result, as Python scalars."""
+    return (int(xp.max(plan.n_iter)), float(xp.max(plan.error)), plan.all_converged)
+
+
 def _anchor_jvp(xp, plan, x, y, dx):
-    """``dP`` from ``dC_ij = 2 (x_i - y_j) dx_i`` (mu, nu do not depend on x)."""
+    """``dP`` from ``dC_ij = 2 (xc_i - y_j) dxc_i``, ``xc = x - mean(x)``
+    (mu and nu do not depend on x)."""
     from .sinkhorn import sinkhorn_jvp
 
-    _, diff = _anchor_cost(xp, x, y)
-    dC = 2.0 * diff * dx[..., :, None]
+    _, diff = _anchor_cost(xp, _centred(xp, x), y)
+    dC = 2.0 * diff * _centred(xp, dx)[..., :, None]
     return sinkhorn_jvp(plan, dC, None, None)
 
 
 def _anchor_vjp(xp, plan, x, y, P_bar, method):
-    """``x_bar_i = 2 sum_j C_bar_ij (x_i - y_j)`` with ``C_bar`` from the KKT
-    (Schur-complement) VJP of the plan."""
+    """``xc_bar_i = 2 sum_j C_bar_ij (xc_i - y_j)`` with ``C_bar`` from the KKT
+    (Schur-complement) VJP of the plan, then ``x_bar = xc_bar - mean(xc_bar)``
+    (the adjoint of centring; ``sum(xc_bar) = 0`` already, since ``C_bar``
+    has zero row and column sums, so this only removes round-off)."""
     from .sinkhorn import sinkhorn_vjp
 
     C_bar, _, _ = sinkhorn_vjp(plan, P_bar, method=method)
-    _, diff = _anchor_cost(xp, x, y)
-    return 2.0 * xp.sum(C_bar * diff, axis=-1)
+    _, diff = _anchor_cost(xp, _centred(xp, x), y)
+    return _centred(xp, 2.0 * xp.sum(C_bar * diff, axis=-1))
 
 
 # --------------------------------------------------------------------------
@@ -632,9 +651,9 @@ def soft_sorted_topk(x, k, *, eps, largest: bool = True, tol: float | None = Non
     xs = x if largest else -x
     plan = _anchor_transport(xp, xs, y, nu, eps, tol, max_iter)
     A = float(n) * xp.flip(plan.P[..., len(y) - k:], axis=-1)
+    n_iter, err, conv = _plan_diagnostics(xp, plan)
     return SortedTopkResult(A=A, plan=plan, y=y, x=x, k=k, eps=eps, largest=largest,
-                            n_iter=int(plan.n_iter), error=float(plan.error),
-                            converged=bool(plan.converged))
+                            n_iter=n_iter, error=err, converged=conv)
 
 
 def _sorted_P_bar(xp, res: SortedTopkResult, A_bar):
