@@ -347,6 +347,7 @@ def _solve_threshold(xp, x, k: int, t: float, tol: float, max_iter: int, check_e
     n = x.shape[-1]
     u = _unit_roundoff(x.dtype)
     tiny = 2.0 ** -1022 if backend.dtype_name(x.dtype) == "float64" else 2.0 ** -126
+    zmax = 800.0                                         # exp(-800) underflows to 0
     hi_x, lo_x = _boundary_pair(xp, x, k)
     shift = 0.5 * hi_x + 0.5 * lo_x                      # theta_0 = (x_(k) + x_(k+1))/2
     d = x - shift[..., None]
@@ -356,7 +357,10 @@ def _solve_threshold(xp, x, k: int, t: float, tol: float, max_iter: int, check_e
     done = xp.zeros(shift.shape, dtype=xp.bool, device=backend.device(x))
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        z = (d - delta[..., None]) / t
+        # z = (x - theta)/t, the numerator clipped to +-zmax t first so that no
+        # eps (however small against the scores) overflows; sigmoid(+-zmax) is
+        # exactly 0 or 1 in both dtypes.
+        z = xp.clip(d - delta[..., None], -zmax * t, zmax * t) / t
         A, s, h, pos = _sigmoid_parts(xp, z)
         count = xp.astype(xp.sum(xp.astype(pos, xp.int64), axis=-1) - k, x.dtype)
         F = count + xp.sum(h, axis=-1)                   # sum(A) - k
