@@ -527,3 +527,17 @@ def test_sorted_ties_share_ranks():
     A = topk.soft_sorted_topk(x, 2, eps=0.2).A
     assert np.allclose(A[1], A[3], atol=1e-12)
     assert np.allclose(A[[1, 3]].sum(0), 1.0, atol=0.02)
+
+
+def test_benchmark_quick_smoke(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_topk.py"
+    spec = importlib.util.spec_from_file_location("bench_topk", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--json", str(tmp_path / "topk.json")]) == 0
+    out = capsys.readouterr().out
+    assert "sinkhorn ms" in out and "slope" in out
+    assert (tmp_path / "topk.json").exists()
