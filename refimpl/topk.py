@@ -393,13 +393,11 @@ def _solve_threshold(xp, x, k: int, t: float, tol: float, max_iter: int, check_e
 
 def _constant_result(xp, x, k, eps, largest, method, t) -> SoftTopkResult:
     """k = 0 or k = n: A is 0 or 1 identically, theta = -+inf, the Jacobian is 0."""
-    n = x.shape[-1]
     fill = 0.0 if k == 0 else 1.0
     A = xp.full(tuple(x.shape), fill, dtype=x.dtype, device=backend.device(x))
     inf = math.inf if (k == 0) == largest else -math.inf
     theta = xp.full(tuple(x.shape[:-1]), inf, dtype=x.dtype, device=backend.device(x))
     s = xp.zeros_like(x) if method == "closed_form" else None
-    assert k in (0, n)
     return SoftTopkResult(A=A, theta=theta, plan=None, s=s, x=x, k=k, eps=eps, largest=largest,
                           method=method, t=t, n_iter=0, error=0.0, converged=True)
 
