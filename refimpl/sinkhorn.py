@@ -73,11 +73,14 @@ Solvers of ``M [u; v] = [t_a; t_b]`` (``method=``):
     as ``diag(W_off 1) - W_off`` (``W_off`` = ``W`` without its diagonal, no
     cancellation), scaled symmetrically ``S^ = D_c^{-1/2} S D_c^{-1/2}``
     (eigenvalues in [0, 1]: ``1 - sigma_k^2``, ``sigma_k`` the singular values
-    of ``D_r^{-1/2} P D_c^{-1/2}``) and solved through its eigendecomposition:
-    the null eigenvector is dropped, as is any eigenvalue below
-    ``k u lambda_max`` (least squares on the consistent singular system: the
-    robust fallback, which warns).  ``O(n m k + k^3)``, ``k = min(n, m)``: a
-    tall-skinny problem (top-k: m = 2) solves a 2 x 2 system.
+    of ``D_r^{-1/2} P D_c^{-1/2}``).  ``eigvalsh`` gives its conditioning;
+    when ``cond <= 1/sqrt(u)`` it is solved by LU with the null vector
+    ``sqrt(c)`` deflated, otherwise (warning) through its eigendecomposition
+    with the null eigenvector and every eigenvalue below ``k u lambda_max``
+    dropped (least squares on the consistent singular system: the robust
+    fallback).  A final block Gauss-Seidel sweep restores relative accuracy on
+    nodes of tiny mass.  ``O(n m k + k^3)``, ``k = min(n, m)``: a tall-skinny
+    problem (top-k: m = 2) solves a 2 x 2 system.
 ``"cg"``  the same Schur system by preconditioned conjugate gradients
     (preconditioner ``D_c``), matrix-free: two products with ``P`` per
     iteration, never an n x n or m x m matrix.  Converges on the consistent
@@ -538,8 +541,8 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
             error = xp.where(active, err, error)
             n_iter = xp.where(active, xp.full_like(n_iter, it), n_iter)
             active = active & (err > tol_eff)
-            if not bool(xp.any(active)):
-                break
+            if it == max_iter or not bool(xp.any(active)):
+                break                                      # P is the plan the error was measured on
         # Column update: psi = tau_b (log b - LSE_i(K_ij + phi_i)).
         psi = xp.where(active[..., None], tau_b * (log_b - lse_col), psi)
 
@@ -631,7 +634,7 @@ def _eig_solve(sys: _System, S_hat, rhs_hat):
 
     Balanced: the null eigenvector (``~ sqrt(c)``, the smallest) is dropped.
     Any eigenvalue ``<= k u lambda_max`` is dropped too (least squares on the
-    consistent singular system).  Returns ``(y^, gap, lambda_max, n_dropped)``.
+    consistent singular system).  Returns ``(y^, n_dropped)``.
     """
     xp = backend.namespace(S=S_hat)
     k = S_hat.shape[-1]
@@ -640,16 +643,12 @@ def _eig_solve(sys: _System, S_hat, rhs_hat):
     thresh = (k * _unit_roundoff(S_hat.dtype)) * xp.maximum(lam_max, xp.ones_like(lam_max))
     keep = lam > thresh[..., None]
     if sys.balanced:
-        idx = xp.arange(k, device=backend.device(S_hat))
-        keep = keep & (idx > 0)
-        gap = lam[..., 1] if k > 1 else xp.ones_like(lam_max)
-    else:
-        gap = lam[..., 0]
+        keep = keep & (xp.arange(k, device=backend.device(S_hat)) > 0)
     inv = xp.where(keep, 1.0 / xp.where(keep, lam, xp.ones_like(lam)), xp.zeros_like(lam))
     y_hat = _matvec(Q, _rmatvec(Q, rhs_hat) * inv)             # Q diag(1/lambda) Q^T rhs
     # Directions dropped beyond the exact null vector of the balanced problem.
     n_dropped = xp.sum(xp.astype(~keep, xp.int64), axis=-1) - (1 if sys.balanced else 0)
-    return y_hat, gap, lam_max, n_dropped
+    return y_hat, n_dropped
 
 
 def _cond_from(xp, gap, lam_max):
@@ -674,22 +673,53 @@ def _gauss_seidel_sweep(sys: _System, t_a, t_b, x, y, mask=None):
     return xp.where(mask[..., None], x_new, x), xp.where(mask[..., None], y_new, y)
 
 
+def _spectrum(sys: _System, S_hat):
+    """``(gap, lambda_max)`` of ``S^`` by ``eigvalsh``: the second smallest
+    eigenvalue when balanced (the smallest is the null one; ``k = 1`` has no
+    gap and gets 1), else the smallest."""
+    xp = backend.namespace(S=S_hat)
+    lam = xp.linalg.eigvalsh(S_hat)
+    k = lam.shape[-1]
+    lam_max = lam[..., -1]
+    if not sys.balanced:
+        return lam[..., 0], lam_max
+    if k == 1:
+        return xp.ones_like(lam_max), xp.ones_like(lam_max)
+    return lam[..., 1], lam_max
+
+
 def _solve_schur(sys: _System, t_a, t_b):
-    """Dense Schur-complement solve on the smaller side (see module docstring)."""
+    """Dense Schur-complement solve on the smaller side (see module docstring).
+
+    ``eigvalsh`` of ``S^`` gives the conditioning.  When every member has
+    ``cond <= 1/sqrt(u)`` the system is solved by LU, the balanced null
+    direction ``q = sqrt(c) / ||sqrt(c)||`` deflated (``S^ + q q^T`` is
+    non-singular and has the same solution on ``q^perp``); otherwise by the
+    truncated eigendecomposition (:func:`_eig_solve`), the robust fallback.
+    """
     if sys.n < sys.m:
         (y, x), info = _solve_schur(sys.transposed(), t_b, t_a)
         return (x, y), dict(info, side="rows")
     xp = backend.namespace(P=sys.P)
     P = sys.P
     ra = sys.r * (1.0 + sys.alpha)
-    # S y = t_b - P^T D_r'^{-1} t_a,  D_r' = D_r (1 + alpha)
+    # S y = t_b - P^T D_r'^{-1} t_a,  D_r' = D_r (1 + alpha); scaled y = y^ / sqrt(c).
     rhs = t_b - _rmatvec(P, t_a / ra)
     s = 1.0 / xp.sqrt(sys.c)
-    y_hat, gap, lam_max, n_dropped = _eig_solve(sys, _schur_operator(sys), rhs * s)
+    S_hat = _schur_operator(sys)
+    gap, lam_max = _spectrum(sys, S_hat)
+    cond = _cond_from(xp, gap, lam_max)
+    if bool(xp.all(cond <= _cond_threshold(P.dtype))):
+        if sys.balanced:
+            q = xp.sqrt(sys.c / xp.sum(sys.c, axis=-1, keepdims=True))
+            S_hat = S_hat + q[..., :, None] * q[..., None, :]
+        y_hat = backend.solve_vec(S_hat, rhs * s)
+        n_dropped = xp.zeros(tuple(rhs.shape[:-1]), dtype=xp.int64, device=backend.device(P))
+    else:
+        y_hat, n_dropped = _eig_solve(sys, S_hat, rhs * s)
     y = y_hat * s
     x = (t_a - _matvec(P, y)) / ra                            # x = D_r'^{-1}(t_a - P y)
     x, y = _gauss_seidel_sweep(sys, t_a, t_b, x, y, mask=n_dropped == 0)
-    cond = _cond_from(xp, gap, lam_max)
     return (x, y), dict(gap=gap, lambda_max=lam_max, cond=cond, n_dropped=n_dropped, side="cols")
 
 
@@ -1038,11 +1068,13 @@ def sinkhorn_vjp(res: SinkhornResult, P_bar, *, method: str = "schur", cg_tol: f
     res : result of :func:`sinkhorn`.
     P_bar : (..., n, m) cotangent, any values (not only symmetric, not only
         of a particular loss).
-    method : ``"schur"`` (dense, smaller side, eigen pseudo-inverse; default),
+    method : ``"schur"`` (dense, smaller side; LU, or a truncated eigen
+        solve when ill-conditioned; default),
         ``"cg"`` (matrix-free conjugate gradients for large problems),
         ``"reduced"`` (the paper's (n + m - 1) dense system), ``"kkt"`` (full
         KKT system, tiny sizes only).  All agree to round-off.
-    cg_tol, cg_max_iter : CG relative residual tolerance (default 1e-12 in
+    cg_tol, cg_max_iter : CG tolerance on the residual in the D_c^{-1} norm
+        relative to the right-hand side (default 1e-12 in
         float64, 1e-5 in float32) and iteration limit (default
         ``max(1000, 10 min(n, m))``).
     warn : issue ConvergenceWarning (unconverged forward or CG) and
@@ -1256,12 +1288,13 @@ def kl_value(res: SinkhornResult):
     ``KL(P | Q) = sum P log(P / Q) - P + Q``; equals
     ``entropic_value - eps (<r, log a> + <c, log b>) + eps sum(a) sum(b)``.
     For probability marginals at the optimum it is the dual value
-    ``<f - eps log a, a> + <g - eps log b, b>`` of the KL-regularised problem:
-    GeomLoss's ``SamplesLoss("sinkhorn", debias=False)`` value and OTT-JAX's
-    ``reg_ot_cost`` / ``kl_reg_cost`` follow this convention (GeomLoss's
-    default ``debias=True`` returns the Sinkhorn divergence
-    ``W_KL(a, b) - (W_KL(a, a) + W_KL(b, b)) / 2`` instead).  The minimiser is
-    the same plan as for :func:`entropic_value`.  Batch-shaped.
+    ``<f - eps log a, a> + <g - eps log b, b>`` of the KL-regularised problem.
+    Peers: OTT-JAX's ``reg_ot_cost`` / ``kl_reg_cost`` (recent versions) and
+    GeomLoss's ``SamplesLoss("sinkhorn", debias=False)`` follow this
+    convention (GeomLoss with its own scaling: cost ``|x - y|^p / p`` and
+    ``eps = blur^p``; its default ``debias=True`` returns the Sinkhorn
+    divergence ``W_KL(a, b) - (W_KL(a, a) + W_KL(b, b)) / 2`` instead).  The
+    minimiser is the same plan as for :func:`entropic_value`.  Batch-shaped.
     """
     _check_result(res)
     _require_balanced(res, "kl_value")
@@ -1378,8 +1411,9 @@ def sinkhorn_unrolled_vjp(res: UnrolledResult, P_bar):
 
     and through ``psi_{k-1} = tau_b (log b - LSE_col(K + phi_{k-1}))``
     symmetrically; finally ``C_bar = -K_bar / eps``.  This is the exact
-    gradient of the ``n_iter``-step map (defined for any ``a, b``, so no gauge;
-    compare with :func:`gauge_fix` applied).
+    gradient of the ``n_iter``-step map; compare it with the implicit one
+    after :func:`gauge_fix` (only feasible directions are meaningful for a
+    balanced problem).
 
     Returns ``(C_bar, a_bar, b_bar)`` shaped like the inputs.
     """
@@ -1441,15 +1475,7 @@ def sinkhorn_conditioning(res: SinkhornResult) -> Conditioning:
     if sys.n < sys.m:
         sys = sys.transposed()
         side = "rows"
-    lam = xp.linalg.eigvalsh(_schur_operator(sys))
-    k = lam.shape[-1]
-    lam_max = lam[..., -1]
-    if sys.balanced:
-        gap = lam[..., 1] if k > 1 else xp.ones_like(lam_max)
-        if k == 1:
-            lam_max = xp.ones_like(lam_max)
-    else:
-        gap = lam[..., 0]
+    gap, lam_max = _spectrum(sys, _schur_operator(sys))
     return Conditioning(spectral_gap=gap, lambda_max=lam_max, cond=_cond_from(xp, gap, lam_max),
                         side=side, threshold=_cond_threshold(res.P.dtype))
 
