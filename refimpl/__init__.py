@@ -9,10 +9,11 @@ the operators; ``refimpl.check`` is the gradient-checking harness.
 ``refimpl.sinkhorn.sinkhorn``, as DESIGN.md names it.
 """
 
-from . import backend, check, combinatorial, deq, linsolve, matsqrt, registry, sinkhorn
+from . import backend, check, combinatorial, deq, linsolve, matsqrt, registry, sinkhorn, topk
 from .matsqrt import (inv_sqrtm, inv_sqrtm_jvp, inv_sqrtm_vjp, lyapunov, matrix_sign, sqrtm,
                       sqrtm_jvp, sqrtm_vjp)
 from .sinkhorn import sinkhorn_jvp, sinkhorn_unrolled_vjp, sinkhorn_vjp
+from .topk import soft_sorted_topk, soft_topk, soft_topk_jvp, soft_topk_vjp
 
 __version__ = "0.1.0"
 
@@ -20,8 +21,11 @@ __all__ = [
     "__version__",
     # modules
     "backend", "check", "combinatorial", "deq", "linsolve", "matsqrt", "registry", "sinkhorn",
+    "topk",
     # Sinkhorn (refimpl.sinkhorn is callable: the forward)
     "sinkhorn_jvp", "sinkhorn_unrolled_vjp", "sinkhorn_vjp",
+    # SOFT top-k
+    "soft_sorted_topk", "soft_topk", "soft_topk_jvp", "soft_topk_vjp",
     # matrix square root
     "inv_sqrtm", "inv_sqrtm_jvp", "inv_sqrtm_vjp", "lyapunov", "matrix_sign", "sqrtm",
     "sqrtm_jvp", "sqrtm_vjp",

@@ -1,0 +1,782 @@
+r"""SOFT top-k: the top-k indicator relaxed by entropic optimal transport.
+
+Definition
+----------
+Scores ``x`` in R^n are transported onto anchors ``y_1 < ... < y_m`` with
+cost ``C_ij = (x_i - y_j)^2``, row marginal ``mu_i = 1/n`` and column
+marginal ``nu``.  The entropic plan
+
+    Gamma = argmin_{Gamma 1 = mu, Gamma^T 1 = nu}  <C, Gamma> - eps H(Gamma),
+    H(Gamma) = -sum_ij Gamma_ij (log Gamma_ij - 1),
+
+is smooth in ``x``.  refimpl's convention (part of the API contract):
+
+* SOFT top-k (:func:`soft_topk`): anchors ``y = (0, 1)``,
+  ``nu = ((n-k)/n, k/n)`` for ``largest=True`` (mass k/n on the upper
+  anchor) and ``nu = (k/n, (n-k)/n)`` for ``largest=False``; the output is
+  ``A = n * Gamma[:, selected anchor]``, so ``0 <= A <= 1`` and
+  ``sum(A) = k``.
+* Sorted SOFT top-k (:func:`soft_sorted_topk`, the beam-search variant):
+  ``m = k + 1`` anchors ``y = (0, 1, ..., k)``, ``nu = ((n-k)/n, 1/n, ...,
+  1/n)``; ``A[:, r] = n * Gamma[:, k - r]`` is a soft one-hot of the
+  (r+1)-th ranked score (column 0 the best).  For ``k = n`` the zero-mass
+  anchor is dropped (a soft sort onto ``y = (1, ..., n)``).
+
+No cost normalisation is applied (dividing ``C`` by its maximum would break
+translation invariance and couple the rows of a batch).  Every array is
+batched over leading dimensions; the rows of a batch never interact.
+
+Symbols: ``x`` scores, ``k`` how many to select, ``eps`` the entropic
+regularisation, ``y`` anchors, ``C`` cost, ``mu, nu`` marginals, ``Gamma``
+the plan, ``f, g`` the dual potentials, ``A`` the soft indicator,
+``t = eps / (2 (y_2 - y_1))`` the temperature, ``theta`` the threshold,
+``s = A (1 - A)``, ``S = sum(s)``, ``A_bar = dL/dA``, ``x_bar = dL/dx``.
+
+Which end is "top"
+------------------
+``C_i2 - C_i1 = (y_2 - y_1)(y_1 + y_2 - 2 x_i)`` decreases in ``x_i``, so the
+unregularised plan sends the k largest scores to the upper anchor, for any
+``y_1 < y_2``.  ``largest=False`` is computed as ``largest=True`` on ``-x``
+(the cost depends on ``x`` only through ``-2 x_i y_j`` up to terms absorbed
+by the potentials, so negating ``x`` is the same as reversing the anchors).
+
+Forward equations
+-----------------
+Closed form (two anchors).  The optimal plan is
+``Gamma_ij = exp((f_i + g_j - C_ij)/eps)``.  In row ``i`` the two entries
+sum to ``1/n`` and their ratio is
+``exp((g_2 - g_1 + C_i1 - C_i2)/eps) = exp((x_i - theta)/t)`` with
+``theta = (y_1 + y_2)/2 - (g_2 - g_1)/(2 (y_2 - y_1))``.  Hence
+
+    A_i = sigmoid((x_i - theta) / t),      t = eps / (2 (y_2 - y_1)),
+
+and ``theta`` is the unique root of the decreasing function
+``F(theta) = sum_i A_i(theta) - k`` (``F' = -S/t``).  It is found by
+safeguarded Newton (``theta <- theta + t F / S``, bisection inside a
+bracket whenever the step leaves it) from ``theta_0 = (x_(k) + x_(k+1))/2``,
+``x_(j)`` the j-th largest score (found by ``partition``, O(n) in NumPy,
+where the namespace has it; by a sort otherwise).  Since ``A`` is
+monotone in ``theta``, ``|F(theta)| = ||A(theta) - A(theta*)||_1``.  ``F`` is
+summed as an exact integer count plus terms bounded by ``2 s_i``, so the
+Newton correction ``F / S`` is resolved to ``O(u log n)`` whatever ``k`` is,
+and the iteration stops when it bounds the relative error of every ``A_i``
+(see :func:`_solve_threshold`).  The iteration is run on ``theta - theta_0``
+against the shifted scores ``x - theta_0`` so that ``theta`` is resolved to
+the precision of the scores near the boundary.  ``sigmoid`` and ``s`` are
+evaluated as ``e = exp(-|z|)``, ``s = e / (1 + e)^2``: no overflow, and ``s``
+underflows to 0 (not NaN) when ``eps`` is far below the boundary gap.
+
+Sinkhorn path (any number of anchors): ``Gamma`` from
+:func:`refimpl.sinkhorn.sinkhorn` (log domain, with a tolerance), run on the
+centred scores ``x - mean(x)``: a shift of the scores is absorbed by the
+potentials, so the plan and ``A`` are those of ``x`` while the log-domain
+costs stay set by the spread of the scores rather than their offset.  Both
+paths give the same ``A`` to the Sinkhorn tolerance.
+
+Adjoint equations
+-----------------
+Two anchors (closed form).  Differentiating ``sum A = k``:
+``dtheta = <s, dx> / S``, so
+
+    dA_i/dx_j = (s_i / t)(delta_ij - s_j / S),
+    x_bar     = s * (A_bar - <s, A_bar> / S) / t,          O(n),
+
+with the sign flipped for ``largest=False``.  ``J`` is symmetric, negative
+semi-definite for ``largest=False`` and positive semi-definite for
+``largest=True``, and ``J 1 = 0`` (translation invariance).  When ``S = 0``
+(``k = 0``, ``k = n``, or every ``s_i`` underflowed) the Jacobian is 0, its
+limit (``s_i s_j / S <= min(s_i, s_j)``).
+
+General m anchors (the Sinkhorn path, the sorted variant): the KKT
+conditions of the dual, with the gauge fixed by dropping the last column
+potential, have Jacobian
+``H = [[diag(mu), Gbar], [Gbar^T, diag(nubar)]] / eps``; only the
+``(m-1) x (m-1)`` Schur complement ``K = diag(nubar) - Gbar^T diag(mu)^{-1}
+Gbar`` is inverted, ``O(n m^2 + m^3)``.  That is
+:func:`refimpl.sinkhorn.sinkhorn_vjp` (``method="schur"``), which returns
+``C_bar``; the chain rule through ``dC_ij/dx_i = 2 (x_i - y_j)`` gives
+
+    x_bar_i = 2 sum_j C_bar_ij (x_i - y_j)
+
+(``mu`` and ``nu`` depend on ``n`` and ``k`` only, not on ``x``).  For two
+anchors ``K = S/n`` and the two routes coincide (``derivations/topk.py``).
+
+Error against the hard top-k
+----------------------------
+For distinct scores with boundary gap ``delta = x_(k) - x_(k+1)``,
+
+    ||A_eps - A_hard||_1 <= 2 max(k, n-k) exp(-(y_2 - y_1) delta / eps)
+
+(:func:`soft_topk_error_bound`): the excess mass below the threshold equals
+the deficit above it, and ``sigmoid(-z) <= exp(-z)``.
+
+References
+----------
+Y. Xie, H. Dai, M. Chen, B. Dai, T. Zhao, H. Zha, W. Wei, T. Pfister,
+"Differentiable Top-k Operator with Optimal Transport", NeurIPS 2020.
+B. Amos, V. Koltun, J. Z. Kolter, "The Limited Multi-Label Projection
+Layer", arXiv:1906.08707 (2019) -- the same two-anchor operator.
+M. Cuturi, "Sinkhorn Distances", NeurIPS 2013.
+
+Examples
+--------
+>>> import numpy as np
+>>> x = np.array([0.1, 2.0, -1.0, 0.7, 1.5])
+>>> res = soft_topk(x, 2, eps=0.1)
+>>> bool(abs(res.A.sum() - 2.0) < 1e-12)                  # sum(A) = k
+True
+>>> t = 0.1 / 2.0
+>>> bool(np.allclose(res.A, 1 / (1 + np.exp(-(x - res.theta) / t))))
+True
+>>> x_bar = soft_topk_vjp(res, np.array([1.0, 0.0, 0.0, 0.0, 0.0]))
+>>> bool(abs(x_bar.sum()) < 1e-12)                         # J 1 = 0
+True
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+from . import backend
+from .backend import ConvergenceWarning
+
+__all__ = [
+    "SoftTopkResult",
+    "SortedTopkResult",
+    "boundary_gap",
+    "hard_topk",
+    "soft_sorted_topk",
+    "soft_sorted_topk_jvp",
+    "soft_sorted_topk_vjp",
+    "soft_topk",
+    "soft_topk_error_bound",
+    "soft_topk_jvp",
+    "soft_topk_vjp",
+]
+
+#: Anchors of the two-anchor problem (lower, upper).
+ANCHORS = (0.0, 1.0)
+
+METHODS = ("closed_form", "sinkhorn")
+
+
+# --------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SoftTopkResult:
+    """Result of :func:`soft_topk`.
+
+    Attributes
+    ----------
+    A : (..., n) soft top-k indicator, ``0 <= A <= 1``, ``sum(A, -1) = k``.
+    theta : (...) threshold, ``A = sigmoid(+-(x - theta)/t)``; ``+inf``/``-inf``
+        (``largest=True``) for ``k = 0``/``k = n``.  On the Sinkhorn path it
+        is read off the column potentials,
+        ``theta = (y_1 + y_2)/2 - (g_2 - g_1)/(2 (y_2 - y_1))``.
+    plan : the :class:`refimpl.sinkhorn` result (Sinkhorn path), else None.
+    s : (..., n) ``A (1 - A)`` evaluated stably (closed form), else None.
+    x : the scores (a reference; never modified).
+    k, eps, largest, method : the parameters.
+    t : the temperature ``eps / (2 (y_2 - y_1))``.
+    n_iter : iterations taken (Newton or Sinkhorn), the maximum over the batch.
+    error : closed form: the largest ``|sum(A) - k| / S`` over the batch, the
+        last Newton correction of ``theta`` in units of ``t`` (to first order
+        a bound on the relative error of every ``A_i``); Sinkhorn: the
+        solver's error.
+    converged : whether every row reached its tolerance.
+    """
+
+    A: Any
+    theta: Any
+    plan: Any
+    s: Any
+    x: Any
+    k: int
+    eps: float
+    largest: bool
+    method: str
+    t: float
+    n_iter: int
+    error: float
+    converged: bool
+
+
+@dataclass(frozen=True)
+class SortedTopkResult:
+    """Result of :func:`soft_sorted_topk`.
+
+    Attributes
+    ----------
+    A : (..., n, k) ``A[..., i, r]`` is the soft indicator that score ``i``
+        is ranked ``r + 1`` (``r = 0`` the largest for ``largest=True``).
+        Each column sums to 1, each row to at most 1.
+    plan : the :class:`refimpl.sinkhorn` result (None for ``k = 0``).
+    y : the anchors used, as a tuple of Python floats.
+    x, k, eps, largest : the inputs and parameters.
+    n_iter, error, converged : the Sinkhorn diagnostics.
+    """
+
+    A: Any
+    plan: Any
+    y: tuple
+    x: Any
+    k: int
+    eps: float
+    largest: bool
+    n_iter: int
+    error: float
+    converged: bool
+
+    @property
+    def indicator(self):
+        """Soft top-k indicator ``sum_r A[..., :, r]`` (sums to ``k``)."""
+        xp = backend.namespace(A=self.A)
+        return xp.sum(self.A, axis=-1)
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+
+def _check_k(k: Any, n: int) -> int:
+    """``k`` as a Python int in ``[0, n]`` (``ValueError`` naming 'k' otherwise)."""
+    if isinstance(k, bool) or isinstance(k, float):
+        raise ValueError(f"argument 'k' must be an integer, got {k!r}")
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise ValueError(f"argument 'k' must be an integer, got {type(k).__name__}") from None
+    if not 0 <= k <= n:
+        raise ValueError(f"argument 'k' must satisfy 0 <= k <= n = {n}, got {k}")
+    return k
+
+
+def _check_scores(x):
+    xp = backend.namespace(x=x)
+    backend.check_array(x, "x", min_ndim=1)
+    if x.shape[-1] == 0:
+        raise ValueError("argument 'x' must have at least one score in its last axis")
+    return xp
+
+
+def _check_cotangent(xp, bar, like, name: str):
+    backend.namespace(**{name: bar, "result": like})
+    backend.check_array(bar, name)
+    if tuple(bar.shape) != tuple(like.shape):
+        raise ValueError(f"argument {name!r} has shape {tuple(bar.shape)}, expected {tuple(like.shape)}")
+    if bar.dtype != like.dtype:
+        raise TypeError(f"argument {name!r} has dtype {backend.dtype_name(bar.dtype)}, "
+                        f"expected {backend.dtype_name(like.dtype)}")
+
+
+def _unit_roundoff(dtype) -> float:
+    return 2.0 ** -53 if backend.dtype_name(dtype) == "float64" else 2.0 ** -24
+
+
+def _warn_unconverged(res, what: str) -> None:
+    if not res.converged:
+        warnings.warn(f"{what}: the forward did not converge (error {res.error:.2e} after "
+                      f"{res.n_iter} iterations); the implicit gradient assumes the optimality "
+                      "conditions hold and is unreliable", ConvergenceWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------
+# Closed form (two anchors)
+# --------------------------------------------------------------------------
+
+def _sigmoid_parts(xp, z):
+    """``A = sigmoid(z)``, ``s = A (1 - A)`` and ``h = A - [z >= 0]`` from
+    ``e = exp(-|z|)``.
+
+    With ``r = 1/(1 + e)`` and ``q = e r``: ``A = r`` for ``z >= 0``, else
+    ``q``; ``1 - A`` is the other one; ``s = r q``; ``A - [z >= 0] = -q`` or
+    ``q``.  Nothing overflows; ``q`` and ``s`` underflow to 0 for large ``|z|``.
+    """
+    e = xp.exp(-xp.abs(z))
+    r = 1.0 / (1.0 + e)
+    q = e * r
+    pos = z >= 0
+    return xp.where(pos, r, q), r * q, xp.where(pos, -q, q), pos
+
+
+def _boundary_pair(xp, x, k: int):
+    """The k-th and (k+1)-th largest entries of ``x`` along the last axis.
+
+    ``partition`` where the namespace offers it (NumPy: O(n) introselect;
+    CuPy: a sort on the device), ``sort`` otherwise (the array API standard
+    has no selection function).
+    """
+    n = x.shape[-1]
+    part = getattr(xp, "partition", None)
+    xs = part(x, (n - k - 1, n - k), axis=-1) if part is not None else xp.sort(x, axis=-1)
+    return xs[..., n - k], xs[..., n - k - 1]
+
+
+def _default_tol(dtype, n: int) -> float:
+    """``16 u (1 + log2 n)``: the rounding floor of ``F / S`` (see
+    :func:`_solve_threshold`), i.e. of the relative error of every ``A_i``."""
+    return 16.0 * _unit_roundoff(dtype) * (1.0 + math.ceil(math.log2(max(n, 2))))
+
+
+def _solve_threshold(xp, x, k: int, t: float, tol: float, max_iter: int, check_every: int):
+    """Root ``theta`` of ``F(theta) = sum_i sigmoid((x_i - theta)/t) - k`` for 0 < k < n.
+
+    Safeguarded Newton, ``theta <- theta + t F / S``, on ``delta = theta -
+    theta_0`` against the shifted scores ``d = x - theta_0``.
+
+    * ``F`` is summed as ``(#{z_i >= 0} - k) + sum_i (A_i - [z_i >= 0])``: an
+      exact integer count plus terms bounded by ``2 s_i``, so its rounding
+      error is ``O(u log n) S`` whatever ``k`` is, and the Newton correction
+      ``F / S`` (in units of ``t``) is known to ``O(u log n)``.  Stopping at
+      ``|F| <= tol S`` therefore bounds the relative error of every ``A_i``
+      by ``tol`` to first order (``dA_i / A_i = (1 - A_i) dtheta / t``).
+      Below that, ``F`` is not resolved: the rounding of ``z_i`` moves it by
+      up to ``~u sum_i s_i |z_i|`` (the conditioning of ``sigmoid``), and
+      values below the smallest normal number carry no relative precision;
+      both are added to the test.
+    * The bracket ``[lo, hi]``, ``F(lo) >= 0 >= F(hi)``, starts from
+      ``sum sigmoid(z) >= n sigmoid(min z)``: ``lo = min d - t max(0,
+      log(k/(n-k)))``, ``hi = max d + t max(0, log((n-k)/k))``; every
+      evaluation tightens it and a Newton step leaving it is replaced by
+      bisection.
+    * A row also stops when the correction falls below the resolution of
+      ``delta`` (the round-off floor).  Stopped rows are frozen; the batch's
+      convergence is synchronised every ``check_every`` steps.
+
+    Returns ``(theta, A, s, n_iter, error, converged)`` with ``error`` the
+    largest ``|F| / S`` (the last correction in units of ``t``).
+    """
+    n = x.shape[-1]
+    u = _unit_roundoff(x.dtype)
+    tiny = 2.0 ** -1022 if backend.dtype_name(x.dtype) == "float64" else 2.0 ** -126
+    zmax = 800.0                                         # exp(-800) underflows to 0
+    hi_x, lo_x = _boundary_pair(xp, x, k)
+    shift = 0.5 * hi_x + 0.5 * lo_x                      # theta_0 = (x_(k) + x_(k+1))/2
+    d = x - shift[..., None]
+    lo = xp.min(d, axis=-1) - t * max(0.0, math.log(k / (n - k)))
+    hi = xp.max(d, axis=-1) + t * max(0.0, math.log((n - k) / k))
+    delta = xp.zeros_like(shift)
+    done = xp.zeros(shift.shape, dtype=xp.bool, device=backend.device(x))
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        # z = (x - theta)/t, the numerator clipped to +-zmax t first so that no
+        # eps (however small against the scores) overflows; sigmoid(+-zmax) is
+        # exactly 0 or 1 in both dtypes.
+        z = xp.clip(d - delta[..., None], -zmax * t, zmax * t) / t
+        A, s, h, pos = _sigmoid_parts(xp, z)
+        count = xp.astype(xp.sum(xp.astype(pos, xp.int64), axis=-1) - k, x.dtype)
+        F = count + xp.sum(h, axis=-1)                   # sum(A) - k
+        S = xp.sum(s, axis=-1)                           # -t dF/dtheta
+        noise = 4.0 * u * xp.sum(s * xp.abs(z), axis=-1) + tiny   # rounding of z, subnormals
+        lo = xp.where(F > 0, delta, lo)
+        hi = xp.where(F < 0, delta, hi)
+        newton = delta + t * F / xp.where(S > 0, S, xp.ones_like(S))
+        inside = (S > 0) & (newton > lo) & (newton < hi)
+        step = xp.where(inside, newton, 0.5 * lo + 0.5 * hi)
+        floor = 2.0 * u * (xp.abs(delta) + t)
+        done = done | (xp.abs(F) <= tol * S + noise) | (xp.abs(step - delta) <= floor)
+        if n_iter % check_every == 0 and bool(xp.all(done)):
+            break
+        delta = xp.where(done, delta, step)
+    ratio = xp.where(S > 0, xp.abs(F) / xp.where(S > 0, S, xp.ones_like(S)),
+                     xp.where(F == 0, xp.zeros_like(F), xp.full_like(F, math.inf)))
+    return shift + delta, A, s, n_iter, float(xp.max(ratio)), bool(xp.all(done))
+
+
+def _constant_result(xp, x, k, eps, largest, method, t) -> SoftTopkResult:
+    """k = 0 or k = n: A is 0 or 1 identically, theta = -+inf, the Jacobian is 0."""
+    fill = 0.0 if k == 0 else 1.0
+    A = xp.full(tuple(x.shape), fill, dtype=x.dtype, device=backend.device(x))
+    inf = math.inf if (k == 0) == largest else -math.inf
+    theta = xp.full(tuple(x.shape[:-1]), inf, dtype=x.dtype, device=backend.device(x))
+    s = xp.zeros_like(x) if method == "closed_form" else None
+    return SoftTopkResult(A=A, theta=theta, plan=None, s=s, x=x, k=k, eps=eps, largest=largest,
+                          method=method, t=t, n_iter=0, error=0.0, converged=True)
+
+
+def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
+              tol: float | None = None, max_iter: int | None = None,
+              check_every: int | None = None) -> SoftTopkResult:
+    """SOFT top-k indicator of the scores ``x`` (batched over leading axes).
+
+    Parameters
+    ----------
+    x : (..., n) float32/float64 array of scores.
+    k : int, ``0 <= k <= n``, how many to select.
+    eps : float > 0, entropic regularisation (``t = eps/2`` for anchors (0, 1)).
+    largest : select the k largest (default) or the k smallest scores.
+    method : ``"closed_form"`` (sigmoid with a Newton-solved threshold, O(n)
+        per step) or ``"sinkhorn"`` (the entropic plan from
+        :func:`refimpl.sinkhorn.sinkhorn`).
+    tol : closed form: stop when ``|sum(A) - k| <= tol S`` (``S = sum A(1-A)``),
+        which bounds the relative error of every ``A_i`` by ``tol`` to first
+        order (default ``16 u (1 + log2 n)``, ``u`` the unit round-off: the
+        rounding floor of that test);
+        Sinkhorn: passed to the solver (default 1e-12 in float64, 1e-6 in
+        float32).
+    max_iter : iteration cap (default 100 Newton steps; 100000 Sinkhorn sweeps).
+    check_every : closed form: synchronise the batch's convergence test
+        every this many Newton steps (default 1 on the host, 3 on CuPy,
+        where each test is a device sync; rows that have converged are
+        frozen, so extra steps change nothing).
+
+    Returns
+    -------
+    SoftTopkResult
+        ``A`` with ``sum(A, -1) == k``; ``theta``; diagnostics.
+
+    Raises
+    ------
+    TypeError : ``x`` not a float32/float64 array.
+    ValueError : NaN/Inf in ``x``; ``k`` not an integer in ``[0, n]``;
+        ``eps <= 0``; unknown ``method``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> res = soft_topk(np.array([3.0, 1.0, 2.0]), 1, eps=1e-3)
+    >>> res.A.round(6).tolist()                                # eps -> 0: hard top-1
+    [1.0, 0.0, 0.0]
+    >>> soft_topk(np.array([3.0, 1.0, 2.0]), 1, eps=1e-3, largest=False).A.round(6).tolist()
+    [0.0, 1.0, 0.0]
+    """
+    xp = _check_scores(x)
+    n = x.shape[-1]
+    k = _check_k(k, n)
+    eps = backend.check_positive(eps, "eps")
+    if method not in METHODS:
+        raise ValueError(f"argument 'method' must be one of {METHODS}, got {method!r}")
+    largest = bool(largest)
+    y1, y2 = ANCHORS
+    t = eps / (2.0 * (y2 - y1))
+    if k in (0, n):
+        return _constant_result(xp, x, k, eps, largest, method, t)
+    sign = 1.0 if largest else -1.0
+    xs = x if largest else -x                            # largest=False is largest=True on -x
+    if method == "closed_form":
+        tol = _default_tol(x.dtype, n) if tol is None else backend.check_positive(tol, "tol")
+        max_iter = 100 if max_iter is None else _check_count(max_iter, "max_iter")
+        if check_every is None:                          # each test is a device sync on a GPU
+            check_every = 3 if array_api_compat.is_cupy_namespace(xp) else 1
+        check_every = _check_count(check_every, "check_every")
+        theta, A, s, n_iter, err, conv = _solve_threshold(xp, xs, k, t, tol, max_iter, check_every)
+        if not conv:
+            warnings.warn(f"soft_topk: the threshold iteration stopped after {n_iter} steps "
+                          f"with relative error {err:.2e} > tol {tol:.1e}",
+                          ConvergenceWarning, stacklevel=2)
+        return SoftTopkResult(A=A, theta=sign * theta, plan=None, s=s, x=x, k=k, eps=eps,
+                              largest=largest, method=method, t=t, n_iter=n_iter, error=err,
+                              converged=conv)
+    y = (y1, y2)
+    nu = ((n - k) / n, k / n)
+    plan = _anchor_transport(xp, xs, y, nu, eps, tol, max_iter)
+    A = float(n) * plan.P[..., 1]
+    theta = (xp.mean(xs, axis=-1) + 0.5 * (y1 + y2)
+             - (plan.g[..., 1] - plan.g[..., 0]) / (2.0 * (y2 - y1)))
+    n_iter, err, conv = _plan_diagnostics(xp, plan)
+    return SoftTopkResult(A=A, theta=sign * theta, plan=plan, s=None, x=x, k=k, eps=eps,
+                          largest=largest, method=method, t=t, n_iter=n_iter, error=err,
+                          converged=conv)
+
+
+def _check_count(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"argument {name!r} must be a positive integer, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"argument {name!r} must be a positive integer, got {value!r}") from None
+    if v < 1:
+        raise ValueError(f"argument {name!r} must be a positive integer, got {v}")
+    return v
+
+
+def _closed_form_jvp(xp, res: SoftTopkResult, dxs):
+    """``dA = s * (dx - <s, dx>/S) / t`` (largest=True orientation)."""
+    s = res.s
+    S = xp.sum(s, axis=-1, keepdims=True)
+    proj = xp.sum(s * dxs, axis=-1, keepdims=True) / xp.where(S > 0, S, xp.ones_like(S))
+    return s * (dxs - proj) / res.t
+
+
+def soft_topk_jvp(res: SoftTopkResult, dx):
+    """Forward mode: ``dA = J dx``.
+
+    Closed form: ``dA = +-s (dx - <s, dx>/S) / t`` (O(n)).  Sinkhorn path:
+    :func:`refimpl.sinkhorn.sinkhorn_jvp` with ``dC_ij = 2 (x_i - y_j) dx_i``.
+    """
+    xp = backend.namespace(x=res.x, dx=dx)
+    _check_cotangent(xp, dx, res.x, "dx")
+    _warn_unconverged(res, "soft_topk_jvp")
+    sign = 1.0 if res.largest else -1.0
+    if res.k in (0, res.x.shape[-1]):
+        return xp.zeros_like(res.A)
+    dxs = sign * dx                                      # A is a function of sign * x
+    if res.method == "closed_form":
+        return _closed_form_jvp(xp, res, dxs)
+    dP = _anchor_jvp(xp, res.plan, sign * res.x, ANCHORS, dxs)
+    return float(res.x.shape[-1]) * dP[..., 1]
+
+
+def soft_topk_vjp(res: SoftTopkResult, A_bar, *, method: str = "schur"):
+    """Reverse mode: ``x_bar = J^T A_bar``.
+
+    Closed form: ``x_bar = +-s (A_bar - <s, A_bar>/S) / t`` (O(n); ``J`` is
+    symmetric).  Sinkhorn path: ``P_bar[:, upper] = n A_bar`` through
+    :func:`refimpl.sinkhorn.sinkhorn_vjp` (``method`` is passed on, default
+    the Schur complement on the anchor side), then
+    ``x_bar_i = 2 sum_j C_bar_ij (x_i - y_j)``.
+
+    Returns ``x_bar`` with the shape of ``x``; exactly 0 for ``k = 0, n``.
+    """
+    xp = backend.namespace(A=res.A, A_bar=A_bar)
+    _check_cotangent(xp, A_bar, res.A, "A_bar")
+    _warn_unconverged(res, "soft_topk_vjp")
+    sign = 1.0 if res.largest else -1.0
+    if res.k in (0, res.x.shape[-1]):
+        return xp.zeros_like(res.x)
+    if res.method == "closed_form":
+        return sign * _closed_form_jvp(xp, res, A_bar)   # J = J^T
+    n = res.x.shape[-1]
+    zero = xp.zeros_like(A_bar)
+    P_bar = float(n) * xp.stack((zero, A_bar), axis=-1)
+    return sign * _anchor_vjp(xp, res.plan, sign * res.x, ANCHORS, P_bar, method)
+
+
+# --------------------------------------------------------------------------
+# General anchors: the Sinkhorn plan and its KKT (Schur) backward
+# --------------------------------------------------------------------------
+
+def _centred(xp, x):
+    """``x - mean(x)``: the plan, ``A`` and the Jacobian are unchanged (a shift
+    of the scores is absorbed by the potentials), and the log-domain
+    iterations see costs set by the spread of the scores, not their offset."""
+    return x - xp.mean(x, axis=-1, keepdims=True)
+
+
+def _anchor_cost(xp, xc, y):
+    """``C_ij = (xc_i - y_j)^2`` for anchors ``y`` (Python floats), (..., n, m),
+    and the differences ``xc_i - y_j`` (``dC_ij / dxc_i = 2 (xc_i - y_j)``)."""
+    yy = xp.asarray(list(y), dtype=xc.dtype, device=backend.device(xc))
+    diff = xc[..., :, None] - yy
+    return diff * diff, diff
+
+
+def _anchor_transport(xp, x, y, nu, eps, tol, max_iter):
+    """Entropic plan between ``mu = 1/n`` and ``nu`` on anchors ``y`` for the
+    centred scores (:func:`refimpl.sinkhorn.sinkhorn`, log domain)."""
+    from .sinkhorn import sinkhorn
+
+    n = x.shape[-1]
+    C, _ = _anchor_cost(xp, _centred(xp, x), y)
+    dev = backend.device(x)
+    a = xp.full(tuple(x.shape), 1.0 / n, dtype=x.dtype, device=dev)
+    b = xp.broadcast_to(xp.asarray(list(nu), dtype=x.dtype, device=dev),
+                        tuple(x.shape[:-1]) + (len(nu),))
+    if tol is None:
+        tol = 1e-12 if backend.dtype_name(x.dtype) == "float64" else 1e-6
+    max_iter = 100000 if max_iter is None else _check_count(max_iter, "max_iter")
+    return sinkhorn(C, a, b, eps=eps, tol=backend.check_positive(tol, "tol"), max_iter=max_iter)
+
+
+def _plan_diagnostics(xp, plan):
+    """(n_iter, error, converged) of a batched Sinkhorn result, as Python scalars."""
+    return (int(xp.max(plan.n_iter)), float(xp.max(plan.error)), plan.all_converged)
+
+
+def _anchor_jvp(xp, plan, x, y, dx):
+    """``dP`` from ``dC_ij = 2 (xc_i - y_j) dxc_i``, ``xc = x - mean(x)``
+    (mu and nu do not depend on x)."""
+    from .sinkhorn import sinkhorn_jvp
+
+    _, diff = _anchor_cost(xp, _centred(xp, x), y)
+    dC = 2.0 * diff * _centred(xp, dx)[..., :, None]
+    return sinkhorn_jvp(plan, dC, None, None)
+
+
+def _anchor_vjp(xp, plan, x, y, P_bar, method):
+    """``xc_bar_i = 2 sum_j C_bar_ij (xc_i - y_j)`` with ``C_bar`` from the KKT
+    (Schur-complement) VJP of the plan, then ``x_bar = xc_bar - mean(xc_bar)``
+    (the adjoint of centring; ``sum(xc_bar) = 0`` already, since ``C_bar``
+    has zero row and column sums, so this only removes round-off)."""
+    from .sinkhorn import sinkhorn_vjp
+
+    C_bar, _, _ = sinkhorn_vjp(plan, P_bar, method=method)
+    _, diff = _anchor_cost(xp, _centred(xp, x), y)
+    return _centred(xp, 2.0 * xp.sum(C_bar * diff, axis=-1))
+
+
+# --------------------------------------------------------------------------
+# Sorted top-k (beam search): m = k + 1 anchors
+# --------------------------------------------------------------------------
+
+def _sorted_anchors(n: int, k: int):
+    """Anchors and column marginal of the sorted variant (largest=True)."""
+    if k == n:                                           # no "rest" anchor of mass 0
+        return tuple(float(j) for j in range(1, n + 1)), tuple(1.0 / n for _ in range(n))
+    y = tuple(float(j) for j in range(k + 1))
+    nu = ((n - k) / n,) + tuple(1.0 / n for _ in range(k))
+    return y, nu
+
+
+def soft_sorted_topk(x, k, *, eps, largest: bool = True, tol: float | None = None,
+                     max_iter: int | None = None) -> SortedTopkResult:
+    """Sorted SOFT top-k: soft one-hots of the k best scores, in rank order.
+
+    Entropic OT of the scores onto ``m = k + 1`` anchors ``y = (0, 1, ...,
+    k)`` with ``nu = ((n-k)/n, 1/n, ..., 1/n)``; ``A[..., :, r] =
+    n Gamma[..., :, k - r]`` (column 0: the largest score for
+    ``largest=True``, the smallest for ``largest=False``).
+
+    Parameters
+    ----------
+    x : (..., n) scores.  k : int in ``[0, n]``.  eps : float > 0.
+    largest : rank from the largest (default) or the smallest score.
+    tol, max_iter : passed to :func:`refimpl.sinkhorn.sinkhorn` (defaults as
+        in :func:`soft_topk`'s Sinkhorn path).
+
+    Returns
+    -------
+    SortedTopkResult with ``A`` of shape (..., n, k).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> res = soft_sorted_topk(np.array([0.3, 2.0, 1.1, -0.5]), 2, eps=0.2)
+    >>> res.A.round(2).tolist()          # column r: soft one-hot of the (r+1)-th largest
+    [[0.0, 0.02], [0.99, 0.01], [0.01, 0.97], [0.0, 0.0]]
+    >>> bool(np.allclose(res.A.sum(0), 1.0))
+    True
+    """
+    xp = _check_scores(x)
+    n = x.shape[-1]
+    k = _check_k(k, n)
+    eps = backend.check_positive(eps, "eps")
+    largest = bool(largest)
+    y, nu = _sorted_anchors(n, k)
+    if k == 0:
+        A = xp.zeros(tuple(x.shape) + (0,), dtype=x.dtype, device=backend.device(x))
+        return SortedTopkResult(A=A, plan=None, y=y, x=x, k=k, eps=eps, largest=largest,
+                                n_iter=0, error=0.0, converged=True)
+    xs = x if largest else -x
+    plan = _anchor_transport(xp, xs, y, nu, eps, tol, max_iter)
+    A = float(n) * xp.flip(plan.P[..., len(y) - k:], axis=-1)
+    n_iter, err, conv = _plan_diagnostics(xp, plan)
+    return SortedTopkResult(A=A, plan=plan, y=y, x=x, k=k, eps=eps, largest=largest,
+                            n_iter=n_iter, error=err, converged=conv)
+
+
+def _sorted_P_bar(xp, res: SortedTopkResult, A_bar):
+    """Cotangent of the plan: ``P_bar[:, k - r] = n A_bar[:, r]``, 0 on the rest anchor."""
+    n = res.x.shape[-1]
+    cols = [xp.flip(A_bar, axis=-1)]
+    if len(res.y) > res.k:
+        cols.insert(0, xp.zeros_like(A_bar[..., :1]))
+    return float(n) * xp.concat(cols, axis=-1)
+
+
+def soft_sorted_topk_vjp(res: SortedTopkResult, A_bar, *, method: str = "schur"):
+    """Reverse mode of :func:`soft_sorted_topk` through the KKT (Schur) route.
+
+    Returns ``x_bar`` with the shape of ``x``.
+    """
+    xp = backend.namespace(A=res.A, A_bar=A_bar)
+    _check_cotangent(xp, A_bar, res.A, "A_bar")
+    if res.k == 0:
+        return xp.zeros_like(res.x)
+    _warn_unconverged(res, "soft_sorted_topk_vjp")
+    sign = 1.0 if res.largest else -1.0
+    return sign * _anchor_vjp(xp, res.plan, sign * res.x, res.y, _sorted_P_bar(xp, res, A_bar),
+                              method)
+
+
+def soft_sorted_topk_jvp(res: SortedTopkResult, dx):
+    """Forward mode of :func:`soft_sorted_topk`: ``dA`` of shape (..., n, k)."""
+    xp = backend.namespace(x=res.x, dx=dx)
+    _check_cotangent(xp, dx, res.x, "dx")
+    if res.k == 0:
+        return xp.zeros_like(res.A)
+    _warn_unconverged(res, "soft_sorted_topk_jvp")
+    sign = 1.0 if res.largest else -1.0
+    dP = _anchor_jvp(xp, res.plan, sign * res.x, res.y, sign * dx)
+    return float(res.x.shape[-1]) * xp.flip(dP[..., len(res.y) - res.k:], axis=-1)
+
+
+# --------------------------------------------------------------------------
+# The eps -> 0 limit and the error bound
+# --------------------------------------------------------------------------
+
+def hard_topk(x, k, *, largest: bool = True):
+    """The eps -> 0 limit of :func:`soft_topk`: 1 on the k best scores, 0
+    elsewhere, and a tied group straddling the boundary shares its remaining
+    slots evenly (``q`` slots among ``r`` equal scores: ``q / r`` each).
+
+    Computed by counting, independently of the OT machinery:
+    ``above_i = #{j : x_j > x_i}``, ``tied_i = #{j : x_j == x_i}``,
+    ``A_i = clip(k - above_i, 0, tied_i) / tied_i``.  O(n^2) memory per row;
+    meant for tests and small problems.
+    """
+    xp = _check_scores(x)
+    k = _check_k(k, x.shape[-1])
+    xs = x if largest else -x
+    xi, xj = xs[..., :, None], xs[..., None, :]
+    above = xp.sum(xp.astype(xj > xi, x.dtype), axis=-1)
+    tied = xp.sum(xp.astype(xj == xi, x.dtype), axis=-1)
+    room = xp.clip(float(k) - above, 0.0, None)
+    return xp.minimum(room, tied) / tied
+
+
+def boundary_gap(x, k, *, largest: bool = True):
+    """``delta = x_(k) - x_(k+1)`` per row (the gap at the top-k boundary;
+    ``+inf`` for ``k = 0`` or ``k = n``), shape ``x.shape[:-1]``."""
+    xp = _check_scores(x)
+    n = x.shape[-1]
+    k = _check_k(k, n)
+    if k in (0, n):
+        return xp.full(tuple(x.shape[:-1]), math.inf, dtype=x.dtype, device=backend.device(x))
+    hi, lo = _boundary_pair(xp, x if largest else -x, k)
+    return hi - lo
+
+
+def soft_topk_error_bound(eps: float, delta: float, k: int, n: int, *,
+                          anchors: tuple[float, float] = ANCHORS) -> float:
+    """Upper bound on ``||A_eps - A_hard||_1`` for boundary gap ``delta``:
+
+        2 max(k, n - k) exp(-(y_2 - y_1) delta / eps).
+
+    Proof sketch: with ``a = theta - x_(k+1)``, ``b = x_(k) - theta``,
+    ``a + b = delta``, the l1 error is ``2E`` where ``E`` is both the mass
+    below the threshold, ``<= (n-k) exp(-a/t)``, and the deficit above it,
+    ``<= k exp(-b/t)``; the smaller of the two is
+    ``<= max(k, n-k) exp(-delta/(2t))`` and ``delta/(2t) = (y_2 - y_1) delta / eps``.
+    Holds for ``delta = 0`` too (it then exceeds the trivial ``2 min(k, n-k)``).
+    ``k = 0`` or ``k = n``: 0 (``A`` is exact).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([0.0, 0.3, 0.5, 1.0]); eps = 0.05
+    >>> err = np.abs(soft_topk(x, 2, eps=eps).A - hard_topk(x, 2)).sum()
+    >>> bool(err <= soft_topk_error_bound(eps, 0.2, 2, 4))
+    True
+    """
+    eps = backend.check_positive(eps, "eps")
+    n = operator.index(n)
+    k = _check_k(k, n)
+    delta = float(delta)
+    if math.isnan(delta) or delta < 0:
+        raise ValueError(f"argument 'delta' must be >= 0, got {delta!r}")
+    y1, y2 = (float(a) for a in anchors)
+    if not y2 > y1:
+        raise ValueError(f"argument 'anchors' must be increasing, got {anchors!r}")
+    if k in (0, n):
+        return 0.0
+    return 2.0 * max(k, n - k) * math.exp(-(y2 - y1) * delta / eps)
