@@ -1,8 +1,8 @@
 """Combinatorial solvers and the surrogate gradients through them.
 
 Independent routes used here: brute-force enumeration of the feasible set in
-exact arithmetic (``registry._brute``), the dense closed-form projection
-Jacobians (``registry._host_projection_jacobian``), Richardson-extrapolated
+exact arithmetic (``refimpl.registry.combinatorial._brute``), the dense closed-form projection
+Jacobians (``..._host_projection_jacobian``), Richardson-extrapolated
 finite differences (``refimpl.check``), the exact smoothed Jacobian of the
 perturbed argmin (softmax / normal cdf), and the defining formulas of
 blackbox and perturbed gradients evaluated on the host.
@@ -15,7 +15,8 @@ import math
 import numpy as np
 import pytest
 
-from refimpl import check, combinatorial as comb, registry
+from refimpl import check, combinatorial as comb
+from refimpl.registry import combinatorial as reg_comb
 from refimpl.backend import ConditioningWarning, get_backend, to_host
 
 PROJ = ("none", "mean", "norm", "std")
@@ -65,7 +66,7 @@ def test_solvers_match_brute_force_including_tie_rule(backend, dtype, rng):
         assert host(y).shape == w.shape
         # the brute force keeps the first minimiser in the order that encodes
         # the documented tie rule (lowest index first)
-        np.testing.assert_array_equal(host(y), registry._brute(kind, w, **params),
+        np.testing.assert_array_equal(host(y), reg_comb._brute(kind, w, **params),
                                       err_msg=f"{kind} {params} {w}")
 
 
@@ -85,7 +86,7 @@ def _is_path(y, neighbourhood):
     """The 1-entries of y form a simple path from the top-left to the bottom-right."""
     H, Wd = y.shape
     on = {(i, j) for i in range(H) for j in range(Wd) if y[i, j] == 1.0}
-    adj = registry._grid_neighbours(H, Wd, neighbourhood)
+    adj = reg_comb._grid_neighbours(H, Wd, neighbourhood)
     idx = {(i, j): i * Wd + j for i in range(H) for j in range(Wd)}
     if (0, 0) not in on or (H - 1, Wd - 1) not in on:
         return False
@@ -108,7 +109,7 @@ def test_shortest_path_with_ties_and_zeros_is_optimal(neighbourhood, backend, rn
     for _ in range(5):
         W = rng.integers(0, 3, (3, 4)).astype(float)        # many ties, explicit zeros
         y = host(comb.shortest_path(backend.asarray(W, "float64"), neighbourhood=neighbourhood))
-        best = registry._brute("shortest_path", W, neighbourhood=neighbourhood)
+        best = reg_comb._brute("shortest_path", W, neighbourhood=neighbourhood)
         assert _path_cost(W, y) == _path_cost(W, best)
         assert _is_path(y, neighbourhood)
 
@@ -117,7 +118,7 @@ def test_assignment_with_ties_is_optimal(backend, rng):
     for shape in ((4, 4), (3, 5), (5, 3)):
         W = rng.integers(0, 2, shape).astype(float)
         y = host(comb.assignment(backend.asarray(W, "float64")))
-        assert float(np.sum(W * y)) == float(np.sum(W * registry._brute("assignment", W)))
+        assert float(np.sum(W * y)) == float(np.sum(W * reg_comb._brute("assignment", W)))
         assert y.sum() == min(shape) and y.sum(0).max() == 1 and y.sum(1).max() == 1
 
 
@@ -208,7 +209,7 @@ def test_projection_dense_jacobian_matches_closed_form(projection, rng):
     w = rng.standard_normal(5)
     res = comb.project(w, projection=projection)
     J_fd = check.fd_jacobian(lambda x: comb.project(x, projection=projection).u, w)
-    J = registry._host_projection_jacobian(w, projection)
+    J = reg_comb._host_projection_jacobian(w, projection)
     np.testing.assert_allclose(J_fd, J, atol=1e-9)
     J_vjp = np.stack([comb.project_vjp(res, e) for e in np.eye(5)])   # rows: J^T e_i
     np.testing.assert_allclose(J_vjp, J.T, atol=1e-15)
@@ -470,7 +471,7 @@ def test_blackbox_formula_and_calls(backend, dtype, rng):
         counted = comb.CountingSolver(bound)
         got = comb.blackbox_vjp(counted, backend.asarray(w, dtype), backend.asarray(g, dtype), lam=0.8)
         assert counted.calls == 2                       # y(w) recomputed, plus y(w')
-        want = (registry._brute(kind, w + 0.8 * g, **params) - registry._brute(kind, w, **params)) / 0.8
+        want = (reg_comb._brute(kind, w + 0.8 * g, **params) - reg_comb._brute(kind, w, **params)) / 0.8
         np.testing.assert_allclose(host(got), want, rtol=1e-6, atol=1e-6)
 
 
@@ -526,7 +527,7 @@ def test_perturbed_formula_on_host(noise, backend, dtype, rng):
         ref_Z = ref_Z.standard_normal((30,) + w.shape) if noise == "gaussian" else ref_Z.gumbel(size=(30,) + w.shape)
         np.testing.assert_allclose(Z, ref_Z, rtol=1e-7)              # seeded draws
         u = w - 0.6 * Z                                              # min-form: w + s sigma Z, s = -1
-        y_m = np.stack([registry._brute(kind, u[m], **params) for m in range(30)])
+        y_m = np.stack([reg_comb._brute(kind, u[m], **params) for m in range(30)])
         np.testing.assert_array_equal(host(res.samples), y_m)
         np.testing.assert_allclose(host(res.y), y_m.mean(0), atol=1e-6)
         grad_nu = Z if noise == "gaussian" else 1.0 - np.exp(-Z)
@@ -553,7 +554,7 @@ def test_perturbed_gumbel_large_sigma_limit_is_identity_with_mean(rng):
     n = 4
     w, g = rng.standard_normal(n) * 0.1, rng.standard_normal(n)
     sigma = 1e3
-    _, J = registry._perturbed_exact(w, sigma, "gumbel")
+    _, J = reg_comb._perturbed_exact(w, sigma, "gumbel")
     limit = comb.identity_vjp(w, g, projection="mean") / n
     np.testing.assert_allclose(sigma * J.T @ g, limit, atol=1e-4)
     res = comb.perturbed(comb.argmin_onehot, w, sigma=sigma, n_samples=200_000, rng=1, noise="gumbel")

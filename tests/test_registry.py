@@ -1,6 +1,6 @@
 """Every registered operator, every case, every backend, every dtype.
 
-An operator is covered here by being registered in refimpl/registry.py; the
+An operator is covered here by being registered in refimpl/registry/ (one module per operator); the
 checks themselves (oracle, adjoint test, finite differences, batch == loop,
 no mutation, closed forms) are those of ``registry.verify_case``.
 """

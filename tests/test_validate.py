@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from refimpl import check, cli, registry, vectors
+from refimpl.registry import linsolve as reg_linsolve
 from refimpl.validate import FLOOR, TargetError, load_target, member_error, validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +89,7 @@ def _zero_gradient_spec(noise):
     from refimpl import linsolve
 
     def make(rng):
-        return {"A": registry._random_matrix(rng, 4, 5.0), "b": rng.standard_normal(4),
+        return {"A": reg_linsolve._random_matrix(rng, 4, 5.0), "b": rng.standard_normal(4),
                 "c": rng.standard_normal(4)}
 
     return dataclasses.replace(

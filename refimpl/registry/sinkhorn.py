@@ -1,0 +1,414 @@
+"""Registry entries for the Sinkhorn operator (refimpl.sinkhorn): cases, oracle, tolerances and
+operator-specific checks.  Listed in ``refimpl.registry``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from .. import backend as _backend
+from .. import sinkhorn as sk
+from ..backend import to_host
+from ..check import CheckResult, compare, fd_directional
+from . import Case, CaseRun, OpSpec, Tolerance, scaled_normal
+
+
+def sinkhorn_dual_newton(C, a, b, eps, rho_a, rho_b, max_iter=200):
+    """Entropic OT plan of one problem by damped Newton ascent on the dual.
+
+    An independent route to the optimum (host, float64): maximise
+    ``D(f, g) = Phi_a(f) + Phi_b(g) - e sum exp((f_i + g_j - C_ij) / e)``
+    with ``Phi(f) = <a, f>`` on a balanced side and
+    ``rho <a, 1 - exp(-f / rho)>`` on a relaxed one, whose stationarity
+    conditions are the optimality conditions of the plan.  Newton steps on the
+    diagonally scaled Hessian; a step is accepted when it increases ``D``
+    (Armijo) or, near the optimum where ``D`` no longer resolves progress,
+    when it decreases ``||grad D||_1``.  Balanced problems fix ``g_m = 0``
+    (the gauge).  Continuation in the temperature (``e = eps 2^j`` down to
+    ``eps``, each stage warm-started) keeps Newton in its region of fast
+    convergence at small ``eps``; the answer is the Newton fixed point at
+    ``eps`` whatever the path.
+    """
+    n, m = C.shape
+    balanced = rho_a is None and rho_b is None
+
+    def phi_terms(x, w, rho):
+        if rho is None:
+            return w @ x, w, np.zeros_like(x)
+        e = np.exp(-x / rho)
+        return rho * (w @ (1.0 - e)), w * e, -w * e / rho
+
+    def evaluate(f, g, e):
+        X = (f[:, None] + g[None, :] - C) / e
+        if not np.all(np.isfinite(X)) or X.max() > 700.0:
+            return -np.inf, None, None, None
+        P = np.exp(X)
+        va, ga, ha = phi_terms(f, a, rho_a)
+        vb, gb, hb = phi_terms(g, b, rho_b)
+        grad = np.concatenate([ga - P.sum(1), gb - P.sum(0)])
+        return va + vb - e * P.sum(), (grad[:-1] if balanced else grad), P, (ha, hb)
+
+    def newton(f, g, e):
+        D0, grad, P, (ha, hb) = evaluate(f, g, e)
+        for _ in range(max_iter):
+            gnorm = np.abs(grad).sum()
+            if gnorm <= 1e-16 * (a.sum() + b.sum()):
+                break
+            H = np.block([[np.diag(P.sum(1) / e - ha), P / e], [P.T / e, np.diag(P.sum(0) / e - hb)]])
+            if balanced:
+                H = H[:-1, :-1]
+            s = 1.0 / np.sqrt(np.maximum(np.diag(H), 1e-300))
+            try:
+                step = s * np.linalg.solve(H * s[:, None] * s[None, :], s * grad)   # -Hess^{-1} grad
+            except np.linalg.LinAlgError:
+                break
+            if balanced:
+                step = np.append(step, 0.0)
+            slope = grad @ (step[:-1] if balanced else step)
+            t = 1.0
+            while t > 1e-30:
+                D1, g1, P1, h1 = evaluate(f + t * step[:n], g + t * step[n:], e)
+                if g1 is not None and (D1 >= D0 + 1e-4 * t * slope or (
+                        np.abs(g1).sum() < (1.0 - 1e-4 * t) * gnorm and D1 >= D0 - 1e-13 * abs(D0))):
+                    break
+                t *= 0.5
+            if t <= 1e-30:
+                break
+            f, g = f + t * step[:n], g + t * step[n:]
+            D0, grad, P, (ha, hb) = D1, g1, P1, h1
+        return f, g
+
+    spread = max(float(C.max() - C.min()), eps)
+    stages = [eps * 2.0 ** j for j in range(int(math.ceil(math.log2(spread / eps))), 0, -1)] + [eps]
+    f, g = np.zeros(n), np.zeros(m)
+    e0 = stages[0]
+    f = e0 * (np.log(a) - np.log(np.exp(-(C - C.min()) / e0).sum(1))) + C.min()
+    with np.errstate(all="ignore"):
+        for e in stages:
+            f, g = newton(f, g, e)
+    return np.exp((f[:, None] + g[None, :] - C) / eps)
+
+
+def _sinkhorn_oracle(C, a, b, *, eps, rho_a=None, rho_b=None, **_):
+    """Plan by Newton on the dual, member by member (see sinkhorn_dual_newton)."""
+    bshape = np.broadcast_shapes(C.shape[:-2], a.shape[:-1], b.shape[:-1])
+    C = np.broadcast_to(C, bshape + C.shape[-2:])
+    a = np.broadcast_to(a, bshape + a.shape[-1:])
+    b = np.broadcast_to(b, bshape + b.shape[-1:])
+    P = np.empty(C.shape)
+    for idx in np.ndindex(*bshape):
+        P[idx] = sinkhorn_dual_newton(C[idx], a[idx], b[idx], eps, rho_a, rho_b)
+    return P
+
+
+def _sinkhorn_tangents(rng, host):
+    """Feasible directions: dC member-scaled normal, relative marginal
+    perturbations ``da = a z``, ``db = b w`` with ``1^T da = 1^T db`` per member
+    (the side with more batch members is adjusted)."""
+    C, a, b = host["C"], host["a"], host["b"]
+    dC = scaled_normal(rng, C, 2)
+    da = a * rng.standard_normal(a.shape)
+    db = b * rng.standard_normal(b.shape)
+    sa, sb = da.sum(-1, keepdims=True), db.sum(-1, keepdims=True)
+    if b.ndim >= a.ndim:
+        db = db - b * (sb - sa) / b.sum(-1, keepdims=True)
+    else:
+        da = da - a * (sa - sb) / a.sum(-1, keepdims=True)
+    return dC, da, db
+
+
+def _sk_marginal_check(run: CaseRun) -> list[CheckResult]:
+    """Balanced: ||P 1 - a||_1 and ||P^T 1 - b||_1 (relative) within the result's tol."""
+    if run.case.params.get("rho_a") is not None or run.case.params.get("rho_b") is not None:
+        return []
+    P = to_host(run.result.P).astype(np.float64)
+    a = np.broadcast_to(run.host["a"], P.shape[:-1])
+    b = np.broadcast_to(run.host["b"], P.shape[:-2] + P.shape[-1:])
+    err = max(float(np.max(np.abs(P.sum(-1) - a).sum(-1) / a.sum(-1))),
+              float(np.max(np.abs(P.sum(-2) - b).sum(-1) / b.sum(-1))))
+    tol = 4.0 * float(np.max(to_host(run.result.tol)))
+    return [CheckResult("marginals", err, tol, err <= tol, "relative L1 of both marginals")]
+
+
+def _sk_vjp(run: CaseRun, G, method=None):
+
+    params = dict(run.case.vjp_params)
+    if method is not None:
+        params["method"] = method
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _backend.ConditioningWarning)
+        return [to_host(x).astype(np.float64) for x in sk.sinkhorn_vjp(run.result, G, **params)]
+
+
+def _sk_cotangent(run: CaseRun):
+    return run.asarray(run.rng.standard_normal(tuple(run.result.P.shape)))
+
+
+def _sk_adjoint_invariants(run: CaseRun) -> list[CheckResult]:
+    """Balanced: sum(a_bar) == 0 and C_bar has zero row and column sums
+    (normalised by the sizes of the gradients)."""
+    if run.case.params.get("rho_a") is not None or run.case.params.get("rho_b") is not None:
+        return []
+    G = _sk_cotangent(run)
+    C_bar, a_bar, b_bar = _sk_vjp(run, G)
+    u = 2.0 ** -53 if run.dtype == "float64" else 2.0 ** -24
+    n, m = C_bar.shape[-2:]
+    # natural size |P| |G| / eps of the terms that cancel (C_bar = 0 when n = 1)
+    natural = float(np.max(to_host(run.result.P))) * float(np.max(np.abs(to_host(G)))) / run.case.params["eps"]
+    scale_c = max(np.abs(C_bar).max(), natural)
+    sums = max(np.abs(C_bar.sum(-1)).max(), np.abs(C_bar.sum(-2)).max()) / scale_c
+    gauge = np.abs(a_bar.sum(-1)).max() / max(np.abs(a_bar).max(), 1e-300)
+    tol_s = 64.0 * u * (n + m)
+    return [CheckResult("C_bar_zero_sums", sums, tol_s, sums <= tol_s, "max |C_bar 1|, |C_bar^T 1| / max|C_bar|"),
+            CheckResult("gauge_sum_a_bar", gauge, 8.0 * u * n, gauge <= 8.0 * u * n, "|sum a_bar| / max|a_bar|")]
+
+
+def _sk_methods_agree(run: CaseRun) -> list[CheckResult]:
+    """Every backward path (schur, cg, reduced, and kkt when small) gives the
+    case's VJP to round-off (cg to its tolerance)."""
+
+    G = _sk_cotangent(run)
+    ref = _sk_vjp(run, G)
+    n, m = ref[0].shape[-2:]
+    out = []
+    for method in sk.METHODS:
+        if method == run.case.vjp_params.get("method", "schur"):
+            continue
+        if method == "kkt" and n * m + n + m > 200:
+            continue
+        bars = _sk_vjp(run, G, method)
+        tol = 1e-9 if run.dtype == "float64" else 2e-4
+        res = compare(tuple(bars), tuple(ref), rtol=tol, name=f"agrees_{method}")
+        out.append(res)
+    return out
+
+
+def _sk_eps_derivative(run: CaseRun) -> list[CheckResult]:
+    """dL/deps from sinkhorn_vjp_eps against Richardson differences in eps
+    (float64 forward), and the identity -<C_bar, C>/eps when balanced."""
+
+    if run.dtype != "float64":
+        return []
+    G = _sk_cotangent(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _backend.ConditioningWarning)
+        e_bar = np.asarray(to_host(sk.sinkhorn_vjp_eps(run.result, G)), dtype=np.float64)
+        C_bar = to_host(sk.sinkhorn_vjp(run.result, G)[0])
+    params = dict(run.case.params)
+    eps = params.pop("eps")
+    arrays = tuple(run.asarray(run.host[k], "float64") for k in ("C", "a", "b"))
+    xp = run.backend.xp
+    e0 = run.backend.asarray(np.array(eps), "float64")
+
+    def P_of(e):
+        return sk.sinkhorn(*arrays, eps=float(e), **params).P
+
+    (D,), _ = fd_directional(P_of, (e0,), (xp.ones_like(e0),), rel_step=run.case.fd_step)
+    fd = np.sum(to_host(D) * to_host(G), axis=(-2, -1))
+    # Scale: |fd| or, where dP/deps vanishes (n = 1, additive costs), the size
+    # |P| |G| |log P| / eps of the terms that cancel in <C_bar, log P>.
+    logP = to_host(run.result.log_P)
+    natural = (float(np.max(to_host(run.result.P))) * float(np.max(np.abs(to_host(G))))
+               * max(float(np.max(np.abs(logP))), 1.0) / eps)
+    scale = max(float(np.max(np.abs(fd))), natural)
+    err = float(np.max(np.abs(e_bar - fd))) / scale
+    out = [CheckResult("eps_fd", err, run.tol.fd, err <= run.tol.fd, "dL/deps vs Richardson in eps")]
+    if run.case.params.get("rho_a") is None and run.case.params.get("rho_b") is None:
+        ident = -np.sum(C_bar * np.broadcast_to(run.host["C"], C_bar.shape), axis=(-2, -1)) / eps
+        e2 = float(np.max(np.abs(e_bar - ident))) / max(scale, 1e-300)
+        out.append(CheckResult("eps_identity", e2, 1e-10, e2 <= 1e-10, "<C_bar, log P> == -<C_bar, C>/eps"))
+    return out
+
+
+def _sk_shift_invariance(run: CaseRun) -> list[CheckResult]:
+    """P(C + u 1^T + 1 v^T) == P(C) for a balanced problem; for the flagged
+    additive case C = u 1^T + 1 v^T the closed form P = a b^T / sum(a)."""
+
+    if run.case.params.get("rho_a") is not None or run.case.params.get("rho_b") is not None:
+        return []
+    C = run.host["C"]
+    rtol = 1e-10 if run.dtype == "float64" else 1e-3
+    P = to_host(run.result.P).astype(np.float64)
+    out = []
+    uu = run.rng.standard_normal(C.shape[:-1])[..., :, None]
+    vv = run.rng.standard_normal(C.shape[:-2] + C.shape[-1:])[..., None, :]
+    shifted = sk.sinkhorn(run.asarray(C + uu + vv), *run.arrays[1:], **run.case.params)
+    out.append(compare(to_host(shifted.P), P, rtol=rtol, name="shift_invariance"))
+    if "additive" in run.case.flags:
+        a = np.broadcast_to(run.host["a"], P.shape[:-1])
+        b = np.broadcast_to(run.host["b"], P.shape[:-2] + P.shape[-1:])
+        closed = a[..., :, None] * b[..., None, :] / a.sum(-1)[..., None, None]
+        out.append(compare(P, closed, rtol=rtol, name="additive_closed_form"))
+    return out
+
+
+def _sinkhorn_spec() -> OpSpec:
+
+    def dirichlet(rng, k, conc=1.0, bits=20):
+        # Dyadic weights j / 2^bits (exact in float32 and summing to exactly 1 in
+        # both dtypes), so float32 rounding cannot create a mass mismatch.
+        w = np.floor(rng.dirichlet(np.full(k, conc)) * 2 ** bits) + 1.0
+        w[np.argmax(w)] += 2 ** bits - w.sum()
+        return w / 2 ** bits
+
+    def sqdist(rng, n, m, d=2, scale=1.0):
+        x, y = rng.random((n, d)), rng.random((m, d))
+        return scale * ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+
+    def uniform_4x2(rng):
+        return {"C": rng.random((4, 2)), "a": np.full(4, 0.25), "b": np.full(2, 0.5)}
+
+    def nonuniform_6x5(rng):
+        return {"C": sqdist(rng, 6, 5), "a": dirichlet(rng, 6), "b": dirichlet(rng, 5)}
+
+    def wide_3x7(rng):
+        return {"C": rng.random((3, 7)), "a": dirichlet(rng, 3), "b": dirichlet(rng, 7)}
+
+    def tall_skinny(rng):
+        # SOFT top-k shape: n scores against the anchors {0, 1}, masses k/n and (n-k)/n.
+        n, k = 16, 4
+        x = rng.random(n)
+        C = (x[:, None] - np.array([1.0, 0.0])[None, :]) ** 2
+        return {"C": C, "a": np.full(n, 1.0 / n), "b": np.array([k / n, (n - k) / n])}
+
+    def single_row(rng):
+        b = dirichlet(rng, 4)
+        return {"C": rng.random((1, 4)), "a": np.array([b.sum()]), "b": b}
+
+    def single_col(rng):
+        a = dirichlet(rng, 5)
+        return {"C": rng.random((5, 1)), "a": a, "b": np.array([a.sum()])}
+
+    def tiny_marginals(rng):
+        # Two entries of 2^-40 ~ 9.1e-13 on each side (exact in float32).
+        # Both masses become 1 + 2^-39 exactly.
+        a, b = dirichlet(rng, 5), dirichlet(rng, 4)
+        for w, tiny_idx, keep in ((a, [1, 3], 0), (b, [1, 2], 3)):
+            w[keep] += w[tiny_idx].sum()
+            w[tiny_idx] = 2.0 ** -40
+        return {"C": rng.random((5, 4)), "a": a, "b": b}
+
+    def tiny_eps_monotone(rng):
+        # 1-D sorted points, squared distances, non-uniform masses: the eps -> 0
+        # limit is a monotone "staircase" plan whose support is a spanning tree,
+        # so the backward stays well conditioned even at eps = 1e-3.
+        x = np.sort(rng.random(5))
+        y = np.sort(rng.random(4))
+        a = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
+        b = np.array([0.35, 0.15, 0.3, 0.2])
+        return {"C": (x[:, None] - y[None, :]) ** 2, "a": a, "b": b}
+
+    def batch_scales(rng):
+        # Members whose masses differ by 1e-4 .. 1e4 and whose costs are shifted
+        # by large constants (the plan is invariant to both shifts; eps fixed).
+        mass = np.array([2.0 ** -13, 1.0, 2.0 ** 13])[:, None]   # ~1.2e-4, 1, 8.2e3
+        C = rng.random((3, 4, 3)) + np.array([0.0, 50.0, -20.0])[:, None, None]
+        a = np.stack([dirichlet(rng, 4) for _ in range(3)]) * mass
+        b = np.stack([dirichlet(rng, 3) for _ in range(3)]) * mass
+        return {"C": C, "a": a, "b": b}
+
+    def shared_marginals(rng):
+        return {"C": rng.random((2, 4, 3)), "a": dirichlet(rng, 4), "b": dirichlet(rng, 3)}
+
+    def additive(rng):
+        u, v = rng.standard_normal(4), rng.standard_normal(5)
+        return {"C": u[:, None] + v[None, :], "a": dirichlet(rng, 4), "b": dirichlet(rng, 5)}
+
+    def unbalanced(rng):
+        return {"C": rng.random((5, 4)), "a": 1.3 * dirichlet(rng, 5), "b": 0.7 * dirichlet(rng, 4)}
+
+    def vjp_case(rng):
+        return {"C": sqdist(rng, 7, 6), "a": dirichlet(rng, 7, 2.0), "b": dirichlet(rng, 6, 2.0)}
+
+    def vjp_batch(rng):
+        return {"C": rng.random((2, 6, 5)), "a": np.stack([dirichlet(rng, 6) for _ in range(2)]),
+                "b": np.stack([dirichlet(rng, 5) for _ in range(2)])}
+
+    tight = {"tol": 1e-13, "max_iter": 50_000}
+    cases = (
+        Case("uniform_4x2", "uniform marginals, random costs, eps 0.2", 301, uniform_4x2,
+             params={"eps": 0.2, **tight}),
+        Case("nonuniform_6x5", "Dirichlet marginals, squared-distance costs, eps 0.05", 302,
+             nonuniform_6x5, params={"eps": 0.05, **tight}, flags=("nonuniform",)),
+        Case("wide_3x7", "n < m: the backward eliminates the column side", 303, wide_3x7,
+             params={"eps": 0.1, **tight}, flags=("nonuniform",)),
+        Case("tall_skinny_16x2", "SOFT top-k shape (n=16 scores, 2 anchors, k=4): 2 x 2 Schur system",
+             304, tall_skinny, params={"eps": 0.05, **tight}, flags=("tall_skinny",)),
+        Case("single_row", "n = 1: P = b^T whatever C; C_bar = 0", 305, single_row,
+             params={"eps": 0.1, **tight}, flags=("edge",)),
+        Case("single_col", "m = 1: P = a whatever C; C_bar = 0", 306, single_col,
+             params={"eps": 0.1, **tight}, flags=("edge",)),
+        Case("tiny_marginals", "marginal entries of ~1e-12 (no NaN/Inf, scaled backward)", 307,
+             tiny_marginals, params={"eps": 0.1, **tight}, flags=("edge", "nonuniform"),
+             tol={"float32": {"forward": 2e-3}}),
+        Case("tiny_eps_monotone", "eps = 1e-3, 1-D monotone costs: near-sparse but well-conditioned"
+             " (float64 only: float32 cannot resolve C/eps ~ 1e3)", 308, tiny_eps_monotone,
+             params={"eps": 1e-3, "tol": 1e-12, "max_iter": 200_000}, flags=("tiny_eps",),
+             dtypes=("float64",), fd_step=1e-7,
+             tol={"float64": {"forward": 1e-8, "fd": 1e-6, "adjoint": 1e-10}}),
+        Case("batch_scales", "batch of 3: masses ~1e-4, 1, ~1e4 and cost offsets 0, 50, -20", 309,
+             batch_scales, params={"eps": 0.1, **tight}, flags=("batched", "scales"),
+             tol={"float32": {"forward": 5e-3, "fd": 5e-3}}),
+        Case("shared_marginals", "batch of costs against one (a, b) (broadcast marginals)", 310,
+             shared_marginals, params={"eps": 0.1, **tight}, flags=("batched", "broadcast")),
+        Case("additive_cost", "C = u 1^T + 1 v^T: closed form P = a b^T", 311, additive,
+             params={"eps": 0.3, **tight}, flags=("additive", "closed_form")),
+        Case("unbalanced", "KL-relaxed marginals rho_a = rho_b = 0.5, masses 1.3 vs 0.7", 312,
+             unbalanced, params={"eps": 0.1, "rho_a": 0.5, "rho_b": 0.5, **tight},
+             for_candidates=False, flags=("unbalanced",)),
+        Case("semi_unbalanced", "hard row constraint, relaxed columns (rho_b = 0.2)", 313,
+             lambda rng: {"C": rng.random((4, 5)), "a": dirichlet(rng, 4), "b": 1.5 * dirichlet(rng, 5)},
+             params={"eps": 0.1, "rho_b": 0.2, **tight}, for_candidates=False, flags=("unbalanced",)),
+        Case("vjp_cg", "method='cg' (matrix-free conjugate gradients)", 314, vjp_case,
+             params={"eps": 0.05, **tight}, vjp_params={"method": "cg"}, jvp_params={"method": "cg"},
+             flags=("method",)),
+        Case("vjp_reduced", "method='reduced' (the paper's (n+m-1) system)", 315, vjp_case,
+             params={"eps": 0.05, **tight}, vjp_params={"method": "reduced"},
+             jvp_params={"method": "reduced"}, flags=("method",)),
+        Case("vjp_kkt", "method='kkt' (full KKT system, oracle)", 316, vjp_case,
+             params={"eps": 0.05, **tight}, vjp_params={"method": "kkt"}, jvp_params={"method": "kkt"},
+             flags=("method",)),
+        Case("vjp_cg_batch_unbalanced", "method='cg' on a batch of unbalanced problems", 317, vjp_batch,
+             params={"eps": 0.1, "rho_a": 1.0, "rho_b": 2.0, **tight}, vjp_params={"method": "cg"},
+             jvp_params={"method": "cg"}, for_candidates=False, flags=("method", "batched", "unbalanced")),
+    )
+
+    def canonicalize(bars):
+        """a_bar - mean(a_bar), b_bar + mean(a_bar): the (c, -c) gauge (sum(a_bar) = 0)."""
+        return (bars[0], *sk.gauge_fix(bars[1], bars[2]))
+
+    return OpSpec(
+        name="sinkhorn",
+        description="entropic OT plan P(C, a, b), implicit differentiation (balanced and unbalanced)",
+        inputs=("C", "a", "b"),
+        core_ndim=(2, 1, 1),
+        output="P",
+        output_core_ndim=2,
+        forward=sk.sinkhorn,
+        vjp=lambda res, P_bar, **kw: sk.sinkhorn_vjp(res, P_bar, **kw),
+        jvp=lambda res, dC, da, db, **kw: sk.sinkhorn_jvp(res, dC, da, db, **kw),
+        oracle=_sinkhorn_oracle,
+        cases=cases,
+        tol={
+            "float64": Tolerance(forward=1e-10, adjoint=1e-11, fd=1e-7, batch=1e-11),
+            "float32": Tolerance(forward=5e-4, adjoint=1e-5, fd=2e-3, batch=1e-5),
+        },
+        tangents=_sinkhorn_tangents,
+        canonicalize=canonicalize,
+        candidate_params=("eps",),
+        conventions={
+            "gauge": "(a_bar, b_bar) are defined up to (c, -c) on balanced problems; both sides "
+                     "are compared after a_bar -= mean(a_bar), b_bar += mean(a_bar)",
+            "output": "P, the entropic plan exp((f 1^T + 1 g^T - C) / eps); not a value",
+            "candidates": "fn(C, a, b, *, eps) -> P; unbalanced cases (rho_a/rho_b) are not "
+                          "sent to candidates",
+        },
+        extra_checks=(_sk_marginal_check, _sk_adjoint_invariants, _sk_methods_agree,
+                      _sk_eps_derivative, _sk_shift_invariance),
+    )
+
+
+#: The specs this module registers, in table order.
+BUILDERS = (_sinkhorn_spec,)
