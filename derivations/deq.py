@@ -209,15 +209,7 @@ def check_cosine_bound():
 
 if __name__ == "__main__":
     import sys
-    import time
 
-    failed = 0
-    for name, fn in sorted((n, f) for n, f in globals().items() if n.startswith("check_")):
-        t0 = time.perf_counter()
-        try:
-            fn()
-            print(f"PASS {name} ({time.perf_counter() - t0:.1f}s)")
-        except AssertionError as exc:
-            failed += 1
-            print(f"FAIL {name}: {exc!r}")
-    sys.exit(1 if failed else 0)
+    from _run import run_checks  # derivations/ is on sys.path when run as a script
+
+    sys.exit(run_checks(globals()))

@@ -216,10 +216,8 @@ def check_gaussian_pair_stein():
 
 
 if __name__ == "__main__":
-    import time
+    import sys
 
-    for name, fn in sorted(globals().items()):
-        if name.startswith("check_") and callable(fn):
-            start = time.perf_counter()
-            fn()
-            print(f"{name:45s} ok  ({time.perf_counter() - start:5.1f}s)  {fn.__doc__.splitlines()[0]}")
+    from _run import run_checks  # derivations/ is on sys.path when run as a script
+
+    sys.exit(run_checks(globals()))

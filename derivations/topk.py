@@ -189,10 +189,8 @@ def check_error_bound_inequality():
 
 
 if __name__ == "__main__":
-    import time
+    import sys
 
-    for name, fn in sorted(globals().items()):
-        if name.startswith("check_") and callable(fn):
-            start = time.perf_counter()
-            fn()
-            print(f"{name}: ok ({time.perf_counter() - start:.1f}s)")
+    from _run import run_checks  # derivations/ is on sys.path when run as a script
+
+    sys.exit(run_checks(globals()))
