@@ -72,13 +72,20 @@ def cmd_verify(args) -> int:
         return 2
 
     rows, n_fail = [], 0
+    summary: dict[str, list] = {}       # operator -> [case runs, checks, failed, worst error/tol]
     start = time.perf_counter()
     for i, (spec, case, be, dt) in enumerate(jobs, 1):
         if not args.quiet:
             print(f"[{i}/{len(jobs)}] {spec.name} / {case.id} ({be.name}, {dt}) "
                   f"{time.perf_counter() - start:6.1f}s", file=sys.stderr, flush=True)
+        tally = summary.setdefault(spec.name, [0, 0, 0, 0.0])
+        tally[0] += 1
         for r in registry.verify_case(spec, case, backend=be, dtype=dt):
             n_fail += not r.passed
+            tally[1] += 1
+            tally[2] += not r.passed
+            if r.tol > 0:
+                tally[3] = max(tally[3], r.error / r.tol)
             if args.failures_only and r.passed:
                 continue
             rows.append((spec.name, case.id, be.name, dt, r.check, f"{r.error:.2e}",
@@ -89,6 +96,10 @@ def cmd_verify(args) -> int:
     if rows:
         print(_format_table(rows, headers))
     n_checks = sum(1 for r in rows if r[0])
+    print("\n" + _format_table(
+        [(name, runs, checks, failed, f"{worst:.1e}", "pass" if not failed else "FAIL")
+         for name, (runs, checks, failed, worst) in summary.items()],
+        ("operator", "case runs", "checks", "failed", "worst error/tol", "result")))
     elapsed = time.perf_counter() - start
     verdict = "all checks passed" if n_fail == 0 else f"{n_fail} check(s) FAILED"
     print(f"\n{len(jobs)} case runs, {verdict} ({elapsed:.1f}s)"

@@ -32,6 +32,10 @@ def test_verify_prints_table_and_passes(capsys):
         assert token in captured.out
     assert "FAIL" not in captured.out
     assert "[1/" in captured.err  # progress on stderr
+    # per-operator summary: 5 cases x 2 dtypes (one float64-only) x 2 backends
+    summary = [line.split() for line in captured.out.split("worst error/tol")[1].splitlines()]
+    (row,) = [r for r in summary if r and r[0] == "linear_solve"]
+    assert row[1] == "18" and row[3] == "0" and row[-1] == "pass"
 
 
 def test_verify_reports_a_planted_wrong_vjp(monkeypatch, capsys):
@@ -48,6 +52,8 @@ def test_verify_reports_a_planted_wrong_vjp(monkeypatch, capsys):
     failing = {(r[0], r[4]) for r in rows if r and r[-1] == "FAIL"}
     assert ("planted", "adjoint") in failing and ("planted", "fd_vjp") in failing
     assert not any(name == "linear_solve" for name, _ in failing)
+    summary = {r[0]: r for r in rows if len(r) == 6 and r[-1] in ("pass", "FAIL")}
+    assert summary["planted"][-1] == "FAIL" and summary["linear_solve"][-1] == "pass"
     assert "FAILED" in out
 
 
