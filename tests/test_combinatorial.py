@@ -731,6 +731,57 @@ def test_nothing_mutates_its_inputs(rng):
     np.testing.assert_array_equal(g, g0)
 
 
+# --------------------------------------------------------------------------
+# Foreign implementations through refimpl.validate (the candidate convention)
+# --------------------------------------------------------------------------
+
+def _np_top_k(w, *, k, projection=None, **_):
+    """An independent NumPy top-k with identity-with-projection backward."""
+    u = w - w.mean(-1, keepdims=True) if projection in ("mean", "std") else w
+    u = u / np.linalg.norm(u, axis=-1, keepdims=True) if projection in ("norm", "std") else u
+    return (np.argsort(np.argsort(u, -1, kind="stable"), -1) < k).astype(float)
+
+
+def _np_top_k_vjp(w, y_bar, *, k, projection=None):
+    if projection in (None, "none", "mean"):
+        return (-(y_bar - y_bar.mean(-1, keepdims=True)) if projection == "mean" else -y_bar,)
+    v = w - w.mean(-1, keepdims=True) if projection == "std" else w
+    r = np.linalg.norm(v, axis=-1, keepdims=True)
+    Mg = y_bar - y_bar.mean(-1, keepdims=True) if projection == "std" else y_bar
+    return (-(Mg - v / r * np.sum(v / r * y_bar, -1, keepdims=True)) / r,)
+
+
+def _np_blackbox_vjp(w, y_bar, *, k, lam):
+    return ((_np_top_k(w + lam * y_bar, k=k) - _np_top_k(w, k=k)) / lam,)
+
+
+def _np_perturbed(w, *, sigma, n_samples, noise, vjp_of=None):
+    """Own noise stream (seed 123), so only the Monte-Carlo tolerances can make it pass."""
+    gen = np.random.default_rng(123)
+    Z = gen.gumbel(size=(n_samples,) + w.shape) if noise == "gumbel" else gen.standard_normal((n_samples,) + w.shape)
+    y = (np.arange(w.shape[-1]) == np.argmin(w - sigma * Z, -1)[..., None]).astype(float)
+    if vjp_of is None:
+        return y.mean(0)
+    grad_nu = Z if noise == "gaussian" else -np.expm1(-Z)
+    return (-np.mean((y @ vjp_of)[:, None] * grad_nu, 0) / sigma,)
+
+
+def test_independent_numpy_candidates_pass_validate():
+    # Every case a candidate is offered must be reproducible from the keywords it
+    # receives: k and lam for blackbox; the noise-margin cases (alpha, seed) are skipped.
+    from refimpl.validate import validate
+
+    rep = validate("identity_top_k", _np_top_k, framework="numpy", vjp=_np_top_k_vjp)
+    assert rep.passed, rep.table()
+    assert {c.case for c in rep.cases}.isdisjoint({"noise_after", "noise_before"})
+    rep = validate("blackbox_top_k", lambda w, *, k, lam: _np_top_k(w, k=k), framework="numpy",
+                   vjp=_np_blackbox_vjp)
+    assert rep.passed, rep.table()
+    rep = validate("perturbed_argmin_onehot", _np_perturbed, framework="numpy",
+                   vjp=lambda w, g, **kw: _np_perturbed(w, vjp_of=g, **kw))
+    assert rep.passed, rep.table()
+
+
 def test_benchmark_quick_smoke(capsys):
     import importlib.util
     from pathlib import Path
