@@ -177,25 +177,18 @@ def _projection_of(case: Case) -> str:
     return "none" if p is None else p
 
 
-def _identity_expected(host_w: np.ndarray, g: np.ndarray, core: int, sense: str, params) -> np.ndarray:
-    """s P'(w_lin)^T g per member with dense closed-form Jacobians."""
-    _, lin = _host_identity_pipeline(host_w, core, params)
-    s = -1.0 if sense == "min" else 1.0
+def _check_identity_formula(run: CaseRun) -> list[CheckResult]:
+    """w_bar = -P'(w_lin)^T g per member, with dense closed-form Jacobians
+    (every identity_* solver is min-form: the brute-force oracle minimises)."""
+    (name,), core = run.spec.inputs, run.spec.core_ndim[0]
+    g = run.rng.standard_normal(run.host[name].shape)
+    got = run.spec.vjp(run.result, run.asarray(g), **run.case.vjp_params)[0]
+    _, lin = _host_identity_pipeline(run.host[name], core, run.case.params)
     lin_f, g_f = _flat_core(lin, core), _flat_core(g, core)
-    out = np.empty_like(g_f)
+    want = np.empty_like(g_f)
     for idx in np.ndindex(*lin_f.shape[:-1]):
-        out[idx] = s * _host_projection_jacobian(lin_f[idx], params.get("projection")).T @ g_f[idx]
-    return out.reshape(g.shape)
-
-
-def _check_identity_formula(sense: str):
-    def identity_formula(run: CaseRun) -> list[CheckResult]:
-        (name,), core = run.spec.inputs, run.spec.core_ndim[0]
-        g = run.rng.standard_normal(run.host[name].shape)
-        got = run.spec.vjp(run.result, run.asarray(g), **run.case.vjp_params)[0]
-        want = _identity_expected(run.host[name], g, core, sense, run.case.params)
-        return [compare(to_host(got), want, rtol=run.tol.adjoint, name="identity_formula")]
-    return identity_formula
+        want[idx] = -_host_projection_jacobian(lin_f[idx], run.case.params.get("projection")).T @ g_f[idx]
+    return [compare(to_host(got), want.reshape(g.shape), rtol=run.tol.adjoint, name="identity_formula")]
 
 
 def _orthogonality(w_bar: np.ndarray, ref: np.ndarray, core: int) -> float:
@@ -232,12 +225,12 @@ def _check_identity_properties(run: CaseRun) -> list[CheckResult]:
     return out
 
 
-def _check_forward_invariance(solver_of):
+def _check_forward_invariance(kind: str):
     def forward_invariance(run: CaseRun) -> list[CheckResult]:
         """y(P(w)) == y(w) exactly, for a noise-free case with a projection."""
         if _projection_of(run.case) == "none" or run.case.params.get("alpha", 0.0) > 0:
             return []
-        y_raw = to_host(solver_of(run.case.params)(run.arrays[0]))
+        y_raw = to_host(_solver_with(kind, run.case.params)(run.arrays[0]))
         n_diff = int(np.sum(y_raw != to_host(run.output)))
         return [_result_of("forward_invariance", n_diff, 0.0, f"{n_diff} entries differ")]
     return forward_invariance
@@ -251,6 +244,15 @@ def _solver_with(kind: str, params) -> Callable:
 
 
 _IDENTITY_KW = ("projection", "alpha", "noise_order", "seed")
+
+
+def _surrogate_spec(name: str, description: str, core: int, *, inputs=None, **fields) -> OpSpec:
+    """The spec of a surrogate gradient through a solver: one input (``w``
+    for vectors, ``W`` for matrices and grids), the solution ``y`` of the
+    same core shape as output, no JVP."""
+    return OpSpec(name=name, description=description,
+                  inputs=inputs or (("w",) if core == 1 else ("W",)), core_ndim=(core,),
+                  output="y", output_core_ndim=core, jvp=None, surrogate=True, **fields)
 
 
 def _identity_spec(kind: str) -> OpSpec:
@@ -269,23 +271,16 @@ def _identity_spec(kind: str) -> OpSpec:
         return _brute(kind, u, **{k: v for k, v in params.items() if k not in _IDENTITY_KW})
 
     solver_params = {"top_k": ("k",), "shortest_path": ("neighbourhood",)}.get(kind, ())
-    return OpSpec(
-        name=f"identity_{kind}",
-        description=f"{kind} solver, identity-with-projection backward (surrogate)",
-        inputs=("w",) if core == 1 else ("W",),
-        core_ndim=(core,),
-        output="y",
-        output_core_ndim=core,
+    return _surrogate_spec(
+        f"identity_{kind}", f"{kind} solver, identity-with-projection backward (surrogate)", core,
         forward=forward,
         vjp=lambda res, y_bar: (comb.identity_layer_vjp(res, y_bar),),
-        jvp=None,
         oracle=oracle,
         cases=cases,
         tol={"float64": Tolerance(forward=0.0, adjoint=1e-12, fd=0.0, batch=1e-13),
              "float32": Tolerance(forward=0.0, adjoint=2e-5, fd=0.0, batch=1e-6)},
-        surrogate=True,
-        extra_checks=(_check_identity_formula("min"), _check_identity_properties,
-                      _check_forward_invariance(lambda p: _solver_with(kind, p))) + extra,
+        extra_checks=(_check_identity_formula, _check_identity_properties,
+                      _check_forward_invariance(kind)) + extra,
         candidate_params=solver_params + ("projection",),
     )
 
@@ -578,22 +573,15 @@ def _blackbox_spec(kind: str) -> OpSpec:
     def vjp(res, y_bar, *, lam, **params):
         return (comb.blackbox_vjp(_solver_with(kind, params), res.w, y_bar, lam=lam, y=res.y),)
 
-    return OpSpec(
-        name=f"blackbox_{kind}",
-        description=f"{kind} solver, blackbox-backprop backward (surrogate, one extra call)",
-        inputs=("w",) if core == 1 else ("W",),
-        core_ndim=(core,),
-        output="y",
-        output_core_ndim=core,
+    return _surrogate_spec(
+        f"blackbox_{kind}", f"{kind} solver, blackbox-backprop backward (surrogate, one extra call)", core,
         forward=forward,
         vjp=vjp,
-        jvp=None,
         oracle=lambda w, **params: _brute(kind, w, **params),
         cases=cases,
         tol={"float64": Tolerance(forward=0.0, adjoint=1e-12, fd=0.0, batch=1e-13),
              "float32": Tolerance(forward=0.0, adjoint=1e-5, fd=0.0, batch=1e-6)},
         cotangent=cotangent,
-        surrogate=True,
         extra_checks=(_check_blackbox_formula(kind),) + extra,
         candidate_params=("k", "lam") if kind == "top_k" else ("lam",),
     )
@@ -683,17 +671,12 @@ def _perturbed_spec() -> OpSpec:
              lambda rng: {"w": np.array([0.0, 0.05, 0.3, -0.02])},
              params={"sigma": 0.1, "n_samples": M, "seed": 3, "noise": "gumbel"}),
     )
-    return OpSpec(
-        name="perturbed_argmin_onehot",
-        description="perturbed argmin (Berthet et al.): Monte-Carlo mean forward, 1/sigma VJP (surrogate)",
-        inputs=("w",),
-        core_ndim=(1,),
-        output="y",
-        output_core_ndim=1,
+    return _surrogate_spec(
+        "perturbed_argmin_onehot",
+        "perturbed argmin (Berthet et al.): Monte-Carlo mean forward, 1/sigma VJP (surrogate)", 1,
         forward=lambda w, *, sigma, n_samples, seed, noise: comb.perturbed(
             comb.argmin_onehot, w, sigma=sigma, n_samples=n_samples, rng=seed, noise=noise),
         vjp=lambda res, y_bar: (comb.perturbed_vjp(res, y_bar),),
-        jvp=None,
         oracle=lambda w, *, sigma, n_samples, seed, noise: _perturbed_exact(w, sigma, noise)[0],
         cases=cases,
         # forward and fd: normwise Monte-Carlo error against the exact smoothed
@@ -704,7 +687,6 @@ def _perturbed_spec() -> OpSpec:
         tol={"float64": Tolerance(forward=0.03, adjoint=1e-12, fd=0.06, batch=1e-13),
              "float32": Tolerance(forward=0.03, adjoint=1e-5, fd=0.06, batch=1e-6)},
         cotangent=_centred_cotangent,
-        surrogate=True,
         extra_checks=(_check_perturbed,),
         candidate_params=("sigma", "n_samples", "noise"),
     )
@@ -729,16 +711,12 @@ def _check_straight_through(run: CaseRun) -> list[CheckResult]:
 
 def _straight_through_spec() -> OpSpec:
 
-    return OpSpec(
-        name="straight_through",
-        description="hard threshold 1[x > 0] with the straight-through (identity) backward (surrogate)",
+    return _surrogate_spec(
+        "straight_through",
+        "hard threshold 1[x > 0] with the straight-through (identity) backward (surrogate)", 1,
         inputs=("x",),
-        core_ndim=(1,),
-        output="y",
-        output_core_ndim=1,
         forward=lambda x: comb.straight_through(x),
         vjp=lambda res, y_bar, clip=None: (comb.straight_through_vjp(res, y_bar, clip=clip),),
-        jvp=None,
         oracle=lambda x: (x > 0).astype(np.float64),
         cases=(
             Case("plain", "x_bar = y_bar", 101, lambda rng: {"x": rng.standard_normal(7)}),
@@ -750,7 +728,6 @@ def _straight_through_spec() -> OpSpec:
         ),
         tol={"float64": Tolerance(forward=0.0, adjoint=0.0, fd=0.0, batch=0.0),
              "float32": Tolerance(forward=0.0, adjoint=0.0, fd=0.0, batch=0.0)},
-        surrogate=True,
         extra_checks=(_check_straight_through,),
     )
 
