@@ -313,7 +313,9 @@ def _vector_cases(extra_params=None, n=6) -> tuple:
         Case("batched_scales", "batch of 4 with scales 1e-6..1e3, P_std", 16, scales,
              params=dict(sp, projection="std"), flags=("batched", "scales")),
         # Noise-margin cases are not for candidates: they receive neither alpha
-        # nor the seed (refimpl's host draws), so they cannot reproduce u.
+        # nor the seed (refimpl's host draws), so they cannot reproduce u.  They
+        # stay unbatched: the draws are made per batch, and the batch == loop
+        # check re-seeds every member (batch == loop needs the sliced xi).
         Case("noise_after", "noise margin alpha=0.3 after P_std", 17, generic,
              params=dict(sp, projection="std", alpha=0.3, noise_order="after", seed=5),
              flags=("noise",), for_candidates=False),
@@ -659,6 +661,9 @@ def _check_perturbed(run: CaseRun) -> list[CheckResult]:
 
 def _perturbed_spec() -> OpSpec:
 
+    # Unbatched cases: Z is drawn per batch, and the batch == loop check
+    # re-seeds every member (test_combinatorial checks batch == loop with
+    # sliced Z instead).
     M = 200_000
     cases = (
         Case("gumbel", f"Gumbel noise, n = 5, sigma = 0.5, M = {M} (E[y] = softmax(-w/sigma))", 91,
