@@ -102,6 +102,15 @@ M samples solved in one batched call:
 sign is immaterial, for Gumbel it is what makes argmin_onehot's y_sigma equal
 softmax(-w / sigma).)  Note the ``1/sigma``.
 
+Random draws and batches: the noise margin ``xi`` and the perturbations
+``Z`` are drawn from ``rng`` for the whole batch at once, in C order over
+``w.shape`` (``Z``: over ``(M,) + w.shape``).  So a batched call with
+``rng=0`` and a loop calling each member with ``rng=0`` draw *different*
+numbers (only the first member's coincide, for the noise margin), and
+their results differ.  A batch equals a loop when each member is given its
+slice of the batch's draws: ``xi=res.xi[b]`` for :func:`identity_layer`,
+``Z=res.Z[:, b]`` for :func:`perturbed`.
+
 Straight-through estimator: the forward is ``hard_threshold`` (max-form), the
 backward the identity ``x_bar = y_bar`` (optionally zeroed where
 ``|x| > clip``).  It is the identity method for a max-form solver.
@@ -639,16 +648,26 @@ def _core_dot(xp, a, b, core_ndim: int):
     return xp.sum(a * b, axis=_axes(core_ndim), keepdims=True)
 
 
+def _scaled_norm(xp, v, core_ndim: int):
+    """(||v||, max|v|) over the core axes, with ||v|| = m ||v / m||, m = max|v|,
+    so that squaring neither overflows (float32 costs above ~1e19 would give
+    ||v|| = inf and P(w) = 0) nor underflows (costs below ~1e-19 would give
+    ||v|| = 0).  Where m = 0 the norm is returned as 0."""
+    m = xp.max(xp.abs(v), axis=_axes(core_ndim), keepdims=True)
+    safe_m = xp.where(m > 0.0, m, xp.ones_like(m))
+    return m * xp.linalg.vector_norm(v / safe_m, axis=_axes(core_ndim), keepdims=True), m
+
+
 def _safe_norm(xp, v, w, core_ndim: int, what: str):
     """||v|| over the core axes; ValueError where it is 0, ConditioningWarning
     where cancellation in v = M w leaves fewer than half the digits."""
-    r = xp.linalg.vector_norm(v, axis=_axes(core_ndim), keepdims=True)
+    r, _ = _scaled_norm(xp, v, core_ndim)
     if bool(xp.any(r == 0.0)):
         raise ValueError(
             f"argument 'w' has {what} equal to 0 in some batch member; the projection "
             "is undefined there (w / ||w|| needs w != 0)")
     if v is not w:
-        scale = xp.linalg.vector_norm(w, axis=_axes(core_ndim), keepdims=True)
+        scale, _ = _scaled_norm(xp, w, core_ndim)
         eps = float(xp.finfo(w.dtype).eps)
         if bool(xp.any(r < math.sqrt(eps) * scale)):
             warnings.warn(
@@ -955,7 +974,10 @@ def perturbed(solver, w, *, sigma: float, n_samples: int, rng=None,
     sigma : noise scale, > 0.
     n_samples : M >= 1.
     rng : Generator or int seed (noise drawn on the host: every backend sees
-        the same numbers); required unless ``Z`` is given.
+        the same numbers); required unless ``Z`` is given.  ``Z`` is drawn
+        for the whole batch at once, shape ``(M,) + w.shape``, so a loop over
+        the batch members with the same seed draws other numbers; pass each
+        member ``Z=res.Z[:, b]`` to reproduce the batch member by member.
     noise : "gaussian" or "gumbel".
     Z : optional explicit draws (M, *w.shape) instead of ``rng``.
 

@@ -216,6 +216,22 @@ def test_projection_dense_jacobian_matches_closed_form(projection, rng):
     np.testing.assert_allclose(J, J.T, atol=1e-15)                    # symmetric Jacobians
 
 
+@pytest.mark.parametrize("projection", ["norm", "std"])
+def test_projection_at_extreme_scales_neither_overflows_nor_underflows(projection, backend, dtype, rng):
+    # P(c w) = P(w) and P'(c w) = P'(w) / c for c > 0, also where ||c w||^2 is
+    # not representable (float32 squares overflow above ~1.8e19 and underflow
+    # below ~1e-19): ||w|| is computed as max|w| ||w / max|w|||.
+    w_h, g_h = rng.standard_normal((2, 5)), rng.standard_normal((2, 5))
+    ref = comb.project(w_h, projection=projection)
+    ref_vjp = comb.project_vjp(ref, g_h)
+    tol = 1e-13 if dtype == "float64" else 1e-5
+    for c in ((1e25, 1e-25) if dtype == "float32" else (1e200, 1e-200)):
+        res = comb.project(backend.asarray(c * w_h, dtype), projection=projection)
+        assert check.compare(host(res.u), ref.u, rtol=tol).passed, c
+        vjp = host(comb.project_vjp(res, backend.asarray(g_h, dtype)))
+        assert check.compare(c * vjp, ref_vjp, rtol=tol).passed, c
+
+
 def test_projection_float32_within_documented_tolerance(rng):
     w = rng.standard_normal(6)
     g = rng.standard_normal(6)
@@ -429,6 +445,12 @@ def test_noise_margin_batch_equals_loop_given_the_draws(backend, rng):
                                        rtol=1e-14, atol=1e-15)
     with pytest.raises(ValueError, match="'xi'"):
         comb.identity_layer(top2, w, alpha=0.5, xi=res.xi[0, ...])
+    # The documented catch: the draws are made for the whole batch, so a loop
+    # passing the batch's seed to every member draws other numbers (only the
+    # first member's coincide: C order).
+    seeded = [host(comb.noise_margin(w[b, ...], alpha=0.5, rng=2)) for b in range(3)]
+    np.testing.assert_array_equal(seeded[0], host(res.xi)[0])
+    assert not np.array_equal(seeded[1], host(res.xi)[1])
 
 
 def test_noise_margin_breaks_cost_collapse_ties():
@@ -575,6 +597,9 @@ def test_perturbed_batch_equals_loop_and_reproducible(backend, rng):
         member = comb.perturbed(top2, w[b, ...], sigma=0.3, n_samples=20, Z=res.Z[:, b, ...], noise="gumbel")
         np.testing.assert_array_equal(host(member.y), host(res.y)[b])
         np.testing.assert_allclose(host(comb.perturbed_vjp(member, g[b, ...])), vjp[b], rtol=1e-14)
+    # the same seed per member draws other numbers: batch != loop unless Z is sliced
+    seeded = comb.perturbed(top2, w[1, ...], sigma=0.3, n_samples=20, rng=4, noise="gumbel")
+    assert not np.array_equal(host(seeded.Z), host(res.Z)[:, 1])
 
 
 # --------------------------------------------------------------------------
@@ -704,6 +729,57 @@ def test_nothing_mutates_its_inputs(rng):
     comb.perturbed_vjp(comb.perturbed(top2, w, sigma=1.0, n_samples=4, rng=0), g)
     np.testing.assert_array_equal(w, w0)
     np.testing.assert_array_equal(g, g0)
+
+
+# --------------------------------------------------------------------------
+# Foreign implementations through refimpl.validate (the candidate convention)
+# --------------------------------------------------------------------------
+
+def _np_top_k(w, *, k, projection=None, **_):
+    """An independent NumPy top-k with identity-with-projection backward."""
+    u = w - w.mean(-1, keepdims=True) if projection in ("mean", "std") else w
+    u = u / np.linalg.norm(u, axis=-1, keepdims=True) if projection in ("norm", "std") else u
+    return (np.argsort(np.argsort(u, -1, kind="stable"), -1) < k).astype(float)
+
+
+def _np_top_k_vjp(w, y_bar, *, k, projection=None):
+    if projection in (None, "none", "mean"):
+        return (-(y_bar - y_bar.mean(-1, keepdims=True)) if projection == "mean" else -y_bar,)
+    v = w - w.mean(-1, keepdims=True) if projection == "std" else w
+    r = np.linalg.norm(v, axis=-1, keepdims=True)
+    Mg = y_bar - y_bar.mean(-1, keepdims=True) if projection == "std" else y_bar
+    return (-(Mg - v / r * np.sum(v / r * y_bar, -1, keepdims=True)) / r,)
+
+
+def _np_blackbox_vjp(w, y_bar, *, k, lam):
+    return ((_np_top_k(w + lam * y_bar, k=k) - _np_top_k(w, k=k)) / lam,)
+
+
+def _np_perturbed(w, *, sigma, n_samples, noise, vjp_of=None):
+    """Own noise stream (seed 123), so only the Monte-Carlo tolerances can make it pass."""
+    gen = np.random.default_rng(123)
+    Z = gen.gumbel(size=(n_samples,) + w.shape) if noise == "gumbel" else gen.standard_normal((n_samples,) + w.shape)
+    y = (np.arange(w.shape[-1]) == np.argmin(w - sigma * Z, -1)[..., None]).astype(float)
+    if vjp_of is None:
+        return y.mean(0)
+    grad_nu = Z if noise == "gaussian" else -np.expm1(-Z)
+    return (-np.mean((y @ vjp_of)[:, None] * grad_nu, 0) / sigma,)
+
+
+def test_independent_numpy_candidates_pass_validate():
+    # Every case a candidate is offered must be reproducible from the keywords it
+    # receives: k and lam for blackbox; the noise-margin cases (alpha, seed) are skipped.
+    from refimpl.validate import validate
+
+    rep = validate("identity_top_k", _np_top_k, framework="numpy", vjp=_np_top_k_vjp)
+    assert rep.passed, rep.table()
+    assert {c.case for c in rep.cases}.isdisjoint({"noise_after", "noise_before"})
+    rep = validate("blackbox_top_k", lambda w, *, k, lam: _np_top_k(w, k=k), framework="numpy",
+                   vjp=_np_blackbox_vjp)
+    assert rep.passed, rep.table()
+    rep = validate("perturbed_argmin_onehot", _np_perturbed, framework="numpy",
+                   vjp=lambda w, g, **kw: _np_perturbed(w, vjp_of=g, **kw))
+    assert rep.passed, rep.table()
 
 
 def test_benchmark_quick_smoke(capsys):
