@@ -87,15 +87,19 @@ class CheckResult:
     def __bool__(self) -> bool:
         return self.passed
 
+    @classmethod
+    def judge(cls, check: str, error: float, tol: float, detail: str = "") -> "CheckResult":
+        """The result of a check that passes when ``error`` is finite and ``<= tol``."""
+        passed = bool(math.isfinite(error) and error <= tol)
+        return cls(check, float(error), float(tol), passed, detail)
+
     def __str__(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         extra = f" ({self.detail})" if self.detail else ""
         return f"{self.check}: error {self.error:.2e} vs tol {self.tol:.1e} {verdict}{extra}"
 
 
-def _result(check: str, error: float, tol: float, detail: str = "") -> CheckResult:
-    passed = bool(math.isfinite(error) and error <= tol)
-    return CheckResult(check, float(error), float(tol), passed, detail)
+_result = CheckResult.judge
 
 
 # --------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import numpy as np
 from .. import combinatorial as comb
 from ..backend import to_host
 from ..check import CheckResult, compare
-from ..check import _result as _result_of
 from . import Case, CaseRun, OpSpec, Tolerance
 
 
@@ -216,11 +215,11 @@ def _check_identity_properties(run: CaseRun) -> list[CheckResult]:
 
     r0, tol, out = r_at(lin), run.tol.adjoint, []
     if projection in ("mean", "std"):
-        out.append(_result_of("orthogonal_to_ones", _orthogonality(r0, np.ones_like(lin), core), tol))
+        out.append(CheckResult.judge("orthogonal_to_ones", _orthogonality(r0, np.ones_like(lin), core), tol))
         t = 3.0 * np.max(np.abs(lin), axis=tuple(range(-core, 0)), keepdims=True)  # per member
         out.append(compare(r_at(lin + t), r0, rtol=tol, name="translation_invariance"))
     if projection in ("norm", "std"):
-        out.append(_result_of("orthogonal_to_w", _orthogonality(r0, lin, core), tol))
+        out.append(CheckResult.judge("orthogonal_to_w", _orthogonality(r0, lin, core), tol))
         out.append(compare(5.0 * r_at(5.0 * lin), r0, rtol=tol, name="scale_covariance"))
     return out
 
@@ -232,7 +231,7 @@ def _check_forward_invariance(kind: str):
             return []
         y_raw = to_host(_solver_with(kind, run.case.params)(run.arrays[0]))
         n_diff = int(np.sum(y_raw != to_host(run.output)))
-        return [_result_of("forward_invariance", n_diff, 0.0, f"{n_diff} entries differ")]
+        return [CheckResult.judge("forward_invariance", n_diff, 0.0, f"{n_diff} entries differ")]
     return forward_invariance
 
 
@@ -332,8 +331,8 @@ def _check_refuses_mean(run: CaseRun) -> list[CheckResult]:
         comb.identity_layer(comb.shortest_path, run.arrays[0], projection="mean")
     except ValueError as exc:
         ok = "projection" in str(exc)
-        return [_result_of("refuses_mean", 0.0 if ok else 1.0, 0.0, str(exc)[:80])]
-    return [_result_of("refuses_mean", 1.0, 0.0, "no error raised")]
+        return [CheckResult.judge("refuses_mean", 0.0 if ok else 1.0, 0.0, str(exc)[:80])]
+    return [CheckResult.judge("refuses_mean", 1.0, 0.0, "no error raised")]
 
 
 def _identity_cases(kind: str) -> tuple:
@@ -499,7 +498,7 @@ def _check_blackbox_formula(kind: str):
         got = comb.blackbox_vjp(counted, run.arrays[0], run.asarray(g), lam=lam, y=run.output)
         want = (_brute(kind, w + lam * g, **p) - _brute(kind, w, **p)) / lam
         return [compare(to_host(got), want, rtol=run.tol.adjoint, atol=run.tol.adjoint, name="blackbox_formula"),
-                _result_of("backward_solver_calls", abs(counted.calls - 1), 0.0, f"{counted.calls} calls")]
+                CheckResult.judge("backward_solver_calls", abs(counted.calls - 1), 0.0, f"{counted.calls} calls")]
     return blackbox_formula
 
 
@@ -523,7 +522,7 @@ def _check_blackbox_neighbour(run: CaseRun) -> list[CheckResult]:
     above = comb.blackbox_vjp(solver, wa, gb, lam=lam_star * (1 + margin))
     ident = comb.identity_vjp(wa, gb)
     lam_above = lam_star * (1 + margin)
-    return [_result_of("blackbox_below_threshold", float(np.max(np.abs(below))), 0.0),
+    return [CheckResult.judge("blackbox_below_threshold", float(np.max(np.abs(below))), 0.0),
             compare(to_host(above) * lam_above, to_host(ident), rtol=run.tol.adjoint,
                     name="blackbox_equals_identity")]
 
@@ -652,11 +651,11 @@ def _check_perturbed(run: CaseRun) -> list[CheckResult]:
     return [compare(got, terms.mean(axis=0), rtol=run.tol.adjoint,
                     atol=run.tol.adjoint * float(np.mean(np.abs(terms))), name="perturbed_formula"),
             compare(got, J.T @ g, rtol=run.tol.fd, name="perturbed_vs_exact_jacobian"),
-            _result_of("forward_within_mc_error", _standard_errors(to_host(run.output) - p_exact, y_m),
+            CheckResult.judge("forward_within_mc_error", _standard_errors(to_host(run.output) - p_exact, y_m),
                        _Z_MAX, "max |y - E y| in standard errors"),
-            _result_of("vjp_within_mc_error", _standard_errors(got - J.T @ g, terms),
+            CheckResult.judge("vjp_within_mc_error", _standard_errors(got - J.T @ g, terms),
                        _Z_MAX, "max |w_bar - J^T y_bar| in standard errors"),
-            _result_of("solves", abs(run.result.n_solves - p["n_samples"]), 0.0)]
+            CheckResult.judge("solves", abs(run.result.n_solves - p["n_samples"]), 0.0)]
 
 
 def _perturbed_spec() -> OpSpec:
