@@ -53,7 +53,7 @@ zero in exact arithmetic (the cost gradient of a one-column transport plan,
 a saturated tanh) is compared at round-off of that size, not of its own.
 (So in linear_solve's ``batched_scales``, whose members' gradients span a
 factor 4e8, an error of 1e-7 relative to the smallest member fails; a
-floor relative to the largest member would let errors up to 6e-5 through,
+floor relative to the largest member would let errors up to 6e-6 through,
 and a whole-batch normwise comparison anything below 4.)  A member whose
 reference is exactly zero, with no natural size, is compared at round-off
 of the largest member.  A case passes when the forward

@@ -624,6 +624,12 @@ def test_cli_validate_pass_and_json(tmp_path, capsys):
         assert cid in out
     data = json.loads(out_json.read_text())
     assert data["passed"] is True and len(data["cases"]) == 5
+    rc = cli.main(["validate", "linear_solve", NP_TARGET, "--framework", "numpy",
+                   "--vjp", NP_VJP, "--case", "scalar",
+                   "--json", str(tmp_path / "no_such_dir" / "r.json")])
+    captured = capsys.readouterr()
+    assert rc == 2 and "cannot write --json" in captured.err
+    assert "Traceback" not in captured.err
 
 
 def test_cli_validate_failure_exit_code(tmp_path, capsys):
