@@ -117,7 +117,8 @@ def cmd_export(args) -> int:
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"refimpl export: {exc}", file=sys.stderr)
         return 2
-    total = sum(f.stat().st_size for f in Path(args.dir).rglob("*.npz"))
+    # the files this export wrote (DIR may hold others from earlier exports)
+    total = sum(c["size"] for e in gv.manifest["operators"].values() for c in e["cases"])
     for op in gv.ops:
         cases = gv.cases_of(op)
         print(f"{op}: {len(cases)} case file(s) "
@@ -141,7 +142,11 @@ def cmd_validate(args) -> int:
         return 2
     print(report.table(show_tracebacks=args.traceback))
     if args.json:
-        Path(args.json).write_text(_validate.report_json(report) + "\n", encoding="utf-8")
+        try:
+            Path(args.json).write_text(_validate.report_json(report) + "\n", encoding="utf-8")
+        except OSError as exc:
+            print(f"refimpl validate: cannot write --json {args.json}: {exc}", file=sys.stderr)
+            return 2
     return 0 if report.passed else 1
 
 

@@ -8,12 +8,14 @@ case, the forward output and the VJP with refimpl's reference.
 
 The candidate follows DESIGN.md's calling convention: the operator's array
 inputs positionally, the parameters named in ``OpSpec.candidate_params`` as
-keywords, the primary output back, in the candidate framework's arrays::
+keywords (their values per case: :func:`refimpl.vectors.candidate_kwargs`),
+the primary output back, in the candidate framework's arrays::
 
     linear_solve: fn(A, b)                  -> x
     sinkhorn:     fn(C, a, b, *, eps)       -> P
     soft_topk:    fn(x, *, k, eps, largest) -> A
     sqrtm:        fn(A)                     -> S
+    tanh_deq:     fn(x, W, U, b)            -> z
 
 Procedure for one case (the numbers are :func:`refimpl.vectors.reference_case`'s,
 i.e. the golden vectors ``refimpl export`` writes):
@@ -21,7 +23,7 @@ i.e. the golden vectors ``refimpl export`` writes):
 1. the case's float64 inputs become float64 arrays of the framework
    (``torch.float64`` tensors with ``requires_grad``, ``jax`` arrays under
    ``enable_x64``, NumPy arrays); batched cases are passed batched;
-2. ``out = fn(*inputs, **params)``; its type, shape and finiteness are
+2. ``out = fn(*inputs, **candidate_kwargs)``; its type, shape and finiteness are
    checked, then it is compared with the reference output;
 3. the candidate's VJP ``J^T out_bar`` for the case's cotangent comes from
    the framework's own autodiff (``torch.autograd.grad``, ``jax.vjp``) or
@@ -38,21 +40,23 @@ i.e. the golden vectors ``refimpl export`` writes):
 5. the inputs must come back unmodified.
 
 Errors are normwise and relative *per batch member* (leading dimensions
-beyond ``core_ndim``), so a bug that only shows on the batch member of size
-1e-6 next to one of size 1e3 is not drowned out::
+beyond ``core_ndim``), each member against its own size only, so a bug that
+only shows on the batch member of size 1e-6 next to one of size 1e3 is not
+drowned out::
 
-    error = max_m  max|a_m - e_m| / max(max|e_m|, FLOOR * max|e| / tol)
+    error = max_m  max|a_m - e_m| / max(max|e_m|, FLOOR * s_m / tol)
 
-where ``FLOOR = 64 * eps_float64``: a member whose reference is zero up
-to round-off of the largest member may differ from it by that round-off.
-For a gradient, ``max|e|`` is at least the input's natural gradient size
-``max|out_bar| max|out| / max(max|x|, 1)``, so a gradient that is zero in
-exact arithmetic (the cost gradient of a one-column transport plan) is
-compared at round-off of that size.
-(So in linear_solve's ``batched_scales``, whose members' gradients span
-a factor 4e8, an error of 1e-5 relative to the smallest member is still
-seen; a whole-batch normwise comparison with tolerance 1e-8 would miss
-anything below 4.)  A case passes when the forward
+where ``FLOOR = 64 * eps_float64`` and ``s_m`` is the member's natural
+size: ``max|e_m|`` for an output; for a gradient at least
+``max|out_bar_m| max|out_m| / max(max|x_m|, 1)``, so a gradient that is
+zero in exact arithmetic (the cost gradient of a one-column transport plan,
+a saturated tanh) is compared at round-off of that size, not of its own.
+(So in linear_solve's ``batched_scales``, whose members' gradients span a
+factor 4e8, an error of 1e-7 relative to the smallest member fails; a
+floor relative to the largest member would let errors up to 6e-6 through,
+and a whole-batch normwise comparison anything below 4.)  A member whose
+reference is exactly zero, with no natural size, is compared at round-off
+of the largest member.  A case passes when the forward
 error is at most the case's ``forward`` tolerance and every gradient error
 at most its ``fd`` tolerance (the accuracy to which ``refimpl verify``
 certifies the reference gradient against finite differences); both can be
@@ -69,6 +73,7 @@ the candidate's code where it was raised.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -149,6 +154,10 @@ def _import_file(path: Path):
     return module
 
 
+#: At most this many names are listed when a TARGET's function is not found.
+_MAX_LISTED = 12
+
+
 def load_target(target: str, *, what: str = "TARGET") -> Callable:
     """The callable named by ``module:function`` or ``path/to/file.py:function``.
 
@@ -170,7 +179,9 @@ def load_target(target: str, *, what: str = "TARGET") -> Callable:
         if where.endswith(".py") or os.sep in where or "/" in where:
             path = Path(where)
             if not path.is_file():
-                raise TargetError(f"{what} {target!r}: no such file {where!r}")
+                hint = (f" (did you mean {where + '.py'!r}?)"
+                        if Path(where + ".py").is_file() else "")
+                raise TargetError(f"{what} {target!r}: no such file {where!r}{hint}")
             module = _import_file(path)
         else:
             cwd = os.getcwd()
@@ -194,12 +205,25 @@ def load_target(target: str, *, what: str = "TARGET") -> Callable:
         raise TargetError(f"{what} {target!r}: importing {where!r} raised "
                           f"{type(exc).__name__}: {exc}{at}") from None
     obj = module
-    for part in attr.split("."):
+    parts = attr.split(".")
+    for i, part in enumerate(parts):
         if not hasattr(obj, part):
-            defined = sorted(n for n, v in vars(module).items()
-                             if callable(v) and not n.startswith("_"))
-            raise TargetError(f"{what} {target!r}: {where!r} has no attribute {attr!r}; "
-                              f"callables it defines: {', '.join(defined) or 'none'}")
+            try:
+                members = vars(obj).items()
+            except TypeError:               # no __dict__
+                members = ((n, getattr(obj, n, None)) for n in dir(obj))
+            defined = sorted(n for n, v in members if callable(v) and not n.startswith("_"))
+            close = difflib.get_close_matches(part, defined, n=3)
+            if close:
+                listing = f"did you mean {' or '.join(map(repr, close))}?"
+            elif len(defined) > _MAX_LISTED:
+                listing = (f"it defines {len(defined)} callables, e.g. "
+                           f"{', '.join(defined[:_MAX_LISTED])}, ...")
+            else:
+                listing = f"callables it defines: {', '.join(defined) or 'none'}"
+            owner = f"{where}:{'.'.join(parts[:i])}" if i else where
+            raise TargetError(f"{what} {target!r}: {owner!r} has no attribute {part!r}; "
+                              f"{listing}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise TargetError(f"{what} {target!r}: {attr!r} is not callable "
@@ -474,16 +498,31 @@ class ValidationReport:
 # Comparison
 # --------------------------------------------------------------------------
 
+def _member_max(a: np.ndarray, core_ndim: int) -> np.ndarray:
+    """max|a| over each batch member's core dimensions (shape: the batch dimensions)."""
+    lead = max(a.ndim - core_ndim, 0)
+    return np.max(np.abs(a), axis=tuple(range(lead, a.ndim))) if a.ndim > lead else np.abs(a)
+
+
 def member_error(actual: np.ndarray, expected: np.ndarray, core_ndim: int,
-                 tol: float, scale: float = 0.0) -> tuple[float, tuple | None]:
+                 tol: float, scale: float | np.ndarray = 0.0) -> tuple[float, tuple | None]:
     """Worst per-batch-member normwise relative error and that member's index.
 
-    ``error_m = max|a_m - e_m| / max(max|e_m|, FLOOR * max(max|e|, scale) / tol)``,
+    With ``e_m`` the member's reference, ``s_m`` its natural size
+    ``max(max|e_m|, scale_m)`` (``scale`` a number or one per member)::
+
+        error_m = max|a_m - e_m| / max(max|e_m|, FLOOR * s_m / tol)
+
     so ``error_m <= tol`` exactly when the difference is within ``tol`` of
-    the member's own size or within ``FLOOR`` of ``max(max|e|, scale)``
-    (round-off; ``scale`` is the natural size of the array when its
-    reference is itself zero up to round-off).  The index is None for an
-    unbatched array.  NaN/Inf in ``actual`` gives inf.
+    the member's own size or within ``FLOOR`` of its natural size
+    (round-off; ``scale`` is the natural size of a member whose reference is
+    itself zero up to round-off).  Each member is measured against its own
+    sizes only: a bug in a member 1e-9 times smaller than its batch-mates
+    counts as much as one in the largest.  A member with no size at all
+    (reference exactly zero, no ``scale``) is compared at round-off of the
+    largest natural size in the array, and absolutely if that is zero too.
+    The index is None for an unbatched array.  NaN/Inf in ``actual`` gives
+    inf.
     """
     if tol <= 0:
         raise ValueError(f"argument 'tol' must be > 0, got {tol!r}")
@@ -492,12 +531,12 @@ def member_error(actual: np.ndarray, expected: np.ndarray, core_ndim: int,
     lead = max(expected.ndim - core_ndim, 0)
     if expected.size == 0:
         return 0.0, None
-    axes = tuple(range(lead, expected.ndim))
-    diff = np.max(np.abs(actual - expected), axis=axes) if axes else np.abs(actual - expected)
-    ref = np.max(np.abs(expected), axis=axes) if axes else np.abs(expected)
-    gmax = max(float(np.max(np.abs(expected))), float(scale))
-    denom = np.maximum(ref, FLOOR * gmax / tol) if gmax > 0 else np.ones_like(ref)
-    err = np.ravel(diff / denom)
+    diff = _member_max(actual - expected, core_ndim)
+    ref = _member_max(expected, core_ndim)
+    size = np.maximum(ref, scale)
+    largest = float(np.max(size))
+    size = np.where(size > 0, size, largest) if largest > 0 else np.ones_like(size)
+    err = np.ravel(diff / np.maximum(ref, FLOOR * size / tol))
     i = int(np.argmax(err))
     idx = np.unravel_index(i, np.shape(diff)) if lead else None
     return float(err[i]), (tuple(int(j) for j in idx) if idx is not None else None)
@@ -513,20 +552,29 @@ def _where(name: str, member: tuple | None) -> str:
 # Running one case
 # --------------------------------------------------------------------------
 
-def _gradient_scale(gc: vectors.GoldenCase, x: np.ndarray) -> float:
-    """Natural size of an input's gradient: ``max|out_bar| max|out| / max(max|x|, 1)``.
+def _gradient_scale(gc: vectors.GoldenCase, spec: registry.OpSpec, k: str) -> np.ndarray:
+    """Natural size of each batch member of input ``k``'s gradient:
+    ``max|out_bar_m| max|out_m| / max(max|x_m|, 1)``.
 
     A relative change ``dx/|x|`` of the input moves ``<out_bar, out>`` by at
     most about this times ``|dx|``; a gradient that is zero in exact
     arithmetic (e.g. the cost gradient of a one-column transport plan)
     comes out of any algorithm as round-off of this size, not of its own
     (zero) size.  Dividing by at least 1 keeps the floor conservative for
-    small inputs.
+    small inputs.  Output members are reduced (max) onto the input's own
+    batch shape, so a broadcast input's gradient, a sum over the members it
+    was broadcast to, gets the largest of their sizes.
     """
+    x, core = gc.inputs[k], spec.core_ndim[spec.inputs.index(k)]
+    xm = _member_max(x, core)
     if gc.cotangent.size == 0 or gc.output.size == 0:
-        return 0.0
-    xmax = float(np.max(np.abs(x))) if x.size else 0.0
-    return float(np.max(np.abs(gc.cotangent)) * np.max(np.abs(gc.output))) / max(xmax, 1.0)
+        return np.zeros(np.shape(xm))
+    oc = spec.output_core_ndim
+    p = _member_max(gc.cotangent, oc) * _member_max(gc.output, oc)   # output batch shape
+    p = np.max(p, axis=tuple(range(np.ndim(p) - np.ndim(xm)))) if np.ndim(p) > np.ndim(xm) else p
+    ones = tuple(i for i, n in enumerate(np.shape(xm)) if n == 1 and np.shape(p)[i] != 1)
+    p = np.max(p, axis=ones, keepdims=True) if ones else p
+    return np.broadcast_to(p, np.shape(xm)) / np.maximum(xm, 1.0)
 
 
 def _signature_text(spec: registry.OpSpec) -> str:
@@ -551,21 +599,6 @@ def _check_signature(fn: Callable, n_args: int, params: Mapping, expected: str,
     except TypeError as exc:
         raise CandidateError(f"the {role}'s signature {getattr(fn, '__name__', 'fn')}{sig} "
                              f"cannot be called as {expected}: {exc}") from None
-
-
-def _candidate_params(spec: registry.OpSpec, case_params: Mapping) -> dict:
-    """The keywords the candidate receives: the case's, else the forward's default."""
-    out = {}
-    try:
-        defaults = inspect.signature(spec.forward).parameters
-    except (TypeError, ValueError):
-        defaults = {}
-    for k in spec.candidate_params:
-        if k in case_params:
-            out[k] = case_params[k]
-        elif k in defaults and defaults[k].default is not inspect.Parameter.empty:
-            out[k] = defaults[k].default
-    return out
 
 
 def _to_host(fw: _Framework, x, what: str, shape: tuple) -> np.ndarray:
@@ -622,7 +655,7 @@ def _candidate_frame(exc: BaseException) -> str:
 def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
               fw: _Framework, vjp: Callable | None, ftol: float, gtol: float) -> CaseReport:
     host_in = [gc.inputs[k] for k in spec.inputs]
-    params = _candidate_params(spec, gc.params)
+    params = dict(gc.candidate_kwargs)
     stage = "forward"
     fwd_err = None
     try:
@@ -676,7 +709,7 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
     for k, c, a, e, x in zip(spec.inputs, spec.core_ndim, mine, ref, host_in):
         a = np.asarray(a, dtype=np.float64)
         e = np.asarray(e, dtype=np.float64)
-        errors[k], member = member_error(a, e, c, gtol, _gradient_scale(gc, x))
+        errors[k], member = member_error(a, e, c, gtol, _gradient_scale(gc, spec, k))
         where[k] = _where(k, member)
     worst_input = max(errors, key=lambda k: errors[k])
     grad_err = errors[worst_input]
@@ -803,6 +836,13 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
     if not golden:
         raise ValueError(f"no case of {op_name!r} to validate against"
                          + (f" ({notes[0]})" if notes else ""))
+    if spec.surrogate:
+        notes.append(f"{op_name} has a surrogate backward, not the derivative of its "
+                     "forward: the gradient column compares your VJP with refimpl's "
+                     "surrogate gradient (its defining formula, see the registry entry), so "
+                     "the candidate must implement that surrogate (e.g. a custom backward); "
+                     "plain autodiff through a piecewise-constant forward gives zero "
+                     "gradients and fails")
     if fw.name == "jax":
         notes.append("JAX runs with jax_enable_x64 switched on for the validation")
     reports = []

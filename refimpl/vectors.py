@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -78,6 +79,7 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "VectorsError",
+    "candidate_kwargs",
     "export",
     "load",
     "reference_case",
@@ -88,15 +90,16 @@ MANIFEST = "manifest.json"
 #: Identifies the format; ``load`` refuses any other.
 SCHEMA = "refimpl-golden-vectors"
 #: Bumped on any incompatible change of layout or meaning.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Conventions common to every operator, written into every manifest.
 GENERAL_CONVENTIONS = {
     "arrays": "float64, C order, little-endian, stored as .npy members of a .npz "
               "(zip) file; key 'input.A' is member 'input.A.npy'",
-    "calling": "op(*inputs, **params) -> output: array inputs positionally in the "
-               "order of 'inputs', the case's 'params' as keywords; a foreign "
-               "implementation receives only the keywords listed in 'candidate_params'",
+    "calling": "refimpl computed op(*inputs, **params) -> output (array inputs "
+               "positionally in the order of 'inputs', the case's 'params' as keywords); "
+               "a foreign implementation is called as fn(*inputs, **candidate_kwargs) -> "
+               "output, with exactly the case's 'candidate_kwargs'",
     "batching": "leading dimensions beyond each array's 'core_ndim' are batch "
                 "dimensions and broadcast; a batch equals a loop over its members",
     "vjp": "vjp.<input> = J^T out_bar (the gradient of <out_bar, output> with "
@@ -107,12 +110,15 @@ GENERAL_CONVENTIONS = {
            "that input fixed",
     "gauge": "vjp arrays are stored after the operator's canonicalisation "
              "(conventions.gauge): apply the same map to your gradients before comparing",
-    "comparison": "normwise: max|actual - expected| / max|expected| per batch member "
-                  "(with a round-off floor, see docs/vectors.md), against "
+    "comparison": "normwise: max|actual - expected| / max|expected| per batch member, "
+                  "each member against its own size (with a round-off floor, see "
+                  "docs/vectors.md), against "
                   "tolerance.forward for outputs and tolerance.fd for gradients (the "
                   "accuracy to which refimpl verifies its own reference)",
     "surrogate": "when an operator has surrogate: true, vjp.* is the operator's "
-                 "surrogate gradient (its defining formula), not a derivative",
+                 "surrogate gradient (its defining formula), not a derivative of the "
+                 "output: an implementation must implement that surrogate backward to "
+                 "match it",
 }
 
 _ARRAY_KINDS = ("input", "output", "cotangent", "vjp", "tangent", "jvp")
@@ -121,6 +127,8 @@ _ARRAY_KINDS = ("input", "output", "cotangent", "vjp", "tangent", "jvp")
 def _param_kinds(gc: "GoldenCase"):
     """(npz key prefix, parameter dict) of a case: array parameters live in the npz."""
     return (("param", gc.params), ("vjp_param", gc.vjp_params), ("jvp_param", gc.jvp_params))
+
+
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -140,6 +148,8 @@ class GoldenCase:
     order; ``tangents``/``jvp`` are None for an operator without a JVP.
     ``vjp`` is already canonicalised (gauge fixed).  ``tolerance`` holds the
     case's :class:`refimpl.registry.Tolerance` for ``dtype`` as a dict.
+    ``candidate_kwargs`` are the keywords a foreign implementation receives
+    (:func:`candidate_kwargs`).
     """
 
     op: str
@@ -160,6 +170,7 @@ class GoldenCase:
     jvp: np.ndarray | None = None
     diagnostics: Mapping[str, Any] = field(default_factory=dict)
     for_candidates: bool = True
+    candidate_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def arrays(self, spec_output: str) -> dict[str, np.ndarray]:
         """The case as the flat ``{key: array}`` mapping of its ``.npz`` file."""
@@ -207,6 +218,34 @@ def _diagnostics(res) -> dict:
                     out[name] = v
         except Exception:   # a diagnostic the host cannot read is simply not recorded
             continue
+    return out
+
+
+def candidate_kwargs(spec: registry.OpSpec, params: Mapping[str, Any],
+                     vjp_params: Mapping[str, Any],
+                     jvp_params: Mapping[str, Any]) -> dict[str, Any]:
+    """The keywords a foreign implementation receives for one case.
+
+    DESIGN's calling convention passes the operator's parameters named in
+    ``spec.candidate_params``; each takes its value from the case's forward
+    ``params``, else its ``vjp_params`` (a backward hyperparameter such as
+    blackbox backprop's ``lam``, which a framework's layer takes at call
+    time), else its ``jvp_params``, else the default of ``spec.forward``.  A
+    name found nowhere is not passed (the candidate's own default applies).
+    The golden-vector manifest records the result per case, so a consumer in
+    another language never has to know refimpl's defaults.
+    """
+    try:
+        defaults = {k: p.default for k, p in inspect.signature(spec.forward).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+    except (TypeError, ValueError):
+        defaults = {}
+    out = {}
+    for k in spec.candidate_params:
+        for source in (params, vjp_params, jvp_params, defaults):
+            if k in source:
+                out[k] = source[k]
+                break
     return out
 
 
@@ -269,6 +308,7 @@ def reference_case(spec: registry.OpSpec, case: registry.Case,
         inputs={k: host[k] for k in spec.inputs}, output=out, cotangent=v, vjp=vjp,
         tangents=tangents, jvp=jvp, diagnostics=_diagnostics(res),
         for_candidates=bool(case.for_candidates),
+        candidate_kwargs=candidate_kwargs(spec, case.params, case.vjp_params, case.jvp_params),
     )
 
 
@@ -276,15 +316,23 @@ def reference_case(spec: registry.OpSpec, case: registry.Case,
 # Export
 # --------------------------------------------------------------------------
 
-def _params_json(params: Mapping[str, Any], kind: str, where: str) -> dict:
+def _params_json(params: Mapping[str, Any], kind: str, where: str,
+                 sources: Sequence[tuple[str, Mapping]] = ()) -> dict:
     """Parameters as JSON; a NumPy array parameter becomes ``{"$array": "<kind>.<name>"}``,
-    a reference to the float64 array of that key in the case's .npz."""
+    a reference to the float64 array of that key in the case's .npz (for
+    ``candidate_kwargs``, the key of the parameter dict in ``sources`` it came from)."""
     out = {}
     for k, v in params.items():
         if isinstance(v, np.ndarray):
             if v.dtype.kind not in "biuf":
                 raise TypeError(f"{where}.{k} is an array of dtype {v.dtype}; golden "
                                 "vectors store real arrays only")
+            if sources:
+                found = [sk for sk, sp in sources if sp.get(k) is v]
+                if not found:
+                    raise TypeError(f"{where}.{k} is an array that is not one of the case's "
+                                    "parameters; golden vectors cannot store it")
+                kind = found[0]
             out[str(k)] = {"$array": f"{kind}.{k}"}
         else:
             out[str(k)] = _jsonable(v, f"{where}.{k}")
@@ -456,6 +504,9 @@ def export(path: str | os.PathLike, *, ops: Iterable[str | registry.OpSpec] | No
                                                f"{where} vjp_params"),
                     "jvp_params": _params_json(case.jvp_params, "jvp_param",
                                                f"{where} jvp_params"),
+                    "candidate_kwargs": _params_json(
+                        gc.candidate_kwargs, "", f"{where} candidate_kwargs",
+                        sources=[(k, p) for k, p in _param_kinds(gc)]),
                     "tolerance": _jsonable(gc.tolerance, f"{where} tolerance"),
                     "reference": _jsonable(gc.diagnostics, f"{where} diagnostics"),
                     "file": rel,
@@ -547,8 +598,12 @@ def _read_manifest(root: Path) -> dict:
     if not mpath.is_file():
         raise VectorsError(f"{root} has no {MANIFEST}; is it a directory written by "
                            "'refimpl export'?")
+    def no_constants(name):   # JSON has no NaN/Infinity; Python's parser would accept them
+        raise VectorsError(f"{mpath} contains {name}, which is not JSON; every number in "
+                           "a manifest is finite")
+
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        manifest = json.loads(mpath.read_text(encoding="utf-8"), parse_constant=no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise VectorsError(f"{mpath} is not valid JSON ({exc}); the file is corrupted") from None
     where = MANIFEST
@@ -580,20 +635,24 @@ def _read_manifest(root: Path) -> dict:
             wc = f"{w} cases[{j}]"
             for key, kind in (("id", str), ("description", str), ("dtype", str),
                               ("seed", int), ("flags", list), ("for_candidates", bool),
-                              ("params", dict),
-                              ("vjp_params", dict), ("jvp_params", dict),
+                              ("params", dict), ("vjp_params", dict),
+                              ("jvp_params", dict), ("candidate_kwargs", dict),
                               ("tolerance", dict), ("file", str), ("sha256", str),
                               ("size", int), ("arrays", dict)):
                 _require(c, key, kind, wc)
             for key in ("forward", "adjoint", "fd", "batch"):
-                _require(c["tolerance"], key, float, f"{wc} tolerance")
+                if _require(c["tolerance"], key, float, f"{wc} tolerance") < 0:
+                    raise VectorsError(f"{wc} tolerance[{key!r}] is negative")
     return manifest
+
+
+_PARAM_FIELDS = ("params", "vjp_params", "jvp_params", "candidate_kwargs")
 
 
 def _param_refs(c: Mapping) -> dict[tuple[str, str], str]:
     """``{(params field, name): npz key}`` for the array parameters of a case entry."""
     refs = {}
-    for fld in ("params", "vjp_params", "jvp_params"):
+    for fld in _PARAM_FIELDS:
         for k, v in c[fld].items():
             if isinstance(v, dict) and set(v) == {"$array"}:
                 refs[(fld, k)] = v["$array"]
@@ -680,7 +739,7 @@ def load(path: str | os.PathLike) -> GoldenVectors:
         out = entry["output"]["name"]
         for c in entry["cases"]:
             arrays = _read_case_file(root, op, entry, c)
-            params = {fld: dict(c[fld]) for fld in ("params", "vjp_params", "jvp_params")}
+            params = {fld: dict(c[fld]) for fld in _PARAM_FIELDS}
             for (fld, k), key in _param_refs(c).items():
                 params[fld][k] = arrays[key]
             cases.append(GoldenCase(
@@ -696,5 +755,6 @@ def load(path: str | os.PathLike) -> GoldenVectors:
                 jvp=arrays[f"jvp.{out}"] if entry["has_jvp"] else None,
                 diagnostics=c.get("reference", {}),
                 for_candidates=c["for_candidates"],
+                candidate_kwargs=params["candidate_kwargs"],
             ))
     return GoldenVectors(path=root, manifest=manifest, cases=tuple(cases))

@@ -40,15 +40,6 @@ def _statuses(report):
     return {c.case: c.status for c in report.cases}
 
 
-def _registered(name):
-    names = [s.name for s in registry.all_specs()]
-    if name not in names:
-        pytest.skip(f"operator {name!r} is not registered in refimpl.registry on this "
-                    f"branch (registered: {', '.join(names)}); its example is checked "
-                    "against SciPy/POT and gradcheck in the other tests")
-    return name
-
-
 # --------------------------------------------------------------------------
 # NumPy candidates with a hand-written VJP
 # --------------------------------------------------------------------------
@@ -71,6 +62,16 @@ def test_member_error_by_hand():
     assert err == pytest.approx(1e-16 / (FLOOR * 2.0 / 1e-8))
     assert member_error(np.array([np.nan, 1.0]), np.array([1.0, 1.0]), 1, 1e-8)[0] == np.inf
     assert member_error(np.ones((2, 2)), np.ones((2, 2)), 2, 1e-8) == (0.0, None)
+    # each member against its own size only: 1e-7 relative in a member 1e-12 times
+    # smaller than its batch-mate is an error of 1e-7, far below FLOOR of the largest
+    e = np.array([[1.0, -2.0], [1e-12, 3e-12]])
+    err, member = member_error(e * np.array([[1.0], [1.0 + 1e-7]]), e, 1, 1e-8)
+    assert member == (1,) and err == pytest.approx(1e-7, rel=1e-6)
+    # a per-member natural size: member 1 is zero up to round-off of its own scale 1e-12
+    e = np.array([[1.0, -2.0], [1e-30, 0.0]])
+    a = np.array([[1.0, -2.0], [0.0, 1e-28]])
+    assert member_error(a, e, 1, 1e-8, scale=np.array([0.0, 1e-12]))[0] <= 1e-8
+    assert member_error(a, e, 1, 1e-8, scale=np.array([0.0, 1e-16]))[0] > 1e-8
 
 
 def test_member_error_scale_floor():
@@ -179,14 +180,15 @@ def test_planted_bug_fails(bug):
 
 
 def test_bug_in_one_small_batch_member_is_caught():
-    """A 1e-3 error in the batch member with the smallest gradients is invisible to a
-    normwise comparison over the whole batch (max entries ~1e9 times larger), but
-    not to the per-member comparison."""
+    """A 1e-6 error in the batch member with the smallest gradients is invisible to a
+    normwise comparison over the whole batch (max entries ~1e9 times larger), and to a
+    round-off floor taken relative to the largest member, but not to the per-member
+    comparison."""
     def vjp(A, b, x_bar):
         A_bar, b_bar = solve_vjp(A, b, x_bar)
         if A.ndim == 3:
             A_bar, b_bar = A_bar.copy(), b_bar.copy()
-            A_bar[3] *= 1.0 + 1e-3       # member 3 has scale 1e3: gradients ~1e-3
+            A_bar[3] *= 1.0 + 1e-6       # member 3 has scale 1e3: gradients ~1e-9 of max
         return A_bar, b_bar
 
     report = validate("linear_solve", solve, framework="numpy", vjp=vjp,
@@ -195,10 +197,14 @@ def test_bug_in_one_small_batch_member_is_caught():
     assert case.status == "FAIL" and case.worst == "A[3]", report.table()
     assert case.gradient_errors["A"] > case.gradient_tol
     assert case.gradient_errors["b"] <= case.gradient_tol
+    assert case.gradient_errors["A"] == pytest.approx(1e-6, rel=1e-3)   # its own relative error
     # what a whole-batch normwise comparison would have said
     gc = vectors.reference_case(LINEAR_SOLVE, LINEAR_SOLVE.case("batched_scales"))
     A_bar, _ = vjp(gc.inputs["A"], gc.inputs["b"], gc.cotangent)
     assert check.compare(A_bar, gc.vjp["A"], rtol=1e-8).passed
+    # and a floor of FLOOR times the largest member's size (the member is ~1e-9 of it)
+    e, d = np.abs(gc.vjp["A"]), np.abs(A_bar - gc.vjp["A"])
+    assert d[3].max() / max(e[3].max(), FLOOR * e.max() / 1e-8) <= 1e-8
 
 
 def test_mutating_candidate_fails():
@@ -361,15 +367,19 @@ SPECS = registry.all_specs()
 def test_reference_as_candidate_passes_for_every_operator(spec):
     """validate's machinery (params, gauges, shapes, batches) works on every registered
     operator: the reference itself, called through the NumPy candidate convention,
-    passes every case with errors at round-off."""
+    passes every case with errors at round-off; it receives exactly the candidate
+    keywords, with the case's values."""
     for case in spec.cases:
         if "float64" not in case.dtypes:
             continue
+        seen = []
 
         def fn(*xs, **kw):
+            seen.append(kw)
             return np.asarray(getattr(spec.forward(*xs, **case.params), spec.output))
 
         def vjp(*args, **kw):
+            seen.append(kw)
             *xs, out_bar = args
             res = spec.forward(*xs, **case.params)
             return tuple(spec.vjp(res, out_bar, **case.vjp_params))
@@ -379,6 +389,126 @@ def test_reference_as_candidate_passes_for_every_operator(spec):
         assert report.passed, report.table()
         (c,) = report.cases
         assert c.forward_error <= 1e-12 and c.gradient_error <= 1e-12, report.table()
+        for kw in seen:
+            assert set(kw) <= set(spec.candidate_params), (case.id, kw)
+            for k, v in kw.items():
+                source = case.params if k in case.params else case.vjp_params
+                if k in source:
+                    assert v is source[k] or v == source[k], (case.id, k)
+
+
+# --------------------------------------------------------------------------
+# Planted bugs beyond linear_solve: the reference as a NumPy candidate, plus a bug
+# --------------------------------------------------------------------------
+
+def _smallest_member(g, rel):
+    """Scale the batch member (leading index) with the smallest entries by 1 + rel."""
+    g = np.array(g, dtype=float)
+    sizes = np.abs(g.reshape(g.shape[0], -1)).max(axis=1)
+    g[int(np.argmin(np.where(sizes > 0, sizes, np.inf)))] *= 1.0 + rel
+    return g
+
+
+GRADIENT_BUGS = {
+    "sign": lambda g: -g,
+    "scale_1pct": lambda g: 1.01 * g,
+    "transpose": lambda g: np.swapaxes(g, -1, -2),
+    # each member's gradient leaks 1e-3 of the batch mean into its batch-mates
+    "coupled_batch": lambda g: g + 1e-3 * g.mean(axis=0, keepdims=True),
+    "smallest_member_1e-6": lambda g: _smallest_member(g, 1e-6),
+    "smallest_member_1pct": lambda g: _smallest_member(g, 1e-2),
+}
+
+PLANTED_ELSEWHERE = [
+    # (operator, case, input, bug)
+    ("sinkhorn", "nonuniform_6x5", "C", "sign"),
+    ("sinkhorn", "nonuniform_6x5", "a", "scale_1pct"),
+    ("sinkhorn", "wide_3x7", "b", "sign"),
+    ("sinkhorn", "batch_scales", "C", "coupled_batch"),
+    ("sinkhorn", "batch_scales", "C", "smallest_member_1e-6"),   # masses 1e-4 vs 1e4
+    ("sqrtm", "eig_exact", "A", "scale_1pct"),
+    ("sqrtm", "repeated_eigenvalues", "A", "sign"),
+    ("sqrtm", "batched_scales_lyapunov_sign", "A", "coupled_batch"),
+    ("sqrtm", "batched_scales_lyapunov_sign", "A", "smallest_member_1e-6"),
+    ("inv_sqrtm", "batched_scales_lyapunov_sign", "A", "smallest_member_1e-6"),  # 1e-13 of max
+    ("tanh_deq", "contractive", "W", "transpose"),
+    ("tanh_deq", "contractive", "U", "sign"),
+    ("tanh_deq", "near_non_contractive", "b", "scale_1pct"),
+    ("tanh_deq", "batched_scales", "x", "coupled_batch"),
+    ("tanh_deq", "batched_scales", "x", "smallest_member_1e-6"),   # x scaled 1e-6..30
+    ("tanh_deq", "per_member_weights", "W", "smallest_member_1e-6"),
+    ("soft_topk", "batch_scales", "x", "coupled_batch"),
+    # the near-hard row: its gradient is ~1e-12, 4e-11 of its natural size
+    ("soft_topk", "batch_scales", "x", "smallest_member_1pct"),
+]
+
+
+def _reference_candidate(spec, case, bug=None, input_name=None, forward_bug=None):
+    """refimpl's own forward and VJP under the NumPy candidate convention (with all of
+    the case's parameters, so that it is exact), with a bug planted in one gradient or
+    in the output."""
+    i = spec.inputs.index(input_name) if input_name else None
+
+    def fn(*xs, **kw):
+        out = np.array(getattr(spec.forward(*xs, **case.params), spec.output))
+        return forward_bug(out) if forward_bug else out
+
+    def vjp(*args, **kw):
+        *xs, out_bar = args
+        bars = list(spec.vjp(spec.forward(*xs, **case.params), out_bar, **case.vjp_params))
+        if bug is not None:
+            bars[i] = bug(np.zeros(xs[i].shape) if bars[i] is None else np.asarray(bars[i]))
+        return tuple(bars)
+    return fn, vjp
+
+
+@pytest.mark.parametrize("op, case_id, input_name, bug", PLANTED_ELSEWHERE,
+                         ids=["-".join(p) for p in PLANTED_ELSEWHERE])
+def test_planted_gradient_bug_fails_on_other_operators(op, case_id, input_name, bug):
+    spec = registry.get_spec(op)
+    case = spec.case(case_id)
+    fn, vjp = _reference_candidate(spec, case)
+    clean = validate(spec, fn, framework="numpy", vjp=vjp, cases=[case_id])
+    assert clean.passed, clean.table()                  # the control
+    fn, vjp = _reference_candidate(spec, case, GRADIENT_BUGS[bug], input_name)
+    report = validate(spec, fn, framework="numpy", vjp=vjp, cases=[case_id])
+    (c,) = report.cases
+    assert c.status == "FAIL", report.table()
+    assert c.gradient_errors[input_name] > c.gradient_tol
+    assert c.forward_error <= c.forward_tol
+    assert f"gradient errors: " in c.message and input_name in c.message
+    if bug.startswith("smallest"):
+        g = vectors.reference_case(spec, case).vjp[input_name]
+        sizes = np.abs(g.reshape(g.shape[0], -1)).max(axis=1)
+        assert c.worst == f"{input_name}[{int(np.argmin(sizes))}]", report.table()
+
+
+@pytest.mark.parametrize("op, case_id", [
+    ("sinkhorn", "batch_scales"), ("tanh_deq", "batched_scales"),
+    ("projection_mean", "batched_scales"), ("sqrtm", "batched_scales_lyapunov_sign"),
+])
+def test_forward_bug_in_the_smallest_member_fails(op, case_id):
+    """1e-8 relative in the output member 1e-8 (or less) times smaller than the largest."""
+    spec = registry.get_spec(op)
+    case = spec.case(case_id)
+    fn, vjp = _reference_candidate(spec, case, forward_bug=lambda y: _smallest_member(y, 1e-8))
+    (c,) = validate(spec, fn, framework="numpy", vjp=vjp, cases=[case_id]).cases
+    assert c.status == "FAIL" and c.forward_error == pytest.approx(1e-8, rel=1e-3), c
+    assert "forward error" in c.message
+
+
+def test_symmetrised_gradients_hide_only_what_the_convention_allows():
+    """For SPD inputs only the symmetric part of A_bar is defined: a transposed A_bar is
+    the same gradient (passes), a skew-symmetric addition is invisible, a symmetric one
+    is not."""
+    spec = registry.get_spec("sqrtm")
+    case = spec.case("eig_exact")
+    for bug, passes in [(lambda g: np.swapaxes(g, -1, -2), True),
+                        (lambda g: g + (g - g.T), True),
+                        (lambda g: g + 1e-6 * (g + g.T), False)]:
+        fn, vjp = _reference_candidate(spec, case, bug, "A")
+        report = validate(spec, fn, framework="numpy", vjp=vjp, cases=["eig_exact"])
+        assert report.passed is passes, report.table()
 
 
 # --------------------------------------------------------------------------
@@ -408,6 +538,17 @@ def test_bad_targets(tmp_path):
         load_target(f"{good}:CONST")
     assert load_target(f"{good}:forward").__name__ == "forward"
     assert load_target("numpy.linalg:solve") is np.linalg.solve
+    # a typo gets the close names; a module with hundreds of names is not dumped in full
+    with pytest.raises(TargetError, match="'numpy.linalg' has no attribute 'sovle'; "
+                                          "did you mean 'solve'"):
+        load_target("numpy.linalg:sovle")
+    with pytest.raises(TargetError, match=r"it defines \d+ callables, e.g. .*, \.\.\.$"):
+        load_target("numpy:zzzzzzzz")
+    with pytest.raises(TargetError, match=r"'.*good.py:forward' has no attribute 'nope'"):
+        load_target(f"{good}:forward.nope")
+    # the file name without its .py
+    with pytest.raises(TargetError, match=r"no such file .*\(did you mean '.*good.py'\?\)"):
+        load_target(f"{tmp_path / 'good'}:forward")
 
 
 def test_usage_errors():
@@ -483,6 +624,12 @@ def test_cli_validate_pass_and_json(tmp_path, capsys):
         assert cid in out
     data = json.loads(out_json.read_text())
     assert data["passed"] is True and len(data["cases"]) == 5
+    rc = cli.main(["validate", "linear_solve", NP_TARGET, "--framework", "numpy",
+                   "--vjp", NP_VJP, "--case", "scalar",
+                   "--json", str(tmp_path / "no_such_dir" / "r.json")])
+    captured = capsys.readouterr()
+    assert rc == 2 and "cannot write --json" in captured.err
+    assert "Traceback" not in captured.err
 
 
 def test_cli_validate_failure_exit_code(tmp_path, capsys):
@@ -705,9 +852,201 @@ def test_torch_sinkhorn_example_is_correct(torch):
     ("sinkhorn", "torch_sinkhorn.py:sinkhorn"),
 ])
 def test_torch_second_operator_example_validates_clean(torch, op, target):
-    _registered(op)
     report = validate(op, f"{EXAMPLES / target}", framework="torch")
     assert report.passed, report.table()
+    skipped = {c.id for c in registry.get_spec(op).cases if not c.for_candidates}
+    assert {c.case for c in report.cases} == {c.id for c in registry.get_spec(op).cases
+                                              if "float64" in c.dtypes} - skipped
+
+
+# --------------------------------------------------------------------------
+# Implicit layers and surrogate gradients (independent PyTorch candidates)
+# --------------------------------------------------------------------------
+
+def _torch_deq(torch, phantom=False):
+    """z = tanh(W z + U x + b) by Newton's method, differentiated by autograd through
+    the Newton steps (exact at convergence: the Newton map's z-derivative vanishes at
+    the root).  ``phantom=True`` is the common shortcut of backpropagating through one
+    final f-step from a detached fixed point (Jacobian-free backprop): not the
+    gradient."""
+    def tanh_deq(x, W, U, b):
+        c = (U @ x.unsqueeze(-1)).squeeze(-1) + b
+        z = torch.zeros(torch.broadcast_shapes(c.shape, W.shape[:-1]), dtype=x.dtype)
+        eye = torch.eye(W.shape[-1], dtype=x.dtype)
+        for _ in range(40):
+            f = torch.tanh((W @ z.unsqueeze(-1)).squeeze(-1) + c)
+            J = (1 - f ** 2).unsqueeze(-1) * W
+            z = z - torch.linalg.solve(eye - J, (z - f).unsqueeze(-1)).squeeze(-1)
+        if phantom:
+            z = z.detach()
+        return torch.tanh((W @ z.unsqueeze(-1)).squeeze(-1) + c)
+    return tanh_deq
+
+
+def test_torch_deq_exact_passes_and_jacobian_free_backprop_fails(torch):
+    report = validate("tanh_deq", _torch_deq(torch), framework="torch")
+    assert report.passed, report.table()
+    report = validate("tanh_deq", _torch_deq(torch, phantom=True), framework="torch")
+    status = _statuses(report)
+    assert all(c.forward_error <= c.forward_tol for c in report.cases)   # same fixed point
+    assert all(s == "FAIL" for s in status.values()), report.table()
+
+
+def _torch_project(torch, w, projection):
+    if projection in (None, "none"):
+        return w
+    if projection == "norm":
+        return w / w.norm(dim=-1, keepdim=True)
+    v = w - w.mean(dim=-1, keepdim=True)
+    return v if projection == "mean" else v / v.norm(dim=-1, keepdim=True)
+
+
+def _torch_surrogates(torch):
+    """Written from the papers' definitions, not from refimpl: identity with projection
+    (w_bar = -P'(w)^T y_bar, min sense) and straight-through (x_bar = y_bar)."""
+    def identity_top_k(w, *, k, projection=None):
+        u = _torch_project(torch, w, projection)
+        y = torch.zeros_like(w).scatter(-1, torch.topk(-u.detach(), k, dim=-1).indices, 1.0)
+        return y - (u - u.detach())          # value y, gradient -P'(w)^T y_bar
+
+    def identity_argmin_onehot(w, *, projection=None):
+        u = _torch_project(torch, w, projection)
+        y = torch.zeros_like(w).scatter(-1, torch.argmin(u.detach(), -1, keepdim=True), 1.0)
+        return y - (u - u.detach())
+
+    def straight_through(x):
+        return (x > 0).to(x.dtype) + (x - x.detach())
+
+    def top_k_autodiff(w, *, k, projection=None):
+        """No surrogate: autodiff of a piecewise-constant map is zero."""
+        y = torch.zeros_like(w).scatter(-1, torch.topk(-w.detach(), k, dim=-1).indices, 1.0)
+        return y + 0.0 * w
+
+    return dict(identity_top_k=identity_top_k, identity_argmin_onehot=identity_argmin_onehot,
+                straight_through=straight_through, top_k_autodiff=top_k_autodiff)
+
+
+NOISE_FREE = ["plain", "mean", "norm", "std", "ties", "batched_scales"]
+
+
+def test_torch_surrogate_candidates(torch):
+    cands = _torch_surrogates(torch)
+    for op in ("identity_top_k", "identity_argmin_onehot"):
+        report = validate(op, cands[op], framework="torch", cases=NOISE_FREE)
+        assert report.passed, report.table()
+        assert any("surrogate backward" in n for n in report.notes)
+        assert "surrogate backward" in report.table()
+    report = validate("straight_through", cands["straight_through"], framework="torch",
+                      cases=["plain", "zeros"])
+    assert report.passed, report.table()
+    # autodiff through the solver: right forward, zero gradient -> every case fails
+    report = validate("identity_top_k", cands["top_k_autodiff"], framework="torch",
+                      cases=NOISE_FREE)
+    assert all(c.status == "FAIL" and c.forward_error == 0.0 for c in report.cases)
+    assert all(c.gradient_error > 0.5 for c in report.cases), report.table()
+    # not a surrogate: no such note
+    assert not any("surrogate" in n for n in validate(
+        "linear_solve", solve, framework="numpy", vjp=solve_vjp, cases=["scalar"]).notes)
+
+
+def test_backward_parameters_reach_the_candidate():
+    """blackbox backprop's lam lives in the case's vjp_params; the candidate, whose layer
+    takes lam at call time, receives it as a keyword like any other parameter."""
+    from refimpl import combinatorial as comb
+    seen = []
+
+    def fn(W, *, lam):
+        seen.append(lam)
+        return np.asarray(comb.shortest_path(W))
+
+    def vjp(W, y_bar, *, lam):   # the blackbox formula (y(W + lam y_bar) - y(W)) / lam
+        def solve(V):
+            return np.asarray(comb.shortest_path(V, negative="clip"))
+        return ((solve(W + lam * y_bar) - solve(W)) / lam,)
+
+    report = validate("blackbox_shortest_path", fn, framework="numpy", vjp=vjp)
+    assert report.passed, report.table()
+    assert seen == [1.5, 1.5]
+
+
+# Cases of surrogate operators that a correct candidate following the calling convention
+# cannot reproduce, because the registry gives it too little (refimpl/registry/
+# combinatorial.py, not validate's to decide): the seeded noise margin (alpha, seed,
+# noise_order are not candidate parameters), the straight-through clip (a vjp_param not in
+# candidate_params), blackbox top-k's k (not in candidate_params), and the perturbed
+# optimizer's Monte-Carlo noise (seed; gaussian_pair's cotangent is nearly constant, so
+# its exact gradient, 1e-4, is below the Monte-Carlo error of either estimate). Each such
+# case must be skipped (for_candidates=False) or given the missing parameter; until then
+# these are expected failures, and strict: fixing the registry makes them pass.
+_REGISTRY_GAP = pytest.mark.xfail(strict=True, reason="registry: a candidate cannot "
+                                  "reproduce this case (see the comment above)")
+
+
+def _skipped_or_passed(report, case_id):
+    skipped = any(case_id in n for n in report.notes if n.startswith("skipped"))
+    return skipped or _statuses(report).get(case_id) == "pass"
+
+
+@pytest.mark.parametrize("op, case_id", [
+    pytest.param("identity_top_k", "noise_before", marks=_REGISTRY_GAP),
+    pytest.param("identity_argmin_onehot", "noise_before", marks=_REGISTRY_GAP),
+    pytest.param("straight_through", "clipped_batch", marks=_REGISTRY_GAP),
+])
+def test_torch_surrogate_case_is_reproducible_or_skipped(torch, op, case_id):
+    report = validate(op, _torch_surrogates(torch)[op], framework="torch")
+    assert _skipped_or_passed(report, case_id), report.table()
+
+
+@pytest.mark.parametrize("case_id", ["moderate_lam", "batched"])
+@_REGISTRY_GAP
+def test_blackbox_top_k_case_is_reproducible_or_skipped(case_id):
+    from refimpl import combinatorial as comb
+
+    def fn(w, *, k, lam):
+        return np.asarray(comb.top_k(w, k))
+
+    def vjp(w, y_bar, *, k, lam):
+        return ((np.asarray(comb.top_k(w + lam * y_bar, k)) - np.asarray(comb.top_k(w, k)))
+                / lam,)
+
+    report = validate("blackbox_top_k", fn, framework="numpy", vjp=vjp)
+    assert _skipped_or_passed(report, case_id), report.table()
+
+
+@_REGISTRY_GAP
+def test_perturbed_gaussian_pair_is_reproducible_or_skipped(torch):
+    """A correct perturbed-argmin estimator with its own noise (Berthet et al.:
+    y = E[argmin(w - sigma Z)], w_bar = -E[(y_Z . y_bar) grad nu(Z)] / sigma)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def perturbed(w, *, sigma, n_samples, noise):
+        shape = (n_samples,) + tuple(w.shape)
+        if noise == "gaussian":
+            Z = torch.randn(shape, generator=gen, dtype=w.dtype)
+            grad_nu = Z
+        else:
+            Z = -torch.log(-torch.log(torch.rand(shape, generator=gen, dtype=w.dtype)))
+            grad_nu = -torch.expm1(-Z)
+
+        class Perturbed(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, w):
+                y = torch.nn.functional.one_hot(torch.argmin(w - sigma * Z, -1),
+                                                w.shape[-1]).to(w.dtype)
+                ctx.save_for_backward(y)
+                return y.mean(0)
+
+            @staticmethod
+            def backward(ctx, y_bar):
+                (y,) = ctx.saved_tensors
+                return -((y @ y_bar).unsqueeze(-1) * grad_nu).mean(0) / sigma
+
+        return Perturbed.apply(w)
+
+    report = validate("perturbed_argmin_onehot", perturbed, framework="torch")
+    assert {c.case: c.status for c in report.cases if c.case != "gaussian_pair"} == \
+        {"gumbel": "pass", "gumbel_small_sigma": "pass"}, report.table()
+    assert _skipped_or_passed(report, "gaussian_pair"), report.table()
 
 
 # --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from refimpl import cli, registry, vectors
+from refimpl import check, cli, registry, vectors
 from refimpl.vectors import VectorsError
 
 LINEAR_SOLVE = registry.get_spec("linear_solve")
@@ -284,6 +284,28 @@ def test_manifest_problems_are_detected(export_copy):
     with pytest.raises(VectorsError, match=r"tolerance\['fd'\] must be float"):
         vectors.load(export_copy)
 
+    for bad in ("NaN", "Infinity", "-Infinity"):     # Python's json would accept these
+        text = json.dumps(good).replace('"fd": 1e-08', f'"fd": {bad}', 1)
+        assert bad in text
+        (export_copy / vectors.MANIFEST).write_text(text)
+        with pytest.raises(VectorsError, match=f"contains {bad}, which is not JSON"):
+            vectors.load(export_copy)
+
+    m = json.loads(json.dumps(good)); _entry(m)["tolerance"]["fd"] = -1e-8
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match=r"tolerance\['fd'\] is negative"):
+        vectors.load(export_copy)
+
+    m = json.loads(json.dumps(good)); m["schema_version"] = 1
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match="schema_version 1.*older"):
+        vectors.load(export_copy)
+
+    m = json.loads(json.dumps(good)); del _entry(m)["candidate_kwargs"]
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match="missing the key 'candidate_kwargs'"):
+        vectors.load(export_copy)
+
     m = json.loads(json.dumps(good)); _entry(m)["file"] = "../outside.npz"
     _write_manifest(export_copy, m)
     with pytest.raises(VectorsError, match="must be relative"):
@@ -386,14 +408,16 @@ def test_array_params_and_for_candidates_round_trip(tmp_path):
     case = dataclasses.replace(LINEAR_SOLVE.case("well_conditioned"),
                                params={"shift": weights}, for_candidates=False)
     spec = dataclasses.replace(LINEAR_SOLVE, name="toy_array_param", forward=forward,
-                               oracle=None, cases=(case,))
+                               oracle=None, cases=(case,), candidate_params=("shift",))
     vectors.export(tmp_path, ops=[spec])
     e = _manifest(tmp_path)["operators"]["toy_array_param"]["cases"][0]
     assert e["params"] == {"shift": {"$array": "param.shift"}}
+    assert e["candidate_kwargs"] == {"shift": {"$array": "param.shift"}}
     assert e["for_candidates"] is False
     c = vectors.load(tmp_path).case("toy_array_param", "well_conditioned")
     assert isinstance(c.params["shift"], np.ndarray)
     assert c.params["shift"].tobytes() == weights.tobytes()
+    assert c.candidate_kwargs["shift"].tobytes() == weights.tobytes()
     assert c.for_candidates is False
     x0 = scipy.linalg.solve(c.inputs["A"], c.inputs["b"])
     assert np.allclose(c.output, x0, rtol=1e-12)
@@ -402,14 +426,62 @@ def test_array_params_and_for_candidates_round_trip(tmp_path):
 ALL_SPECS = registry.all_specs()
 
 
-def test_every_registered_operator_exports_and_loads(tmp_path):
+@pytest.fixture(scope="module")
+def exported_all(tmp_path_factory):
+    """Every registered operator in both dtypes (a few seconds), read-only."""
+    d = tmp_path_factory.mktemp("golden_all")
+    vectors.export(d, dtypes=("float64", "float32"))
+    return vectors.load(d)
+
+
+def test_every_registered_operator_exports_and_loads(exported_all):
     """Operators added to the registry are covered by export/load automatically."""
-    vectors.export(tmp_path)
-    gv = vectors.load(tmp_path)
+    gv = exported_all
     assert set(gv.ops) == {s.name for s in ALL_SPECS}
     for spec in ALL_SPECS:
-        got = {c.id for c in gv.cases_of(spec.name, "float64")}
-        assert got == {c.id for c in spec.cases if "float64" in c.dtypes}, spec.name
+        for dt in ("float64", "float32"):
+            got = {c.id for c in gv.cases_of(spec.name, dt)}
+            assert got == {c.id for c in spec.cases if dt in c.dtypes}, (spec.name, dt)
         op = gv.operator(spec.name)
         assert op["conventions"]["gauge"]
         assert op["candidate_params"] == list(spec.candidate_params)
+        assert op["surrogate"] is spec.surrogate
+        for c in gv.cases_of(spec.name):
+            assert set(c.candidate_kwargs) <= set(spec.candidate_params), (spec.name, c.id)
+
+
+def test_every_exported_case_means_what_the_format_says(exported_all):
+    """The stored numbers of every operator, checked by routes other than the code that
+    wrote them: the output against the registry's independent oracle (SciPy, POT, closed
+    forms, brute force), and the stored JVP against the stored VJP by the dot-product
+    identity <J u, v> = sum_k <u_k, J_k^T v> (two separate code paths; the gauge applied
+    to the VJP is invisible to the feasible tangents)."""
+    n_oracle = n_dot = 0
+    for c in exported_all:
+        spec = registry.get_spec(c.op)
+        if spec.oracle is not None:
+            want = np.asarray(spec.oracle(*(c.inputs[k] for k in spec.inputs), **c.params))
+            r = check.compare(c.output, want, rtol=c.tolerance["forward"])
+            assert r.passed, (c.op, c.id, c.dtype, r.error)
+            n_oracle += 1
+        if c.tangents is not None and not spec.surrogate:
+            lhs = float(np.sum(c.jvp * c.cotangent))
+            rhs = sum(float(np.sum(c.tangents[k] * c.vjp[k])) for k in spec.inputs)
+            scale = (np.linalg.norm(c.jvp) * np.linalg.norm(c.cotangent)
+                     + sum(np.linalg.norm(c.tangents[k]) * np.linalg.norm(c.vjp[k])
+                           for k in spec.inputs))
+            assert abs(lhs - rhs) <= c.tolerance["adjoint"] * scale, (c.op, c.id, c.dtype)
+            n_dot += 1
+    assert n_oracle > 200 and n_dot > 150          # nearly every case is covered
+
+
+def test_candidate_kwargs_are_explicit_in_the_manifest(exported_all):
+    """A consumer in another language gets the exact keywords, defaults included."""
+    m = exported_all.manifest["operators"]
+    pair = next(c for c in m["soft_topk"]["cases"] if c["id"] == "pair")
+    assert "largest" not in pair["params"]                 # refimpl's forward default...
+    assert pair["candidate_kwargs"] == {"k": 1, "eps": 0.7, "largest": True}   # ...written out
+    lam = next(c for c in m["blackbox_shortest_path"]["cases"] if c["id"] == "grid_3x4")
+    assert lam["params"] == {} and lam["candidate_kwargs"] == {"lam": lam["vjp_params"]["lam"]}
+    sk = next(c for c in m["sinkhorn"]["cases"] if c["id"] == "nonuniform_6x5")
+    assert set(sk["candidate_kwargs"]) == {"eps"} and "tol" in sk["params"]
