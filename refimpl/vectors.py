@@ -275,12 +275,7 @@ def reference_case(spec: registry.OpSpec, case: registry.Case,
                            **case.params)
         out = to_host(getattr(res, spec.output)).astype(np.float64)
 
-        # Same draws, same order as verify_case.
-        u = (spec.tangents(rng, host) if spec.tangents is not None
-             else tuple(registry.scaled_normal(rng, host[k], c)
-                        for k, c in zip(spec.inputs, spec.core_ndim)))
-        v = (np.asarray(spec.cotangent(rng, out, host)) if spec.cotangent is not None
-             else rng.standard_normal(out.shape))
+        u, v = registry.draw_directions(spec, rng, host, out)   # the numbers verify_case uses
         u = tuple(None if t is None else _round(t, dtype) for t in u)
         v = _round(v, dtype)
 

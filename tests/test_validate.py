@@ -970,16 +970,12 @@ def test_backward_parameters_reach_the_candidate():
 
 
 # Cases of surrogate operators that a correct candidate following the calling convention
-# cannot reproduce, because the registry gives it too little (refimpl/registry/
-# combinatorial.py, not validate's to decide): the seeded noise margin (alpha, seed,
-# noise_order are not candidate parameters), the straight-through clip (a vjp_param not in
-# candidate_params), blackbox top-k's k (not in candidate_params), and the perturbed
-# optimizer's Monte-Carlo noise (seed; gaussian_pair's cotangent is nearly constant, so
-# its exact gradient, 1e-4, is below the Monte-Carlo error of either estimate). Each such
-# case must be skipped (for_candidates=False) or given the missing parameter; until then
-# these are expected failures, and strict: fixing the registry makes them pass.
-_REGISTRY_GAP = pytest.mark.xfail(strict=True, reason="registry: a candidate cannot "
-                                  "reproduce this case (see the comment above)")
+# could not reproduce when the registry gave it too little: the seeded noise margin (alpha,
+# seed, noise_order are not candidate parameters), the straight-through clip (a refimpl
+# option), blackbox top-k's k and lam, and the perturbed optimizer's Monte-Carlo noise
+# (gaussian_pair needs a cotangent whose exact gradient dominates the Monte-Carlo error).
+# Each such case must be skipped for candidates (for_candidates=False) or passed what it
+# needs; these tests pin that a correct candidate is then never failed.
 
 
 def _skipped_or_passed(report, case_id):
@@ -988,9 +984,9 @@ def _skipped_or_passed(report, case_id):
 
 
 @pytest.mark.parametrize("op, case_id", [
-    pytest.param("identity_top_k", "noise_before", marks=_REGISTRY_GAP),
-    pytest.param("identity_argmin_onehot", "noise_before", marks=_REGISTRY_GAP),
-    pytest.param("straight_through", "clipped_batch", marks=_REGISTRY_GAP),
+    ("identity_top_k", "noise_before"),
+    ("identity_argmin_onehot", "noise_before"),
+    ("straight_through", "clipped_batch"),
 ])
 def test_torch_surrogate_case_is_reproducible_or_skipped(torch, op, case_id):
     report = validate(op, _torch_surrogates(torch)[op], framework="torch")
@@ -998,7 +994,6 @@ def test_torch_surrogate_case_is_reproducible_or_skipped(torch, op, case_id):
 
 
 @pytest.mark.parametrize("case_id", ["moderate_lam", "batched"])
-@_REGISTRY_GAP
 def test_blackbox_top_k_case_is_reproducible_or_skipped(case_id):
     from refimpl import combinatorial as comb
 
@@ -1013,7 +1008,6 @@ def test_blackbox_top_k_case_is_reproducible_or_skipped(case_id):
     assert _skipped_or_passed(report, case_id), report.table()
 
 
-@_REGISTRY_GAP
 def test_perturbed_gaussian_pair_is_reproducible_or_skipped(torch):
     """A correct perturbed-argmin estimator with its own noise (Berthet et al.:
     y = E[argmin(w - sigma Z)], w_bar = -E[(y_Z . y_bar) grad nu(Z)] / sigma)."""

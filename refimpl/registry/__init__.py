@@ -54,6 +54,7 @@ __all__ = [
     "OpSpec",
     "Tolerance",
     "all_specs",
+    "draw_directions",
     "get_spec",
     "member_scale",
     "scaled_normal",
@@ -234,6 +235,22 @@ def scaled_normal(rng: np.random.Generator, x: np.ndarray, core_ndim: int) -> np
     return rng.standard_normal(x.shape) * member_scale(x, core_ndim)
 
 
+def draw_directions(spec: OpSpec, rng: np.random.Generator, host: dict,
+                    out: np.ndarray) -> tuple[tuple, np.ndarray]:
+    """The tangents (one per input, host) and the cotangent (host) of a case.
+
+    Drawn from ``rng`` right after the inputs, tangents first: the spec's
+    feasible-direction sampler or :func:`scaled_normal`, then the spec's
+    cotangent sampler or a standard normal.  ``verify_case`` and the golden
+    vectors both call this, so they check the very same numbers.
+    """
+    u = (spec.tangents(rng, host) if spec.tangents is not None
+         else tuple(scaled_normal(rng, host[k], c) for k, c in zip(spec.inputs, spec.core_ndim)))
+    v = (np.asarray(spec.cotangent(rng, out, host)) if spec.cotangent is not None
+         else rng.standard_normal(out.shape))
+    return u, v
+
+
 def _canon(spec: OpSpec, bars) -> tuple:
     bars = tuple(bars)
     return tuple(spec.canonicalize(bars)) if spec.canonicalize else bars
@@ -319,10 +336,7 @@ def verify_case(spec: OpSpec, case: Case, *, backend: str | Backend = "numpy",
                                    f"n_iter={getattr(res, 'n_iter', '?')}"))
 
     # -- derivatives -----------------------------------------------------
-    u_host = (spec.tangents(rng, host) if spec.tangents is not None
-              else tuple(scaled_normal(rng, host[k], c) for k, c in zip(spec.inputs, spec.core_ndim)))
-    v_host = (np.asarray(spec.cotangent(rng, out_h, host)) if spec.cotangent is not None
-              else rng.standard_normal(out_h.shape))
+    u_host, v_host = draw_directions(spec, rng, host, out_h)
     u = tuple(None if t is None else be.asarray(t, dtype) for t in u_host)
     v = be.asarray(v_host, dtype)
 
