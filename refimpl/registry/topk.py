@@ -41,7 +41,13 @@ def _topk_gap_host(x: np.ndarray, k: int, largest: bool) -> np.ndarray:
 
 def _topk_oracle(x, *, k, eps, largest=True, **_):
     """A = sigmoid(+-(x - theta)/t), t = eps/2, theta by scipy.optimize.brentq on
-    sum(A) = k (host, float64, scores centred at their median), row by row."""
+    sum(A) = k (host, float64, scores centred at their median), row by row.
+
+    Independent of the code under test in its algorithm (bracketing root finder
+    on the host, not the safeguarded Newton), but it assumes the same
+    derivation, the sigmoid form with t = eps/2.  That form is checked against
+    optimal transport itself by the Sinkhorn-path cases (whose output this
+    oracle also judges) and by :func:`_tk_ot_plan` (a dual-Newton plan)."""
     from scipy.optimize import brentq
     from scipy.special import expit
 
@@ -87,6 +93,22 @@ def _topk_tangents(rng, host):
     x = host["x"]
     spread = x.max(-1, keepdims=True) - x.min(-1, keepdims=True)
     return (rng.standard_normal(x.shape) * np.where(spread > 0, spread, 1.0),)
+
+
+def _two_anchor_plan_host(x: np.ndarray, k: int, eps: float, largest: bool) -> np.ndarray:
+    """n Gamma[:, upper] of the entropic plan onto the anchors (0, 1) by damped
+    Newton on the dual (:func:`sinkhorn_dual_newton`), row by row on the host:
+    an OT route that assumes neither the sigmoid form nor refimpl.sinkhorn."""
+    n = x.shape[-1]
+    xs = x if largest else -x
+    nu = np.array([(n - k) / n, k / n])
+    A = np.empty(x.shape)
+    for idx in np.ndindex(*x.shape[:-1]):
+        xc = xs[idx] - xs[idx].mean()
+        P = sinkhorn_dual_newton((xc[:, None] - np.array([0.0, 1.0])) ** 2, np.full(n, 1.0 / n),
+                                 nu, eps, None, None)
+        A[idx] = n * P[:, 1]
+    return A
 
 
 def _tk_params(run: CaseRun):
@@ -156,6 +178,19 @@ def _tk_methods_agree(run: CaseRun) -> list[CheckResult]:
     g2 = topk.soft_topk_vjp(res2, v)
     out.append(compare(g1, g2, rtol=run.tol.fd, name=f"vjp_vs_{other}"))
     return out
+
+
+def _tk_ot_plan(run: CaseRun) -> list[CheckResult]:
+    """A equals n Gamma[:, upper] of the entropic OT plan computed by dual Newton
+    (not near-hard cases, whose dual Newton needs a long continuation; not
+    k = 0, n, where nu has a zero entry)."""
+    k, eps, largest, _ = _tk_params(run)
+    x = run.host["x"]
+    if "near_hard" in run.case.flags or k in (0, x.shape[-1]):
+        return []
+    A = to_host(run.output).astype(np.float64)
+    return [compare(A, _two_anchor_plan_host(x, k, eps, largest), rtol=run.tol.forward,
+                    atol=run.tol.forward, name="A_vs_dual_newton_plan")]
 
 
 def _tk_closed_forms(run: CaseRun) -> list[CheckResult]:
@@ -289,7 +324,7 @@ def _soft_topk_spec() -> OpSpec:
         },
         candidate_params=("k", "eps", "largest"),
         extra_checks=(_tk_sum_is_k, _tk_error_bound, _tk_jacobian_structure, _tk_methods_agree,
-                      _tk_closed_forms, _tk_ties_split),
+                      _tk_ot_plan, _tk_closed_forms, _tk_ties_split),
     )
 
 
