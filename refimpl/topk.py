@@ -274,15 +274,23 @@ def _check_flag(value: Any, name: str) -> bool:
 
 def _check_eps(xp, eps: Any, dtype) -> float:
     """``eps > 0`` (``backend.check_positive``) whose temperature ``t = eps / 2``
-    is a normal number of ``dtype``: below that ``t`` carries no relative
-    precision (a subnormal ``t`` gives a wrong threshold, ``t = 0`` a division
-    by zero); ``A`` is the hard top-k there anyway (:func:`hard_topk`)."""
+    lies in ``[smallest normal, largest / 2^32]`` of ``dtype``.
+
+    Below, ``t`` carries no relative precision (a subnormal ``t`` gives a
+    wrong threshold, ``t = 0`` a division by zero), and ``A`` is the hard
+    top-k anyway (:func:`hard_topk`).  Above, ``t`` and the clipping bound
+    ``800 t`` overflow the dtype (float32: ``eps > ~1.6e29``).
+    """
     eps = backend.check_positive(eps, "eps")
-    tiny = float(xp.finfo(dtype).smallest_normal)
-    if eps / (2.0 * (ANCHORS[1] - ANCHORS[0])) < tiny:
-        raise ValueError(f"argument 'eps' = {eps!r} is too small for {backend.dtype_name(dtype)}: "
-                         f"the temperature eps/2 is below its smallest normal number {tiny:.1e} "
-                         "(at such eps the result is the hard top-k, see hard_topk)")
+    info = xp.finfo(dtype)
+    tiny, huge = float(info.smallest_normal), float(info.max) * 2.0 ** -32
+    t = eps / (2.0 * (ANCHORS[1] - ANCHORS[0]))
+    if not tiny <= t <= huge:
+        raise ValueError(f"argument 'eps' = {eps!r} is too {'small' if t < tiny else 'large'} for "
+                         f"{backend.dtype_name(dtype)}: the temperature eps/2 must lie in "
+                         f"[{tiny:.1e}, {huge:.1e}] (its smallest normal number, its largest / 2^32)"
+                         + ("; at such eps the result is the hard top-k, see hard_topk"
+                            if t < tiny else ""))
     return eps
 
 

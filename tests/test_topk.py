@@ -430,9 +430,10 @@ def test_largest_must_be_a_bool(bad):
 
 
 @pytest.mark.parametrize("dt", ["float64", "float32"])
-def test_eps_below_the_dtype_range(dt):
+def test_eps_outside_the_dtype_range(dt):
     """t = eps/2 must be a normal number: a subnormal t resolved the tie below to
-    0.32 instead of 1/3 and called it converged; t = 0 divided by zero."""
+    0.32 instead of 1/3 and called it converged; t = 0 divided by zero.  At the
+    other end 800 t overflowed float32 (eps = 1e37)."""
     x = np.array([2.0, 0.5, 0.5, 0.5, -0.25, -1.5], dtype=dt)
     tiny = float(np.finfo(dt).smallest_normal)
     for eps in (tiny, tiny / 1e3, 5e-324):
@@ -443,6 +444,14 @@ def test_eps_below_the_dtype_range(dt):
     res = topk.soft_topk(x, 2, eps=2.0 * tiny)
     assert res.converged
     assert np.allclose(res.A, [1, 1 / 3, 1 / 3, 1 / 3, 0, 0], rtol=0, atol=TOL[dt] * 10)
+    huge = float(np.finfo(dt).max) * 2.0 ** -32
+    for method in ("closed_form", "sinkhorn"):
+        with pytest.raises(ValueError, match="'eps'.*too large"):
+            topk.soft_topk(x, 2, eps=4.0 * huge, method=method)
+        # The largest accepted eps gives k/n (the scores are negligible against t).
+        res = topk.soft_topk(x, 2, eps=2.0 * huge, method=method)
+        assert res.converged and np.allclose(res.A, 2 / 6, rtol=0, atol=TOL[dt] * 10)
+        assert np.all(np.isfinite(topk.soft_topk_vjp(res, np.ones(6, dt))))
 
 
 @pytest.mark.filterwarnings("ignore::refimpl.backend.ConditioningWarning")
