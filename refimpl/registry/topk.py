@@ -66,24 +66,33 @@ def _topk_oracle(x, *, k, eps, largest=True, **_):
     return A
 
 
-def _sorted_topk_oracle(x, *, k, eps, largest=True, **_):
-    """Sorted SOFT top-k from the dual-Newton plan (:func:`sinkhorn_dual_newton`,
-    independent of the Sinkhorn iterations): anchors 0..k (1..n when k = n),
-    nu = ((n-k)/n, 1/n, ...), A[:, r] = n Gamma[:, k - r]."""
+def _anchor_plans_host(x: np.ndarray, y: np.ndarray, nu: np.ndarray, eps: float,
+                       largest: bool) -> np.ndarray:
+    """Entropic plans (..., n, m) of the scores (negated for largest=False,
+    centred per row) onto the anchors ``y`` with ``mu = 1/n`` and ``nu``, by
+    damped Newton on the dual (:func:`sinkhorn_dual_newton`), row by row on the
+    host: an OT route independent of refimpl.sinkhorn and of the sigmoid form."""
     n = x.shape[-1]
     xs = x if largest else -x
+    P = np.empty(x.shape + (len(y),))
+    for idx in np.ndindex(*x.shape[:-1]):
+        xc = xs[idx] - xs[idx].mean()
+        P[idx] = sinkhorn_dual_newton((xc[:, None] - y[None, :]) ** 2, np.full(n, 1.0 / n), nu,
+                                      eps, None, None)
+    return P
+
+
+def _sorted_topk_oracle(x, *, k, eps, largest=True, **_):
+    """Sorted SOFT top-k from the dual-Newton plan (:func:`_anchor_plans_host`):
+    anchors 0..k (1..n when k = n), nu = ((n-k)/n, 1/n, ...),
+    A[:, r] = n Gamma[:, k - r]."""
+    n = x.shape[-1]
     if k == n:
         y, nu = np.arange(1.0, n + 1.0), np.full(n, 1.0 / n)
     else:
         y = np.arange(0.0, k + 1.0)
         nu = np.concatenate([[(n - k) / n], np.full(k, 1.0 / n)])
-    A = np.empty(x.shape + (k,))
-    for idx in np.ndindex(*x.shape[:-1]):
-        xc = xs[idx] - xs[idx].mean()
-        P = sinkhorn_dual_newton((xc[:, None] - y[None, :]) ** 2, np.full(n, 1.0 / n), nu,
-                                    eps, None, None)
-        A[idx] = n * P[:, ::-1][:, :k]
-    return A
+    return n * _anchor_plans_host(x, y, nu, eps, largest)[..., ::-1][..., :k]
 
 
 def _topk_tangents(rng, host):
@@ -93,22 +102,6 @@ def _topk_tangents(rng, host):
     x = host["x"]
     spread = x.max(-1, keepdims=True) - x.min(-1, keepdims=True)
     return (rng.standard_normal(x.shape) * np.where(spread > 0, spread, 1.0),)
-
-
-def _two_anchor_plan_host(x: np.ndarray, k: int, eps: float, largest: bool) -> np.ndarray:
-    """n Gamma[:, upper] of the entropic plan onto the anchors (0, 1) by damped
-    Newton on the dual (:func:`sinkhorn_dual_newton`), row by row on the host:
-    an OT route that assumes neither the sigmoid form nor refimpl.sinkhorn."""
-    n = x.shape[-1]
-    xs = x if largest else -x
-    nu = np.array([(n - k) / n, k / n])
-    A = np.empty(x.shape)
-    for idx in np.ndindex(*x.shape[:-1]):
-        xc = xs[idx] - xs[idx].mean()
-        P = sinkhorn_dual_newton((xc[:, None] - np.array([0.0, 1.0])) ** 2, np.full(n, 1.0 / n),
-                                 nu, eps, None, None)
-        A[idx] = n * P[:, 1]
-    return A
 
 
 def _tk_params(run: CaseRun):
@@ -181,15 +174,16 @@ def _tk_methods_agree(run: CaseRun) -> list[CheckResult]:
 
 
 def _tk_ot_plan(run: CaseRun) -> list[CheckResult]:
-    """A equals n Gamma[:, upper] of the entropic OT plan computed by dual Newton
-    (not near-hard cases, whose dual Newton needs a long continuation; not
-    k = 0, n, where nu has a zero entry)."""
+    """A equals n Gamma[:, upper] of the entropic OT plan onto (0, 1) computed by
+    dual Newton (:func:`_anchor_plans_host`; not near-hard cases, whose dual
+    Newton needs a long continuation; not k = 0, n, where nu has a zero entry)."""
     k, eps, largest, _ = _tk_params(run)
     x = run.host["x"]
-    if "near_hard" in run.case.flags or k in (0, x.shape[-1]):
+    n = x.shape[-1]
+    if "near_hard" in run.case.flags or k in (0, n):
         return []
-    A = to_host(run.output).astype(np.float64)
-    return [compare(A, _two_anchor_plan_host(x, k, eps, largest), rtol=run.tol.forward,
+    P = _anchor_plans_host(x, np.array([0.0, 1.0]), np.array([(n - k) / n, k / n]), eps, largest)
+    return [compare(to_host(run.output).astype(np.float64), n * P[..., 1], rtol=run.tol.forward,
                     atol=run.tol.forward, name="A_vs_dual_newton_plan")]
 
 
