@@ -823,10 +823,13 @@ def soft_topk_error_bound(eps: float, delta: float, k: int, n: int, *,
     True
     """
     eps = backend.check_positive(eps, "eps")
-    n = operator.index(n)
+    n = _check_count(n, "n")
     k = _check_k(k, n)
-    delta = float(delta)
-    if math.isnan(delta) or delta < 0:
+    try:
+        delta = float(delta)
+    except (TypeError, ValueError):
+        raise TypeError(f"argument 'delta' must be a real number, got {type(delta).__name__}") from None
+    if math.isnan(delta) or delta < 0:                   # +inf (k = 0 or n) is allowed
         raise ValueError(f"argument 'delta' must be >= 0, got {delta!r}")
     y1, y2 = (float(a) for a in anchors)
     if not y2 > y1:

@@ -158,6 +158,13 @@ def test_error_bound_function_edges():
         topk.soft_topk_error_bound(0.1, 1.0, 4, 3)
     with pytest.raises(ValueError, match="'anchors'"):
         topk.soft_topk_error_bound(0.1, 1.0, 1, 3, anchors=(1.0, 0.0))
+    with pytest.raises(TypeError, match="'delta'"):
+        topk.soft_topk_error_bound(0.1, None, 1, 3)
+    with pytest.raises(ValueError, match="'delta'"):
+        topk.soft_topk_error_bound(0.1, math.nan, 1, 3)
+    for bad_n in (0, -3, 4.0, "4"):
+        with pytest.raises(ValueError, match="'n'"):
+            topk.soft_topk_error_bound(0.1, 1.0, 1, bad_n)
 
 
 @pytest.mark.parametrize("method", ["closed_form", "sinkhorn"])
