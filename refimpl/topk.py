@@ -259,6 +259,41 @@ def _check_k(k: Any, n: int) -> int:
     return k
 
 
+def _check_flag(value: Any, name: str) -> bool:
+    """A Python bool (or a 0-d boolean array such as NumPy's ``bool_``) as a bool.
+
+    Anything else is a ``TypeError`` naming the argument: ``bool("False")`` is
+    True, so a silent conversion would select the wrong end.
+    """
+    if isinstance(value, bool):
+        return value
+    if getattr(value, "shape", None) == () and "bool" in str(getattr(value, "dtype", "")):
+        return bool(value)
+    raise TypeError(f"argument {name!r} must be a bool, got {value!r}")
+
+
+def _check_eps(xp, eps: Any, dtype) -> float:
+    """``eps > 0`` (``backend.check_positive``) whose temperature ``t = eps / 2``
+    lies in ``[smallest normal, largest / 2^32]`` of ``dtype``.
+
+    Below, ``t`` carries no relative precision (a subnormal ``t`` gives a
+    wrong threshold, ``t = 0`` a division by zero), and ``A`` is the hard
+    top-k anyway (:func:`hard_topk`).  Above, ``t`` and the clipping bound
+    ``800 t`` overflow the dtype (float32: ``eps > ~1.6e29``).
+    """
+    eps = backend.check_positive(eps, "eps")
+    info = xp.finfo(dtype)
+    tiny, huge = float(info.smallest_normal), float(info.max) * 2.0 ** -32
+    t = eps / (2.0 * (ANCHORS[1] - ANCHORS[0]))
+    if not tiny <= t <= huge:
+        raise ValueError(f"argument 'eps' = {eps!r} is too {'small' if t < tiny else 'large'} for "
+                         f"{backend.dtype_name(dtype)}: the temperature eps/2 must lie in "
+                         f"[{tiny:.1e}, {huge:.1e}] (its smallest normal number, its largest / 2^32)"
+                         + ("; at such eps the result is the hard top-k, see hard_topk"
+                            if t < tiny else ""))
+    return eps
+
+
 def _check_scores(x):
     xp = backend.namespace(x=x)
     backend.check_array(x, "x", min_ndim=1)
@@ -356,7 +391,7 @@ def _solve_threshold(xp, x, k: int, t: float, tol: float, max_iter: int, check_e
     """
     n = x.shape[-1]
     u = _unit_roundoff(x.dtype)
-    tiny = 2.0 ** -1022 if backend.dtype_name(x.dtype) == "float64" else 2.0 ** -126
+    tiny = float(xp.finfo(x.dtype).smallest_normal)
     zmax = 800.0                                         # exp(-800) underflows to 0
     hi_x, lo_x = _boundary_pair(xp, x, k)
     shift = 0.5 * hi_x + 0.5 * lo_x                      # theta_0 = (x_(k) + x_(k+1))/2
@@ -383,8 +418,8 @@ def _solve_threshold(xp, x, k: int, t: float, tol: float, max_iter: int, check_e
         step = xp.where(inside, newton, 0.5 * lo + 0.5 * hi)
         floor = 2.0 * u * (xp.abs(delta) + t)
         done = done | (xp.abs(F) <= tol * S + noise) | (xp.abs(step - delta) <= floor)
-        if n_iter % check_every == 0 and bool(xp.all(done)):
-            break
+        if n_iter == max_iter or (n_iter % check_every == 0 and bool(xp.all(done))):
+            break                                        # theta, A, s and F of one iterate
         delta = xp.where(done, delta, step)
     ratio = xp.where(S > 0, xp.abs(F) / xp.where(S > 0, S, xp.ones_like(S)),
                      xp.where(F == 0, xp.zeros_like(F), xp.full_like(F, math.inf)))
@@ -435,9 +470,10 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
 
     Raises
     ------
-    TypeError : ``x`` not a float32/float64 array.
+    TypeError : ``x`` not a float32/float64 array; ``largest`` not a bool.
     ValueError : NaN/Inf in ``x``; ``k`` not an integer in ``[0, n]``;
-        ``eps <= 0``; unknown ``method``.
+        ``eps <= 0``, or ``eps/2`` below the smallest normal number of
+        ``x``'s dtype; unknown ``method``.
 
     Examples
     --------
@@ -451,10 +487,10 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
     xp = _check_scores(x)
     n = x.shape[-1]
     k = _check_k(k, n)
-    eps = backend.check_positive(eps, "eps")
+    eps = _check_eps(xp, eps, x.dtype)
     if method not in METHODS:
         raise ValueError(f"argument 'method' must be one of {METHODS}, got {method!r}")
-    largest = bool(largest)
+    largest = _check_flag(largest, "largest")
     y1, y2 = ANCHORS
     t = eps / (2.0 * (y2 - y1))
     if k in (0, n):
@@ -481,7 +517,7 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
     A = float(n) * plan.P[..., 1]
     theta = (xp.mean(xs, axis=-1) + 0.5 * (y1 + y2)
              - (plan.g[..., 1] - plan.g[..., 0]) / (2.0 * (y2 - y1)))
-    n_iter, err, conv = _plan_diagnostics(xp, plan)
+    n_iter, err, conv = _plan_diagnostics(xp, plan, "soft_topk")
     return SoftTopkResult(A=A, theta=sign * theta, plan=plan, s=None, x=x, k=k, eps=eps,
                           largest=largest, method=method, t=t, n_iter=n_iter, error=err,
                           converged=conv)
@@ -587,9 +623,26 @@ def _anchor_transport(xp, x, y, nu, eps, tol, max_iter):
     return sinkhorn(C, a, b, eps=eps, tol=backend.check_positive(tol, "tol"), max_iter=max_iter)
 
 
-def _plan_diagnostics(xp, plan):
-    """(n_iter, error, converged) of a batched Sinkhorn result, as Python scalars."""
-    return (int(xp.max(plan.n_iter)), float(xp.max(plan.error)), plan.all_converged)
+def _plan_diagnostics(xp, plan, what: str):
+    """(n_iter, error, converged) of a batched Sinkhorn result, as Python scalars.
+
+    ``plan.tol`` is the tolerance the solver actually used, raised to the
+    rounding floor of its log-domain iterates, ``~32 u max(C) / eps``.  Once
+    that reaches 1 the relative L1 marginal error (at most 2) resolves nothing
+    -- at tiny ``eps`` the solver can report convergence on a plan whose rows
+    violate ``mu`` (``A > 1``) -- so the result is marked unconverged and a
+    ConvergenceWarning is issued.
+    """
+    n_iter, err, conv = int(xp.max(plan.n_iter)), float(xp.max(plan.error)), plan.all_converged
+    floor = float(xp.max(plan.tol))
+    if floor >= 1.0:
+        warnings.warn(f"{what}: eps is too small for the Sinkhorn path in "
+                      f"{backend.dtype_name(plan.P.dtype)} (its rounding floor on the marginal "
+                      f"error is {floor:.1e} >= 1, so the plan has no resolved digit); "
+                      "use method='closed_form' (two anchors) or a larger eps",
+                      ConvergenceWarning, stacklevel=3)
+        conv = False
+    return n_iter, err, conv
 
 
 def _anchor_jvp(xp, plan, x, y, dx):
@@ -659,8 +712,8 @@ def soft_sorted_topk(x, k, *, eps, largest: bool = True, tol: float | None = Non
     xp = _check_scores(x)
     n = x.shape[-1]
     k = _check_k(k, n)
-    eps = backend.check_positive(eps, "eps")
-    largest = bool(largest)
+    eps = _check_eps(xp, eps, x.dtype)
+    largest = _check_flag(largest, "largest")
     y, nu = _sorted_anchors(n, k)
     if k == 0:
         A = xp.zeros(tuple(x.shape) + (0,), dtype=x.dtype, device=backend.device(x))
@@ -669,7 +722,7 @@ def soft_sorted_topk(x, k, *, eps, largest: bool = True, tol: float | None = Non
     xs = x if largest else -x
     plan = _anchor_transport(xp, xs, y, nu, eps, tol, max_iter)
     A = float(n) * xp.flip(plan.P[..., len(y) - k:], axis=-1)
-    n_iter, err, conv = _plan_diagnostics(xp, plan)
+    n_iter, err, conv = _plan_diagnostics(xp, plan, "soft_sorted_topk")
     return SortedTopkResult(A=A, plan=plan, y=y, x=x, k=k, eps=eps, largest=largest,
                             n_iter=n_iter, error=err, converged=conv)
 
@@ -726,7 +779,7 @@ def hard_topk(x, k, *, largest: bool = True):
     """
     xp = _check_scores(x)
     k = _check_k(k, x.shape[-1])
-    xs = x if largest else -x
+    xs = x if _check_flag(largest, "largest") else -x
     xi, xj = xs[..., :, None], xs[..., None, :]
     above = xp.sum(xp.astype(xj > xi, x.dtype), axis=-1)
     tied = xp.sum(xp.astype(xj == xi, x.dtype), axis=-1)
@@ -740,6 +793,7 @@ def boundary_gap(x, k, *, largest: bool = True):
     xp = _check_scores(x)
     n = x.shape[-1]
     k = _check_k(k, n)
+    largest = _check_flag(largest, "largest")
     if k in (0, n):
         return xp.full(tuple(x.shape[:-1]), math.inf, dtype=x.dtype, device=backend.device(x))
     hi, lo = _boundary_pair(xp, x if largest else -x, k)
@@ -769,10 +823,13 @@ def soft_topk_error_bound(eps: float, delta: float, k: int, n: int, *,
     True
     """
     eps = backend.check_positive(eps, "eps")
-    n = operator.index(n)
+    n = _check_count(n, "n")
     k = _check_k(k, n)
-    delta = float(delta)
-    if math.isnan(delta) or delta < 0:
+    try:
+        delta = float(delta)
+    except (TypeError, ValueError):
+        raise TypeError(f"argument 'delta' must be a real number, got {type(delta).__name__}") from None
+    if math.isnan(delta) or delta < 0:                   # +inf (k = 0 or n) is allowed
         raise ValueError(f"argument 'delta' must be >= 0, got {delta!r}")
     y1, y2 = (float(a) for a in anchors)
     if not y2 > y1:

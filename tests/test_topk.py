@@ -158,6 +158,13 @@ def test_error_bound_function_edges():
         topk.soft_topk_error_bound(0.1, 1.0, 4, 3)
     with pytest.raises(ValueError, match="'anchors'"):
         topk.soft_topk_error_bound(0.1, 1.0, 1, 3, anchors=(1.0, 0.0))
+    with pytest.raises(TypeError, match="'delta'"):
+        topk.soft_topk_error_bound(0.1, None, 1, 3)
+    with pytest.raises(ValueError, match="'delta'"):
+        topk.soft_topk_error_bound(0.1, math.nan, 1, 3)
+    for bad_n in (0, -3, 4.0, "4"):
+        with pytest.raises(ValueError, match="'n'"):
+            topk.soft_topk_error_bound(0.1, 1.0, 1, bad_n)
 
 
 @pytest.mark.parametrize("method", ["closed_form", "sinkhorn"])
@@ -300,7 +307,10 @@ def test_k_zero_and_k_n(backend, dtype, rng, method, largest):
         assert res.converged and res.n_iter == 0
         assert not np.any(host(topk.soft_topk_vjp(res, v)))
         assert not np.any(host(topk.soft_topk_jvp(res, v)))
-        assert np.all(np.isinf(host(res.theta)))
+        # theta = +-inf on the side that makes the closed form A = sigmoid(sgn (x - theta)/t)
+        # constant: sgn * inf for A = 0, -sgn * inf for A = 1.
+        sgn = 1.0 if largest else -1.0
+        assert np.all(host(res.theta) == (sgn if fill == 0.0 else -sgn) * np.inf)
     x1 = backend.asarray(np.array([0.3]), dtype)
     assert host(topk.soft_topk(x1, 1, eps=1.0).A).tolist() == [1.0]
 
@@ -376,6 +386,15 @@ def test_unconverged_forward_is_reported_and_its_vjp_warns(rng):
     with pytest.warns(ConvergenceWarning, match="threshold"):
         res = topk.soft_topk(x, 10, eps=5.0, max_iter=1)
     assert not res.converged and res.error > 0
+    for max_iter in (1, 2):
+        with pytest.warns(ConvergenceWarning, match="threshold"):
+            res = topk.soft_topk(x, 10, eps=0.05, max_iter=max_iter)
+        # A, theta and error describe one and the same iterate: the reported theta
+        # reproduces A, and |sum(A) - k| / S is the reported error.
+        again = 1.0 / (1.0 + np.exp(-(x - res.theta) / 0.025))
+        assert np.max(np.abs(again - res.A)) <= 1e-14
+        s = res.A * (1.0 - res.A)
+        assert abs(res.A.sum() - 10) / s.sum() == pytest.approx(res.error, rel=1e-6)
     with pytest.warns(ConvergenceWarning, match="did not converge"):
         topk.soft_topk_vjp(res, np.ones(50))
     with pytest.warns(ConvergenceWarning):
@@ -400,6 +419,60 @@ def test_bad_k(bad_k):
         topk.soft_topk(np.zeros(5), bad_k, eps=0.1)
     with pytest.raises(ValueError, match="'k'"):
         topk.soft_sorted_topk(np.zeros(5), bad_k, eps=0.1)
+
+
+@pytest.mark.parametrize("bad", ["False", "True", 0, 1, None, np.array([True, False])])
+def test_largest_must_be_a_bool(bad):
+    # bool("False") is True: a silent conversion would select the wrong end.
+    x = np.array([0.3, -1.0, 2.0, 0.9])
+    for fn in (topk.soft_topk, topk.soft_sorted_topk):
+        with pytest.raises(TypeError, match="'largest'"):
+            fn(x, 2, eps=0.5, largest=bad)
+    for fn in (topk.hard_topk, topk.boundary_gap):
+        with pytest.raises(TypeError, match="'largest'"):
+            fn(x, 2, largest=bad)
+    # NumPy booleans (e.g. from a parameter array) are bools.
+    assert np.array_equal(topk.soft_topk(x, 2, eps=0.5, largest=np.bool_(False)).A,
+                          topk.soft_topk(x, 2, eps=0.5, largest=False).A)
+
+
+@pytest.mark.parametrize("dt", ["float64", "float32"])
+def test_eps_outside_the_dtype_range(dt):
+    """t = eps/2 must be a normal number: a subnormal t resolved the tie below to
+    0.32 instead of 1/3 and called it converged; t = 0 divided by zero.  At the
+    other end 800 t overflowed float32 (eps = 1e37)."""
+    x = np.array([2.0, 0.5, 0.5, 0.5, -0.25, -1.5], dtype=dt)
+    tiny = float(np.finfo(dt).smallest_normal)
+    for eps in (tiny, tiny / 1e3, 5e-324):
+        for fn in (topk.soft_topk, topk.soft_sorted_topk):
+            with pytest.raises(ValueError, match="'eps'.*too small"):
+                fn(x, 2, eps=eps)
+    # The smallest accepted eps still splits the boundary tie exactly.
+    res = topk.soft_topk(x, 2, eps=2.0 * tiny)
+    assert res.converged
+    assert np.allclose(res.A, [1, 1 / 3, 1 / 3, 1 / 3, 0, 0], rtol=0, atol=TOL[dt] * 10)
+    huge = float(np.finfo(dt).max) * 2.0 ** -32
+    for method in ("closed_form", "sinkhorn"):
+        with pytest.raises(ValueError, match="'eps'.*too large"):
+            topk.soft_topk(x, 2, eps=4.0 * huge, method=method)
+        # The largest accepted eps gives k/n (the scores are negligible against t).
+        res = topk.soft_topk(x, 2, eps=2.0 * huge, method=method)
+        assert res.converged and np.allclose(res.A, 2 / 6, rtol=0, atol=TOL[dt] * 10)
+        assert np.all(np.isfinite(topk.soft_topk_vjp(res, np.ones(6, dt))))
+
+
+@pytest.mark.filterwarnings("ignore::refimpl.backend.ConditioningWarning")
+def test_sinkhorn_path_at_eps_below_its_rounding_floor_is_not_converged():
+    """At eps = 1e-30 the log-domain plan has no resolved digit (A_0 = 2 > 1 here);
+    the solver's relaxed tolerance used to let it through as converged."""
+    x = np.array([2.0, 0.5, 0.5, 0.5, -0.25, -1.5])
+    with pytest.warns(ConvergenceWarning, match="too small for the Sinkhorn path"):
+        res = topk.soft_topk(x, 2, eps=1e-30, method="sinkhorn", max_iter=50)
+    assert not res.converged
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        topk.soft_topk_vjp(res, np.ones(6))
+    with pytest.warns(ConvergenceWarning, match="too small for the Sinkhorn path"):
+        assert not topk.soft_sorted_topk(x, 2, eps=1e-30, max_iter=50).converged
 
 
 @pytest.mark.parametrize("bad_eps", [0.0, -1.0, math.nan, math.inf])

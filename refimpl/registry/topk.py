@@ -41,7 +41,13 @@ def _topk_gap_host(x: np.ndarray, k: int, largest: bool) -> np.ndarray:
 
 def _topk_oracle(x, *, k, eps, largest=True, **_):
     """A = sigmoid(+-(x - theta)/t), t = eps/2, theta by scipy.optimize.brentq on
-    sum(A) = k (host, float64, scores centred at their median), row by row."""
+    sum(A) = k (host, float64, scores centred at their median), row by row.
+
+    Independent of the code under test in its algorithm (bracketing root finder
+    on the host, not the safeguarded Newton), but it assumes the same
+    derivation, the sigmoid form with t = eps/2.  That form is checked against
+    optimal transport itself by the Sinkhorn-path cases (whose output this
+    oracle also judges) and by :func:`_tk_ot_plan` (a dual-Newton plan)."""
     from scipy.optimize import brentq
     from scipy.special import expit
 
@@ -60,24 +66,33 @@ def _topk_oracle(x, *, k, eps, largest=True, **_):
     return A
 
 
-def _sorted_topk_oracle(x, *, k, eps, largest=True, **_):
-    """Sorted SOFT top-k from the dual-Newton plan (:func:`sinkhorn_dual_newton`,
-    independent of the Sinkhorn iterations): anchors 0..k (1..n when k = n),
-    nu = ((n-k)/n, 1/n, ...), A[:, r] = n Gamma[:, k - r]."""
+def _anchor_plans_host(x: np.ndarray, y: np.ndarray, nu: np.ndarray, eps: float,
+                       largest: bool) -> np.ndarray:
+    """Entropic plans (..., n, m) of the scores (negated for largest=False,
+    centred per row) onto the anchors ``y`` with ``mu = 1/n`` and ``nu``, by
+    damped Newton on the dual (:func:`sinkhorn_dual_newton`), row by row on the
+    host: an OT route independent of refimpl.sinkhorn and of the sigmoid form."""
     n = x.shape[-1]
     xs = x if largest else -x
+    P = np.empty(x.shape + (len(y),))
+    for idx in np.ndindex(*x.shape[:-1]):
+        xc = xs[idx] - xs[idx].mean()
+        P[idx] = sinkhorn_dual_newton((xc[:, None] - y[None, :]) ** 2, np.full(n, 1.0 / n), nu,
+                                      eps, None, None)
+    return P
+
+
+def _sorted_topk_oracle(x, *, k, eps, largest=True, **_):
+    """Sorted SOFT top-k from the dual-Newton plan (:func:`_anchor_plans_host`):
+    anchors 0..k (1..n when k = n), nu = ((n-k)/n, 1/n, ...),
+    A[:, r] = n Gamma[:, k - r]."""
+    n = x.shape[-1]
     if k == n:
         y, nu = np.arange(1.0, n + 1.0), np.full(n, 1.0 / n)
     else:
         y = np.arange(0.0, k + 1.0)
         nu = np.concatenate([[(n - k) / n], np.full(k, 1.0 / n)])
-    A = np.empty(x.shape + (k,))
-    for idx in np.ndindex(*x.shape[:-1]):
-        xc = xs[idx] - xs[idx].mean()
-        P = sinkhorn_dual_newton((xc[:, None] - y[None, :]) ** 2, np.full(n, 1.0 / n), nu,
-                                    eps, None, None)
-        A[idx] = n * P[:, ::-1][:, :k]
-    return A
+    return n * _anchor_plans_host(x, y, nu, eps, largest)[..., ::-1][..., :k]
 
 
 def _topk_tangents(rng, host):
@@ -156,6 +171,20 @@ def _tk_methods_agree(run: CaseRun) -> list[CheckResult]:
     g2 = topk.soft_topk_vjp(res2, v)
     out.append(compare(g1, g2, rtol=run.tol.fd, name=f"vjp_vs_{other}"))
     return out
+
+
+def _tk_ot_plan(run: CaseRun) -> list[CheckResult]:
+    """A equals n Gamma[:, upper] of the entropic OT plan onto (0, 1) computed by
+    dual Newton (:func:`_anchor_plans_host`; not near-hard cases, whose dual
+    Newton needs a long continuation; not k = 0, n, where nu has a zero entry)."""
+    k, eps, largest, _ = _tk_params(run)
+    x = run.host["x"]
+    n = x.shape[-1]
+    if "near_hard" in run.case.flags or k in (0, n):
+        return []
+    P = _anchor_plans_host(x, np.array([0.0, 1.0]), np.array([(n - k) / n, k / n]), eps, largest)
+    return [compare(to_host(run.output).astype(np.float64), n * P[..., 1], rtol=run.tol.forward,
+                    atol=run.tol.forward, name="A_vs_dual_newton_plan")]
 
 
 def _tk_closed_forms(run: CaseRun) -> list[CheckResult]:
@@ -289,7 +318,7 @@ def _soft_topk_spec() -> OpSpec:
         },
         candidate_params=("k", "eps", "largest"),
         extra_checks=(_tk_sum_is_k, _tk_error_bound, _tk_jacobian_structure, _tk_methods_agree,
-                      _tk_closed_forms, _tk_ties_split),
+                      _tk_ot_plan, _tk_closed_forms, _tk_ties_split),
     )
 
 
