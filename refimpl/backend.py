@@ -51,6 +51,7 @@ __all__ = [
     "sum_to_shape",
     "to_float",
     "to_host",
+    "unit_roundoff",
 ]
 
 SUPPORTED_DTYPES = ("float64", "float32")
@@ -131,7 +132,12 @@ def device(x):
 def dtype_name(dtype) -> str:
     """The plain dtype name ('float64', 'int64', ...) in any supported namespace."""
     text = str(dtype)
-    return text.rsplit(".", 1)[-1] if text.startswith("array_api_strict.") else text
+    if text.startswith("array_api_strict."):
+        return text.rsplit(".", 1)[-1]
+    try:                       # NumPy/CuPy dtypes and scalar types (np.float64)
+        return np.dtype(dtype).name
+    except TypeError:
+        return text
 
 
 def check_array(x: Any, name: str, *, ndim: int | None = None,
@@ -166,7 +172,17 @@ def check_array(x: Any, name: str, *, ndim: int | None = None,
 
 
 def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
-    """A finite positive Python float (``eps``, ``tol``, ...) or ``ValueError``."""
+    """A finite positive Python float (``eps``, ``tol``, ...) or an error.
+
+    Accepts Python and NumPy real numbers and 0-d real arrays; a string, a
+    bool or anything else is a ``TypeError`` (``eps="0.1"`` is a mistake, not
+    a number); zero (unless ``allow_zero``), negative, NaN and Inf values are
+    a ``ValueError``.
+    """
+    is_real = (isinstance(value, (int, float, np.integer, np.floating))
+               or (_is_array(value) and getattr(value, "ndim", None) == 0))
+    if isinstance(value, (bool, np.bool_)) or not is_real:
+        raise TypeError(f"argument {name!r} must be a real number, got {type(value).__name__}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -209,6 +225,14 @@ def from_host(a, xp, *, device=None, dtype=None):
         with cupy.cuda.Device(device.id if device is not None else None):
             return xp.asarray(a, dtype=dtype)
     return xp.asarray(a, dtype=dtype, device=device, copy=True)
+
+
+def unit_roundoff(dtype) -> float:
+    """Unit round-off ``u = 2^-53`` (float64) or ``2^-24`` (float32) of a floating dtype."""
+    name = dtype_name(dtype)
+    if name not in SUPPORTED_DTYPES:
+        raise TypeError(f"unit_roundoff: unsupported dtype {name}")
+    return 2.0 ** -53 if name == "float64" else 2.0 ** -24
 
 
 def to_float(x) -> float:

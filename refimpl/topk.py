@@ -312,10 +312,6 @@ def _check_cotangent(xp, bar, like, name: str):
                         f"expected {backend.dtype_name(like.dtype)}")
 
 
-def _unit_roundoff(dtype) -> float:
-    return 2.0 ** -53 if backend.dtype_name(dtype) == "float64" else 2.0 ** -24
-
-
 def _warn_unconverged(res, what: str) -> None:
     if not res.converged:
         warnings.warn(f"{what}: the forward did not converge (error {res.error:.2e} after "
@@ -358,7 +354,7 @@ def _boundary_pair(xp, x, k: int):
 def _default_tol(dtype, n: int) -> float:
     """``16 u (1 + log2 n)``: the rounding floor of ``F / S`` (see
     :func:`_solve_threshold`), i.e. of the relative error of every ``A_i``."""
-    return 16.0 * _unit_roundoff(dtype) * (1.0 + math.ceil(math.log2(max(n, 2))))
+    return 16.0 * backend.unit_roundoff(dtype) * (1.0 + math.ceil(math.log2(max(n, 2))))
 
 
 def _solve_threshold(xp, x, k: int, t: float, tol: float, max_iter: int, check_every: int):
@@ -390,7 +386,7 @@ def _solve_threshold(xp, x, k: int, t: float, tol: float, max_iter: int, check_e
     largest ``|F| / S`` (the last correction in units of ``t``).
     """
     n = x.shape[-1]
-    u = _unit_roundoff(x.dtype)
+    u = backend.unit_roundoff(x.dtype)
     tiny = float(xp.finfo(x.dtype).smallest_normal)
     zmax = 800.0                                         # exp(-800) underflows to 0
     hi_x, lo_x = _boundary_pair(xp, x, k)

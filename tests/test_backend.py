@@ -65,8 +65,18 @@ def test_check_positive():
         with pytest.raises(ValueError, match="'eps' must be finite and > 0"):
             B.check_positive(bad, "eps")
     assert B.check_positive(0.0, "tol", allow_zero=True) == 0.0
-    with pytest.raises(TypeError, match="'eps' must be a real number"):
-        B.check_positive("a", "eps")
+    for not_a_number in ("a", "0.1", True, None, [0.1]):
+        with pytest.raises(TypeError, match="'eps' must be a real number"):
+            B.check_positive(not_a_number, "eps")
+    assert B.check_positive(np.asarray(0.25), "eps") == 0.25
+    assert B.check_positive(3, "max_iter") == 3.0
+
+
+def test_unit_roundoff():
+    assert B.unit_roundoff(np.float64) == np.finfo(np.float64).eps / 2
+    assert B.unit_roundoff(np.dtype("float32")) == np.finfo(np.float32).eps / 2
+    with pytest.raises(TypeError, match="float16"):
+        B.unit_roundoff(np.float16)
 
 
 def test_host_round_trip_copies(backend, dtype, rng):
