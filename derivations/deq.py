@@ -194,13 +194,26 @@ def check_cosine_bound():
     """cos >= (r - e)/(r + e) with r = ||F^T w|| / ||w|| >= sigma_min is
     increasing in r (derivative 2 e / (r + e)^2 > 0), so r = sigma_min gives
     the bound; and sigma_min^2 / sigma_max <= sigma_min (the paper's Theorem 1
-    hypothesis implies the sharper one)."""
+    hypothesis implies the sharper one).  The worst case over ``E`` of a given
+    norm is larger, ``sqrt(1 - (||E|| / sigma_min)^2)``: the bound is valid, not
+    tight."""
     r, e = sp.symbols("r e", positive=True)
     bound = (r - e) / (r + e)
     assert _zero(sp.diff(bound, r) - 2 * e / (r + e) ** 2)
     smin, smax = sp.symbols("sigma_min sigma_max", positive=True)
     # sigma_min - sigma_min^2/sigma_max = sigma_min (sigma_max - sigma_min)/sigma_max >= 0
     assert _zero(smin - smin ** 2 / smax - smin * (smax - smin) / smax)
+
+    # The bound is not tight.  With ||E w|| = rho = t ||e|| (t < 1), p = e + E w lies in
+    # the ball of radius rho around e; at the tangent point E w = rho (-t u + sqrt(1 - t^2) q)
+    # (u = e / ||e||, q a unit vector orthogonal to u) the cosine is sqrt(1 - t^2), the sine
+    # of the half-angle the ball subtends; and it is never below the bound:
+    # (1 - t^2)(1 + t)^2 - (1 - t)^2 = (1 - t) t (t^2 + 3 t + 4) >= 0 on [0, 1).
+    t, n = sp.symbols("t n", positive=True)                        # n = ||e||
+    p_u, p_q = n - t * n * t, t * n * sp.sqrt(1 - t ** 2)          # p in the (u, q) basis
+    assert _zero(sp.simplify((p_u * n) ** 2 / ((p_u ** 2 + p_q ** 2) * n ** 2)) - (1 - t ** 2))
+    assert _zero(sp.expand((1 - t ** 2) * (1 + t) ** 2 - (1 - t) ** 2
+                           - (1 - t) * t * (t ** 2 + 3 * t + 4)))
 
     from refimpl import deq
 

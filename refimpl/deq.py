@@ -51,7 +51,11 @@ summed over batch dimensions that a parameter was broadcast along, and
 
 ``u`` comes from a dense solve (small ``d``) or from the linear fixed point
 ``u = J^T u + g`` solved with the same :func:`fixed_point` machinery (one
-VJP ``v -> J^T v`` per iteration), with its tolerance exposed.
+VJP ``v -> J^T v`` per iteration), with its tolerance exposed; the JVP uses
+the same two solves with ``J`` for ``J^T``.  The dense solve also returns
+``(I - J)^{-1}`` from its one factorisation and so reports the exact
+``cond_1(I - J)``: ConditioningWarning above ``1 / sqrt(eps)``, ValueError
+when singular to working precision.
 
 Phantom gradients (Geng et al., 2021)
 -------------------------------------
@@ -80,10 +84,11 @@ Here ``lam`` is always the weight on ``f``: ``h <- lam f(h) + (1 - lam) h``,
   and the Anderson solver's mixing) is our ``lam``; ``grad=k`` is our ``k``.
   Beware that TorchDEQ's Anderson argument called ``lam`` is its Tikhonov
   regularisation (our ``reg``), not a damping.
-* optimistix: ``FixedPointIteration`` has no damping.  Its Anderson solver
-  (``AndersonAcceleration(mixing=beta)``, where present) forms the next
-  iterate as ``sum_i alpha_i (f_i + beta (y_i - f_i))``, i.e. ``beta`` is the
-  weight on the *previous iterate*: ``beta = 1 - lam``.
+* optimistix: ``FixedPointIteration`` has no damping.  An
+  ``AndersonAcceleration(mixing=beta)`` solver appears only in recent
+  optimistix sources (not in every release: check yours); as read there it
+  forms the next iterate as ``sum_i alpha_i (f_i + beta (y_i - f_i))``, so
+  ``beta`` weights the *previous iterate*: ``beta = 1 - lam``.
 * SciPy's ``scipy.optimize.fixed_point`` has no damping parameter.
 
 Counting
@@ -104,7 +109,10 @@ jfb        1          0              1                1
 =========  =========  =============  ===============  =========
 
 The dense exact solve forms ``J`` once instead (in closed form when the
-linearisation provides it, else from ``n`` basis VJPs).  The f evaluation
+linearisation provides it, else from ``n`` basis VJPs).  UPG's ``k``
+products ``F(h_t)^T v_t`` are counted as ``k`` even where they are formed
+as one product over the stacked steps (``implicit_vjp(stackable=True)``,
+used by the tanh layer with a shared ``W``).  The f evaluation
 at ``z`` itself is saved when ``f(z)`` is already known: :func:`deq_backward`
 reuses the forward solver's last evaluation, so there the f-evaluation
 counts are 0, ``k - 1``, 0 and 0.
@@ -528,8 +536,9 @@ class ImplicitVJPResult:
         the module docstring's table.
     n_iter, residual, converged : of the backward linear solve (iterative
         exact), else ``0, 0.0, True``.
-    condition : 2-norm condition number of ``I - J`` (max over members) for
-        the dense exact solve, else None.
+    condition : 1-norm condition number ``||I - J||_1 ||(I - J)^{-1}||_1``
+        (max over members) for the dense exact solve, else None; within a
+        factor ``n`` of the 2-norm one either way.
     """
 
     theta_bar: tuple
@@ -588,74 +597,165 @@ def _resolve_method_args(method, k, lam, solver, solver_opts: dict):
                              f"'neumann', not to method={method!r}")
     if method == "jfb":
         return None, None, None
-    solver = "auto" if solver is None else solver
+    return None, None, _check_solver("auto" if solver is None else solver)
+
+
+def _check_solver(solver: str) -> str:
     if solver not in ("auto", "dense") + SOLVERS:
         raise ValueError(f"argument 'solver' must be 'auto', 'dense', 'anderson' or "
                          f"'picard', got {solver!r}")
-    return None, None, solver
+    return solver
 
 
-def _dense_adjoint(lin: Linearization, g, n_counts: dict):
-    """Solve ``(I - J^T) u = g`` densely; also return cond_2(I - J) (max over members)."""
-    xp = array_api_compat.array_namespace(g)
-    n = g.shape[-1]
-    if lin.jacobian is not None:
-        J = lin.jacobian()
-    else:
-        # J[..., i, :] = (J^T e_i)^T: one VJP per basis vector.
-        eye = xp.eye(n, dtype=g.dtype, device=backend.device(g))
-        rows = [lin.vjp_z(xp.broadcast_to(eye[i, :], tuple(g.shape))) for i in range(n)]
-        n_counts["vjp_z"] += n
-        J = xp.stack(rows, axis=-2)
-    A = backend.eye_like(g, n) - J                             # I - J
-    sv = xp.linalg.svdvals(A)
-    s_max, s_min = sv[..., 0], sv[..., -1]
-    tiny = float(_finfo(g.dtype).smallest_normal)
-    cond = _as_float(xp.max(s_max / xp.where(s_min > tiny, s_min, tiny)))
-    if cond * float(_finfo(g.dtype).eps) >= 1.0:
-        raise ValueError(f"I - J is singular to working precision (cond {cond:.2e}): the "
-                         f"exact implicit gradient is undefined at this point")
-    u = solve_vec(mT(A), g)                                    # (I - J)^T u = g
-    if cond > _cond_limit(g.dtype):
-        warnings.warn(f"exact backward: I - J is ill-conditioned (cond_2 = {cond:.2e}); the "
-                      f"implicit gradient may be inaccurate", ConditioningWarning, stacklevel=3)
-    return u, cond
+# --- the linear system (I - K) v = r of the exact VJP (K = J^T) and the JVP (K = J)
+
+def _linear_solver(solver: str, n: int, dense_available: bool, tol, atol, max_iter, m) -> str:
+    """Resolve ``solver="auto"``: dense when ``K`` is available densely, ``n <=
+    DENSE_MAX_D`` and no iterative option was given, else Anderson; reject
+    iterative options for ``"dense"``."""
+    opts = {"tol": tol, "atol": atol, "max_iter": max_iter, "m": m}
+    if solver == "auto":
+        iterative = any(v is not None for v in opts.values())
+        solver = "dense" if (dense_available and n <= DENSE_MAX_D and not iterative) else "anderson"
+    if solver == "dense":
+        for name, val in opts.items():
+            if val is not None:
+                raise ValueError(f"argument {name!r} applies to the iterative solvers, "
+                                 f"not to solver='dense'")
+    return solver
+
+
+def _dense_solve(A, r, *, transpose: bool):
+    """Solve ``A^T v = r`` (``transpose``) or ``A v = r`` with ``A = I - J``
+    (..., n, n); return ``(v, cond)``, ``cond = max over members of
+    cond_1(A) = ||A||_1 ||A^{-1}||_1`` (LAPACK's and SciPy's norm for rcond).
+
+    One factorisation serves both: the right-hand side is ``[r | I]``, so the
+    solve returns the inverse alongside ``v`` and the exact condition number
+    costs about one inversion (2-3x less than the singular values would).
+    ``cond_2 / n <= cond_1 <= n cond_2``.  ValueError when ``A`` is singular
+    to working precision (``cond_1 eps >= 1``), ConditioningWarning when
+    ``cond_1 > 1 / sqrt(eps)``.
+    """
+    xp = array_api_compat.array_namespace(A, r)
+    n = A.shape[-1]
+    bshape = tuple(np.broadcast_shapes(tuple(A.shape[:-2]), tuple(r.shape[:-1])))
+    M = xp.broadcast_to(mT(A) if transpose else A, bshape + (n, n))
+    rhs = xp.concat([xp.broadcast_to(r, bshape + (n,))[..., None],
+                     xp.broadcast_to(backend.eye_like(A, n), bshape + (n, n))], axis=-1)
+    try:
+        X = xp.linalg.solve(M, rhs)                            # [v | M^{-1}]
+    except np.linalg.LinAlgError:
+        raise ValueError("I - J is singular (exactly zero pivot): the exact implicit "
+                         "derivative is undefined at this point") from None
+    # ||A^{-1}||_1 is the largest column sum of |A^{-1}|, i.e. the largest row sum of |A^{-T}|.
+    inv_norm = xp.max(xp.sum(xp.abs(X[..., 1:]), axis=-1 if transpose else -2), axis=-1)
+    cond = _as_float(xp.max(xp.max(xp.sum(xp.abs(A), axis=-2), axis=-1) * inv_norm))
+    if not (math.isfinite(cond) and cond * float(_finfo(A.dtype).eps) < 1.0):
+        raise ValueError(f"I - J is singular to working precision (cond_1 {cond:.2e}): the "
+                         f"exact implicit derivative is undefined at this point")
+    if cond > _cond_limit(A.dtype):
+        warnings.warn(f"I - J is ill-conditioned (cond_1 = {cond:.2e}); the implicit "
+                      f"derivative may be inaccurate", ConditioningWarning, stacklevel=3)
+    return X[..., 0], cond
+
+
+def _iterative_solve(apply, r, *, solver, tol, atol, max_iter, m, warn, who) -> FixedPointResult:
+    """The linear fixed point ``v = K v + r`` (``apply(v) = K v``) from ``v_0 =
+    r`` by :func:`fixed_point`; warns when it does not converge."""
+    sol = fixed_point(lambda v: apply(v) + r, r, method=solver, tol=tol,
+                      atol=0.0 if atol is None else atol,
+                      max_iter=1000 if max_iter is None else max_iter, m=m, warn=False)
+    if warn and not sol.converged:
+        warnings.warn(
+            f"{who} ({solver}) did not converge after {sol.n_iter} iterations "
+            f"(residual {sol.residual:.3e}, relative {sol.rel_residual:.3e}); the returned "
+            f"derivative is inaccurate. If J has an eigenvalue near or beyond 1, use "
+            f"solver='anderson' or 'dense'", ConvergenceWarning, stacklevel=3)
+    return sol
 
 
 def implicit_vjp(f_vjp: Callable, z, z_bar, *, method: str = "exact", k: int | None = None,
                  lam: float | None = None, solver: str | None = None, tol: float | None = None,
                  atol: float | None = None, max_iter: int | None = None, m: int | None = None,
-                 fz=None, warn: bool = True) -> ImplicitVJPResult:
+                 fz=None, stackable: bool = False, warn: bool = True) -> ImplicitVJPResult:
     """Exact or phantom VJP of the fixed point ``z = f(z; theta)`` of any ``f``.
+
+    ``theta_bar = F^T u`` with ``(I - J^T) u = z_bar`` ("exact"), or the
+    phantom estimates of the module docstring, where ``J = df/dz`` and
+    ``F = df/dtheta`` are only ever applied through the user's VJPs.
 
     Parameters
     ----------
-    f_vjp : callable ``f_vjp(h) -> Linearization(f(h), vjp_z, vjp_theta[,
-        jacobian])`` (or the same as a plain tuple): evaluates ``f`` at ``h``
-        and returns the two VJPs there (``v -> J(h)^T v`` and ``v -> F(h)^T v``,
-        the latter a tuple of parameter cotangents).
+    f_vjp : callable ``f_vjp(h)``, and ``f_vjp(h, fh)`` when ``fz`` or
+        ``stackable`` is used, returning a :class:`Linearization` (or the
+        plain tuple ``(fh, vjp_z, vjp_theta[, jacobian])``) of ``f`` at
+        ``h`` (..., n):
+
+        * ``fh = f(h)`` (when ``fh`` is passed in, return it unchanged);
+        * ``vjp_z(v) = J(h)^T v``, shaped like ``h``;
+        * ``vjp_theta(v) = F(h)^T v`` as a tuple with one cotangent per
+          parameter (or None for none), each shaped like its parameter, i.e.
+          summed over the batch axes that parameter was broadcast along;
+        * ``jacobian()`` (optional): the dense ``J(h)`` (..., n, n), used by
+          the dense exact solve (else ``J`` is built from ``n`` calls of
+          ``vjp_z``).
+
+        ``f_vjp`` is called at ``z`` (every method) and, for "unroll", at the
+        ``k - 1`` further unrolled points.
     z : the fixed point (..., n), or a :class:`FixedPointResult` (then a VJP of
-        an unconverged forward warns).
+        an unconverged forward warns; its ``fz`` is *not* used unless passed
+        as ``fz``).
     z_bar : cotangent ``g = dL/dz``, shaped like ``z``.
     method : ``"exact"``, ``"unroll"`` (UPG), ``"neumann"`` (NPG) or ``"jfb"``.
     k, lam : phantom steps (default 5) and damping in (0, 1] (default 0.5,
         the paper's setting); only for ``"unroll"``/``"neumann"`` (passing them
         to another method is an error, not silently ignored).
     solver : exact only: ``"auto"`` (dense if a ``jacobian`` is available and
-        ``n <= DENSE_MAX_D``, else Anderson), ``"dense"``, ``"anderson"`` or
-        ``"picard"`` for the linear fixed point ``u = J^T u + g``.
+        ``n <= DENSE_MAX_D`` and no iterative option is given, else Anderson),
+        ``"dense"``, ``"anderson"`` or ``"picard"`` for the linear fixed point
+        ``u = J^T u + g``.
     tol, atol, max_iter, m : exact iterative only: tolerances of that linear
         fixed point (``tol`` defaults to :data:`DEFAULT_TOL`, ``max_iter`` to 1000).
     fz : ``f(z)`` when already known (the forward solver's last evaluation);
         ``f_vjp`` is then called as ``f_vjp(z, fz)`` at ``z`` and must use it
         instead of evaluating ``f`` (one evaluation fewer, counted as such).
+    stackable : declares that ``f_vjp`` also accepts ``k`` points stacked on a
+        new leading axis, ``f_vjp(H, f(H))`` with ``H`` of shape
+        ``(k,) + z.shape``, and that its ``vjp_theta`` then sums over that
+        axis too.  "unroll" then forms ``sum_t F(h_t)^T v_t`` in one call
+        (for the tanh layer one matrix product of inner dimension
+        ``k * batch`` instead of ``k`` products and ``k - 1`` additions);
+        the result is the same up to round-off and the counts are unchanged
+        (``n_vjp_theta`` counts products ``F(h_t)^T v_t``, not calls).  The
+        other methods apply ``F^T`` at ``z`` only and do not use it.
+    warn : warn (ConvergenceWarning) about an unconverged forward or backward
+        solve; ``ConditioningWarning`` and errors are always raised.
 
     Returns
     -------
     ImplicitVJPResult
         with ``theta_bar`` and the counts.  A backward solve that does not
-        converge warns (ConvergenceWarning) and reports ``converged=False``.
+        converge warns (ConvergenceWarning) and reports ``converged=False``;
+        the dense solve warns (ConditioningWarning) when ``I - J`` is
+        ill-conditioned and raises ValueError when it is singular.
+
+    Examples
+    --------
+    A linear map ``f(h) = A h + c`` with ``theta = (c,)``: ``c_bar = u``.
+
+    >>> import numpy as np
+    >>> A, c = np.array([[0.5, 0.2], [-0.1, 0.3]]), np.array([1.0, -2.0])
+    >>> def f_vjp(h, fh=None):
+    ...     fh = A @ h + c if fh is None else fh
+    ...     return Linearization(fh, lambda v: A.T @ v, lambda v: (v,), lambda: A)
+    >>> z, g = np.linalg.solve(np.eye(2) - A, c), np.array([1.0, 1.0])
+    >>> (c_bar,) = implicit_vjp(f_vjp, z, g).theta_bar
+    >>> bool(np.allclose((np.eye(2) - A.T) @ c_bar, g))
+    True
     """
+    if not callable(f_vjp):
+        raise TypeError(f"argument 'f_vjp' must be callable, got {type(f_vjp).__name__}")
     forward = None
     if isinstance(z, FixedPointResult):
         forward, z = z, z.z
@@ -676,28 +776,38 @@ def implicit_vjp(f_vjp: Callable, z, z_bar, *, method: str = "exact", k: int | N
         if tuple(fz.shape) != tuple(z.shape):
             raise ValueError(f"argument 'fz' has shape {tuple(fz.shape)}, expected {tuple(z.shape)}")
     return _implicit_vjp(f_vjp, z, z_bar, method=method, k=k, lam=lam, solver=solver,
-                         tol=tol, atol=atol, max_iter=max_iter, m=m, fz=fz, warn=warn)
+                         tol=tol, atol=atol, max_iter=max_iter, m=m, fz=fz, warn=warn,
+                         stackable=bool(stackable))
 
 
-def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m, fz, warn):
+def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m, fz, warn,
+                  stackable=False):
     # The linearisation at z reuses a known f(z) (no evaluation) when given.
     lin_z = _as_linearization(f_vjp(z) if fz is None else f_vjp(z, fz))
     n_f0 = 1 if fz is None else 0
     if method == "unroll":
-        # Forward: h_{t+1} = lam f(h_t) + (1 - lam) h_t from h_0 = z, keeping
-        # the k linearisations (the "stored graph").
-        lins, h = [lin_z], lam * lin_z.fz + (1.0 - lam) * z
+        # Forward: h_0 = z (no gradient into it), h_{t+1} = lam f(h_t) + (1 - lam) h_t,
+        # keeping the linearisations at h_0 .. h_{k-1} (the "stored graph").
+        hs, lins = [z], [lin_z]
         for _ in range(k - 1):
-            lin = _as_linearization(f_vjp(h))
-            lins.append(lin)
-            h = lam * lin.fz + (1.0 - lam) * h
-        # Backward from h_k: theta_bar += F(h_t)^T (lam a_{t+1}),
-        # a_t = lam J(h_t)^T a_{t+1} + (1 - lam) a_{t+1}  (h_0 gets no gradient).
-        a, theta_bar = g, None
+            hs.append(lam * lins[-1].fz + (1.0 - lam) * hs[-1])
+            lins.append(_as_linearization(f_vjp(hs[-1])))
+        # Backward from h_k: a_k = g, a_t = lam J(h_t)^T a_{t+1} + (1 - lam) a_{t+1};
+        # step t contributes F(h_t)^T v_t with v_t = lam a_{t+1}.
+        vs, a = [None] * k, g
         for t in range(k - 1, -1, -1):
-            theta_bar = _add_bars(theta_bar, lins[t].vjp_theta(lam * a))
+            vs[t] = lam * a
             if t > 0:
                 a = lam * lins[t].vjp_z(a) + (1.0 - lam) * a
+        if stackable and k > 1:
+            # sum_t F(h_t)^T v_t as one VJP at the k points stacked on a new axis.
+            xp = array_api_compat.array_namespace(z)
+            lin_all = _as_linearization(f_vjp(xp.stack(hs), xp.stack([lin.fz for lin in lins])))
+            theta_bar = tuple(lin_all.vjp_theta(xp.stack(vs)))
+        else:
+            theta_bar = None
+            for t in range(k - 1, -1, -1):
+                theta_bar = _add_bars(theta_bar, lins[t].vjp_theta(vs[t]))
         return ImplicitVJPResult(theta_bar, None, method, k, lam, None,
                                  n_f_evals=k - 1 + n_f0, n_vjp_z=k - 1, n_vjp_theta=k,
                                  n_stored_linearizations=k)
@@ -720,31 +830,24 @@ def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m
 
     # -- exact: (I - J^T) u = g -------------------------------------------------
     n = z.shape[-1]
-    if solver == "auto":
-        # Dense for small n, unless iterative options were given (then honour them).
-        iterative_opts = any(v is not None for v in (tol, atol, max_iter, m))
-        solver = ("dense" if (lin.jacobian is not None and n <= DENSE_MAX_D and not iterative_opts)
-                  else "anderson")
+    solver = _linear_solver(solver, n, lin.jacobian is not None, tol, atol, max_iter, m)
     if solver == "dense":
-        for name, val in (("tol", tol), ("atol", atol), ("max_iter", max_iter), ("m", m)):
-            if val is not None:
-                raise ValueError(f"argument {name!r} applies to the iterative exact solvers, "
-                                 f"not to solver='dense'")
-        counts = {"vjp_z": 0}
-        u, cond = _dense_adjoint(lin, g, counts)
+        if lin.jacobian is not None:
+            J, n_vjp_z = lin.jacobian(), 0
+        else:
+            # J[..., i, :] = (J^T e_i)^T: one VJP per basis vector.
+            xp = array_api_compat.array_namespace(g)
+            eye = backend.eye_like(g, n)
+            J = xp.stack([lin.vjp_z(xp.broadcast_to(eye[i, :], tuple(g.shape)))
+                          for i in range(n)], axis=-2)
+            n_vjp_z = n
+        u, cond = _dense_solve(backend.eye_like(g, n) - J, g, transpose=True)
         return ImplicitVJPResult(tuple(lin.vjp_theta(u)), u, method, None, None, "dense",
-                                 n_f_evals=n_f0, n_vjp_z=counts["vjp_z"], n_vjp_theta=1,
+                                 n_f_evals=n_f0, n_vjp_z=n_vjp_z, n_vjp_theta=1,
                                  n_stored_linearizations=1, condition=cond)
     # Linear fixed point u = J^T u + g, started from u_0 = g.
-    sol = fixed_point(lambda v: lin.vjp_z(v) + g, g, method=solver, tol=tol,
-                      atol=0.0 if atol is None else atol,
-                      max_iter=1000 if max_iter is None else max_iter, m=m, warn=False)
-    if warn and not sol.converged:
-        warnings.warn(
-            f"exact backward ({solver}) did not converge after {sol.n_iter} iterations "
-            f"(residual {sol.residual:.3e}, relative {sol.rel_residual:.3e}); the returned "
-            f"gradient is inaccurate. If J has an eigenvalue near or beyond 1, use "
-            f"solver='anderson' or 'dense'", ConvergenceWarning, stacklevel=3)
+    sol = _iterative_solve(lin.vjp_z, g, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
+                           m=m, warn=warn, who="exact backward")
     return ImplicitVJPResult(tuple(lin.vjp_theta(sol.z)), sol.z, method, None, None, solver,
                              n_f_evals=n_f0, n_vjp_z=sol.n_f_evals, n_vjp_theta=1,
                              n_stored_linearizations=1, n_iter=sol.n_iter,
@@ -829,7 +932,9 @@ def _check_layer(x, W, U, b):
 
 def _tanh_linearization(x, W, U, b) -> Callable:
     """``f_vjp`` of ``f(h) = tanh(W h + U x + b)`` (see :class:`Linearization`);
-    ``f_vjp(h, fh)`` linearises at ``h`` with a known ``fh = f(h)``."""
+    ``f_vjp(h, fh)`` linearises at ``h`` with a known ``fh = f(h)``.  ``h`` may
+    carry extra leading axes (e.g. stacked unrolled points), over which
+    ``vjp_theta`` sums like over any broadcast batch axis (``stackable``)."""
     c = _rows_matvec(U, x) + b                                 # U x + b, computed once
 
     def f_vjp(h, fh=None) -> Linearization:
@@ -922,8 +1027,11 @@ def deq_backward(res: TanhDEQResult, z_bar, *, method: str = "exact", k: int | N
         raise TypeError(f"argument 'res' must be a TanhDEQResult from tanh_deq, got {type(res).__name__}")
     f_vjp = _tanh_linearization(res.x, res.W, res.U, res.b)
     # The forward's last evaluation f(z) linearises the layer at z: no new f evaluation.
+    # With a shared (2-D) W, UPG's k products s_t h_t^T for W_bar are one GEMM over the
+    # stacked steps; a batched W would need a (k, ..., d, d) temporary, so it is not stacked.
     return implicit_vjp(f_vjp, res.solve, z_bar, method=method, k=k, lam=lam, solver=solver,
-                        tol=tol, atol=atol, max_iter=max_iter, m=m, fz=res.solve.fz, warn=warn)
+                        tol=tol, atol=atol, max_iter=max_iter, m=m, fz=res.solve.fz,
+                        stackable=res.W.ndim == 2, warn=warn)
 
 
 def deq_vjp(res: TanhDEQResult, z_bar, *, method: str = "exact", k: int | None = None,
@@ -963,7 +1071,11 @@ def deq_jvp(res: TanhDEQResult, dx=None, dW=None, dU=None, db=None, *, solver: s
 
     Tangents may be None (zero).  ``solver``: ``"auto"`` (dense for
     ``d <= DENSE_MAX_D``), ``"dense"``, ``"anderson"`` or ``"picard"`` (the
-    linear fixed point ``v = J v + r``; ``tol``/``atol``/``max_iter`` apply).
+    linear fixed point ``v = J v + r``; ``tol``/``atol``/``max_iter``/``m``
+    apply).  The same solves as the exact VJP: the dense one warns
+    (ConditioningWarning) when ``I - J`` is ill-conditioned and raises
+    ValueError when it is singular; an iterative one that does not converge
+    warns (ConvergenceWarning).
     """
     if not isinstance(res, TanhDEQResult):
         raise TypeError(f"argument 'res' must be a TanhDEQResult from tanh_deq, got {type(res).__name__}")
@@ -973,8 +1085,7 @@ def deq_jvp(res: TanhDEQResult, dx=None, dW=None, dU=None, db=None, *, solver: s
             backend.check_array(t, name)
             if tuple(t.shape) != tuple(ref.shape):
                 raise ValueError(f"argument {name!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
-    if solver not in ("auto", "dense") + SOLVERS:
-        raise ValueError(f"argument 'solver' must be 'auto', 'dense', 'anderson' or 'picard', got {solver!r}")
+    _check_solver(solver)
     if not res.converged:
         warnings.warn(f"JVP of an unconverged fixed point (residual {res.residual:.3e}): the "
                       f"implicit derivative is unreliable", ConvergenceWarning, stacklevel=2)
@@ -991,23 +1102,12 @@ def deq_jvp(res: TanhDEQResult, dx=None, dW=None, dU=None, db=None, *, solver: s
         r = r + _rows_matvec(res.U, dx)
     r = D * r
     d = z.shape[-1]
-    if solver == "auto":
-        iterative_opts = any(v is not None for v in (tol, atol, max_iter, m))
-        solver = "dense" if (d <= DENSE_MAX_D and not iterative_opts) else "anderson"
-    if solver == "dense":
-        for name, val in (("tol", tol), ("atol", atol), ("max_iter", max_iter), ("m", m)):
-            if val is not None:
-                raise ValueError(f"argument {name!r} applies to the iterative solvers, not to "
-                                 f"solver='dense'")
-        A = backend.eye_like(z, d) - D[..., :, None] * res.W  # I - J
-        return solve_vec(A, r)
-    sol = fixed_point(lambda v: D * _rows_matvec(res.W, v) + r, r, method=solver, tol=tol,
-                      atol=0.0 if atol is None else atol,
-                      max_iter=1000 if max_iter is None else max_iter, m=m, warn=False)
-    if not sol.converged:
-        warnings.warn(f"deq_jvp ({solver}) did not converge (residual {sol.residual:.3e})",
-                      ConvergenceWarning, stacklevel=2)
-    return sol.z
+    solver = _linear_solver(solver, d, True, tol, atol, max_iter, m)
+    if solver == "dense":                                      # (I - J) dz = r, J = D W
+        return _dense_solve(backend.eye_like(z, d) - D[..., :, None] * res.W, r, transpose=False)[0]
+    # Linear fixed point dz = J dz + r.
+    return _iterative_solve(lambda v: D * _rows_matvec(res.W, v), r, solver=solver, tol=tol,
+                            atol=atol, max_iter=max_iter, m=m, warn=True, who="deq_jvp").z
 
 
 # --------------------------------------------------------------------------
@@ -1141,6 +1241,11 @@ def cosine_lower_bound(E_norm: float, sigma_min: float) -> float:
     ``p = e + E w``): ``<p, e> >= ||e||^2 - ||E|| ||w|| ||e||`` and
     ``||p|| <= ||e|| + ||E|| ||w||``, so with ``r = ||e|| / ||w|| >= sigma_min``,
     ``cos >= (r - ||E||) / (r + ||E||)``, increasing in ``r``.
+
+    This is the note's bound; it is valid but not tight.  ``p`` lies in the
+    ball of radius ``||E|| ||w||`` around ``e``, so the worst case is the
+    tangent direction, ``cos >= sqrt(1 - (||E|| / sigma_min)^2)``, which is
+    larger and is attained (tests build the instance).
     """
     E_norm = backend.check_positive(E_norm, "E_norm", allow_zero=True)
     sigma_min = backend.check_positive(sigma_min, "sigma_min", allow_zero=True)

@@ -298,6 +298,55 @@ def test_upg_differs_from_npg_linearly_in_the_start_error(rng):
     np.testing.assert_allclose(gaps[1] / gaps[2], 2.0, rtol=2e-2)
 
 
+@pytest.mark.parametrize("per_member_W", [False, True])
+@pytest.mark.parametrize("stackable", [False, True])
+def test_upg_is_the_vjp_of_the_unrolled_map(rng, per_member_W, stackable):
+    """Away from the fixed point UPG is still exactly the VJP of
+    theta -> h_k(theta), k damped steps from a fixed h_0 (finite differences),
+    whether the k parameter products are summed step by step or stacked."""
+    h = _layer(rng, d=5, p=3, batch=(3,))
+    if per_member_W:
+        h["W"] = np.stack([h["W"], 0.5 * h["W"].T, -h["W"]])
+    k, lam = 4, 0.6
+    h0 = rng.standard_normal((3, 5))                     # far from z*
+
+    def unrolled(x, W, U, b):
+        hh = h0
+        for _ in range(k):
+            pre = np.einsum("...ij,...j->...i", W, hh) + np.einsum("...ij,...j->...i", U, x) + b
+            hh = lam * np.tanh(pre) + (1.0 - lam) * hh
+        return hh
+
+    arrays = tuple(h[key] for key in ("x", "W", "U", "b"))
+    f_vjp = deq._tanh_linearization(*arrays)
+
+    def vjp(v):
+        return deq.implicit_vjp(f_vjp, h0, v, method="unroll", k=k, lam=lam,
+                                stackable=stackable).theta_bar
+
+    (r,) = check.fd_jacobian_check(unrolled, arrays, check.random_like(rng, arrays),
+                                   cotangents=rng.standard_normal((3, 5)), vjp=vjp, tol=1e-9)
+    assert r.passed, str(r)
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_layer_upg_stacks_its_parameter_products(backend, dtype, instance, k):
+    """deq_backward forms UPG's sum_t F(h_t)^T v_t as one stacked product (shared W):
+    same numbers and counts as the step-by-step sum of the generic path."""
+    h, g, _ = instance
+    arrays = _layer_arrays(backend, h, dtype)
+    res = deq.tanh_deq(*arrays)
+    gb = backend.asarray(g, dtype)
+    stacked = deq.deq_backward(res, gb, method="unroll", k=k, lam=0.7)
+    f_vjp = deq._tanh_linearization(*arrays)
+    steps = deq.implicit_vjp(f_vjp, res.z, gb, method="unroll", k=k, lam=0.7, fz=res.solve.fz)
+    assert check.compare(stacked.theta_bar, steps.theta_bar,
+                         rtol={"float64": 1e-13, "float32": 1e-5}[dtype]).passed
+    counts = ("n_f_evals", "n_vjp_z", "n_vjp_theta", "n_stored_linearizations")
+    assert [getattr(stacked, c) for c in counts] == [getattr(steps, c) for c in counts] \
+        == [k - 1, k - 1, k, k]
+
+
 @pytest.mark.parametrize("lam", [0.25, 0.5, 1.0])
 def test_k1_is_lam_times_jfb(backend, dtype, instance, lam):
     h, g, jac = instance
@@ -451,6 +500,9 @@ def test_theorem1_and_cosine_bound_on_random_instances(rng):
             t = deq.theorem1_check(A, J, F)
             np.testing.assert_allclose(t.E_norm, np.linalg.norm(A @ (np.eye(d) - J.T) - F.T, 2),
                                        rtol=1e-12)
+            sv = np.linalg.svd(F, compute_uv=False)
+            np.testing.assert_allclose([t.sigma_min, t.sigma_max], [sv[-1], sv[0]], rtol=1e-12)
+            np.testing.assert_allclose(t.paper_bound, sv[-1] ** 2 / sv[0], rtol=1e-12)
             assert t.paper_bound <= t.sigma_min + 1e-15
             assert (not t.paper_condition) or t.sharp_condition
             n_paper += t.paper_condition
@@ -474,6 +526,49 @@ def test_theorem1_bound_is_needed(rng):
     assert not t.sharp_condition and t.cosine_bound == -1.0
     g = rng.standard_normal(3)
     assert (A @ g) @ (F.T @ np.linalg.solve(np.eye(3) - J.T, g)) < 0
+
+
+def test_theorem1_boundary_and_worst_case_cosine(rng):
+    """Instances built on F's singular vectors, where the bounds are attained.
+
+    With ``w`` the right singular vector of ``F^T`` for sigma_min (``e = F^T w
+    = sigma_min u``) and ``g = (I - J^T) w``: ``E = -rho u w^T`` gives
+    ``<p, e> = sigma_min (sigma_min - rho)``, which changes sign exactly at
+    ``rho = sigma_min`` where ``sharp_condition`` flips; ``E w`` tangent to
+    the ball of radius rho around ``e`` gives the smallest cosine any ``E`` of
+    norm rho allows, ``sqrt(1 - (rho / sigma_min)^2)``, which
+    ``cosine_bound`` must not exceed (it is lower: the bound is not tight).
+    """
+    for trial in range(20):
+        d = int(rng.integers(2, 6))
+        P = d + int(rng.integers(0, 5))
+        J, F = _random_instance(rng, d, P, rng.uniform(0.1, 0.9))
+        Uf, sv, Vt = np.linalg.svd(F.T)                # F^T = Uf diag(sv) Vt, sv descending
+        smin, u, w = sv[-1], Uf[:, d - 1], Vt[d - 1]    # F^T w = smin u, ||w|| = 1
+        M = np.linalg.inv(np.eye(d) - J.T)
+        g = (np.eye(d) - J.T) @ w                       # exact adjoint (I - J^T)^{-1} g = w
+        e = F.T @ w
+        for factor in (0.999, 1.001):
+            rho = factor * smin
+            A = (F.T - rho * np.outer(u, w)) @ M
+            t = deq.theorem1_check(A, J, F)
+            np.testing.assert_allclose([t.E_norm, t.sigma_min], [rho, smin], rtol=1e-10)
+            inner = (A @ g) @ e
+            np.testing.assert_allclose(inner, smin * (smin - rho), rtol=1e-8)
+            assert t.sharp_condition == (inner >= 0) == (factor < 1)
+        q = rng.standard_normal(P)
+        q -= (q @ u) * u
+        q /= np.linalg.norm(q)
+        for ratio in (0.1, 0.5, 0.9):
+            rho = ratio * smin
+            delta = rho * (-ratio * u + math.sqrt(1.0 - ratio ** 2) * q)   # ||delta|| = rho
+            A = (F.T + np.outer(delta, w)) @ M
+            p = A @ g
+            cos = p @ e / (np.linalg.norm(p) * np.linalg.norm(e))
+            np.testing.assert_allclose(cos, math.sqrt(1.0 - ratio ** 2), rtol=1e-9)
+            t = deq.theorem1_check(A, J, F)
+            np.testing.assert_allclose(t.cosine_bound, (1.0 - ratio) / (1.0 + ratio), rtol=1e-9)
+            assert t.cosine_bound <= cos
 
 
 def test_npg_theorem1_error_is_F_Bk(rng):
@@ -706,6 +801,8 @@ def test_options_a_method_does_not_use_are_rejected(small):
         deq.fixed_point(lambda z: z[:1], np.zeros(2))
     with pytest.raises(TypeError, match="'f' returned dtype float64"):
         deq.fixed_point(lambda z: np.cos(z).astype(np.float64), np.zeros(2, dtype=np.float32))
+    with pytest.raises(TypeError, match="'f_vjp' must be callable"):
+        deq.implicit_vjp(None, np.zeros(2), np.ones(2))
 
 
 def test_unconverged_forward_is_flagged_warned_and_its_vjp_warns(backend, rng):
@@ -756,10 +853,32 @@ def test_ill_conditioned_and_singular_backward(rng):
     with pytest.warns(ConditioningWarning, match="ill-conditioned"):
         out = deq.deq_backward(res, np.ones(d))
     assert out.condition > 1e8
+    np.testing.assert_allclose(out.condition, np.linalg.cond(np.eye(d) - W, 1), rtol=1e-5)
+    with pytest.warns(ConditioningWarning, match="ill-conditioned"):      # the JVP shares the solve
+        deq.deq_jvp(res, db=np.ones(d))
     W1 = np.diag([1.0, 0.3, 0.0, -0.2])                    # I - J exactly singular
     res1 = deq.tanh_deq(x, W1, U, b)
     with pytest.raises(ValueError, match="singular"):
         deq.deq_vjp(res1, np.ones(d))
+    with pytest.raises(ValueError, match="singular"):
+        deq.deq_jvp(res1, db=np.ones(d))
+    W2 = _symmetric(rng, [1.0 - 1e-17, 0.3, 0.0, -0.2])    # singular to working precision
+    res2 = deq.tanh_deq(x, W2, U, b)
+    with pytest.raises(ValueError, match="singular"):
+        deq.deq_vjp(res2, np.ones(d))
+
+
+def test_dense_condition_number_is_cond_1(backend, rng):
+    """The dense solve reports max over members of cond_1(I - J), as numpy.linalg.cond(., 1)
+    computes it, for the VJP (which solves with the transpose) and a non-symmetric J."""
+    h = _layer(rng, batch=(3,), norm=0.95)
+    res = deq.tanh_deq(*_arrays(backend, h, "float64"))
+    out = deq.deq_backward(res, backend.asarray(rng.standard_normal((3, 6)), "float64"))
+    J = (1 - B.to_host(res.solve.fz) ** 2)[:, :, None] * h["W"]
+    expected = max(np.linalg.cond(np.eye(6) - Ji, 1) for Ji in J)
+    assert out.solver == "dense" and math.isclose(out.condition, expected, rel_tol=1e-10)
+    assert not math.isclose(expected, max(np.linalg.cond(np.eye(6) - Ji, np.inf) for Ji in J),
+                            rel_tol=1e-3)                  # the 1- and inf-norms differ here
 
 
 def test_inputs_are_not_mutated(backend, rng):
