@@ -317,6 +317,46 @@ def test_all_backward_paths_agree(backend, dtype, rng, shape):
         assert rel(host(sk.sinkhorn_jvp(res, *dirs, method=method))[0], ref_jvp) <= tol, method
 
 
+def test_marginal_gradients_are_accurate_entrywise_with_tiny_marginals():
+    # Reference: the backward system solved in 50-digit arithmetic (mpmath).  Each
+    # path must give every entry of a_bar, b_bar to ~1e-12 relative, also those
+    # of nodes of mass 1e-12 .. 1e-4 (without its final Gauss-Seidel sweep, CG
+    # loses 4 digits there).
+    mp = pytest.importorskip("mpmath")
+    rng = np.random.default_rng(3)
+    n, m = 30, 20
+    C = rng.random((n, m))
+    a, b = rng.dirichlet(np.ones(n)), rng.dirichlet(np.ones(m))
+    a[:3], b[:3] = [1e-12, 1e-8, 1e-4], [1e-12, 1e-9, 1e-5]
+    a, b = a / a.sum(), b / b.sum()
+    res = sk.sinkhorn(C, a, b, eps=0.05, tol=1e-14, max_iter=200_000)
+    G = rng.standard_normal((n, m))
+    with mp.workdps(50):
+        Pm, Gm = mp.matrix(res.P.tolist()), mp.matrix(G.tolist())
+        keep = [j for j in range(m) if j != int(np.argmax(b))]          # v_j = 0 there (gauge)
+        M, rhs = mp.zeros(n + m - 1, n + m - 1), mp.zeros(n + m - 1, 1)
+        for i in range(n):
+            M[i, i] = mp.fsum(Pm[i, j] for j in range(m))
+            rhs[i] = mp.fsum(Pm[i, j] * Gm[i, j] for j in range(m))
+            for q, j in enumerate(keep):
+                M[i, n + q] = M[n + q, i] = Pm[i, j]
+        for q, j in enumerate(keep):
+            M[n + q, n + q] = mp.fsum(Pm[i, j] for i in range(n))
+            rhs[n + q] = mp.fsum(Pm[i, j] * Gm[i, j] for i in range(n))
+        z = mp.lu_solve(M, rhs)
+        u = [z[i] for i in range(n)]
+        v = [mp.mpf(0)] * m
+        for q, j in enumerate(keep):
+            v[j] = z[n + q]
+        shift = mp.fsum(u) / n
+        a_ref = np.array([float(x - shift) for x in u])
+        b_ref = np.array([float(x + shift) for x in v])
+    for method in sk.METHODS:
+        _, a_bar, b_bar = sk.sinkhorn_vjp(res, G, method=method)
+        assert np.max(np.abs(a_bar - a_ref) / np.abs(a_ref)) <= 1e-12, method
+        assert np.max(np.abs(b_bar - b_ref) / np.abs(b_ref)) <= 1e-12, method
+
+
 def test_dense_paths_stay_accurate_when_the_last_column_is_tiny(backend, rng):
     # The paper's reduced system drops the last column constraint; with a last
     # column of mass 1e-12 that cost ~8 digits of b_bar (1.6e-4 relative).
@@ -591,20 +631,24 @@ def test_kl_value_rejects_unbalanced(rng):
 # Unrolled baseline
 # --------------------------------------------------------------------------
 
-def test_unrolled_vjp_is_the_gradient_of_the_iteration_map(backend, rng):
+@pytest.mark.parametrize("rho", [(None, None), (0.5, 2.0)])
+def test_unrolled_vjp_is_the_gradient_of_the_iteration_map(backend, rng, rho):
     C, a, b = problem(rng, 4, 3)
     eps, tau = 0.1, 6
+    kw = dict(rho_a=rho[0], rho_b=rho[1])
     G = rng.standard_normal((4, 3))
     arrays = put(backend, F64, C, a, b)
-    res = sk.sinkhorn_unrolled(*arrays, eps=eps, n_iter=tau)
+    res = sk.sinkhorn_unrolled(*arrays, eps=eps, n_iter=tau, **kw)
     assert len(res.row_softmax) == tau and len(res.col_softmax) == tau - 1
     assert res.tape_nbytes == (2 * tau - 1) * 4 * 3 * 8
     # same plan as sinkhorn stopped at the same iteration
-    ref = sk.sinkhorn(*arrays, eps=eps, tol=0.0, max_iter=tau, check_every=tau, warn=False)
+    ref = sk.sinkhorn(*arrays, eps=eps, tol=0.0, max_iter=tau, check_every=tau, warn=False, **kw)
     assert rel(host(res.P)[0], host(ref.P)[0]) <= 1e-14
-    dirs = feasible(rng, C, a, b)
+    # any direction when unbalanced (its damped updates weigh the (c, -c) mass direction)
+    dirs = feasible(rng, C, a, b) if rho[0] is None else (rng.standard_normal(C.shape), a * rng.standard_normal(4),
+                                                          b * rng.standard_normal(3))
     bars = sk.sinkhorn_unrolled_vjp(res, put(backend, F64, G)[0])
-    out = check.fd_jacobian_check(lambda *x: sk.sinkhorn_unrolled(*x, eps=eps, n_iter=tau).P, arrays,
+    out = check.fd_jacobian_check(lambda *x: sk.sinkhorn_unrolled(*x, eps=eps, n_iter=tau, **kw).P, arrays,
                                   put(backend, F64, *dirs), cotangents=put(backend, F64, G)[0],
                                   vjp=lambda v: sk.sinkhorn_unrolled_vjp(res, v), tol=1e-9)
     assert all(r.passed for r in out), out
@@ -834,16 +878,17 @@ def test_tiny_mass_mismatch_is_accepted_and_floors_tol(rng):
 
 def test_inputs_are_not_modified(backend, rng):
     C, a, b = problem(rng, 4, 3)
+    G_host = rng.standard_normal((4, 3))
     arrays = put(backend, F64, C, a, b)
-    G = put(backend, F64, rng.standard_normal((4, 3)))[0]
+    G = put(backend, F64, G_host)[0]
     res = sk.sinkhorn(*arrays, eps=0.1)
     for method in sk.METHODS:
         sk.sinkhorn_vjp(res, G, method=method)
+        sk.sinkhorn_vjp_eps(res, G, method=method)
         sk.sinkhorn_jvp(res, G, *arrays[1:], method=method)
     sk.sinkhorn_unrolled_vjp(sk.sinkhorn_unrolled(*arrays, eps=0.1, n_iter=3), G)
-    for x, ref in zip(host(*arrays, G), (C, a, b, None)):
-        if ref is not None:
-            assert np.array_equal(x, ref)
+    for x, ref in zip(host(*arrays, G), (C, a, b, G_host)):
+        assert np.array_equal(x, ref)
 
 
 def test_module_is_callable_as_in_design():
