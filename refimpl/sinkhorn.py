@@ -779,6 +779,10 @@ def _solve_cg(sys: _System, t_a, t_b, *, cg_tol=None, cg_max_iter=None, check_ev
     ``D_c``; for a balanced problem the right-hand side and every residual are
     projected onto ``1^perp`` (the range of ``S``) along ``c``.  The CG coefficients give
     the Lanczos matrix whose extreme eigenvalues estimate those of ``S^``.
+    The stopping test is relative to the right-hand side in that norm, so a
+    right-hand side dominated by a nearly isolated node (a JVP putting mass
+    on a column that holds < ~1e-30 of it, before convergence) stops before
+    the rest is resolved: use ``"schur"`` there.
     """
     if sys.n < sys.m:
         (y, x), info = _solve_cg(sys.transposed(), t_b, t_a, cg_tol=cg_tol,
