@@ -384,6 +384,11 @@ def _check_rho(rho, name: str) -> float | None:
     return backend.check_positive(rho, name)
 
 
+def _damping(rho: float | None, eps: float) -> float:
+    """``tau = rho / (rho + eps)`` of the unbalanced update (1 on a hard side)."""
+    return 1.0 if rho is None else rho / (rho + eps)
+
+
 def _mass_tolerance(dtype) -> float:
     """Relative mass mismatch accepted for a balanced problem: 1e-9, or a few
     float32 ulps (rounding each entry to float32 moves the mass by <= u)."""
@@ -519,8 +524,7 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
     dev = backend.device(C)
     dt = C.dtype
     balanced = rho_a is None and rho_b is None
-    tau_a = 1.0 if rho_a is None else rho_a / (rho_a + eps)
-    tau_b = 1.0 if rho_b is None else rho_b / (rho_b + eps)
+    tau_a, tau_b = _damping(rho_a, eps), _damping(rho_b, eps)
 
     K = -C / eps                                          # log Gibbs kernel
     log_a = xp.broadcast_to(xp.log(a), batch + (n,))
@@ -1177,6 +1181,24 @@ def _info_for_warning(res: SinkhornResult, info: dict, method: str) -> dict:
     return info
 
 
+def _reverse(res: SinkhornResult, P_bar, method: str, cg_tol, cg_max_iter, warn: bool, what: str):
+    """Checked inputs, one implicit solve and its warnings: full-batch
+    ``(C_bar, a_bar, b_bar)``, marginal gradients gauge fixed (balanced)."""
+    _check_result(res)
+    _check_method(method)
+    _check_cotangent(res, P_bar, "P_bar")
+    cg_options = {"cg_tol": cg_tol, "cg_max_iter": cg_max_iter} if method == "cg" else {}
+    C_bar, u, v, info = _implicit_vjp(res, P_bar, method, **cg_options)
+    if warn:
+        _warn_backward(res, _info_for_warning(res, info, method), method, what)
+    fa, fb = _marginal_factors(res)
+    a_bar = u if fa is None else u * fa
+    b_bar = v if fb is None else v * fb
+    if res.balanced:
+        a_bar, b_bar = gauge_fix(a_bar, b_bar)
+    return C_bar, a_bar, b_bar
+
+
 def sinkhorn_vjp(res: SinkhornResult, P_bar, *, method: str = "schur", cg_tol: float | None = None,
                  cg_max_iter: int | None = None, warn: bool = True):
     r"""Implicit reverse mode: ``(C_bar, a_bar, b_bar)`` from ``P_bar = dL/dP``.
@@ -1218,18 +1240,7 @@ def sinkhorn_vjp(res: SinkhornResult, P_bar, *, method: str = "schur", cg_tol: f
     >>> all(np.allclose(x, y, atol=1e-12) for x, y in zip((C_bar, a_bar, b_bar), bars_kkt))
     True
     """
-    _check_result(res)
-    _check_method(method)
-    _check_cotangent(res, P_bar, "P_bar")
-    cg_options = {"cg_tol": cg_tol, "cg_max_iter": cg_max_iter} if method == "cg" else {}
-    C_bar, u, v, info = _implicit_vjp(res, P_bar, method, **cg_options)
-    if warn:
-        _warn_backward(res, _info_for_warning(res, info, method), method, "VJP")
-    fa, fb = _marginal_factors(res)
-    a_bar = u if fa is None else u * fa
-    b_bar = v if fb is None else v * fb
-    if res.balanced:
-        a_bar, b_bar = gauge_fix(a_bar, b_bar)
+    C_bar, a_bar, b_bar = _reverse(res, P_bar, method, cg_tol, cg_max_iter, warn, "VJP")
     return (sum_to_shape(C_bar, tuple(res.C.shape)), sum_to_shape(a_bar, tuple(res.a.shape)),
             sum_to_shape(b_bar, tuple(res.b.shape)))
 
@@ -1246,15 +1257,8 @@ def sinkhorn_vjp_eps(res: SinkhornResult, P_bar, *, method: str = "schur", cg_to
     Returns an array with the batch shape (one derivative per member; for the
     single ``eps`` shared by a batch, ``dL/deps`` is its sum).
     """
-    _check_result(res)
-    _check_method(method)
-    _check_cotangent(res, P_bar, "P_bar")
-    xp = backend.namespace(P=res.P)
-    cg_options = {"cg_tol": cg_tol, "cg_max_iter": cg_max_iter} if method == "cg" else {}
-    C_bar, _, _, info = _implicit_vjp(res, P_bar, method, **cg_options)
-    if warn:
-        _warn_backward(res, _info_for_warning(res, info, method), method, "eps-derivative")
-    return xp.sum(C_bar * res.log_P, axis=(-2, -1))
+    C_bar, _, _ = _reverse(res, P_bar, method, cg_tol, cg_max_iter, warn, "eps-derivative")
+    return backend.namespace(P=res.P).sum(C_bar * res.log_P, axis=(-2, -1))
 
 
 # --------------------------------------------------------------------------
@@ -1466,17 +1470,19 @@ def linear_value(res: SinkhornResult):
     return _sum_core(xp, res.C * res.P)
 
 
-def linear_value_grad(res: SinkhornResult, *, method: str = "schur", **options):
+def linear_value_grad(res: SinkhornResult, *, method: str = "schur", cg_tol: float | None = None,
+                      cg_max_iter: int | None = None, warn: bool = True):
     r"""Gradient of ``<C, P>``: ``(P + C_bar', a_bar', b_bar', eps_bar')`` where the
     primes are :func:`sinkhorn_vjp` / :func:`sinkhorn_vjp_eps` with
-    ``P_bar = C`` (the implicit solve; the plan's dependence on C is not
-    negligible)."""
+    ``P_bar = C`` (one implicit solve serves all four; the plan's dependence
+    on C is not negligible)."""
     _check_result(res)
     xp = backend.namespace(P=res.P)
     G = xp.broadcast_to(res.C, tuple(res.P.shape))
-    C_bar, a_bar, b_bar = sinkhorn_vjp(res, G, method=method, **options)
-    eps_bar = sinkhorn_vjp_eps(res, G, method=method, warn=False)
-    return C_bar + sum_to_shape(res.P, tuple(res.C.shape)), a_bar, b_bar, eps_bar
+    C_bar, a_bar, b_bar = _reverse(res, G, method, cg_tol, cg_max_iter, warn, "linear_value_grad")
+    eps_bar = xp.sum(C_bar * res.log_P, axis=(-2, -1))
+    return (sum_to_shape(C_bar + res.P, tuple(res.C.shape)), sum_to_shape(a_bar, tuple(res.a.shape)),
+            sum_to_shape(b_bar, tuple(res.b.shape)), eps_bar)
 
 
 # --------------------------------------------------------------------------
@@ -1496,8 +1502,7 @@ def sinkhorn_unrolled(C, a, b, *, eps, n_iter: int, rho_a: float | None = None,
     xp, batch, n, m, eps, rho_a, rho_b = _check_inputs(C, a, b, eps, rho_a, rho_b)
     if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
         raise ValueError(f"argument 'n_iter' must be a positive int, got {n_iter!r}")
-    tau_a = 1.0 if rho_a is None else rho_a / (rho_a + eps)
-    tau_b = 1.0 if rho_b is None else rho_b / (rho_b + eps)
+    tau_a, tau_b = _damping(rho_a, eps), _damping(rho_b, eps)
     K = -C / eps
     log_a = xp.log(a)
     log_b = xp.log(b)
@@ -1547,8 +1552,7 @@ def sinkhorn_unrolled_vjp(res: UnrolledResult, P_bar):
         raise ValueError(f"argument 'P_bar' has shape {tuple(P_bar.shape)}, expected {tuple(res.P.shape)}")
     xp = backend.namespace(P=res.P)
     eps = res.eps
-    tau_a = 1.0 if res.rho_a is None else res.rho_a / (res.rho_a + eps)
-    tau_b = 1.0 if res.rho_b is None else res.rho_b / (res.rho_b + eps)
+    tau_a, tau_b = _damping(res.rho_a, eps), _damping(res.rho_b, eps)
     T = res.P * P_bar
     K_bar = T
     phi_bar = xp.sum(T, axis=-1)

@@ -927,3 +927,9 @@ def test_benchmark_quick_smoke_run(capsys):
     assert module.main(["--quick", "--out", ""]) == 0
     out = capsys.readouterr().out
     assert "implicit-schur" in out and "unrolled" in out and "independent of tau" in out
+
+
+def test_docstring_examples_hold():
+    import doctest
+
+    assert doctest.testmod(sk, raise_on_error=False).failed == 0
