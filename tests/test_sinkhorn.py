@@ -144,14 +144,15 @@ def test_stable_at_small_eps_and_tiny_marginals(backend):
         assert ConvergenceWarning in kinds
 
 
-def test_non_convergence_is_reported_and_warned(rng):
+def test_non_convergence_is_reported_and_warned(backend, rng):
     C, a, b = problem(rng, 5, 5)
-    with pytest.warns(ConvergenceWarning, match="did not converge in max_iter=20"):
-        res = sk.sinkhorn(C, a, b, eps=0.01, tol=1e-14, max_iter=20)
-    assert not bool(res.converged) and float(res.error) > float(res.tol)
-    assert int(res.n_iter) == 20
+    arrays = put(backend, F64, np.stack([C, C[::-1]]), a, b)       # a batch: both members stopped
+    with pytest.warns(ConvergenceWarning, match="2 of 2 problem.*did not converge in max_iter=20"):
+        res = sk.sinkhorn(*arrays, eps=0.01, tol=1e-14, max_iter=20)
+    assert not np.any(to_host(res.converged)) and np.all(to_host(res.error) > to_host(res.tol))
+    assert np.all(to_host(res.n_iter) == 20)
     with pytest.warns(ConvergenceWarning, match="did not converge"):
-        sk.sinkhorn_vjp(res, np.ones_like(C))
+        sk.sinkhorn_vjp(res, put(backend, F64, np.ones((2, 5, 5)))[0])
 
 
 def test_tolerance_floor_is_recorded(rng):
