@@ -103,14 +103,21 @@ def _sinkhorn_oracle(C, a, b, *, eps, rho_a=None, rho_b=None, **_):
     return P
 
 
-def _sinkhorn_tangents(rng, host):
-    """Feasible directions: dC member-scaled normal, relative marginal
-    perturbations ``da = a z``, ``db = b w`` with ``1^T da = 1^T db`` per member
-    (the side with more batch members is adjusted)."""
+def _free_tangents(rng, host):
+    """dC member-scaled normal; relative marginal perturbations ``da = a z``,
+    ``db = b w`` (any direction: an unbalanced problem has no mass constraint,
+    and a change of total mass is what its (c, -c) component measures)."""
     C, a, b = host["C"], host["a"], host["b"]
-    dC = scaled_normal(rng, C, 2)
-    da = a * rng.standard_normal(a.shape)
-    db = b * rng.standard_normal(b.shape)
+    return (scaled_normal(rng, C, 2), a * rng.standard_normal(a.shape),
+            b * rng.standard_normal(b.shape))
+
+
+def _sinkhorn_tangents(rng, host):
+    """Feasible directions of a balanced problem: :func:`_free_tangents` with
+    ``1^T da = 1^T db`` per member (the side with more batch members is
+    adjusted)."""
+    C, a, b = host["C"], host["a"], host["b"]
+    dC, da, db = _free_tangents(rng, host)
     sa, sb = da.sum(-1, keepdims=True), db.sum(-1, keepdims=True)
     if b.ndim >= a.ndim:
         db = db - b * (sb - sa) / b.sum(-1, keepdims=True)
@@ -120,9 +127,7 @@ def _sinkhorn_tangents(rng, host):
 
 
 def _sk_marginal_check(run: CaseRun) -> list[CheckResult]:
-    """Balanced: ||P 1 - a||_1 and ||P^T 1 - b||_1 (relative) within the result's tol."""
-    if run.case.params.get("rho_a") is not None or run.case.params.get("rho_b") is not None:
-        return []
+    """||P 1 - a||_1 and ||P^T 1 - b||_1 (relative) within the result's tol."""
     P = to_host(run.result.P).astype(np.float64)
     a = np.broadcast_to(run.host["a"], P.shape[:-1])
     b = np.broadcast_to(run.host["b"], P.shape[:-2] + P.shape[-1:])
@@ -147,10 +152,8 @@ def _sk_cotangent(run: CaseRun):
 
 
 def _sk_adjoint_invariants(run: CaseRun) -> list[CheckResult]:
-    """Balanced: sum(a_bar) == 0 and C_bar has zero row and column sums
-    (normalised by the sizes of the gradients)."""
-    if run.case.params.get("rho_a") is not None or run.case.params.get("rho_b") is not None:
-        return []
+    """sum(a_bar) == 0 and C_bar has zero row and column sums (normalised by
+    the sizes of the gradients)."""
     G = _sk_cotangent(run)
     C_bar, a_bar, b_bar = _sk_vjp(run, G)
     u = 2.0 ** -53 if run.dtype == "float64" else 2.0 ** -24
@@ -215,7 +218,7 @@ def _sk_eps_derivative(run: CaseRun) -> list[CheckResult]:
     scale = max(float(np.max(np.abs(fd))), natural)
     err = float(np.max(np.abs(e_bar - fd))) / scale
     out = [CheckResult("eps_fd", err, run.tol.fd, err <= run.tol.fd, "dL/deps vs Richardson in eps")]
-    if run.case.params.get("rho_a") is None and run.case.params.get("rho_b") is None:
+    if run.result.balanced:
         ident = -np.sum(C_bar * np.broadcast_to(run.host["C"], C_bar.shape), axis=(-2, -1)) / eps
         e2 = float(np.max(np.abs(e_bar - ident))) / max(scale, 1e-300)
         out.append(CheckResult("eps_identity", e2, 1e-10, e2 <= 1e-10, "<C_bar, log P> == -<C_bar, C>/eps"))
@@ -223,11 +226,8 @@ def _sk_eps_derivative(run: CaseRun) -> list[CheckResult]:
 
 
 def _sk_shift_invariance(run: CaseRun) -> list[CheckResult]:
-    """P(C + u 1^T + 1 v^T) == P(C) for a balanced problem; for the flagged
-    additive case C = u 1^T + 1 v^T the closed form P = a b^T / sum(a)."""
-
-    if run.case.params.get("rho_a") is not None or run.case.params.get("rho_b") is not None:
-        return []
+    """P(C + u 1^T + 1 v^T) == P(C); for the flagged additive case
+    C = u 1^T + 1 v^T the closed form P = a b^T / sum(a)."""
     C = run.host["C"]
     rtol = 1e-10 if run.dtype == "float64" else 1e-3
     P = to_host(run.result.P).astype(np.float64)
@@ -244,7 +244,28 @@ def _sk_shift_invariance(run: CaseRun) -> list[CheckResult]:
     return out
 
 
-def _sinkhorn_spec() -> OpSpec:
+def _sk_unbalanced_identity(run: CaseRun) -> list[CheckResult]:
+    """``C_bar 1 == -(a / rho_a) * a_bar`` and ``C_bar^T 1 == -(b / rho_b) * b_bar``
+    (zero on a hard side).  Adding ``t`` to row i of C changes the objective
+    like scaling ``a_i`` by ``exp(-t / rho_a)`` (``rho_a r_i log(r_i / a_i) + t r_i``),
+    so ``d/dt = -(a_i / rho_a) a_bar_i``: this ties the marginal gradients,
+    including their (c, -c) component, to C_bar."""
+    G = _sk_cotangent(run)
+    C_bar, a_bar, b_bar = _sk_vjp(run, G)
+    sums, expected = [], []
+    for axis, x, x_bar, rho in ((-1, "a", a_bar, run.result.rho_a), (-2, "b", b_bar, run.result.rho_b)):
+        sums.append(C_bar.sum(axis))
+        w = np.broadcast_to(run.host[x], x_bar.shape)
+        expected.append(np.zeros_like(x_bar) if rho is None else -(w / rho) * x_bar)
+    # absolute floor: round-off of sums of terms of size |P| |G| / eps
+    natural = float(np.max(to_host(run.result.P))) * float(np.max(np.abs(to_host(G)))) / run.result.eps
+    rtol = 1e-10 if run.dtype == "float64" else 1e-4
+    return [compare(tuple(sums), tuple(expected), rtol=rtol, atol=rtol * natural,
+                    name="C_bar_sums_vs_marginal_gradients")]
+
+
+def _sinkhorn_cases() -> tuple[tuple[Case, ...], tuple[Case, ...]]:
+    """The curated cases: ``(balanced, unbalanced)``."""
 
     def dirichlet(rng, k, conc=1.0, bits=20):
         # Dyadic weights j / 2^bits (exact in float32 and summing to exactly 1 in
@@ -355,12 +376,6 @@ def _sinkhorn_spec() -> OpSpec:
              shared_marginals, params={"eps": 0.1, **tight}, flags=("batched", "broadcast")),
         Case("additive_cost", "C = u 1^T + 1 v^T: closed form P = a b^T", 311, additive,
              params={"eps": 0.3, **tight}, flags=("additive", "closed_form")),
-        Case("unbalanced", "KL-relaxed marginals rho_a = rho_b = 0.5, masses 1.3 vs 0.7", 312,
-             unbalanced, params={"eps": 0.1, "rho_a": 0.5, "rho_b": 0.5, **tight},
-             for_candidates=False, flags=("unbalanced",)),
-        Case("semi_unbalanced", "hard row constraint, relaxed columns (rho_b = 0.2)", 313,
-             lambda rng: {"C": rng.random((4, 5)), "a": dirichlet(rng, 4), "b": 1.5 * dirichlet(rng, 5)},
-             params={"eps": 0.1, "rho_b": 0.2, **tight}, for_candidates=False, flags=("unbalanced",)),
         Case("vjp_cg", "method='cg' (matrix-free conjugate gradients)", 314, vjp_case,
              params={"eps": 0.05, **tight}, vjp_params={"method": "cg"}, jvp_params={"method": "cg"},
              flags=("method",)),
@@ -370,18 +385,36 @@ def _sinkhorn_spec() -> OpSpec:
         Case("vjp_kkt", "method='kkt' (full KKT system, oracle)", 316, vjp_case,
              params={"eps": 0.05, **tight}, vjp_params={"method": "kkt"}, jvp_params={"method": "kkt"},
              flags=("method",)),
+    )
+    unbalanced_cases = (
+        Case("unbalanced", "KL-relaxed marginals rho_a = rho_b = 0.5, masses 1.3 vs 0.7", 312,
+             unbalanced, params={"eps": 0.1, "rho_a": 0.5, "rho_b": 0.5, **tight},
+             for_candidates=False, flags=("unbalanced",)),
+        Case("semi_unbalanced", "hard row constraint, relaxed columns (rho_b = 0.2)", 313,
+             lambda rng: {"C": rng.random((4, 5)), "a": dirichlet(rng, 4), "b": 1.5 * dirichlet(rng, 5)},
+             params={"eps": 0.1, "rho_b": 0.2, **tight}, for_candidates=False, flags=("unbalanced",)),
         Case("vjp_cg_batch_unbalanced", "method='cg' on a batch of unbalanced problems", 317, vjp_batch,
              params={"eps": 0.1, "rho_a": 1.0, "rho_b": 2.0, **tight}, vjp_params={"method": "cg"},
              jvp_params={"method": "cg"}, for_candidates=False, flags=("method", "batched", "unbalanced")),
     )
+    return cases, unbalanced_cases
 
-    def canonicalize(bars):
-        """a_bar - mean(a_bar), b_bar + mean(a_bar): the (c, -c) gauge (sum(a_bar) = 0)."""
-        return (bars[0], *sk.gauge_fix(bars[1], bars[2]))
 
+_TOL = {
+    "float64": Tolerance(forward=1e-10, adjoint=1e-11, fd=1e-7, batch=1e-11),
+    "float32": Tolerance(forward=5e-4, adjoint=1e-5, fd=2e-3, batch=1e-5),
+}
+
+
+def _gauge_fix(bars):
+    """a_bar - mean(a_bar), b_bar + mean(a_bar): the (c, -c) gauge (sum(a_bar) = 0)."""
+    return (bars[0], *sk.gauge_fix(bars[1], bars[2]))
+
+
+def _sinkhorn_spec() -> OpSpec:
     return OpSpec(
         name="sinkhorn",
-        description="entropic OT plan P(C, a, b), implicit differentiation (balanced and unbalanced)",
+        description="entropic OT plan P(C, a, b), balanced, implicit differentiation",
         inputs=("C", "a", "b"),
         core_ndim=(2, 1, 1),
         output="P",
@@ -390,25 +423,53 @@ def _sinkhorn_spec() -> OpSpec:
         vjp=lambda res, P_bar, **kw: sk.sinkhorn_vjp(res, P_bar, **kw),
         jvp=lambda res, dC, da, db, **kw: sk.sinkhorn_jvp(res, dC, da, db, **kw),
         oracle=_sinkhorn_oracle,
-        cases=cases,
-        tol={
-            "float64": Tolerance(forward=1e-10, adjoint=1e-11, fd=1e-7, batch=1e-11),
-            "float32": Tolerance(forward=5e-4, adjoint=1e-5, fd=2e-3, batch=1e-5),
-        },
+        cases=_sinkhorn_cases()[0],
+        tol=_TOL,
         tangents=_sinkhorn_tangents,
-        canonicalize=canonicalize,
+        canonicalize=_gauge_fix,
         candidate_params=("eps",),
         conventions={
-            "gauge": "(a_bar, b_bar) are defined up to (c, -c) on balanced problems; both sides "
-                     "are compared after a_bar -= mean(a_bar), b_bar += mean(a_bar)",
+            "gauge": "(a_bar, b_bar) are defined up to (c, -c) (only 1^T da = 1^T db is feasible); "
+                     "both sides are compared after a_bar -= mean(a_bar), b_bar += mean(a_bar)",
             "output": "P, the entropic plan exp((f 1^T + 1 g^T - C) / eps); not a value",
-            "candidates": "fn(C, a, b, *, eps) -> P; unbalanced cases (rho_a/rho_b) are not "
-                          "sent to candidates",
+            "candidates": "fn(C, a, b, *, eps) -> P",
         },
         extra_checks=(_sk_marginal_check, _sk_adjoint_invariants, _sk_methods_agree,
                       _sk_eps_derivative, _sk_shift_invariance),
     )
 
 
+def _sinkhorn_unbalanced_spec() -> OpSpec:
+    """KL-relaxed marginals (``rho_a``/``rho_b``; ``None`` keeps a side hard).
+    A spec of its own because its gradients have no gauge: nothing is
+    canonicalised, and finite differences run along any direction, so the
+    (c, -c) component of ``(a_bar, b_bar)`` is checked too."""
+    return OpSpec(
+        name="sinkhorn_unbalanced",
+        description="entropic OT plan P(C, a, b) with KL-relaxed marginals, implicit differentiation",
+        inputs=("C", "a", "b"),
+        core_ndim=(2, 1, 1),
+        output="P",
+        output_core_ndim=2,
+        forward=sk.sinkhorn,
+        vjp=lambda res, P_bar, **kw: sk.sinkhorn_vjp(res, P_bar, **kw),
+        jvp=lambda res, dC, da, db, **kw: sk.sinkhorn_jvp(res, dC, da, db, **kw),
+        oracle=_sinkhorn_oracle,
+        cases=_sinkhorn_cases()[1],
+        tol=_TOL,
+        tangents=_free_tangents,
+        canonicalize=None,
+        candidate_params=("eps",),
+        conventions={
+            "gauge": "none: with a relaxed marginal (a_bar, b_bar) are unique and compared as they are",
+            "output": "P, the entropic plan exp((f 1^T + 1 g^T - C) / eps) of the problem "
+                      "<C,P> - eps h(P) + rho_a KL(P1|a) + rho_b KL(P^T1|b); not a value",
+            "candidates": "not sent to candidates (the calling convention fn(C, a, b, *, eps) "
+                          "carries no rho_a/rho_b)",
+        },
+        extra_checks=(_sk_unbalanced_identity, _sk_methods_agree, _sk_eps_derivative),
+    )
+
+
 #: The specs this module registers, in table order.
-BUILDERS = (_sinkhorn_spec,)
+BUILDERS = (_sinkhorn_spec, _sinkhorn_unbalanced_spec)
