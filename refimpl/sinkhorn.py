@@ -444,10 +444,6 @@ def _check_result(res, name: str = "res"):
         raise TypeError(f"argument {name!r} must be a SinkhornResult from sinkhorn(), got {type(res).__name__}")
 
 
-def _unit_roundoff(dtype) -> float:
-    return 2.0 ** -53 if backend.dtype_name(dtype) == "float64" else 2.0 ** -24
-
-
 # --------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------
@@ -461,7 +457,7 @@ def _tolerance_floor(xp, C, a, b, batch, eps: float, balanced: bool):
     whose masses differ by ``delta`` (accepted up to 1e-9 relative) cannot get
     below ``delta`` either.
     """
-    u = _unit_roundoff(C.dtype)
+    u = backend.unit_roundoff(C.dtype)
     n, m = C.shape[-2], C.shape[-1]
     cmax = xp.max(xp.abs(C), axis=(-2, -1))
     floor = 32.0 * u * (1.0 + cmax / eps + math.log(n * m + 1.0))
@@ -560,7 +556,10 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
     P = xp.exp(K + phi[..., :, None] + psi[..., None, :])
     # Batch-shaped diagnostics as arrays (NumPy reductions to 0-d give scalars).
     error, tol_eff, n_iter = (xp.asarray(v) for v in (error, tol_eff, n_iter))
-    converged = xp.asarray(error <= tol_eff)
+    # A member whose rounding floor reaches 1 has no resolved digit: its
+    # relative L1 error (at most 2) says nothing, so it is never "converged".
+    resolvable = tol_eff < 1.0
+    converged = xp.asarray((error <= tol_eff) & resolvable)
     res = SinkhornResult(P=P, f=eps * phi, g=eps * psi, C=C, a=a, b=b, eps=eps, rho_a=rho_a,
                          rho_b=rho_b, tol=tol_eff, max_iter=max_iter, check_every=check_every,
                          n_iter=n_iter, error=error, converged=converged)
@@ -571,9 +570,15 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
         err_w = float(xp.reshape(error, (-1,))[worst])
         tol_w = float(xp.reshape(tol_eff, (-1,))[worst])
         raised = f" (tol={tol:.1e} raised to the dtype's floor)" if tol_w > tol else ""
+        if not bool(xp.all(resolvable)):
+            why = (f"eps={eps:.1e} is too small for {backend.dtype_name(dt)}: the rounding floor "
+                   f"of the log-domain plan, 32 u (1 + max|C|/eps + log nm), is {tol_w:.1e} >= 1, "
+                   f"so the plan has no resolved digit; use a larger eps or float64")
+        else:
+            why = (f"did not converge in max_iter={max_iter} iterations: error {err_w:.2e} > tol "
+                   f"{tol_w:.2e}{raised}; increase max_iter or eps")
         warnings.warn(
-            f"sinkhorn: {n_bad} of {total} problem(s) did not converge in max_iter={max_iter} "
-            f"iterations: error {err_w:.2e} > tol {tol_w:.2e}{raised}; increase max_iter or eps. "
+            f"sinkhorn: {n_bad} of {total} problem(s) {why}. "
             f"The result has converged=False (result.error, result.tol per member).",
             ConvergenceWarning, stacklevel=2)
     return res
@@ -689,7 +694,7 @@ def _eig_solve(sys: _System, S_hat, rhs_hat):
     k = S_hat.shape[-1]
     lam, Q = xp.linalg.eigh(S_hat)
     lam_max = lam[..., -1]
-    thresh = (k * _unit_roundoff(S_hat.dtype)) * xp.maximum(lam_max, xp.ones_like(lam_max))
+    thresh = (k * backend.unit_roundoff(S_hat.dtype)) * xp.maximum(lam_max, xp.ones_like(lam_max))
     keep = lam > thresh[..., None]
     if sys.balanced:
         keep = keep & (xp.arange(k, device=backend.device(S_hat)) > 0)
@@ -1019,7 +1024,7 @@ def _check_method(method: str) -> str:
 # --------------------------------------------------------------------------
 
 def _cond_threshold(dtype) -> float:
-    return 1.0 / math.sqrt(_unit_roundoff(dtype))
+    return 1.0 / math.sqrt(backend.unit_roundoff(dtype))
 
 
 def _warn_backward(res: SinkhornResult, info: dict, method: str, what: str) -> None:

@@ -934,3 +934,20 @@ def test_docstring_examples_hold():
     import doctest
 
     assert doctest.testmod(sk, raise_on_error=False).failed == 0
+
+
+def test_eps_below_the_dtype_floor_is_never_converged():
+    """When the rounding floor of the log-domain plan, 32 u (1 + max|C|/eps +
+    log nm), reaches 1 the marginal error resolves nothing; such a member is
+    reported unconverged with a warning naming eps, whatever error it shows."""
+    C = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.2]])
+    a, b = np.full(3, 1 / 3), np.array([0.5, 0.5])
+    for dtype, eps in (("float64", 1e-30), ("float32", 1e-9)):
+        with pytest.warns(ConvergenceWarning, match=f"too small for {dtype}"):
+            res = sk.sinkhorn(C.astype(dtype), a.astype(dtype), b.astype(dtype), eps=eps,
+                              max_iter=50)
+        assert not res.all_converged and float(np.max(res.tol)) >= 1.0
+    # Members that the dtype resolves are unaffected, in the same batch.
+    Cb = np.stack([C, C])
+    res = sk.sinkhorn(Cb, a, b, eps=0.1)
+    assert res.all_converged and np.all(res.tol < 1e-6)
