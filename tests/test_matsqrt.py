@@ -311,6 +311,44 @@ def test_lyapunov_sign_fixed_iterations_are_wrong_at_high_condition(rng):
             assert err < 1e-6
 
 
+@pytest.mark.parametrize("l0", [1.0, 1e-3, 1e-12], ids=["over", "exact", "under"])
+def test_scaled_sign_iteration_any_lower_estimate(rng, l0):
+    """The scaled iteration converges to the solution whatever the estimate l0 of
+    the smallest eigenvalue (1e-3 here): an overestimate or a gross underestimate
+    costs steps, not accuracy.  The top eigenvalue sits at 1 + 1e-9, above the
+    bound 1 (rounding of a computed root): the headroom u = 1 + sqrt(eps) keeps
+    it from being mapped across zero even with l0 = 1e-12."""
+    U, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    B = sym((U * np.array([1e-3, 0.02, 0.3, 0.7, 1.0 + 1e-9])) @ U.T)
+    C = sym(rng.standard_normal((5, 5)))
+    X, n_iter, err, conv = matsqrt._lyapunov_sign_core(
+        B, C, iters=None, tol=1.5e-8, max_iter=100, symmetric=True, l0=np.asarray(l0))
+    assert bool(conv) and rel(X, scipy.linalg.solve_continuous_lyapunov(B, C)) < 1e-11
+    # from 1e-3, at most 2.6x a step: >= 8 steps; 1.5x a step (plain): 17 + 4
+    _, n_plain, _, _ = matsqrt._lyapunov_sign_core(B, C, iters=None, tol=1.5e-8, max_iter=100,
+                                                   symmetric=True)
+    assert 8 <= int(n_iter) and int(n_plain) >= 20
+    if l0 == 1e-3:
+        assert int(n_iter) <= 13
+
+
+@pytest.mark.parametrize("inverse", [False, True], ids=["sqrtm", "inv_sqrtm"])
+@pytest.mark.parametrize("method", ["mpa", "mtp"])
+def test_lyapunov_sign_steps_after_an_approximant(rng, method, inverse):
+    """After an MPA/MTP forward the spectrum of the root lies in c^{+-1/2} [phi(0), 1]
+    (or [1, phi(0)]) whatever the conditioning of A (phi(0) = 1/(2m+1) for MPA):
+    the scaled sign iteration then needs a bounded number of steps, 7 here at
+    cond 1e2 and 1e10 alike."""
+    G = rng.standard_normal((6, 6))
+    for cond in (1e2, 1e10):
+        res = forward(inverse)(spd_cond(rng, 6, cond), method=method)
+        A_bar, info = vjp(inverse)(res, G, method="lyapunov_sign", full_output=True)
+        assert np.all(info.converged) and int(info.n_iter) <= 7
+        T = out_of(res)
+        rhs = -(T @ T) @ sym(G) @ (T @ T) if inverse else sym(G)
+        assert rel(A_bar, scipy.linalg.solve_sylvester(T, T, rhs)) < 1e-12
+
+
 @pytest.mark.parametrize("inverse", [False, True], ids=["sqrtm", "inv_sqrtm"])
 def test_lyapunov_sign_uses_the_forward_root(rng, inverse):
     """With an MPA forward, "lyapunov_sign" solves with the MPA's own S (the
@@ -567,8 +605,14 @@ def test_ill_conditioned(rng):
     S = true_root(A)
     assert rel(exact, sym(scipy.linalg.solve_sylvester(S, S, G))) < 1e-8
     lyap, info = matsqrt.sqrtm_vjp(r, G, method="lyapunov_sign", full_output=True)
-    assert np.all(info.converged) and int(info.n_iter) > 20
+    # the scaled sign iteration starts from B_0 = S / s_max, smallest eigenvalue
+    # 1e-5, which grows at most 1.5 sqrt(3) = 2.6x a step: >= 12 steps; the
+    # paper's plain iteration (1.5x a step) is still far off after 25
+    assert np.all(info.converged) and 12 <= int(info.n_iter) <= 20
     assert rel(lyap, exact) < 1e-7
+    with pytest.warns(ConvergenceWarning, match="Lyapunov sign iteration"):
+        plain = matsqrt.sqrtm_vjp(r, G, method="lyapunov_sign", iters=25)
+    assert rel(plain, exact) > 1e-2
     # MPA's error at this conditioning is large, and error_bound says so
     rm = matsqrt.sqrtm(A, method="mpa")
     beta = float(matsqrt.error_bound(np.linalg.eigvalsh(A), method="mpa"))
