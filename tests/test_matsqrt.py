@@ -200,7 +200,7 @@ def test_approximant_matches_its_scalar_map(backend, dtype, rng, params, inverse
         res = forward(inverse)(backend.asarray(A, dtype), **params)
     S = to_host(out_of(res)).astype(float)
     expect = np.stack([_oracle(a, params, inverse) for a in A])
-    # float32 carries the basis' round-off (Padé in Z: ~16^m eps)
+    # float32 carries the basis' round-off (Padé in Z: ~0.3 (1 + sqrt 2)^{2m} eps, see sqrtm)
     tol = 1e-12 if dtype == "float64" else (2e-3 if params.get("order", 0) == 8 else 1e-4)
     assert rel(S, expect) < tol
 
@@ -264,6 +264,16 @@ def test_pade_coefficients_match_mpmath():
             assert abs(mpmath.mpf(got.numerator) / got.denominator - ref / scale) < mpmath.mpf(10) ** -40
     assert matsqrt.taylor_coefficients(4) == (1, Fraction(-1, 2), Fraction(-1, 8), Fraction(-1, 16),
                                               Fraction(-5, 128))
+    # the cancellation of the paper's basis at z = 1 (a zero eigenvalue), which sets
+    # its round-off (sqrtm docstring, registry allowance): sum_k |p_k| / |P(1)| =
+    # E(2) = sum_j binom(N, 2j) 2^j = ((1 + sqrt 2)^N + (1 - sqrt 2)^N) / 2, N = 2m + 1
+    for m in range(1, 13):
+        p, q = matsqrt.pade_coefficients(m)
+        N = 2 * m + 1
+        factor = sum(abs(v) for v in p) / abs(sum(p))
+        assert factor == sum(math.comb(N, 2 * j) * 2 ** j for j in range(m + 1))
+        assert float(factor) == pytest.approx(((1 + math.sqrt(2)) ** N + (1 - math.sqrt(2)) ** N) / 2,
+                                              rel=1e-12)
 
 
 # --------------------------------------------------------------------------
