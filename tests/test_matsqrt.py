@@ -251,6 +251,29 @@ def test_error_bound_behaviour():
     assert float(matsqrt.scalar_map(np.array([0.0]), method="mpa", order=4)[0]) == pytest.approx(1 / 9)
 
 
+@pytest.mark.parametrize("inverse", [False, True], ids=["sqrtm", "inv_sqrtm"])
+@pytest.mark.parametrize("method, params", [("mpa", {"order": 3}), ("mpa", {}), ("mtp", {"degree": 7}),
+                                            ("ns", {"iters": 5})], ids=["mpa3", "mpa5", "mtp7", "ns5"])
+def test_relative_error_and_scalar_map_signed_against_mpmath(method, params, inverse):
+    """relative_error (closed forms) and scalar_map, signs included, against the
+    method's scalar map evaluated in 40-digit arithmetic (written independently
+    below): MPA and MTP over-estimate the root and under-estimate its inverse."""
+    mpmath.mp.dps = 40
+    phi = _phi_mp(method, params, inverse, params.get("iters"))
+    x = np.array([1e-4, 0.01, 0.3, 0.9, 1.0])
+    kw = dict(params, method=method, inverse=inverse)
+    got_rel = matsqrt.relative_error(x, **kw)
+    got_phi = matsqrt.scalar_map(x, **kw)
+    for xi, r, f in zip(x, got_rel, got_phi):
+        xm = mpmath.mpf(float(xi))
+        expect_phi = phi(xm)
+        expect_rel = expect_phi * (mpmath.sqrt(xm) if inverse else 1 / mpmath.sqrt(xm)) - 1
+        assert float(f) == pytest.approx(float(expect_phi), rel=1e-12)
+        assert float(r) == pytest.approx(float(expect_rel), rel=1e-9, abs=1e-15)
+        if method in ("mpa", "mtp") and xi < 1.0:
+            assert (r < 0) if inverse else (r > 0)
+
+
 def test_pade_coefficients_match_mpmath():
     """Exact rationals from refimpl against mpmath.pade of the Taylor series."""
     mpmath.mp.dps = 50
