@@ -494,13 +494,14 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
     history = []
     n_steps = iters if iters is not None else max_iter
     device_sync = array_api_compat.is_cupy_namespace(xp)
+    none_stopped = not device_sync     # known on the host (no sync): holding is a no-op
     next_check = 1
     for k in range(n_steps):
         new, e, aux = step(state)
         active = ~done
         if record:
             history.append((state, aux, active))
-        if iters is None:                    # hold the members that have stopped
+        if iters is None and not none_stopped:   # hold the members that have stopped
             keep = frozen or (True,) * len(state)
             state = tuple(xp.where(_mm(active), a, b) if f else a
                           for a, b, f in zip(new, state, keep))
@@ -514,6 +515,7 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
                 if bool(xp.all(done)):
                     break
                 if not device_sync:
+                    none_stopped = not bool(xp.any(done))
                     next_check = k + 2
                     continue
                 # the largest residual of a running member, one step ago
