@@ -654,9 +654,10 @@ def _lyapunov_sign_core(B0, C0, *, iters, tol, max_iter, symmetric: bool = False
     larger (every eigenvalue ``b`` of ``B_k`` has ``|1 - b^2| <= ||I -
     B_k^2||_F``), so ``a_k -> 1`` as the residual vanishes and the last step
     is a plain Newton–Schulz step.  An ``l0`` that overestimates the smallest
-    eigenvalue costs speed, never correctness: ``a_k >= 1``, so every
-    eigenvalue still grows at least 1.5x a step until ``l_k -> 1`` and the
-    steps become plain ones, which converge on ``(0, sqrt 3)``.
+    eigenvalue costs speed, never correctness: ``a_k >= 1`` (up to the
+    headroom), so a small eigenvalue still grows at least 1.5x a step until
+    ``l_k -> 1`` and the steps become plain ones, which converge on ``(0,
+    sqrt 3)``.
     """
     xp = array_api_compat.array_namespace(B0, C0)
     eye = eye_like(B0)
