@@ -11,8 +11,8 @@ ns                     coupled Newton-Schulz to tolerance, backward through
                        iSQRT-COV computes)
 eig+exact              eigh forward, exact eigenbasis backward
 mpa+approximant        MPA forward and its own exact derivative (extra row)
-mpa+lyapunov_sign(T=8) the paper's fixed 8 sign steps instead of iterating
-                       to tolerance (extra row: faster, see its grad err)
+mpa+lyapunov_sign(T=8) the paper's 8 plain sign steps instead of the scaled
+                       iteration to tolerance (extra row; see its grad err)
 scipy loop             scipy.linalg.sqrtm + scipy.linalg.solve_sylvester
                        per member (the baseline)
 =====================  ==================================================
@@ -20,7 +20,8 @@ scipy loop             scipy.linalg.sqrtm + scipy.linalg.solve_sylvester
 Columns: forward / backward / total time (median of ``--repeat`` runs after
 a warm-up, the methods interleaved within each repeat), the speed-up of the
 scipy loop's total over each method's total, nominal GFLOP/s (flop model
-below) and two accuracy columns: the forward's and the gradient's relative
+below), the Lyapunov sign iteration's steps (largest over the batch) and two
+accuracy columns: the forward's and the gradient's relative
 error (Frobenius, worst batch member) against the float64 eigenbasis
 reference ``S = U diag(sqrt l) U^T``, ``A_bar = U [(U^T G U)/(s_i + s_j)]
 U^T`` computed here with NumPy.  The gradient error of an approximate
@@ -252,7 +253,7 @@ def batched_matmul_gflops(b, n, be, sync, repeat):
 
 def format_table(rows, matmul_rate):
     head = ("b", "n", "method", "fwd ms", "bwd ms", "total ms", "x scipy", "GFLOP/s",
-            "fwd err", "grad err")
+            "sign steps", "fwd err", "grad err")
     lines = []
     for r in rows:
         lines.append((
@@ -260,6 +261,7 @@ def format_table(rows, matmul_rate):
             f"{r['total_ms']:.2f}",
             f"{r['speedup_vs_scipy']:.1f}" if r["speedup_vs_scipy"] else "-",
             f"{r['gflops']:.1f}" if r["gflops"] else "-",
+            str(r["sign_steps"]) if r["sign_steps"] is not None else "-",
             f"{r['fwd_err']:.1e}", f"{r['grad_err']:.1e}"))
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" if i not in (2,) else f"{{:<{w}}}" for i, w in enumerate(widths))

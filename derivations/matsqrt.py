@@ -11,8 +11,8 @@ raises AssertionError when it fails (tests/test_derivations.py runs them):
   ``S dS + dS S = dA``, ``S A_bar + A_bar S = G`` (and the inverse root's
   ``T X + X T = -T^2 G T^2``), plus the missing-transpose bug for a
   non-symmetric B;
-* the block sign identity ``sign([[B, C], [0, -B^T]]) = [[I, 2X], [0, -I]]``
-  and the structured Newton–Schulz step;
+* the block sign identity ``sign([[B, C], [0, -B^T]]) = [[I, 2X], [0, -I]]``,
+  the structured Newton–Schulz step and its scaled variant;
 * the Taylor and [m/m] Padé coefficients of ``sqrt(1 - z)`` (exact rationals,
   re-derived here from sympy's series) and the closed form
   ``r_m(x) = sqrt x coth((2m+1) artanh sqrt x) = E(x)/O(x)``, with its
@@ -202,6 +202,39 @@ def check_structured_newton_schulz_step():
     C_gen = ((3 * Cs - Bs * Bs * Cs + Bs * Cs * Bs.T - Cs * Bs.T * Bs.T) / 2).applyfunc(sp.expand)
     assert C_sym == C_gen
     assert (Bs * P).applyfunc(sp.expand) == (Bs * (3 * sp.eye(2) - Bs * Bs) / 2).applyfunc(sp.expand)
+
+
+def check_scaled_newton_schulz_step():
+    """The scaled step of the Lyapunov sign iteration (refimpl's default).
+
+    p(x) = a x (3 - a^2 x^2)/2 with a^2 = 3/(u^2 + u l + l^2): p(l) = p(u) (both
+    ends of [l, u] meet), p <= 1 with its maximum 1 at x = 1/a, p > 0 on
+    (0, sqrt(u^2 + u l + l^2)), and a >= 1 for l, u <= 1.  On the block
+    M = [[B, C], [0, -B]] (B, C symmetric), p(M) = [[p(B), C'], [0, -p(B)]] with
+    C' = P C + a^3 (E - E^T) B / 2, P = a (3I - a^2 B^2)/2, E = B C: the plain
+    step on (a B, a C), as coded, so the iterate is still an odd polynomial in M."""
+    x, l, u = sp.symbols("x l u", positive=True)
+    a = sp.sqrt(3 / (u ** 2 + u * l + l ** 2))
+    p = a * x * (3 - a ** 2 * x ** 2) / 2
+    assert sp.simplify(p.subs(x, l) - p.subs(x, u)) == 0
+    assert sp.simplify(sp.diff(p, x).subs(x, 1 / a)) == 0 and sp.simplify(p.subs(x, 1 / a) - 1) == 0
+    assert sp.simplify(1 - p - (1 - a * x) ** 2 * (2 + a * x) / 2) == 0         # 1 - p >= 0
+    assert sp.simplify(p.subs(x, sp.sqrt(u ** 2 + u * l + l ** 2))) == 0        # first zero
+    assert sp.simplify(a.subs({u: 1, l: 1}) - 1) == 0
+    assert sp.diff(3 / (u ** 2 + u * l + l ** 2), l).subs(u, 1).is_negative   # a falls as l grows
+
+    Bs, Cs = _mat2("p", symmetric=True), _mat2("q", symmetric=True)
+    al = sp.symbols("alpha", positive=True)
+    I2, Z2 = sp.eye(2), sp.zeros(2, 2)
+    M = sp.BlockMatrix([[Bs, Cs], [Z2, -Bs]]).as_explicit()
+    pM = (al * M * (3 * sp.eye(4) - al ** 2 * M * M) / 2).applyfunc(sp.expand)
+    P = al * (3 * I2 - al ** 2 * Bs * Bs) / 2
+    E = Bs * Cs
+    C_new = (P * Cs + al ** 3 * (E - E.T) * Bs / 2).applyfunc(sp.expand)
+    assert pM[:2, 2:] == C_new
+    assert pM[:2, :2] == (Bs * P).applyfunc(sp.expand)
+    assert pM[2:, 2:] == (-Bs * P).applyfunc(sp.expand) and pM[2:, :2] == Z2
+    assert (C_new - C_new.T).applyfunc(sp.expand) == Z2                          # symmetric
 
 
 # --------------------------------------------------------------------------

@@ -139,7 +139,9 @@ def _matsqrt_extra_checks(inverse: bool):
         """The bound beta = error_bound(spectrum): ||S - R||_2 <= beta ||R||_2 with R the
         true root, and it is attained: S commutes with R, so the eigenvalues of
         R^{-1/2} S R^{-1/2} - I are exactly the scalar relative errors and
-        ||R^{-1/2} S R^{-1/2} - I||_2 = beta (up to round-off)."""
+        ||R^{-1/2} S R^{-1/2} - I||_2 = beta (up to round-off; checked where the
+        round-off allowance is below beta / 10, i.e. not for float32 MPA, whose
+        basis-Z round-off is comparable to beta at moderate conditioning)."""
         p = run.case.params
         method = p.get("method", "mpa")
         A = run.host["A"]
@@ -152,25 +154,39 @@ def _matsqrt_extra_checks(inverse: bool):
                                               iters=iters, **kw))
         S = host_out(run)
         eps = float(np.finfo(run.dtype).eps)
-        over, gap = [], []
+        # round-off allowance: the forward's own relative error, growth * n * eps,
+        # amplified by sqrt(kappa) in the direction of the smallest eigenvalue.
+        # MPA in the paper's basis Z: the cancellation factor of P (and Q) at
+        # z = 1, sum_k |p_k| / |P(1)| = ((1 + sqrt 2)^N + (1 - sqrt 2)^N) / 2,
+        # N = 2m + 1 (8119 at m = 5); basis X: the growth of O(X)'s condition,
+        # 4^m; otherwise 100.
+        m = kw.get("order", matsqrt.DEFAULT_MPA_ORDER)
+        if method != "mpa":
+            growth = 100.0
+        elif p.get("basis") == "x":
+            growth = 4.0 ** m
+        else:
+            N = 2 * m + 1
+            growth = ((1.0 + math.sqrt(2.0)) ** N + (1.0 - math.sqrt(2.0)) ** N) / 2.0
+        floor = growth * A.shape[-1] * eps
+        over, gap, meaningful = [], [], True
         for idx in np.ndindex(*A.shape[:-2]):
             w, U = np.linalg.eigh(A[idx])
             r = np.sqrt(w) ** (-1.0 if inverse else 1.0)          # eigenvalues of R
             R = (U * r) @ U.T
-            # round-off allowance: the forward's own (Padé in Z: ~16^m eps) relative
-            # error, amplified by sqrt(kappa) in the direction of the smallest eigenvalue
-            m = kw.get("order", matsqrt.DEFAULT_MPA_ORDER)
-            growth = (4.0 if p.get("basis") == "x" else 16.0) ** m if method == "mpa" else 100.0
-            floor = growth * A.shape[-1] * eps
+            b = float(beta[idx])
             slack = floor * math.sqrt(float(np.max(w) / np.min(w)))
-            over.append(np.linalg.norm(S[idx] - R, 2) / np.max(np.abs(r)) - float(beta[idx]) - slack)
+            over.append(np.linalg.norm(S[idx] - R, 2) / np.max(np.abs(r)) - b - slack)
             Rm = (U / np.sqrt(r)) @ U.T                               # R^{-1/2}
-            gap.append(abs(np.linalg.norm(Rm @ S[idx] @ Rm - np.eye(len(r)), 2) - float(beta[idx]))
-                       - slack)
-        return [CheckResult("error_bound", max(over), 0.0, max(over) <= 0.0,
-                            f"max bound {float(np.max(beta)):.2e}"),
-                CheckResult("error_bound_attained", max(gap), 0.0, max(gap) <= 0.0,
-                            "| ||R^-1/2 S R^-1/2 - I||_2 - bound | - round-off allowance")]
+            gap.append(abs(np.linalg.norm(Rm @ S[idx] @ Rm - np.eye(len(r)), 2) - b) - slack)
+            # "attained" is asserted only where the allowance cannot hide the bound
+            meaningful &= b == 0.0 or slack <= 0.1 * b
+        out = [CheckResult("error_bound", max(over), 0.0, max(over) <= 0.0,
+                           f"max bound {float(np.max(beta)):.2e}")]
+        if meaningful:
+            out.append(CheckResult("error_bound_attained", max(gap), 0.0, max(gap) <= 0.0,
+                                   "| ||R^-1/2 S R^-1/2 - I||_2 - bound | - round-off allowance"))
+        return out
 
     def gradient_oracle(run):
         """A_bar against scipy.linalg.solve_sylvester: with the true root for
