@@ -116,7 +116,7 @@ def _sinkhorn_tangents(rng, host):
     """Feasible directions of a balanced problem: :func:`_free_tangents` with
     ``1^T da = 1^T db`` per member (the side with more batch members is
     adjusted)."""
-    C, a, b = host["C"], host["a"], host["b"]
+    a, b = host["a"], host["b"]
     dC, da, db = _free_tangents(rng, host)
     sa, sb = da.sum(-1, keepdims=True), db.sum(-1, keepdims=True)
     if b.ndim >= a.ndim:
