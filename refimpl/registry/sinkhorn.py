@@ -3,6 +3,7 @@ operator-specific checks.  Listed in ``refimpl.registry``."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -443,23 +444,15 @@ def _sinkhorn_unbalanced_spec() -> OpSpec:
     """KL-relaxed marginals (``rho_a``/``rho_b``; ``None`` keeps a side hard).
     A spec of its own because its gradients have no gauge: nothing is
     canonicalised, and finite differences run along any direction, so the
-    (c, -c) component of ``(a_bar, b_bar)`` is checked too."""
-    return OpSpec(
+    (c, -c) component of ``(a_bar, b_bar)`` is checked too.  Everything else
+    is the balanced spec's."""
+    return dataclasses.replace(
+        _sinkhorn_spec(),
         name="sinkhorn_unbalanced",
         description="entropic OT plan P(C, a, b) with KL-relaxed marginals, implicit differentiation",
-        inputs=("C", "a", "b"),
-        core_ndim=(2, 1, 1),
-        output="P",
-        output_core_ndim=2,
-        forward=sk.sinkhorn,
-        vjp=lambda res, P_bar, **kw: sk.sinkhorn_vjp(res, P_bar, **kw),
-        jvp=lambda res, dC, da, db, **kw: sk.sinkhorn_jvp(res, dC, da, db, **kw),
-        oracle=_sinkhorn_oracle,
         cases=_sinkhorn_cases()[1],
-        tol=_TOL,
         tangents=_free_tangents,
         canonicalize=None,
-        candidate_params=("eps",),
         conventions={
             "gauge": "none: with a relaxed marginal (a_bar, b_bar) are unique and compared as they are",
             "output": "P, the entropic plan exp((f 1^T + 1 g^T - C) / eps) of the problem "
