@@ -9,7 +9,9 @@
   moved with ``backend.asarray(host_array, dtype)``.
 """
 
+import importlib.util
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,3 +56,16 @@ def rng(request):
     """
     name = f"{request.node.module.__name__}::{request.node.originalname}"
     return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+@pytest.fixture
+def load_benchmark():
+    """``load_benchmark("sinkhorn")`` imports ``benchmarks/bench_sinkhorn.py``
+    (benchmarks are scripts, not part of the package) for smoke tests."""
+    def load(name: str):
+        path = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

@@ -782,14 +782,8 @@ def test_independent_numpy_candidates_pass_validate():
     assert rep.passed, rep.table()
 
 
-def test_benchmark_quick_smoke(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_combinatorial.py"
-    spec = importlib.util.spec_from_file_location("bench_combinatorial", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_benchmark_quick_smoke(capsys, load_benchmark):
+    module = load_benchmark("combinatorial")
     assert module.main(["--quick", "--repeats", "1", "--json", "-"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("assignment", "shortest path"))]

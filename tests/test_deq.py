@@ -10,10 +10,8 @@ NumPy and array_api_strict (and on CuPy, marked ``gpu``, where available).
 
 import dataclasses
 import doctest
-import importlib.util
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -934,11 +932,8 @@ def test_docstring_examples():
     assert doctest.testmod(deq, raise_on_error=False).failed == 0
 
 
-def test_benchmark_quick_smoke(capsys):
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_deq.py"
-    spec = importlib.util.spec_from_file_location("bench_deq", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_benchmark_quick_smoke(capsys, load_benchmark):
+    module = load_benchmark("deq")
     assert module.main(["--quick", "--no-save"]) == 0
     out = capsys.readouterr().out
     assert "neumann" in out and "cosine" in out

@@ -843,14 +843,8 @@ def test_inputs_are_not_modified(rng):
 # The benchmark runs (smoke)
 # --------------------------------------------------------------------------
 
-def test_benchmark_quick_runs(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_matsqrt.py"
-    spec = importlib.util.spec_from_file_location("bench_matsqrt", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_benchmark_quick_runs(capsys, load_benchmark):
+    module = load_benchmark("matsqrt")
     assert module.main(["--quick", "--json", "", "--sizes", "4x8"]) == 0
     out = capsys.readouterr().out
     assert "mpa+lyapunov_sign" in out and "scipy loop" in out and "grad err" in out

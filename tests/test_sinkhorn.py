@@ -687,14 +687,21 @@ def test_unrolled_tends_to_implicit(rng):
 # Theorem 5 bound and the conditioning diagnostic
 # --------------------------------------------------------------------------
 
+def _constraint_matrix(n, m):
+    """The paper's E~: the Jacobian of (P 1, (P^T 1) without its last entry)
+    with respect to vec(P), shape (n m, n + m - 1)."""
+    E = np.zeros((n * m, n + m - 1))
+    for i in range(n):
+        for j in range(m):
+            E[i * m + j, i] = 1.0
+            if j < m - 1:
+                E[i * m + j, n + j] = 1.0
+    return E
+
+
 def test_kappa_closed_form_matches_svd():
     for n, m in [(1, 1), (1, 4), (4, 1), (2, 2), (3, 5), (6, 3), (7, 7)]:
-        E = np.zeros((n * m, n + m - 1))
-        for i in range(n):
-            for j in range(m):
-                E[i * m + j, i] = 1.0
-                if j < m - 1:
-                    E[i * m + j, n + j] = 1.0
+        E = _constraint_matrix(n, m)
         expected = 1.0 / np.linalg.svd(E, compute_uv=False).min()
         assert math.isclose(sk.constraint_pinv_norm(n, m), expected, rel_tol=1e-12), (n, m)
 
@@ -714,12 +721,7 @@ def test_theorem5_bound_is_the_stated_formula(rng):
     D = exact.P - approx.P
     s_minus = min(exact.P.min(), approx.P.min())
     s_plus = max(exact.P.max(), approx.P.max())
-    E = np.zeros((n * m, n + m - 1))
-    for i in range(n):
-        for j in range(m):
-            E[i * m + j, i] = 1.0
-            if j < m - 1:
-                E[i * m + j, n + j] = 1.0
+    E = _constraint_matrix(n, m)
     kappa = 1.0 / np.linalg.svd(E, compute_uv=False).min()
     factor = (C1 / s_minus + C2) * np.linalg.norm(D)
     assert math.isclose(float(bound.C), s_plus / eps * factor, rel_tol=1e-12)
@@ -917,14 +919,8 @@ def test_module_is_callable_as_in_design():
     assert pickle.loads(pickle.dumps(sk.sinkhorn_vjp)) is sk.sinkhorn_vjp
 
 
-def test_benchmark_quick_smoke_run(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sinkhorn.py"
-    spec = importlib.util.spec_from_file_location("bench_sinkhorn", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_benchmark_quick_smoke_run(capsys, load_benchmark):
+    module = load_benchmark("sinkhorn")
     assert module.main(["--quick", "--out", ""]) == 0
     out = capsys.readouterr().out
     assert "implicit-schur" in out and "unrolled" in out and "independent of tau" in out

@@ -603,14 +603,8 @@ def test_sorted_ties_share_ranks():
     assert np.allclose(A[[1, 3]].sum(0), 1.0, atol=0.02)
 
 
-def test_benchmark_quick_smoke(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_topk.py"
-    spec = importlib.util.spec_from_file_location("bench_topk", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_benchmark_quick_smoke(tmp_path, capsys, load_benchmark):
+    bench = load_benchmark("topk")
     assert bench.main(["--quick", "--json", str(tmp_path / "topk.json")]) == 0
     out = capsys.readouterr().out
     assert "sinkhorn ms" in out and "slope" in out
