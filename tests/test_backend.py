@@ -140,3 +140,58 @@ def test_get_backend():
     if not B.gpu_available():
         with pytest.raises(ValueError, match="needs CuPy and a CUDA device"):
             B.get_backend("cupy")
+
+
+def test_work_array_helpers_agree_with_plain_arithmetic(backend, rng):
+    """matmul/add/subtract/multiply/add_to_diagonal give the plain result on every
+    backend; with ``out`` on NumPy/CuPy they write into it (and return it), elsewhere
+    they return a fresh array and leave ``out`` alone.  Operands are never changed."""
+    xp = backend.xp
+    Ah, Ch = rng.standard_normal((3, 4, 4)), rng.standard_normal((3, 4, 4))
+    vh = rng.standard_normal(3)
+    A, C, v = backend.asarray(Ah), backend.asarray(Ch), backend.asarray(vh)
+    in_place = B.writes_in_place(A)
+    assert in_place == (backend.name != "array_api_strict")
+    cases = [(B.matmul, Ah @ Ch), (B.add, Ah + Ch), (B.subtract, Ah - Ch), (B.multiply, Ah * Ch)]
+    for fn, want in cases:
+        np.testing.assert_allclose(B.to_host(fn(A, C)), want, rtol=1e-14)
+        out = xp.zeros_like(A)
+        got = fn(A, C, out=out)
+        np.testing.assert_allclose(B.to_host(got), want, rtol=1e-14)
+        assert (got is out) == in_place
+        np.testing.assert_array_equal(B.to_host(out), want if in_place else np.zeros_like(want))
+        np.testing.assert_array_equal(B.to_host(A), Ah)
+        np.testing.assert_array_equal(B.to_host(C), Ch)
+    # X + v I, v per member or a scalar; in place on a contiguous work array
+    for val, vv in ((v, vh[:, None, None]), (2.5, 2.5)):
+        X = xp.asarray(A, copy=True)
+        got = B.add_to_diagonal(X, val)
+        np.testing.assert_allclose(B.to_host(got), Ah + vv * np.eye(4), rtol=1e-14)
+        assert (got is X) == in_place
+    np.testing.assert_allclose(B.to_host(B.frobenius(A)), np.linalg.norm(Ah, axis=(-2, -1)),
+                               rtol=1e-14)
+    assert B.frobenius(A[0, ...]).shape == ()
+
+
+def test_add_to_diagonal_copies_a_non_contiguous_array(rng):
+    """A transposed view is not written through: the result is fresh and correct."""
+    Ah = rng.standard_normal((2, 3, 3))
+    view = np.swapaxes(Ah, -1, -2)
+    got = B.add_to_diagonal(view, 1.0)
+    np.testing.assert_array_equal(got, np.swapaxes(Ah, -1, -2) + np.eye(3))
+    assert got is not view and np.shares_memory(view, Ah)
+    np.testing.assert_array_equal(view, np.swapaxes(Ah, -1, -2))
+
+
+def test_work_arrays_are_disjoint_slices(backend):
+    xp = backend.xp
+    like = backend.asarray(np.ones((2, 5, 5)))
+    arrs = B.work_arrays(like, 3)
+    assert len(arrs) == 3 and all(tuple(a.shape) == (2, 5, 5) for a in arrs)
+    assert all(B.dtype_name(a.dtype) == B.dtype_name(like.dtype) for a in arrs)
+    assert all(B.device(a) == backend.device for a in arrs)
+    if B.writes_in_place(like):
+        for k, a in enumerate(arrs):
+            B.multiply(like, float(k), out=a)
+        for k, a in enumerate(arrs):
+            assert float(xp.max(xp.abs(a - float(k)))) == 0.0
