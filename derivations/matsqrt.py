@@ -12,7 +12,8 @@ raises AssertionError when it fails (tests/test_derivations.py runs them):
   ``T X + X T = -T^2 G T^2``), plus the missing-transpose bug for a
   non-symmetric B;
 * the block sign identity ``sign([[B, C], [0, -B^T]]) = [[I, 2X], [0, -I]]``,
-  the structured Newton–Schulz step and its scaled variant;
+  the structured Newton–Schulz step and its scaled variant, and the
+  invariant ``B_k X + X B_k = C_k`` of the steps behind the Neumann finish;
 * the Taylor and [m/m] Padé coefficients of ``sqrt(1 - z)`` (exact rationals,
   re-derived here from sympy's series) and the closed form
   ``r_m(x) = sqrt x coth((2m+1) artanh sqrt x) = E(x)/O(x)``, with its
@@ -193,15 +194,19 @@ def check_structured_newton_schulz_step():
     assert Mn[:2, 2:] == Cn
     assert Mn[2:, :2] == Z2
     assert Mn[2:, 2:] == (-Bn.T).applyfunc(sp.expand)
-    # Symmetric B and C (the VJP's case): with P = (3I - B^2)/2 and E = B C,
-    # B' = B P and C' = P C + (E - E^T) B / 2 -- 5 matmuls a step instead of 6.
+    # Symmetric B and C (the VJP's case), plain step (c2 = 1/2, g = c1/c2 = 2):
+    # with R = I - B^2, B' = c2 B (R + g I) and C' = c2 sym(B C B + (2R + (g - 1) I) C)
+    # -- 5 matmuls a step instead of 6 (sym(2 R C) = R C + C R for symmetric C).
     Bs, Cs = _mat2("p", symmetric=True), _mat2("q", symmetric=True)
-    P = (3 * sp.eye(2) - Bs * Bs) / 2
-    E = Bs * Cs
-    C_sym = (P * Cs + (E - E.T) * Bs / 2).applyfunc(sp.expand)
+    I2 = sp.eye(2)
+    R = I2 - Bs * Bs
+    M = Bs * Cs * Bs + (2 * R + I2) * Cs
+    C_sym = ((M + M.T) / 4).applyfunc(sp.expand)
     C_gen = ((3 * Cs - Bs * Bs * Cs + Bs * Cs * Bs.T - Cs * Bs.T * Bs.T) / 2).applyfunc(sp.expand)
     assert C_sym == C_gen
-    assert (Bs * P).applyfunc(sp.expand) == (Bs * (3 * sp.eye(2) - Bs * Bs) / 2).applyfunc(sp.expand)
+    assert (Bs * (R + 2 * I2) / 2).applyfunc(sp.expand) == \
+        (Bs * (3 * I2 - Bs * Bs) / 2).applyfunc(sp.expand)
+    assert (M - M.T).applyfunc(sp.expand) != sp.zeros(2, 2)   # the sym() is part of the formula
 
 
 def check_scaled_newton_schulz_step():
@@ -211,8 +216,8 @@ def check_scaled_newton_schulz_step():
     ends of [l, u] meet), p <= 1 with its maximum 1 at x = 1/a, p > 0 on
     (0, sqrt(u^2 + u l + l^2)), and a >= 1 for l, u <= 1.  On the block
     M = [[B, C], [0, -B]] (B, C symmetric), p(M) = [[p(B), C'], [0, -p(B)]] with
-    C' = P C + a^3 (E - E^T) B / 2, P = a (3I - a^2 B^2)/2, E = B C: the plain
-    step on (a B, a C), as coded, so the iterate is still an odd polynomial in M."""
+    C' = c2 sym(B C B + (2R + (g - 1) I) C), R = I - B^2, c2 = a^3/2, g = (3 - a^2)/a^2,
+    and p(B) = c2 B (R + g I), as coded: the iterate is still an odd polynomial in M."""
     x, l, u = sp.symbols("x l u", positive=True)
     a = sp.sqrt(3 / (u ** 2 + u * l + l ** 2))
     p = a * x * (3 - a ** 2 * x ** 2) / 2
@@ -228,13 +233,36 @@ def check_scaled_newton_schulz_step():
     I2, Z2 = sp.eye(2), sp.zeros(2, 2)
     M = sp.BlockMatrix([[Bs, Cs], [Z2, -Bs]]).as_explicit()
     pM = (al * M * (3 * sp.eye(4) - al ** 2 * M * M) / 2).applyfunc(sp.expand)
-    P = al * (3 * I2 - al ** 2 * Bs * Bs) / 2
-    E = Bs * Cs
-    C_new = (P * Cs + al ** 3 * (E - E.T) * Bs / 2).applyfunc(sp.expand)
-    assert pM[:2, 2:] == C_new
-    assert pM[:2, :2] == (Bs * P).applyfunc(sp.expand)
-    assert pM[2:, 2:] == (-Bs * P).applyfunc(sp.expand) and pM[2:, :2] == Z2
-    assert (C_new - C_new.T).applyfunc(sp.expand) == Z2                          # symmetric
+    c2, g = al ** 3 / 2, (3 - al ** 2) / al ** 2
+    R = I2 - Bs * Bs
+    M = Bs * Cs * Bs + (2 * R + (g - 1) * I2) * Cs
+    C_new = (c2 * (M + M.T) / 2).applyfunc(sp.expand)
+    B_new = (c2 * Bs * (R + g * I2)).applyfunc(sp.expand)
+    assert (pM[:2, 2:] - C_new).applyfunc(sp.simplify) == Z2
+    assert (pM[:2, :2] - B_new).applyfunc(sp.simplify) == Z2
+    assert (pM[2:, 2:] + B_new).applyfunc(sp.simplify) == Z2 and pM[2:, :2] == Z2
+
+
+def check_sign_step_keeps_the_solution():
+    """The Neumann finish rests on an invariant of the sign iteration: if
+    B X + X B = C, the step's (B', C') (any odd p) satisfy B' X + X B' = C',
+    because p(M) = V diag(p(B), -p(B)) V^{-1} with V = [[I, -X], [0, I]].
+    Checked for the scaled step with symbolic a, B, X (C := B X + X B).
+    Then with D = I - B: 2X = C + (D (2X) + (2X) D)/2, the fixed point the
+    Neumann series sum_t T^t(C), T(Y) = sym(D Y), sums."""
+    Bs, Xs = _mat2("p", symmetric=True), _mat2("x", symmetric=True)
+    al = sp.symbols("alpha", positive=True)
+    I2 = sp.eye(2)
+    Cs = Bs * Xs + Xs * Bs
+    c2, g = al ** 3 / 2, (3 - al ** 2) / al ** 2
+    R = I2 - Bs * Bs
+    M = Bs * Cs * Bs + (2 * R + (g - 1) * I2) * Cs
+    C_new = c2 * (M + M.T) / 2
+    B_new = c2 * Bs * (R + g * I2)
+    assert (B_new * Xs + Xs * B_new - C_new).applyfunc(sp.simplify) == sp.zeros(2, 2)
+    D = I2 - Bs
+    T = lambda Y: (D * Y + (D * Y).T) / 2                                        # noqa: E731
+    assert (Cs + T(2 * Xs) - 2 * Xs).applyfunc(sp.simplify) == sp.zeros(2, 2)
 
 
 # --------------------------------------------------------------------------

@@ -112,8 +112,8 @@ computed by the structured Newton–Schulz iteration on the scaled
 
 For sqrtm ``B = S, C = sym(G)``; for inv_sqrtm ``B = T, C = -T^2 sym(G)
 T^2``.  With ``B`` and ``C`` symmetric a step takes 5 matmuls instead of 6:
-with ``P = (3I - B^2)/2`` and ``E = B C``, ``B_{k+1} = B P`` and ``C_{k+1} =
-sym(P C + (E - E^T) B / 2)``.  On an eigenvalue ``b`` of ``B_0`` the
+with ``R = I - B^2``, ``B_{k+1} = B (R + 2I) / 2`` and ``C_{k+1} = sym(B C B
++ (2R + I) C) / 2`` (:func:`_lyapunov_sign_symmetric`).  On an eigenvalue ``b`` of ``B_0`` the
 iteration applies ``b -> b (3 - b^2)/2``, which tends to 1 on ``(0, sqrt
 3)`` but grows a small ``b`` only 1.5x a step.  Two variants:
 
@@ -122,8 +122,9 @@ iteration applies ``b -> b (3 - b^2)/2``, which tends to 1 on ``(0, sqrt
   bounds of the spectrum of ``B``.
 * default, to ``tol``: ``sigma`` and a lower end ``l_0`` of the spectrum of
   ``B_0`` are taken from what the forward knows (:func:`_sign_interval`:
-  the eigenvalues for eig; for MPA/MTP the scalar map's range, ``[1/(2m+1),
-  1]`` for the MPA root whatever ``A``'s conditioning), and each step is
+  the eigenvalues for eig; for MPA/MTP the scalar map on ``[0, x_max]``,
+  ``x_max >= l_max/c`` from ``||(A/c)^5||_F``, so ``[1/(2m+1), r_m(x_max)]``
+  up to ``sqrt(c)`` for the MPA root whatever ``A``'s conditioning), and each step is
   the plain one applied to ``(a_k B_k, a_k C_k)`` with the scaling of Chen &
   Chow, ``a_k^2 = 3 / (1 + l_k + l_k^2)``, ``l_{k+1} = a_k l_k (3 - a_k^2
   l_k^2)/2``, which grows small eigenvalues up to 2.6x a step
@@ -131,13 +132,19 @@ iteration applies ``b -> b (3 - b^2)/2``, which tends to 1 on ``(0, sqrt
   the block matrix that tends to (3); ``l_0`` only sets the speed.  Measured
   (float64): 11 -> 7 steps after an MPA forward on 64x64 covariances,
   23 -> 12 (cond 1e6) and 34 -> 17 (cond 1e10) after eig, with the same
-  accuracy against scipy.
+  accuracy against scipy.  Every iterate keeps the solution, ``B_k X + X
+  B_k = C_k``; once ``B_k`` is near ``I`` the default finishes with the
+  Neumann series of that equation (:func:`_neumann_finish`), a product a
+  term against five a step: 5 steps and 2 terms instead of 7 steps on the
+  64x64 covariances.
 
-Both stop a member after the first step whose incoming ``||I - B_k^2||_F``
-is ``<= tol`` (default ``sqrt(eps)``; the returned ``C`` is one step on,
-error ~ tol^2).  The map ``C_0 -> C_T`` is linear and, for symmetric ``B``,
-self-adjoint (the ``a_k`` depend on ``B`` only), so the JVP is the same
-solve with ``sym(dA)``.  A member's ``C`` is frozen after its last step
+``iters=T`` stops after ``T`` steps; the default stops a member after the
+first step whose incoming ``||I - B_k^2||_F`` is ``<= tol`` (default
+``sqrt(eps)``; the returned ``C`` is one step on, error ~ tol^2), or, with
+the finish, as soon as a few Neumann terms reach that accuracy.  The map
+``C_0 -> X`` is linear and, for symmetric ``B``, self-adjoint (the ``a_k``
+and the number of terms depend on ``B`` only, and ``Y -> sym(D Y)`` is
+self-adjoint), so the JVP is the same solve with ``sym(dA)``.  A member's ``C`` is frozen after its last step
 (its ``B`` runs on at the fixed point), so batch-mates never change it.
 
 "approximant" is the exact derivative of the forward actually computed
@@ -244,13 +251,12 @@ CHECK_EVERY = 2
 
 def _sym(X):
     """Symmetric part (X + X^T) / 2 (exactly symmetric in floating point)."""
-    return 0.5 * (X + mT(X))
+    S = X + mT(X)
+    S *= 0.5
+    return S
 
 
-def _fro(X):
-    """Per-member Frobenius norm ||X||_F, shape X.shape[:-2]."""
-    xp = array_api_compat.array_namespace(X)
-    return xp.linalg.matrix_norm(X)
+_fro = backend.frobenius          # per-member ||X||_F, shape X.shape[:-2]
 
 
 def _dot(X, Y):
@@ -378,12 +384,12 @@ def _symmetric_part(A, name: str, sym_tol: float | None):
         _, idx = _worst(backend.to_host(norm == 0), bshape)
         raise ValueError(f"argument {name!r} is the zero matrix{_member(idx, bshape)}: "
                          "no normalisation exists and its root is not differentiable")
-    asym = _fro(A - mT(A)) / norm
+    As = _sym(A)
+    asym = 2.0 * _fro(A - As) / norm                   # A - A^T = 2 (A - sym(A))
     if not bool(xp.all(asym <= tol)):
         val, idx = _worst(backend.to_host(asym), bshape)
         raise ValueError(f"argument {name!r} is not symmetric: ||A - A^T||_F / ||A||_F = "
                          f"{val:.2e} > sym_tol = {tol:.1e}{_member(idx, bshape)}")
-    As = _sym(A)
     return As, _fro(As)
 
 
@@ -420,7 +426,9 @@ def _psd_tol(A, psd_tol) -> float:
 
 def _check_psd(As, norm, name: str, *, definite: bool, psd_tol: float | None):
     """Raise ValueError unless every member is PSD (``definite``: PD)."""
-    shifted = As if definite else As + _mm(_psd_tol(As, psd_tol) * norm) * eye_like(As)
+    xp = array_api_compat.array_namespace(As)
+    shifted = As if definite else backend.add_to_diagonal(xp.asarray(As, copy=True),
+                                                          _psd_tol(As, psd_tol) * norm)
     if _cholesky_ok(shifted):
         return
     _raise_not_psd(As, norm, name, definite=definite)
@@ -466,7 +474,10 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
     """Run ``state <- step(state)`` per member until its residual is <= tol.
 
     ``step(state) -> (new_state, err, aux)`` where ``err`` (batch shape) is
-    the residual of the *incoming* state, a by-product of the step.  With
+    the residual of the *incoming* state, a by-product of the step.  Unless
+    ``record``, the driver keeps no reference to a state once the next one is
+    made, so a step may write its new state into the arrays of the state
+    before its incoming one.  With
     ``iters`` given every member takes exactly ``iters`` steps (the papers'
     fixed ``T``); otherwise a member is frozen after the first step whose
     incoming residual is <= tol, so its result does not depend on its
@@ -617,84 +628,201 @@ def matrix_sign(M, *, iters: int | None = None, tol: float | None = None,
     return SignResult(sign=X, n_iter=n_iter, error=err, converged=conv)
 
 
+#: The scaled sign iteration on a symmetric ``B`` hands over to the Neumann
+#: series of the remaining equation once at most this many terms (one product
+#: each, against five for a sign step) reach the accuracy of the sign steps.
+FINISH_TERMS = 5
+
+
 def _lyapunov_sign_core(B0, C0, *, iters, tol, max_iter, symmetric: bool = False, l0=None):
     """Structured Newton–Schulz on sign([[B0, C0], [0, -B0^T]]) (identity (3)).
 
     ``B0`` must already be scaled (spectrum in the right half-plane, inside
     the unit disc).  Returns ``(X, n_iter, error, converged)`` with ``X =
-    C_T / 2`` solving ``B0 X + X B0^T = C0``.
+    C_T / 2`` solving ``B0 X + X B0^T = C0``; a member stops after the first
+    step whose incoming ``||I - B_k^2||_F`` is ``<= tol``.  General ``B, C``:
+    6 matmuls a step,
 
-    General ``B, C``: 6 matmuls a step.  ``symmetric`` (``B0`` and ``C0``
-    symmetric, so every ``B_k, C_k`` is): with ``P = (3I - B^2)/2`` and
-    ``E = B C`` (so ``C B = E^T``),
+        B_{k+1} = (3B - B B^2) / 2,  C_{k+1} = (3C - B^2 C + B C B^T - C (B^T)^2) / 2.
 
-        B_{k+1} = B P,    C_{k+1} = P C + (E - E^T) B / 2,
-
-    equal to the general update when ``C = C^T`` (checked with sympy in
-    derivations/matsqrt.py): 5 matmuls and fewer elementwise passes.  The
-    new ``C`` is symmetrised: on an antisymmetric part this form is not the
-    general update (at ``B = I`` it doubles it), so rounding errors there
-    would grow and leak into the solution.
-
-    ``l0`` (symmetric only; per member, in (0, 1]): a lower bound, or an
-    estimate, of the smallest eigenvalue of ``B0``, whose spectrum must lie
-    in ``(0, 1]``.  Each step is then the same update applied to ``(a_k B_k,
-    a_k C_k)`` — the odd polynomial ``p_k(x) = a_k x (3 - a_k^2 x^2)/2`` of
-    the block matrix, so the iterate still tends to the sign (3) — with the
-    scaling of Chen & Chow (2014) for a spectrum in ``[l_k, u]``:
-
-        a_k^2 = 3 / (u^2 + u l_k + l_k^2),    l_{k+1} = p_k(l_k),
-
-    which maps ``l_k`` and ``u`` to the same value and the whole interval
-    into ``[l_{k+1}, 1]`` (``p_k <= 1``, maximal at ``1/a_k``).  Small
-    eigenvalues grow by up to ``1.5 sqrt(3) = 2.6`` a step instead of 1.5.
-    ``u = 1 + sqrt(eps)`` leaves room for rounding above the bound 1: every
-    eigenvalue below ``sqrt(u^2 + u l + l^2) >= u`` is mapped into ``(0,
-    1]``.  ``l_k`` is raised to ``sqrt(1 - ||I - B_k^2||_F)`` when that is
-    larger (every eigenvalue ``b`` of ``B_k`` has ``|1 - b^2| <= ||I -
-    B_k^2||_F``), so ``a_k -> 1`` as the residual vanishes and the last step
-    is a plain Newton–Schulz step.  An ``l0`` that overestimates the smallest
-    eigenvalue costs speed, never correctness: ``a_k >= 1`` (up to the
-    headroom), so a small eigenvalue still grows at least 1.5x a step until
-    ``l_k -> 1`` and the steps become plain ones, which converge on ``(0,
-    sqrt 3)``.
+    ``symmetric`` (``B0`` and ``C0`` symmetric): :func:`_lyapunov_sign_symmetric`.
     """
-    xp = array_api_compat.array_namespace(B0, C0)
-    eye = eye_like(B0)
-    u = 1.0 + math.sqrt(_eps(B0))
+    if symmetric:
+        return _lyapunov_sign_symmetric(B0, C0, iters=iters, tol=tol, max_iter=max_iter, l0=l0)
+
+    def step(state):
+        B, C = state
+        B2 = B @ B
+        e = backend.frobenius(eye_like(B) - B2)        # ||I - B_k^2||_F
+        C_next = 1.5 * C - 0.5 * (B2 @ C - (B @ C) @ mT(B) + C @ mT(B2))
+        return (1.5 * B - 0.5 * (B @ B2), C_next), e, None
+
+    state, n_iter, err, conv, _ = _newton_schulz((B0, C0), step, iters=iters, tol=tol,
+                                                 max_iter=max_iter, frozen=(False, True))
+    return 0.5 * state[1], n_iter, err, conv
+
+
+def _neumann_terms(e, target):
+    """Per member, the number ``j >= 0`` of Neumann terms after which the
+    truncation bound ``e^{j+1} (1 + e) / (1 - e)`` is ``<= target`` (``e < 1``)."""
+    xp = array_api_compat.array_namespace(e)
+    pos = (e > 0.0) & (e < 1.0)
+    es = xp.where(pos, e, xp.full_like(e, 0.5))
+    j = xp.ceil(xp.log(target * (1.0 - es) / (1.0 + es)) / xp.log(es)) - 1.0
+    return xp.where(pos, xp.maximum(j, xp.zeros_like(j)), xp.zeros_like(j))
+
+
+def _sign_stop(tol: float, iters) -> float:
+    """The residual ``||I - B_k^2||_F`` at which a symmetric sign iteration
+    hands over to the Neumann finish (``iters`` None), else ``tol``."""
+    return tol ** (2.0 / (FINISH_TERMS + 1)) if iters is None else tol
+
+
+def _neumann_finish(B, C, e, target, work, out):
+    """``2X`` with ``B X + X B = C`` for symmetric ``B`` near ``I`` and
+    symmetric ``C``.
+
+    With ``D = I - B``: ``2X = C + (D (2X) + (2X) D)/2``, so ``2X = sum_t
+    T^t(C)`` with ``T(Y) = sym(D Y)`` (``D Y + Y D = 2 sym(D Y)`` for
+    symmetric ``Y``).  ``||T|| <= ||D||_2 <= e = ||I - B^2||_F`` (every
+    eigenvalue ``b > 0`` of ``B`` has ``|1 - b| = |1 - b^2| / (1 + b)``), so
+    stopping after ``j`` terms leaves a relative error ``<= e^{j+1} (1 + e) /
+    (1 - e)``; each member takes its own ``j`` (:func:`_neumann_terms`).
+    """
+    xp = array_api_compat.array_namespace(B, C)
+    j = _neumann_terms(e, target)
+    j_max = int(xp.max(j)) if j.ndim else int(j)
+    same = bool(xp.all(j == j_max))
+    D = backend.subtract(eye_like(B), B, out=work[0])
+    X2 = backend.multiply(C, 1.0, out=out)          # T^0(C), a copy
+    term = C
+    for t in range(1, j_max + 1):
+        DY = backend.matmul(D, term, out=work[1])
+        term = backend.add(DY, mT(DY), out=work[2])
+        term *= 0.5                                  # T^t(C)
+        if same:
+            X2 += term
+        else:
+            X2 = X2 + xp.where(_mm(j >= t), term, xp.zeros_like(term))
+    return X2
+
+
+def _lyapunov_sign_symmetric(B, C, *, iters, tol, max_iter, l0=None, scale=None):
+    """The sign iteration (3) for ``B0 = B / scale`` (symmetric, spectrum in
+    ``(0, 1]``) and ``C0 = C / scale`` (symmetric; ``scale`` per member,
+    default 1); returns ``(X, n_iter, error, converged)`` as
+    :func:`_lyapunov_sign_core`, ``X`` solving ``B X + X B = C``.
+
+    Every ``B_k`` is then a polynomial in ``B0`` and every ``C_k`` symmetric.
+    A step applies the odd polynomial ``p_k(x) = c1 x + c2 x (1 - x^2)``
+    (plain Newton–Schulz: ``c1 = 1, c2 = 1/2``) to the block matrix.  With
+    ``R = I - B^2`` and ``g = c1 / c2``, in 5 matmuls:
+
+        B_{k+1} = c2 B P,  P = R + g I,
+        C_{k+1} = c2 sym(M),  M = B C B + (2R + (g - 1) I) C,
+
+    equal to the block update ``c1 C + c2 (C - B^2 C - C B^2 + B C B)`` when
+    ``C`` is symmetric (``sym(2 R C) = R C + C R``; checked with sympy in
+    derivations/matsqrt.py).  The ``sym`` is part of the formula (``M`` itself
+    is not symmetric), and it makes every ``C_k`` exactly symmetric in
+    floating point.
+
+    Scaling (``iters`` None; ``l0`` per member, in ``(0, 1]``: a lower bound,
+    or an estimate, of the smallest eigenvalue of ``B0``): the step for the
+    interval ``[l_k, u]`` of Chen & Chow (2014),
+
+        p_k(x) = a_k x (3 - a_k^2 x^2) / 2,  a_k^2 = 3 / (u^2 + u l_k + l_k^2),
+        l_{k+1} = p_k(l_k),
+
+    i.e. ``c1 = a (3 - a^2) / 2``, ``c2 = a^3 / 2``: it maps ``l_k`` and ``u``
+    to the same value and the whole interval into ``[l_{k+1}, 1]`` (``p_k <=
+    1``, maximal at ``1/a_k``), and is still odd, so the iterate still tends
+    to the sign (3).  Small eigenvalues grow by up to ``1.5 sqrt(3) = 2.6`` a
+    step instead of 1.5.  ``u = 1 + sqrt(eps)`` leaves room for rounding
+    above the bound 1: every eigenvalue below ``sqrt(u^2 + u l + l^2) >= u``
+    is mapped into ``(0, 1]``.  ``l_k`` is raised to ``sqrt(1 - ||I -
+    B_k^2||_F)`` when that is larger (every eigenvalue ``b`` of ``B_k`` has
+    ``|1 - b^2| <= ||I - B_k^2||_F``), so ``a_k -> 1`` as the residual
+    vanishes.  An ``l0`` that overestimates the smallest eigenvalue costs
+    speed, never correctness: ``a_k >= 1`` (up to the headroom), so a small
+    eigenvalue still grows at least 1.5x a step until the steps become plain
+    ones, which converge on ``(0, sqrt 3)``.
+
+    Finish (``iters`` None): every iterate keeps the solution, ``B_k X + X
+    B_k = C_k`` (``sign(M_{k+1}) = sign(p_k(M_k)) = sign(M_k)``).  Once ``B_k``
+    is near ``I`` that equation is solved by its Neumann series
+    (:func:`_neumann_finish`) to the accuracy ``tol^2`` that one more sign
+    step from residual ``tol`` would give: a member stops at the first
+    iterate with ``e_k = ||I - B_k^2||_F <= tol^{2/(J+1)}``, ``J =``
+    :data:`FINISH_TERMS`, where ``J`` products or fewer do that, against 5 a
+    step and at least one more step.  ``n_iter`` counts the finish as a step.
+    ``iters`` given: exactly that many plain steps, the paper's setting.
+
+    Memory: the scaled inputs, two sets of iterates used in turn (a step
+    writes over the set of the step before last, which the driver no longer
+    holds) and three work arrays are cut from one block
+    (:func:`refimpl.backend.work_arrays`); on NumPy and CuPy every product is
+    written into them, so the loop allocates nothing of size n^2.
+    """
+    xp = array_api_compat.array_namespace(B, C)
+    u = 1.0 + math.sqrt(_eps(B))
+    finish = iters is None
+    target = tol * tol
+    switch = _sign_stop(tol, iters)
+    B0, C0, B1, C1, *work = backend.work_arrays(B, 7)
+    inv = 1.0 if scale is None else _mm(1.0 / scale)
+    B0, C0 = backend.multiply(B, inv, out=B0), backend.multiply(C, inv, out=C0)
+    sets = [(B0, C0), (B1, C1)]
+    calls = [0]
+
+    def full_step(B, C, R2, e, l, out):
+        """The sign step from ``R2 = 2 (I - B^2)`` (a work array, overwritten)
+        into ``out``; returns ``(B_{k+1}, C_{k+1}, l_{k+1})``."""
+        if l is None:                                  # plain Newton–Schulz
+            c2, g, l_next = 0.5, 2.0, None
+        else:
+            # l_k <- max(l_k, sqrt(1 - e)); a^2 = 3 / (u^2 + u l + l^2)
+            r = 1.0 - e
+            l = xp.maximum(l, xp.sqrt(xp.where(r > 0.0, r, xp.zeros_like(r))))
+            a2 = 3.0 / (u * u + u * l + l * l)
+            a = xp.sqrt(a2)
+            c2, g = _mm(0.5 * a * a2), (3.0 - a2) / a2    # c2 = a^3/2, g = c1/c2
+            l_next = 0.5 * a * l * (3.0 - a2 * l * l)    # p_k(l_k)
+        P2 = backend.add_to_diagonal(R2, 2.0 * g)        # 2P = 2R + 2g I
+        Bn = backend.matmul(B, P2, out=out[0])
+        Bn *= 0.5 * c2                                   # B_{k+1} = c2 B P
+        E = backend.matmul(B, C, out=work[1])
+        M = backend.matmul(E, B, out=work[2])            # B C B
+        P2 = backend.add_to_diagonal(P2, -(g + 1.0))     # 2R + (g - 1) I
+        M += backend.matmul(P2, C, out=work[1])
+        Cn = backend.add(M, mT(M), out=out[1])
+        Cn *= 0.5 * c2                                   # C_{k+1} = c2 sym(M)
+        return Bn, Cn, l_next
 
     def step(state):
         B, C = state[0], state[1]
-        B2 = B @ B
-        R = eye - B2                                   # I - B_k^2
-        e = _fro(R)
-        if not symmetric:
-            # C_{k+1} = (3C - B^2 C + B C B^T - C (B^T)^2) / 2
-            C_next = 1.5 * C - 0.5 * (B2 @ C - (B @ C) @ mT(B) + C @ mT(B2))
-            return (1.5 * B - 0.5 * (B @ B2), C_next), e, None
-        E = B @ C
-        if l0 is None:                                 # P = (3I - B^2)/2 = I + R/2
-            c1, c2, out = 1.0, 0.5, ()
-        else:
-            # l_k <- max(l_k, sqrt(1 - e)); a^2 = 3 / (u^2 + u l + l^2); the plain
-            # step on (a B, a C), i.e. P = a (3I - a^2 B^2)/2 = c1 I + c2 R and
-            # (E - E^T) B scaled by a^3/2 = c2
-            r = 1.0 - e
-            l = xp.maximum(state[2], xp.sqrt(xp.where(r > 0.0, r, xp.zeros_like(r))))
-            a2 = 3.0 / (u * u + u * l + l * l)
-            a = xp.sqrt(a2)
-            c1, c2 = _mm(0.5 * a * (3.0 - a2)), _mm(0.5 * a * a2)
-            out = (0.5 * a * l * (3.0 - a2 * l * l),)  # l_{k+1} = p_k(l_k)
-        P = c1 * eye + c2 * R
-        F = P @ C + (c2 * (E - mT(E))) @ B
-        # C_{k+1} = sym(F): F is symmetric in exact arithmetic; dropping its
-        # rounding-level antisymmetric part keeps it from feeding back (the
-        # update amplifies antisymmetric components once B ~ I)
-        return (B @ P, 0.5 * (F + mT(F))) + out, e, None
+        l = state[2] if len(state) > 2 else None
+        calls[0] += 1
+        out = sets[calls[0] % 2]                         # the set of the step before last
+        R2 = backend.matmul(B, B, out=work[0])
+        R2 *= -2.0
+        R2 = backend.add_to_diagonal(R2, 2.0)            # 2 (I - B_k^2)
+        e = 0.5 * backend.frobenius(R2)
+        tail = () if l is None else (l,)
+        if finish:
+            done = e <= switch
+            if bool(xp.all(done)):                       # every member finishes here
+                B_same = backend.multiply(B, 1.0, out=out[0])
+                return (B_same, _neumann_finish(B, C, e, target, work, out[1])) + tail, e, None
+        Bn, Cn, l_next = full_step(B, C, R2, e, l, out)
+        if finish and bool(xp.any(done)):                # some finish, the others step
+            X2 = _neumann_finish(B, C, e, target, work, None)   # work is free again
+            Cn = xp.where(_mm(done), X2, Cn)
+        return (Bn, Cn) + (() if l is None else (l_next,)), e, None
 
     state = (B0, C0) if l0 is None else (B0, C0, l0)
     frozen = (False, True, False)[: len(state)]
-    state, n_iter, err, conv, _ = _newton_schulz(state, step, iters=iters, tol=tol,
+    state, n_iter, err, conv, _ = _newton_schulz(state, step, iters=iters, tol=switch,
                                                  max_iter=max_iter, frozen=frozen)
     return 0.5 * state[1], n_iter, err, conv
 
@@ -712,6 +840,10 @@ class LyapunovResult:
         (a normwise backward error; ~eps for an accurate solve).
     n_iter, error, converged : per member (sign method: the sign iteration's
         ``||B_k^2 - I||_F`` at its last step; eig: 0 steps, error 0).
+    n_terms : per member, the Neumann terms of the finish that ended the
+        iteration (the scaled iteration of a VJP, see
+        :func:`_lyapunov_sign_symmetric`; ``n_iter`` counts it as a step),
+        else 0.
     """
 
     X: Any
@@ -722,6 +854,7 @@ class LyapunovResult:
     n_iter: Any
     error: Any
     converged: Any
+    n_terms: Any = 0
 
 
 def _lyapunov_residual(B, C, X):
@@ -825,6 +958,7 @@ class _Rational:
     powers: tuple         # W^0 = I, W^1, ..., W^d
     D: Any                # D(Z) (None for MTP)
     R: Any                # D^{-1} N
+    x_max: Any = None     # per member, an upper bound of l_max / c (see _forward_rational)
 
 
 @dataclass(frozen=True)
@@ -916,19 +1050,45 @@ def _poly(coeffs, pows):
 
 def _forward_rational(As, c, num, den, gamma, basis):
     """``out = c^gamma sym(D(W)^{-1} N(W))`` with ``W = Z = I - A/c`` (basis "z")
-    or ``W = X = A/c`` (basis "x"); MTP has D = I."""
+    or ``W = X = A/c`` (basis "x"); MTP has D = I.
+
+    The powers ``W^1..W^d`` are written into one block (d, ..., n, n), and
+    ``N``, ``D`` and ``(A/c)^p`` (``p = min(d, 5)``) are one contraction of it
+    with their coefficients (a single pass over the powers).  The last gives
+    ``x_max = ||(A/c)^p||_F^{1/p} >= l_max / c`` (``(sum_i x_i^{2p})^{1/(2p)}
+    >= max_i x_i``, within ``n^{1/(2p)}`` of it), plus a rounding margin,
+    capped at 1: the backward's bound on the spectrum of the root."""
     xp = array_api_compat.array_namespace(As)
     a, b = (1.0, -1.0) if basis == "z" else (0.0, 1.0)
-    W = b * (As / _mm(c)) + a * eye_like(As)
-    pows = _powers(W, max(len(num), len(den)) - 1)
-    N = _poly(num, pows)
+    d = max(len(num), len(den)) - 1
+    block = xp.empty((d,) + tuple(As.shape), dtype=As.dtype, device=backend.device(As))
+    W = backend.add_to_diagonal(backend.multiply(As, _mm(b / c), out=block[0, ...]), a)
+    pows = [eye_like(As), W]
+    for k in range(1, d):
+        pows.append(backend.matmul(pows[-1], W, out=block[k, ...]))      # W^{k+1}
+    if not backend.writes_in_place(As):                # the products are fresh arrays
+        block = xp.stack(pows[1:])
+    rows = [r + (0.0,) * (d + 1 - len(r)) for r in ((num, den) if len(den) > 1 else (num,))]
+    # (A/c)^p = ((W - a I) / b)^p = b^{-p} sum_k binom(p, k) (-a)^{p-k} W^k
+    p = min(d, 5)
+    rows.append(tuple(math.comb(p, k) * (-a) ** (p - k) / b ** p for k in range(p + 1))
+                + (0.0,) * (d - p))
+    coef = xp.asarray([r[1:] for r in rows], dtype=As.dtype, device=backend.device(As))
+    ND = xp.tensordot(coef, block, axes=1)             # N, (D,) (A/c)^p, less their I terms
+    N = backend.add_to_diagonal(ND[0, ...], rows[0][0])
+    Ap = backend.add_to_diagonal(ND[-1, ...], rows[-1][0])
+    n = As.shape[-1]
+    margin = 2.0 ** p * p * n ** 1.5 * _eps(As)        # rounding of the combination
+    x_max = xp.asarray(xp.minimum((_fro(Ap) + margin) ** (1.0 / p), xp.ones_like(c)))
     if len(den) > 1:
-        D = _poly(den, pows)
+        D = backend.add_to_diagonal(ND[1, ...], rows[1][0])
         R = xp.linalg.solve(D, N)                      # D R = N
     else:
         D, R = None, N
-    out = _mm(c ** gamma) * _sym(R)
-    return out, _Rational(b=b, num=num, den=den, gamma=gamma, powers=pows, D=D, R=R)
+    out = backend.add(R, mT(R), out=xp.empty_like(R))
+    out *= _mm(0.5 * c ** gamma)                       # c^gamma sym(R)
+    return out, _Rational(b=b, num=num, den=den, gamma=gamma, powers=tuple(pows), D=D, R=R,
+                          x_max=x_max)
 
 
 def _forward_ns(As, c, *, iters, tol, max_iter):
@@ -1023,7 +1183,9 @@ def _root(A, *, inverse, method, order, degree, basis, iters, tol, max_iter, sym
     if inverse:
         residual = _fro(out @ As @ out - eye_like(As)) / math.sqrt(n)
     else:
-        residual = _fro(out @ out - As) / norm
+        SS = out @ out
+        SS -= As
+        residual = _fro(SS) / norm
     common = dict(A=As, method=method, order=k, normalization=normalization, scale=c,
                   residual=residual, n_iter=n_iter, error=err, converged=conv,
                   options=options, state=state)
@@ -1170,11 +1332,12 @@ def _sign_interval(res, inverse: bool):
     ``res.S_inv``) in ``[lo, hi]``: ``hi`` a bound, ``lo`` a bound or an estimate.
 
     * eig: the stored eigenvalues, ``[s_1, s_n]`` (inverse ``[1/s_n, 1/s_1]``).
-    * mpa, mtp: the scalar map ``phi`` is monotone on ``[0, 1]`` with
-      ``phi(1) = 1``, so the spectrum lies in ``c^g [min(phi(0), 1),
-      max(phi(0), 1)]`` (``g = +-1/2``, ``c = ||A||_F``), whatever ``A``'s
-      conditioning: ``phi(0) = r_m(0) = 1/(2m+1)`` for mpa (``2m+1`` for
-      its inverse), ``sum_k t_k`` (``sum_k u_k``) for mtp.
+    * mpa, mtp: the scalar map ``phi`` is monotone on ``[0, 1]``, so the
+      spectrum lies between ``c^g phi(0)`` and ``c^g phi(x_max)`` (``g =
+      +-1/2``, ``c = ||A||_F``, ``x_max <= 1`` the forward's bound on
+      ``l_max / c``), whatever ``A``'s conditioning: ``phi(0) = r_m(0) =
+      1/(2m+1)`` for mpa (``2m+1`` for its inverse), ``sum_k t_k`` (``sum_k
+      u_k``) for mtp.
     * ns: ``hi = sqrt(||A||_F)`` (``S``'s eigenvalues are ``sqrt(l w_T) <=
       sqrt(l)``) or ``||S_inv||_F``; ``lo = 1 / ||B^{-1}||_F`` with ``B^{-1}``
       taken from the coupled iterate (``Z_T / sqrt(c)`` or ``sqrt(c) Y_T``) —
@@ -1191,7 +1354,11 @@ def _sign_interval(res, inverse: bool):
         else:
             phi0 = float(sum(taylor_coefficients(res.order, inverse=inverse)))
         cg = c ** (-0.5 if inverse else 0.5)
-        return cg * min(phi0, 1.0), cg * max(phi0, 1.0)
+        x_max = res.state.x_max
+        phi_top = scalar_map(x_max, method=res.method, inverse=inverse,
+                             **({"order": res.order} if res.method == "mpa" else
+                                {"degree": res.order}))
+        return cg * xp.minimum(phi_top, phi0), cg * xp.maximum(phi_top, phi0)
     st: _NewtonSchulz = res.state
     if inverse:
         return 1.0 / (xp.sqrt(c) * _fro(st.Y)), _fro(res.S_inv)
@@ -1214,15 +1381,19 @@ def _lyap_sign(res, E, inverse: bool, iters, tol, max_iter, full_output):
         # iteration then runs to max_iter and warns; an estimate may exceed hi)
         l0 = lo / sigma
         l0 = xp.clip(xp.where(l0 > 0.0, l0, xp.zeros_like(l0)), min=_eps(res.A), max=1.0)
-    X, n_iter, err, conv = _lyapunov_sign_core(B / _mm(sigma), C / _mm(sigma), iters=iters,
-                                               tol=tol, max_iter=max_iter, symmetric=True,
-                                               l0=l0)
-    _warn_unconverged("the Lyapunov sign iteration", conv, err, tol, stacklevel=5)
-    X = _sym(X)              # symmetric in exact arithmetic (C_0 is)
+    # X is exactly symmetric: C_0 is, and so is every update (sym(M), Neumann terms)
+    X, n_iter, err, conv = _lyapunov_sign_symmetric(B, C, scale=sigma, iters=iters, tol=tol,
+                                                    max_iter=max_iter, l0=l0)
+    _warn_unconverged("the Lyapunov sign iteration", conv, err, _sign_stop(tol, iters),
+                      stacklevel=5)
     if not full_output:
         return X, None
+    # the finish took _neumann_terms(err) terms where it ran (converged, scaled mode)
+    n_terms = xp.zeros_like(n_iter)
+    if iters is None:
+        n_terms = xp.where(conv, xp.astype(_neumann_terms(err, tol * tol), n_iter.dtype), n_terms)
     info = LyapunovResult(X=X, B=B, C=C, method="sign", residual=_lyapunov_residual(B, C, X),
-                          n_iter=n_iter, error=err, converged=conv)
+                          n_iter=n_iter, error=err, converged=conv, n_terms=n_terms)
     return X, info
 
 

@@ -382,6 +382,78 @@ def test_lyapunov_sign_steps_after_an_approximant(rng, method, inverse):
         assert rel(A_bar, scipy.linalg.solve_sylvester(T, T, rhs)) < 1e-12
 
 
+def test_neumann_terms_is_the_smallest_sufficient_count():
+    """j is the least integer >= 0 with e^{j+1} (1 + e)/(1 - e) <= target."""
+    e = np.array([0.0, 1e-12, 1e-8, 1e-4, 2.5e-3, 0.05, 0.3, 0.9])
+    for target in (2.2e-16, 1e-10, 1e-3):
+        j = to_host(matsqrt._neumann_terms(e, target)).astype(int)
+        for ei, ji in zip(e, j):
+            if ei == 0.0:
+                assert ji == 0
+                continue
+            bound = lambda k: ei ** (k + 1) * (1 + ei) / (1 - ei)   # noqa: E731
+            assert bound(ji) <= target * (1 + 1e-12)
+            assert ji == 0 or bound(ji - 1) > target
+
+
+@pytest.mark.parametrize("spread, target", [(1e-3, 1e-15), (0.1, 1e-6)])
+def test_neumann_finish_solves_near_identity(rng, spread, target):
+    """B X + X B = C for symmetric B near I by the Neumann series: the error is
+    within the stated bound e^{j+1} (1 + e)/(1 - e) (relative, plus rounding)."""
+    U, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    B = sym((U * (1.0 + spread * np.linspace(-1.0, 0.5, 6))) @ U.T)
+    C = sym(rng.standard_normal((6, 6)))
+    e = np.asarray(np.linalg.norm(np.eye(6) - B @ B))
+    work = matsqrt.backend.work_arrays(B, 3)
+    X = 0.5 * matsqrt._neumann_finish(B, C, e, target, work, None)
+    want = scipy.linalg.solve_continuous_lyapunov(B, C)
+    j = int(matsqrt._neumann_terms(e, target))
+    bound = float(e) ** (j + 1) * (1 + float(e)) / (1 - float(e))
+    assert bound <= target and j >= 1
+    assert rel(X, want) <= 1.1 * bound + 1e-14
+    assert np.array_equal(X, X.T)                      # every term is exactly symmetric
+
+
+def test_sign_iteration_members_finish_on_their_own(rng):
+    """Members that reach the Neumann finish at different steps (conditioning
+    1e1 .. 1e8, eig forward: the interval is the true spectrum) get the result
+    they get alone, agree with solve_sylvester on the forward's root, and the
+    gradient is exactly symmetric."""
+    As = np.stack([spd_cond(rng, 6, c) for c in (1e1, 1e4, 1e8)])
+    Gs = rng.standard_normal((3, 6, 6))
+    res = matsqrt.sqrtm(As, method="eig")
+    A_bar, info = matsqrt.sqrtm_vjp(res, Gs, method="lyapunov_sign", full_output=True)
+    n_iter = to_host(info.n_iter)
+    assert len(set(n_iter.tolist())) > 1 and np.all(to_host(info.n_terms) >= 1)
+    assert np.all(info.converged) and np.max(info.residual) < 1e-12   # ~1e-13 at cond 1e8
+    assert np.array_equal(A_bar, np.swapaxes(A_bar, -1, -2))
+    for i in range(3):
+        alone, info_i = matsqrt.sqrtm_vjp(matsqrt.sqrtm(As[i], method="eig"), Gs[i],
+                                          method="lyapunov_sign", full_output=True)
+        assert int(info_i.n_iter) == n_iter[i]
+        assert rel(A_bar[i], alone) <= 1e-15
+        S = to_host(res.S)[i]
+        assert rel(A_bar[i], scipy.linalg.solve_sylvester(S, S, sym(Gs[i]))) < 1e-11
+
+
+@pytest.mark.parametrize("method, kw", [("mpa", {}), ("mpa", {"order": 2}), ("mtp", {}),
+                                        ("mpa", {"basis": "x"})])
+@pytest.mark.parametrize("inverse", [False, True], ids=["sqrtm", "inv_sqrtm"])
+def test_forward_bounds_enclose_the_spectrum(rng, method, kw, inverse):
+    """x_max >= l_max / ||A||_F (and <= 1), and the sign iteration's interval
+    contains the spectrum of the computed root, for well- to ill-conditioned
+    and rank-deficient inputs."""
+    rank3 = (lambda X: X @ X.T)(rng.standard_normal((8, 3)))
+    for A in (spd_cond(rng, 8, 3.0), spd_cond(rng, 8, 1e8)) + (() if inverse else (rank3,)):
+        res = forward(inverse)(A, method=method, **kw)
+        lam = np.linalg.eigvalsh(A)
+        x_max = float(res.state.x_max)
+        assert lam[-1] / np.linalg.norm(A) <= x_max <= 1.0
+        lo, hi = (float(v) for v in matsqrt._sign_interval(res, inverse))
+        ev = np.linalg.eigvalsh(out_of(res))
+        assert lo <= ev[0] * (1 + 1e-12) and ev[-1] <= hi * (1 + 1e-12)
+
+
 @pytest.mark.parametrize("inverse", [False, True], ids=["sqrtm", "inv_sqrtm"])
 def test_lyapunov_sign_uses_the_forward_root(rng, inverse):
     """With an MPA forward, "lyapunov_sign" solves with the MPA's own S (the
