@@ -20,8 +20,8 @@ scipy loop             scipy.linalg.sqrtm + scipy.linalg.solve_sylvester
 Columns: forward / backward / total time (median of ``--repeat`` runs after
 a warm-up, the methods interleaved within each repeat), the speed-up of the
 scipy loop's total over each method's total, nominal GFLOP/s (flop model
-below), the Lyapunov sign iteration's steps (largest over the batch) and two
-accuracy columns: the forward's and the gradient's relative
+below), the Lyapunov sign iteration's steps (largest over the batch; "5+2":
+five sign steps, then a Neumann finish of two terms) and two accuracy columns: the forward's and the gradient's relative
 error (Frobenius, worst batch member) against the float64 eigenbasis
 reference ``S = U diag(sqrt l) U^T``, ``A_bar = U [(U^T G U)/(s_i + s_j)]
 U^T`` computed here with NumPy.  The gradient error of an approximate
@@ -36,8 +36,12 @@ standard normal (non-symmetric).
 
 Flop model (per matrix, n^3 units): matmul 2, LU solve with n right-hand
 sides 8/3, Cholesky 1/3, eigh with vectors 9 (LAPACK syevd, approx.),
-Lyapunov-sign step 10 (5 matmuls, symmetric), NS forward step 6, NS backward
-step 12.
+Lyapunov-sign step 10 (5 matmuls, symmetric), its Neumann finish 2 per term
+plus 2 (the last ``B^2``), NS forward step 6, NS backward step 12.
+
+The timed calls are the plain API calls (``sqrtm(A, method=...)``,
+``sqrtm_vjp(res, G, method=...)``); the step counts come from one more,
+untimed, ``full_output`` call, which also computes a residual.
 
 With CuPy and a CUDA device present (``--cupy auto``, the default) the same
 table is measured on the GPU against a measured batched matmul throughput;
@@ -117,16 +121,25 @@ def sym(X):
 # --------------------------------------------------------------------------
 
 def _refimpl_pair(fwd_kw, vjp_method, **vjp_kw):
+    """(forward, backward, sign_steps): the timed calls are the plain API calls;
+    ``sign_steps(res, G)`` asks the Lyapunov solve for its step counts
+    (``full_output``, which also computes a residual) outside the timing."""
     def forward(A):
         return matsqrt.sqrtm(A, **fwd_kw)
 
     def backward(res, G):
-        if vjp_method == "lyapunov_sign":
-            A_bar, info = matsqrt.sqrtm_vjp(res, G, method=vjp_method, full_output=True,
-                                            **vjp_kw)
-            return A_bar, int(backend.to_host(info.n_iter).max())
-        return matsqrt.sqrtm_vjp(res, G, method=vjp_method), None
-    return forward, backward
+        return matsqrt.sqrtm_vjp(res, G, method=vjp_method, **vjp_kw)
+
+    def sign_steps(res, G):
+        """(sign steps, Neumann finish terms), largest over the batch, or None."""
+        if vjp_method != "lyapunov_sign":
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", backend.ConvergenceWarning)
+            _, info = matsqrt.sqrtm_vjp(res, G, method=vjp_method, full_output=True, **vjp_kw)
+        terms = int(backend.to_host(info.n_terms).max())
+        return int(backend.to_host(info.n_iter).max()) - (1 if terms else 0), terms
+    return forward, backward, sign_steps
 
 
 PAIRS = {
@@ -144,7 +157,7 @@ def scipy_forward(A):
 
 
 def scipy_backward(S, G):
-    return np.stack([scipy.linalg.solve_sylvester(s, s, g) for s, g in zip(S, G)]), None
+    return np.stack([scipy.linalg.solve_sylvester(s, s, g) for s, g in zip(S, G)])
 
 
 def flops(method: str, n: int, res, sign_steps) -> float | None:
@@ -162,7 +175,8 @@ def flops(method: str, n: int, res, sign_steps) -> float | None:
     else:
         fwd = 2.0 * n3 + 9.0 * n3 + 2.0 * n3                  # eigh + reconstruction + residual
     if "lyapunov_sign" in method:
-        bwd = 10.0 * sign_steps * n3                          # 5 matmuls a step (symmetric)
+        steps, terms = sign_steps                             # 5 matmuls a step (symmetric);
+        bwd = (10.0 * steps + 2.0 * (1 + terms if terms else 0)) * n3   # finish: B^2 + terms
     elif method == "ns":
         bwd = 12.0 * float(backend.to_host(res.n_iter).max()) * n3
     elif method == "eig+exact":
@@ -200,26 +214,27 @@ def run_size(b, n, methods, repeat, be, sync, with_scipy=True):
                 if not with_scipy:
                     continue
                 S, tf = timed(scipy_forward, A_h)
-                (A_bar, steps), tb = timed(scipy_backward, S, G_h)
+                A_bar, tb = timed(scipy_backward, S, G_h)
                 res = None
             else:
-                forward, backward = PAIRS[m]
+                forward, backward, _ = PAIRS[m]
                 with warnings.catch_warnings():
                     # the fixed-T row is expected not to reach the tolerance
                     warnings.simplefilter("ignore" if "T=" in m else "error",
                                           backend.ConvergenceWarning)
                     res, tf = timed(forward, A)
-                    (A_bar, steps), tb = timed(backward, res, G)
+                    A_bar, tb = timed(backward, res, G)
                 S = res.S
             if rep > 0:
                 times[m][0].append(tf)
                 times[m][1].append(tb)
-            last[m] = (S, A_bar, res, steps)
+            last[m] = (S, A_bar, res)
     rows = []
     for m in methods:
         if m not in last:
             continue
-        S, A_bar, res, steps = last[m]
+        S, A_bar, res = last[m]
+        steps = None if m == "scipy loop" else PAIRS[m][2](res, G)
         tf, tb = statistics.median(times[m][0]), statistics.median(times[m][1])
         fl = flops(m, n, res, steps)
         rows.append({
@@ -260,7 +275,8 @@ def format_table(rows, matmul_rate):
             f"{r['total_ms']:.2f}",
             f"{r['speedup_vs_scipy']:.1f}" if r["speedup_vs_scipy"] else "-",
             f"{r['gflops']:.1f}" if r["gflops"] else "-",
-            str(r["sign_steps"]) if r["sign_steps"] is not None else "-",
+            "-" if r["sign_steps"] is None else
+            "{}+{}".format(*r["sign_steps"]) if r["sign_steps"][1] else str(r["sign_steps"][0]),
             f"{r['fwd_err']:.1e}", f"{r['grad_err']:.1e}"))
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" if i not in (2,) else f"{{:<{w}}}" for i, w in enumerate(widths))
