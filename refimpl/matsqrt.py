@@ -816,7 +816,8 @@ def _lyapunov_sign_symmetric(B, C, *, iters, tol, max_iter, l0=None, scale=None)
                 return (B_same, _neumann_finish(B, C, e, target, work, out[1])) + tail, e, None
         Bn, Cn, l_next = full_step(B, C, R2, e, l, out)
         if finish and bool(xp.any(done)):                # some finish, the others step
-            X2 = _neumann_finish(B, C, e, target, work, None)   # work is free again
+            # terms for the finishing members only (work is free again)
+            X2 = _neumann_finish(B, C, xp.where(done, e, xp.zeros_like(e)), target, work, None)
             Cn = xp.where(_mm(done), X2, Cn)
         return (Bn, Cn) + (() if l is None else (l_next,)), e, None
 
