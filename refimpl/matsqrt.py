@@ -691,7 +691,7 @@ def _neumann_finish(B, C, e, target, work, out):
     """
     xp = array_api_compat.array_namespace(B, C)
     j = _neumann_terms(e, target)
-    j_max = int(xp.max(j)) if j.ndim else int(j)
+    j_max = int(xp.max(j))
     same = bool(xp.all(j == j_max))
     D = backend.subtract(eye_like(B), B, out=work[0])
     X2 = backend.multiply(C, 1.0, out=out)          # T^0(C), a copy
@@ -1031,14 +1031,6 @@ class InvSqrtmResult:
     converged: Any
     options: dict = field(default_factory=dict)
     state: Any = field(default=None, repr=False)
-
-
-def _powers(Z, d: int) -> tuple:
-    """(I, Z, Z^2, ..., Z^d) with Z^k = Z^{k-1} Z."""
-    pows = [eye_like(Z), Z]
-    for _ in range(2, d + 1):
-        pows.append(pows[-1] @ Z)
-    return tuple(pows[: d + 1])
 
 
 def _poly(coeffs, pows):
