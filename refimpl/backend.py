@@ -335,6 +335,32 @@ def solve_vec(A, b):
     return xp.linalg.solve(A, b[..., None])[..., 0]
 
 
+def solve_spd(A, B):
+    """Batched ``A^{-1} B`` for symmetric positive definite ``A`` (..., n, n)
+    and ``B`` (..., n, k) with the same batch shape.
+
+    NumPy: LAPACK ``posv`` (Cholesky, ``A = L L^T``, then two triangular
+    solves) per member through SciPy, about a third faster than the LU of
+    ``numpy.linalg.solve`` at n = 64 (measured in ``benchmarks/bench_matsqrt``'s
+    setting); a member whose Cholesky breaks down (``A`` not positive definite
+    to working precision) is solved by LU instead.  Elsewhere, or for other
+    shapes: ``xp.linalg.solve``.  Neither argument is written.
+    """
+    xp = array_api_compat.array_namespace(A, B)
+    if not (array_api_compat.is_numpy_array(A) and array_api_compat.is_numpy_array(B)
+            and A.shape[:-2] == B.shape[:-2] and A.dtype == B.dtype and B.ndim >= 2):
+        return xp.linalg.solve(A, B)
+    from scipy.linalg import get_lapack_funcs
+
+    posv, = get_lapack_funcs(("posv",), (A, B))
+    out = np.empty(B.shape, dtype=B.dtype)
+    Af, Bf, Of = (x.reshape((-1,) + x.shape[-2:]) for x in (A, B, out))
+    for i in range(Af.shape[0]):
+        _, x, info = posv(Af[i], Bf[i])                # copies: the inputs are not written
+        Of[i] = x if info == 0 else np.linalg.solve(Af[i], Bf[i])
+    return out
+
+
 def diagonal(A):
     """Batched main diagonal (..., n)."""
     return array_api_compat.array_namespace(A).linalg.diagonal(A)
@@ -431,6 +457,37 @@ def work_arrays(like, count: int) -> list:
     xp = array_api_compat.array_namespace(like)
     block = xp.empty((count,) + tuple(like.shape), dtype=like.dtype, device=device(like))
     return [block[i, ...] for i in range(count)]
+
+
+#: The working set, in bytes, that a CPU loop over a batch keeps per block of
+#: members (:func:`batch_blocks`).  A step of an iteration reads and writes
+#: all of its work arrays; when they exceed what the cache holds, every
+#: product waits on memory.  Measured on a 2-core x86-64 VM (1 MiB L2 per
+#: core, 32 MiB shared L3): the Lyapunov sign iteration at batch 64, n = 64
+#: (14 MB of work arrays) runs 20-25% faster in blocks of 16 members (3.6 MB);
+#: blocks of 4 lose it again to per-call overhead.
+CACHE_BLOCK_BYTES = 4 * 2**20
+
+
+def batch_blocks(batch: int, bytes_per_member: int, like) -> list[slice]:
+    """Slices cutting a flattened batch of ``batch`` members into the fewest
+    consecutive blocks whose working set (``bytes_per_member`` each) is at most
+    :data:`CACHE_BLOCK_BYTES` (at least one member a block), their sizes
+    differing by at most one.
+
+    On NumPy only; every other library (a GPU wants the whole batch at once)
+    gets the single block ``slice(0, batch)``.  For loops over independent
+    members, so the result does not depend on the blocking.
+    """
+    if not array_api_compat.is_numpy_array(like) or batch <= 1:
+        return [slice(0, batch)]
+    per = max(1, CACHE_BLOCK_BYTES // max(1, int(bytes_per_member)))
+    count = -(-batch // per)                           # ceil: the fewest blocks that fit
+    base, extra = divmod(batch, count)                 # sizes base + 1 (extra of them) and base
+    stops = [0]
+    for i in range(count):
+        stops.append(stops[-1] + base + (i < extra))
+    return [slice(a, b) for a, b in zip(stops, stops[1:])]
 
 
 def writes_in_place(x) -> bool:

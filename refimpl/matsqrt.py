@@ -708,6 +708,36 @@ def _neumann_finish(B, C, e, target, work, out):
 
 
 def _lyapunov_sign_symmetric(B, C, *, iters, tol, max_iter, l0=None, scale=None):
+    """:func:`_lyapunov_sign_block` over blocks of batch members whose work
+    arrays fit in cache (:func:`refimpl.backend.batch_blocks`; one block off
+    NumPy).  The members are independent, so the blocking changes no result;
+    ``l0`` and ``scale`` are per member (broadcast to the batch shape)."""
+    xp = array_api_compat.array_namespace(B, C)
+    n, bshape = B.shape[-1], tuple(B.shape[:-2])
+    count = math.prod(bshape)
+    member_bytes = _SIGN_WORK_ARRAYS * n * n * (xp.finfo(B.dtype).bits // 8)
+    blocks = backend.batch_blocks(count, member_bytes, B)
+    if len(blocks) == 1 or tuple(C.shape) != tuple(B.shape):
+        return _lyapunov_sign_block(B, C, iters=iters, tol=tol, max_iter=max_iter,
+                                    l0=l0, scale=scale)
+
+    def flat(a):
+        return None if a is None else xp.reshape(xp.broadcast_to(a, bshape), (count,))
+
+    Bf, Cf, l0f, sf = xp.reshape(B, (count, n, n)), xp.reshape(C, (count, n, n)), flat(l0), flat(scale)
+    parts = [_lyapunov_sign_block(Bf[s, ...], Cf[s, ...], iters=iters, tol=tol, max_iter=max_iter,
+                                  l0=None if l0f is None else l0f[s],
+                                  scale=None if sf is None else sf[s]) for s in blocks]
+    shapes = (tuple(B.shape), bshape, bshape, bshape)
+    return tuple(xp.reshape(xp.concat([p[i] for p in parts], axis=0), shape)
+                 for i, shape in enumerate(shapes))
+
+
+#: Arrays of size n^2 per member that :func:`_lyapunov_sign_block` works in.
+_SIGN_WORK_ARRAYS = 7
+
+
+def _lyapunov_sign_block(B, C, *, iters, tol, max_iter, l0=None, scale=None):
     """The sign iteration (3) for ``B0 = B / scale`` (symmetric, spectrum in
     ``(0, 1]``) and ``C0 = C / scale`` (symmetric; ``scale`` per member,
     default 1); returns ``(X, n_iter, error, converged)`` as
@@ -769,7 +799,7 @@ def _lyapunov_sign_symmetric(B, C, *, iters, tol, max_iter, l0=None, scale=None)
     finish = iters is None
     target = tol * tol
     switch = _sign_stop(tol, iters)
-    B0, C0, B1, C1, *work = backend.work_arrays(B, 7)
+    B0, C0, B1, C1, *work = backend.work_arrays(B, _SIGN_WORK_ARRAYS)
     inv = 1.0 if scale is None else _mm(1.0 / scale)
     B0, C0 = backend.multiply(B, inv, out=B0), backend.multiply(C, inv, out=C0)
     sets = [(B0, C0), (B1, C1)]
@@ -1050,7 +1080,14 @@ def _forward_rational(As, c, num, den, gamma, basis):
     with their coefficients (a single pass over the powers).  The last gives
     ``x_max = ||(A/c)^p||_F^{1/p} >= l_max / c`` (``(sum_i x_i^{2p})^{1/(2p)}
     >= max_i x_i``, within ``n^{1/(2p)}`` of it), plus a rounding margin,
-    capped at 1: the backward's bound on the spectrum of the root."""
+    capped at 1: the backward's bound on the spectrum of the root.
+
+    ``D`` is symmetric positive definite: on ``[0, 1]``, which holds the
+    spectrum of ``W`` in either basis, every Padé denominator (and numerator,
+    the inverse root's denominator) is positive — its real zeros lie outside,
+    down to ``q_m(1) = 0.011``, ``p_m(1) = 0.00098`` at ``m = 5`` (tested for
+    m <= 12) — so ``D R = N`` is solved by Cholesky
+    (:func:`refimpl.backend.solve_spd`)."""
     xp = array_api_compat.array_namespace(As)
     a, b = (1.0, -1.0) if basis == "z" else (0.0, 1.0)
     d = max(len(num), len(den)) - 1
@@ -1075,7 +1112,7 @@ def _forward_rational(As, c, num, den, gamma, basis):
     x_max = xp.asarray(xp.minimum((_fro(Ap) + margin) ** (1.0 / p), xp.ones_like(c)))
     if len(den) > 1:
         D = backend.add_to_diagonal(ND[1, ...], rows[1][0])
-        R = xp.linalg.solve(D, N)                      # D R = N
+        R = backend.solve_spd(D, N)                    # D R = N, D SPD (see above)
     else:
         D, R = None, N
     out = backend.add(R, mT(R), out=xp.empty_like(R))

@@ -195,3 +195,45 @@ def test_work_arrays_are_disjoint_slices(backend):
             B.multiply(like, float(k), out=a)
         for k, a in enumerate(arrs):
             assert float(xp.max(xp.abs(a - float(k)))) == 0.0
+
+
+def test_solve_spd_matches_lu_and_falls_back_per_member(backend, dtype, rng):
+    """A^{-1} B for SPD members equals an LU solve (scipy, float64) to round-off;
+    an indefinite member (Cholesky breaks down) is still solved, by LU; neither
+    argument is written; float32 stays float32."""
+    n, k = 6, 4
+    X = rng.standard_normal((3, n, 2 * n))
+    Ah = X @ np.swapaxes(X, -1, -2) / (2 * n) + 0.5 * np.eye(n)
+    Ah[2] = np.diag(np.linspace(-1.0, 2.0, n)) + 0.01 * (Ah[2] + Ah[2].T)   # indefinite
+    Bh = rng.standard_normal((3, n, k))
+    A, Bm = backend.asarray(Ah.astype(dtype)), backend.asarray(Bh.astype(dtype))
+    got = B.solve_spd(A, Bm)
+    assert B.dtype_name(got.dtype) == B.dtype_name(A.dtype) and tuple(got.shape) == (3, n, k)
+    want = np.stack([scipy.linalg.solve(Ah[i], Bh[i]) for i in range(3)])
+    tol = 1e-12 if dtype == "float64" else 2e-4
+    np.testing.assert_allclose(B.to_host(got), want, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(B.to_host(A), Ah.astype(dtype))
+    np.testing.assert_array_equal(B.to_host(Bm), Bh.astype(dtype))
+
+
+def test_batch_blocks_cover_the_batch_in_balanced_cache_sized_blocks(backend):
+    """Blocks are consecutive, cover every member once, differ in size by at most
+    one member and stay within CACHE_BLOCK_BYTES (a member larger than that gets
+    a block of its own); off NumPy the whole batch is one block."""
+    like = backend.asarray(np.ones((1, 2, 2)))
+    cap = B.CACHE_BLOCK_BYTES
+    for batch, per_member in ((64, cap // 18), (64, cap // 64), (16, 4 * cap), (1, 10), (0, 10),
+                              (100, cap // 7)):
+        blocks = B.batch_blocks(batch, per_member, like)
+        if backend.name != "numpy" or batch <= 1:
+            assert blocks == [slice(0, batch)]
+            continue
+        assert blocks[0].start == 0 and blocks[-1].stop == batch
+        assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+        sizes = [s.stop - s.start for s in blocks]
+        assert max(sizes) - min(sizes) <= 1
+        assert all(size == 1 or size * per_member <= cap for size in sizes)
+        assert len(blocks) == math.ceil(batch / max(1, cap // per_member))   # the fewest
+    # the issue's (64, 64) Lyapunov solve: 7 work arrays of 32 KiB per member
+    if backend.name == "numpy":
+        assert [s.stop - s.start for s in B.batch_blocks(64, 7 * 64 * 64 * 8, like)] == [16] * 4

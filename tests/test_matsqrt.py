@@ -299,6 +299,25 @@ def test_pade_coefficients_match_mpmath():
                                               rel=1e-12)
 
 
+def test_pade_polynomials_positive_on_unit_interval():
+    """The forward solves D R = N by Cholesky (D SPD): every Padé numerator and
+    denominator, either basis, has no real zero in [0, 1] (exact root count,
+    sympy) and is positive there; at m = 5 the smallest values are q(1) and p(1)
+    of the z basis, as the _forward_rational docstring states."""
+    sympy = pytest.importorskip("sympy")
+    w = sympy.Symbol("w")
+    for basis in ("z", "x"):
+        for m in range(1, 13):
+            for coeffs in matsqrt.pade_coefficients(m, basis):
+                poly = sympy.Poly(sum(sympy.Rational(c.numerator, c.denominator) * w ** k
+                                      for k, c in enumerate(coeffs)), w)
+                assert poly.count_roots(0, 1) == 0, (basis, m)
+                assert poly.eval(sympy.Rational(1, 2)) > 0, (basis, m)
+    p, q = matsqrt.pade_coefficients(5, "z")
+    assert float(sum(q)) == pytest.approx(0.0107, rel=0.01)
+    assert float(sum(p)) == pytest.approx(0.000977, rel=0.01)
+
+
 # --------------------------------------------------------------------------
 # Gradients: exact vs scipy, the Lyapunov solve, the approximant oracle
 # --------------------------------------------------------------------------
@@ -434,6 +453,34 @@ def test_sign_iteration_members_finish_on_their_own(rng):
         assert rel(A_bar[i], alone) <= 1e-15
         S = to_host(res.S)[i]
         assert rel(A_bar[i], scipy.linalg.solve_sylvester(S, S, sym(Gs[i]))) < 1e-11
+
+
+@pytest.mark.parametrize("iters", [None, 30])
+def test_sign_iteration_in_cache_blocks_equals_one_block(rng, monkeypatch, iters):
+    """On NumPy the sign iteration runs over blocks of members sized to the cache
+    (backend.batch_blocks).  With a budget of one byte every member of a (2, 3)
+    batch is its own block: the gradient and every diagnostic equal the
+    one-block run bit for bit (each member's products are the same), and each
+    member matches solve_sylvester on the forward's root."""
+    from refimpl import backend
+    As = np.stack([spd_cond(rng, 5, c) for c in (3.0, 1e2, 1e4, 1e6, 10.0, 1e3)]).reshape(2, 3, 5, 5)
+    Gs = rng.standard_normal((2, 3, 5, 5))
+    res = matsqrt.sqrtm(As, method="eig")       # the true interval: step counts differ
+    assert len(backend.batch_blocks(6, 7 * 5 * 5 * 8, As)) == 1
+    whole, info = matsqrt.sqrtm_vjp(res, Gs, method="lyapunov_sign", iters=iters, full_output=True)
+    monkeypatch.setattr(backend, "CACHE_BLOCK_BYTES", 1)
+    assert len(backend.batch_blocks(6, 7 * 5 * 5 * 8, As)) == 6
+    blocked, info_b = matsqrt.sqrtm_vjp(res, Gs, method="lyapunov_sign", iters=iters,
+                                        full_output=True)
+    assert blocked.shape == whole.shape and np.array_equal(blocked, whole)
+    for field in ("n_iter", "n_terms", "error", "converged", "residual"):
+        assert np.array_equal(getattr(info_b, field), getattr(info, field)), field
+    if iters is None:
+        assert len(set(info.n_iter.ravel().tolist())) > 1     # members stop at different steps
+        S = to_host(res.S)
+        for idx in np.ndindex(2, 3):
+            want = scipy.linalg.solve_sylvester(S[idx], S[idx], sym(Gs[idx]))
+            assert rel(blocked[idx], want) < 1e-11
 
 
 @pytest.mark.parametrize("method, kw", [("mpa", {}), ("mpa", {"order": 2}), ("mtp", {}),
