@@ -1086,8 +1086,8 @@ def _forward_rational(As, c, num, den, gamma, basis):
     spectrum of ``W`` in either basis, every Padé denominator (and numerator,
     the inverse root's denominator) is positive — its real zeros lie outside,
     down to ``q_m(1) = 0.011``, ``p_m(1) = 0.00098`` at ``m = 5`` (tested for
-    m <= 12) — so ``D R = N`` is solved by Cholesky
-    (:func:`refimpl.backend.solve_spd`)."""
+    m <= 12) — so ``D R = N`` is solved by Cholesky, as ``R = N D^{-1}``
+    (:func:`refimpl.backend.solve_spd_right`)."""
     xp = array_api_compat.array_namespace(As)
     a, b = (1.0, -1.0) if basis == "z" else (0.0, 1.0)
     d = max(len(num), len(den)) - 1
@@ -1112,7 +1112,9 @@ def _forward_rational(As, c, num, den, gamma, basis):
     x_max = xp.asarray(xp.minimum((_fro(Ap) + margin) ** (1.0 / p), xp.ones_like(c)))
     if len(den) > 1:
         D = backend.add_to_diagonal(ND[1, ...], rows[1][0])
-        R = backend.solve_spd(D, N)                    # D R = N, D SPD (see above)
+        # D R = N, i.e. R = N D^{-1} (polynomials in W commute), D SPD (above);
+        # N is this call's temporary: R is written over it
+        R = backend.solve_spd_right(N, D, overwrite=True)
     else:
         D, R = None, N
     out = backend.add(R, mT(R), out=xp.empty_like(R))
@@ -1592,7 +1594,8 @@ def _derivative(res, E, *, inverse, method, mode, iters, tol, max_iter, full_out
         out, info = _lyap_sign(res, E, inverse, iters, tol, max_iter, full_output)
     else:
         out, info = _approximant(res, E, inverse, mode), None
-    out = _sym(out)          # symmetric in exact arithmetic; make it exactly so
+    if method != "lyapunov_sign":     # the sign iteration's X is exactly symmetric already
+        out = _sym(out)               # symmetric in exact arithmetic; make it exactly so
     return (out, info) if full_output else out
 
 

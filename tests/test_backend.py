@@ -197,23 +197,29 @@ def test_work_arrays_are_disjoint_slices(backend):
             assert float(xp.max(xp.abs(a - float(k)))) == 0.0
 
 
-def test_solve_spd_matches_lu_and_falls_back_per_member(backend, dtype, rng):
-    """A^{-1} B for SPD members equals an LU solve (scipy, float64) to round-off;
-    an indefinite member (Cholesky breaks down) is still solved, by LU; neither
-    argument is written; float32 stays float32."""
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_solve_spd_right_matches_lu_and_falls_back_per_member(backend, dtype, rng, overwrite):
+    """B A^{-1} for SPD members equals an LU solve (scipy, float64) to round-off, for a
+    rectangular B and a (2, 2) batch; an indefinite member (Cholesky breaks down) is
+    still solved, by LU.  A is never written; B only with ``overwrite`` on NumPy,
+    which then returns B itself holding the result.  float32 stays float32."""
     n, k = 6, 4
-    X = rng.standard_normal((3, n, 2 * n))
+    X = rng.standard_normal((4, n, 2 * n))
     Ah = X @ np.swapaxes(X, -1, -2) / (2 * n) + 0.5 * np.eye(n)
     Ah[2] = np.diag(np.linspace(-1.0, 2.0, n)) + 0.01 * (Ah[2] + Ah[2].T)   # indefinite
-    Bh = rng.standard_normal((3, n, k))
-    A, Bm = backend.asarray(Ah.astype(dtype)), backend.asarray(Bh.astype(dtype))
-    got = B.solve_spd(A, Bm)
-    assert B.dtype_name(got.dtype) == B.dtype_name(A.dtype) and tuple(got.shape) == (3, n, k)
-    want = np.stack([scipy.linalg.solve(Ah[i], Bh[i]) for i in range(3)])
+    Bh = rng.standard_normal((4, k, n))
+    want = np.stack([scipy.linalg.solve(Ah[i], Bh[i].T).T for i in range(4)]).reshape(2, 2, k, n)
+    Ah, Bh = Ah.reshape(2, 2, n, n).astype(dtype), Bh.reshape(2, 2, k, n).astype(dtype)
+    A, Bm = backend.asarray(Ah), backend.asarray(Bh)
+    got = B.solve_spd_right(Bm, A, overwrite=overwrite)
+    assert B.dtype_name(got.dtype) == B.dtype_name(A.dtype) and tuple(got.shape) == (2, 2, k, n)
     tol = 1e-12 if dtype == "float64" else 2e-4
     np.testing.assert_allclose(B.to_host(got), want, rtol=tol, atol=tol)
-    np.testing.assert_array_equal(B.to_host(A), Ah.astype(dtype))
-    np.testing.assert_array_equal(B.to_host(Bm), Bh.astype(dtype))
+    np.testing.assert_array_equal(B.to_host(A), Ah)
+    in_place = overwrite and backend.name == "numpy"
+    assert (got is Bm) == in_place
+    if not in_place:
+        np.testing.assert_array_equal(B.to_host(Bm), Bh)
 
 
 def test_batch_blocks_cover_the_batch_in_balanced_cache_sized_blocks(backend):
