@@ -243,3 +243,20 @@ def test_batch_blocks_cover_the_batch_in_balanced_cache_sized_blocks(backend):
     # the issue's (64, 64) Lyapunov solve: 7 work arrays of 32 KiB per member
     if backend.name == "numpy":
         assert [s.stop - s.start for s in B.batch_blocks(64, 7 * 64 * 64 * 8, like)] == [16] * 4
+
+
+def test_is_positive_definite_per_member(backend, dtype, rng):
+    """True for a batch of SPD members; False as soon as one member is indefinite
+    or singular (a zero eigenvalue), whichever batch position it holds."""
+    n = 5
+    X = rng.standard_normal((3, n, 2 * n))
+    Ah = (X @ np.swapaxes(X, -1, -2) / (2 * n) + 0.1 * np.eye(n)).astype(dtype)
+    assert B.is_positive_definite(backend.asarray(Ah))
+    assert B.is_positive_definite(backend.asarray(Ah[1]))            # no batch axis
+    Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    for bad in (Q @ np.diag(np.linspace(-0.5, 2.0, n)) @ Q.T,           # indefinite
+                np.diag(np.arange(n, dtype=float))):                     # singular: exact zero pivot
+        for pos in range(3):
+            Ch = Ah.copy()
+            Ch[pos] = bad.astype(dtype)
+            assert not B.is_positive_definite(backend.asarray(Ch)), pos

@@ -299,6 +299,18 @@ def test_pade_coefficients_match_mpmath():
                                               rel=1e-12)
 
 
+@pytest.mark.parametrize("bshape", [(), (3,), (2, 3)])
+def test_combine_is_tensordot(backend, rng, bshape):
+    """The forward's member-by-member contraction of the power block equals
+    numpy.tensordot, for any batch shape, and comes back contiguous on NumPy."""
+    coef = rng.standard_normal((3, 5))
+    block = rng.standard_normal((5,) + bshape + (4, 4))
+    got = matsqrt._combine(backend.asarray(coef), backend.asarray(block))
+    np.testing.assert_allclose(to_host(got), np.tensordot(coef, block, axes=1), rtol=1e-13, atol=1e-14)
+    if backend.name == "numpy":
+        assert got.flags.c_contiguous
+
+
 def test_pade_polynomials_positive_on_unit_interval():
     """The forward solves D R = N by Cholesky (D SPD): every Padé numerator and
     denominator, either basis, has no real zero in [0, 1] (exact root count,
