@@ -20,8 +20,8 @@ scipy loop             scipy.linalg.sqrtm + scipy.linalg.solve_sylvester
 Columns: forward / backward / total time (median of ``--repeat`` runs after
 a warm-up, the methods interleaved within each repeat), the speed-up of the
 scipy loop's total over each method's total, nominal GFLOP/s (flop model
-below), the Lyapunov sign iteration's steps (largest over the batch; "5+2":
-five sign steps, then a Neumann finish of two terms) and two accuracy columns: the forward's and the gradient's relative
+below), the Lyapunov sign iteration's steps (largest over the batch; "4+4":
+four sign steps, then a finish of four Neumann terms) and two accuracy columns: the forward's and the gradient's relative
 error (Frobenius, worst batch member) against the float64 eigenbasis
 reference ``S = U diag(sqrt l) U^T``, ``A_bar = U [(U^T G U)/(s_i + s_j)]
 U^T`` computed here with NumPy.  The gradient error of an approximate
@@ -34,10 +34,12 @@ Inputs: covariance matrices ``A = X X^T / (2n) + 1e-3 I`` of ``2n``
 standard normal samples (condition number ~ 30-40, printed), cotangent ``G``
 standard normal (non-symmetric).
 
-Flop model (per matrix, n^3 units): matmul 2, LU solve with n right-hand
-sides 8/3, Cholesky 1/3, eigh with vectors 9 (LAPACK syevd, approx.),
-Lyapunov-sign step 10 (5 matmuls, symmetric), its Neumann finish 2 per term
-plus 2 (the last ``B^2``), NS forward step 6, NS backward step 12.
+Flop model (per matrix, n^3 units): matmul 2, Cholesky 1/3, the MPA's SPD
+solve with n right-hand sides 14/3 (Cholesky, triangular inverse 1/3, two
+products), eigh with vectors 9 (LAPACK syevd, approx.), Lyapunov-sign step
+10 (5 matmuls, symmetric), its finish 2 per term (after an MPA/MTP forward
+the hand-over is decided on the tracked spectrum bound, without a last
+``B^2``), NS forward step 6, NS backward step 12.
 
 The timed calls are the plain API calls (``sqrtm(A, method=...)``,
 ``sqrtm_vjp(res, G, method=...)``); the step counts come from one more,
@@ -131,7 +133,7 @@ def _refimpl_pair(fwd_kw, vjp_method, **vjp_kw):
         return matsqrt.sqrtm_vjp(res, G, method=vjp_method, **vjp_kw)
 
     def sign_steps(res, G):
-        """(sign steps, Neumann finish terms), largest over the batch, or None."""
+        """(sign steps, finishing terms), largest over the batch, or None."""
         if vjp_method != "lyapunov_sign":
             return None
         with warnings.catch_warnings():
@@ -167,7 +169,7 @@ def flops(method: str, n: int, res, sign_steps) -> float | None:
         return None
     chol_resid = (1.0 / 3.0 + 2.0) * n3                      # PSD check + residual matmul
     if method.startswith("mpa"):
-        fwd = chol_resid + 2.0 * (matsqrt.DEFAULT_MPA_ORDER - 1) * n3 + 8.0 / 3.0 * n3
+        fwd = chol_resid + 2.0 * (matsqrt.DEFAULT_MPA_ORDER - 1) * n3 + 14.0 / 3.0 * n3
     elif method.startswith("mtp"):
         fwd = chol_resid + 2.0 * (matsqrt.DEFAULT_MTP_DEGREE - 1) * n3
     elif method == "ns":
@@ -175,8 +177,8 @@ def flops(method: str, n: int, res, sign_steps) -> float | None:
     else:
         fwd = 2.0 * n3 + 9.0 * n3 + 2.0 * n3                  # eigh + reconstruction + residual
     if "lyapunov_sign" in method:
-        steps, terms = sign_steps                             # 5 matmuls a step (symmetric);
-        bwd = (10.0 * steps + 2.0 * (1 + terms if terms else 0)) * n3   # finish: B^2 + terms
+        steps, terms = sign_steps                             # 5 matmuls a step (symmetric),
+        bwd = (10.0 * steps + 2.0 * terms) * n3                # 1 a finishing term
     elif method == "ns":
         bwd = 12.0 * float(backend.to_host(res.n_iter).max()) * n3
     elif method == "eig+exact":

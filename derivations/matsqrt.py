@@ -13,7 +13,7 @@ raises AssertionError when it fails (tests/test_derivations.py runs them):
   non-symmetric B;
 * the block sign identity ``sign([[B, C], [0, -B^T]]) = [[I, 2X], [0, -I]]``,
   the structured Newton–Schulz step and its scaled variant, and the
-  invariant ``B_k X + X B_k = C_k`` of the steps behind the Neumann finish;
+  invariant ``B_k X + X B_k = C_k`` of the steps behind the (shifted) Neumann finish;
 * the Taylor and [m/m] Padé coefficients of ``sqrt(1 - z)`` (exact rationals,
   re-derived here from sympy's series) and the closed form
   ``r_m(x) = sqrt x coth((2m+1) artanh sqrt x) = E(x)/O(x)``, with its
@@ -244,12 +244,13 @@ def check_scaled_newton_schulz_step():
 
 
 def check_sign_step_keeps_the_solution():
-    """The Neumann finish rests on an invariant of the sign iteration: if
+    """The finish rests on an invariant of the sign iteration: if
     B X + X B = C, the step's (B', C') (any odd p) satisfy B' X + X B' = C',
     because p(M) = V diag(p(B), -p(B)) V^{-1} with V = [[I, -X], [0, I]].
     Checked for the scaled step with symbolic a, B, X (C := B X + X B).
-    Then with D = I - B: 2X = C + (D (2X) + (2X) D)/2, the fixed point the
-    Neumann series sum_t T^t(C), T(Y) = sym(D Y), sums."""
+    Then, for any shift w, Z = 2X is the fixed point Z = 2 w C + T(Z) of
+    T(Y) = Y - w (B Y + Y B) = M + M^T, M = (I/2 - w B) Y (Y symmetric), which
+    the shifted Neumann series sum_t T^t(2 w C) sums."""
     Bs, Xs = _mat2("p", symmetric=True), _mat2("x", symmetric=True)
     al = sp.symbols("alpha", positive=True)
     I2 = sp.eye(2)
@@ -260,9 +261,12 @@ def check_sign_step_keeps_the_solution():
     C_new = c2 * (M + M.T) / 2
     B_new = c2 * Bs * (R + g * I2)
     assert (B_new * Xs + Xs * B_new - C_new).applyfunc(sp.simplify) == sp.zeros(2, 2)
-    D = I2 - Bs
-    T = lambda Y: (D * Y + (D * Y).T) / 2                                        # noqa: E731
-    assert (Cs + T(2 * Xs) - 2 * Xs).applyfunc(sp.simplify) == sp.zeros(2, 2)
+    w = sp.symbols("w", positive=True)
+    Dw = I2 / 2 - w * Bs
+    T = lambda Y: Dw * Y + (Dw * Y).T                                            # noqa: E731
+    Ys = _mat2("y", symmetric=True)
+    assert (T(Ys) - (Ys - w * (Bs * Ys + Ys * Bs))).applyfunc(sp.simplify) == sp.zeros(2, 2)
+    assert (2 * w * Cs + T(2 * Xs) - 2 * Xs).applyfunc(sp.simplify) == sp.zeros(2, 2)
 
 
 # --------------------------------------------------------------------------

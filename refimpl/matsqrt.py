@@ -133,18 +133,19 @@ iteration applies ``b -> b (3 - b^2)/2``, which tends to 1 on ``(0, sqrt
   (float64): 11 -> 7 steps after an MPA forward on 64x64 covariances,
   23 -> 12 (cond 1e6) and 34 -> 17 (cond 1e10) after eig, with the same
   accuracy against scipy.  Every iterate keeps the solution, ``B_k X + X
-  B_k = C_k``; once ``B_k`` is near ``I`` the default finishes with the
-  Neumann series of that equation (:func:`_neumann_finish`), a product a
-  term against five a step: 5 steps and 2 terms instead of 7 steps on the
-  64x64 covariances.
+  B_k = C_k``; once the spectrum of ``B_k`` is in a narrow interval around 1
+  the default finishes with a (shifted) Neumann series of that equation
+  (:func:`_finish`), a product a term against five a step: 4 steps and 4
+  terms instead of 7 steps on the 64x64 covariances.
 
 ``iters=T`` stops after ``T`` steps; the default stops a member after the
 first step whose incoming ``||I - B_k^2||_F`` is ``<= tol`` (default
 ``sqrt(eps)``; the returned ``C`` is one step on, error ~ tol^2), or, with
-the finish, as soon as a few Neumann terms reach that accuracy.  The map
-``C_0 -> X`` is linear and, for symmetric ``B``, self-adjoint (the ``a_k``
-and the number of terms depend on ``B`` only, and ``Y -> sym(D Y)`` is
-self-adjoint), so the JVP is the same solve with ``sym(dA)``.  A member's ``C`` is frozen after its last step
+the finish, as soon as finishing takes fewer products than stepping on.
+The map ``C_0 -> X`` is linear and, for symmetric ``B``, self-adjoint (the
+``a_k``, the hand-over and the number of terms depend on ``B`` only, and the
+finish is a polynomial in ``Y -> B Y + Y B``), so the JVP is the same solve
+with ``sym(dA)``.  A member's ``C`` is frozen after its last step
 (its ``B`` runs on at the fixed point), so batch-mates never change it.
 
 "approximant" is the exact derivative of the forward actually computed
@@ -403,8 +404,11 @@ def _psd_tol(A, psd_tol) -> float:
 def _check_psd(As, norm, name: str, *, definite: bool, psd_tol: float | None):
     """Raise ValueError unless every member is PSD (``definite``: PD)."""
     xp = array_api_compat.array_namespace(As)
-    shifted = As if definite else backend.add_to_diagonal(xp.asarray(As, copy=True),
-                                                          _psd_tol(As, psd_tol) * norm)
+    # a shift below the factorisation's own rounding (~n eps ||A||) decides
+    # nothing: a singular PSD member would pass or fail by the rounding luck of
+    # the LAPACK at hand
+    tau = max(_psd_tol(As, psd_tol), As.shape[-1] * _eps(As))
+    shifted = As if definite else backend.add_to_diagonal(xp.asarray(As, copy=True), tau * norm)
     if backend.is_positive_definite(shifted):
         return
     _raise_not_psd(As, norm, name, definite=definite)
@@ -468,6 +472,11 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
     (default: all); a component that only drives the others (the sign
     iteration's ``B``, which stays at its fixed point) may run on.
 
+    A step may return a fourth item, a per-member mask of the members it
+    finished itself (the symmetric sign iteration's finish); those stop
+    instead of the ones with ``err <= tol``, and ``converged`` is then
+    "stopped" (``tol`` only schedules the device-sync checks).
+
     Returns ``(state, n_iter, error, converged, history)``; ``error`` is the
     residual measured at the start of each member's last step, ``history``
     (if ``record``) the list of ``(incoming state, aux, active mask)``.
@@ -483,8 +492,10 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
     device_sync = array_api_compat.is_cupy_namespace(xp)
     none_stopped = not device_sync     # known on the host (no sync): holding is a no-op
     next_check = 1
+    stops_itself = False
     for k in range(n_steps):
-        new, e, aux = step(state)
+        new, e, aux, *stop = step(state)
+        stops_itself = bool(stop)
         active = ~done
         if record:
             history.append((state, aux, active))
@@ -497,7 +508,7 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
         err = xp.where(active, e, err)
         n_iter = n_iter + xp.astype(active, xp.int64)
         if iters is None:
-            done = done | (e <= tol)
+            done = done | (stop[0] if stops_itself else (e <= tol))
             if k + 1 >= next_check:
                 if bool(xp.all(done)):
                     break
@@ -511,7 +522,7 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
                 # k + _steps_to_tol(e): test right after that step
                 ahead = _steps_to_tol(worst, tol) if worst < 1.0 else CHECK_EVERY
                 next_check = k + 1 + ahead
-    converged = err <= tol
+    converged = done if stops_itself and iters is None else err <= tol
     return state, n_iter, err, converged, history
 
 
@@ -604,12 +615,6 @@ def matrix_sign(M, *, iters: int | None = None, tol: float | None = None,
     return SignResult(sign=X, n_iter=n_iter, error=err, converged=conv)
 
 
-#: The scaled sign iteration on a symmetric ``B`` hands over to the Neumann
-#: series of the remaining equation once at most this many terms (one product
-#: each, against five for a sign step) reach the accuracy of the sign steps.
-FINISH_TERMS = 5
-
-
 def _lyapunov_sign_core(B0, C0, *, iters, tol, max_iter, symmetric: bool = False, l0=None):
     """Structured Newton–Schulz on sign([[B0, C0], [0, -B0^T]]) (identity (3)).
 
@@ -624,7 +629,8 @@ def _lyapunov_sign_core(B0, C0, *, iters, tol, max_iter, symmetric: bool = False
     ``symmetric`` (``B0`` and ``C0`` symmetric): :func:`_lyapunov_sign_symmetric`.
     """
     if symmetric:
-        return _lyapunov_sign_symmetric(B0, C0, iters=iters, tol=tol, max_iter=max_iter, l0=l0)
+        return _lyapunov_sign_symmetric(B0, C0, iters=iters, tol=tol, max_iter=max_iter,
+                                        l0=l0)[:4]
 
     def step(state):
         B, C = state
@@ -638,52 +644,61 @@ def _lyapunov_sign_core(B0, C0, *, iters, tol, max_iter, symmetric: bool = False
     return 0.5 * state[1], n_iter, err, conv
 
 
-def _neumann_terms(e, target):
-    """Per member, the number ``j >= 0`` of Neumann terms after which the
-    truncation bound ``e^{j+1} (1 + e) / (1 - e)`` is ``<= target`` (``e < 1``)."""
-    xp = array_api_compat.array_namespace(e)
-    pos = (e > 0.0) & (e < 1.0)
-    es = xp.where(pos, e, xp.full_like(e, 0.5))
-    j = xp.ceil(xp.log(target * (1.0 - es) / (1.0 + es)) / xp.log(es)) - 1.0
-    return xp.where(pos, xp.maximum(j, xp.zeros_like(j)), xp.zeros_like(j))
+def _finish_terms(a, b, target):
+    """Per member, the least ``j >= 0`` with ``q^{j+1} b / a <= target``, ``q =
+    (b - a) / (b + a)``: the terms after which :func:`_finish` on the interval
+    ``[a, b]`` has a relative error bound ``<= target``; ``inf`` where ``a <=
+    0`` (no bound)."""
+    xp = array_api_compat.array_namespace(a, b)
+    ok = a > 0.0
+    a1 = xp.where(ok, a, xp.ones_like(a))
+    q = (b - a1) / (b + a1)
+    pos = q > 0.0
+    qs = xp.where(pos, q, xp.full_like(q, 0.5))
+    j = xp.ceil(xp.log(target * a1 / b) / xp.log(qs)) - 1.0
+    j = xp.where(pos, xp.maximum(j, xp.zeros_like(j)), xp.zeros_like(j))
+    return xp.where(ok, j, xp.full_like(j, math.inf))
 
 
-def _sign_stop(tol: float, iters) -> float:
-    """The residual ``||I - B_k^2||_F`` at which a symmetric sign iteration
-    hands over to the Neumann finish (``iters`` None), else ``tol``."""
-    return tol ** (2.0 / (FINISH_TERMS + 1)) if iters is None else tol
+def _finish(B, C, a, b, j, work, out):
+    """``Z = 2X`` with ``B X + X B = C`` for symmetric ``B`` with spectrum in
+    ``[a, b]`` (``0 < a <= b``, per member) and symmetric ``C``.
 
+    The operator ``L(Y) = B Y + Y B`` is symmetric positive definite on
+    symmetric matrices (Frobenius inner product), with spectrum ``{b_i +
+    b_j}`` in ``[2a, 2b]``, and ``L(Z) = 2C``.  With ``w = 1 / (a + b)``,
+    ``I - w L`` has norm ``q = (b - a) / (b + a) < 1`` there, so (Richardson
+    iteration, a Neumann series)
 
-def _neumann_finish(B, C, e, target, work, out):
-    """``2X`` with ``B X + X B = C`` for symmetric ``B`` near ``I`` and
-    symmetric ``C``.
+        Z = sum_t T^t(2 w C),  T(Y) = Y - w L(Y) = M + M^T,  M = (I/2 - w B) Y
 
-    With ``D = I - B``: ``2X = C + (D (2X) + (2X) D)/2``, so ``2X = sum_t
-    T^t(C)`` with ``T(Y) = sym(D Y)`` (``D Y + Y D = 2 sym(D Y)`` for
-    symmetric ``Y``).  ``||T|| <= ||D||_2 <= e = ||I - B^2||_F`` (every
-    eigenvalue ``b > 0`` of ``B`` has ``|1 - b| = |1 - b^2| / (1 + b)``), so
-    stopping after ``j`` terms leaves a relative error ``<= e^{j+1} (1 + e) /
-    (1 - e)``; each member takes its own ``j`` (:func:`_neumann_terms`).
+    for symmetric ``Y``: one product a term.  Stopping after ``t = j`` leaves
+    ``w q^{j+1} / (1 - q) ||2C||`` against ``||Z|| >= ||2C|| / (2b)``: a
+    relative error ``<= q^{j+1} b / a`` (plus rounding; ``j`` from
+    :func:`_finish_terms`, per member: ``j = 0`` for a member not finished
+    here, whose result is unused).  Every term is exactly symmetric, and the
+    map ``C -> Z`` is a polynomial in ``L``: linear and self-adjoint.
     """
     xp = array_api_compat.array_namespace(B, C)
-    j = _neumann_terms(e, target)
     j_max = int(xp.max(j))
     same = bool(xp.all(j == j_max))
-    D = backend.subtract(eye_like(B), B, out=work[0])
-    X2 = backend.multiply(C, 1.0, out=out)          # T^0(C), a copy
-    term = C
+    w = _mm(1.0 / (a + b))
+    Dw = backend.add_to_diagonal(backend.multiply(B, -w, out=work[0]), 0.5)   # I/2 - w B
+    term = backend.multiply(C, 2.0 * w, out=work[1])     # T^0(2 w C)
+    Z = backend.multiply(term, 1.0, out=out)             # a copy
     for t in range(1, j_max + 1):
-        DY = backend.matmul(D, term, out=work[1])
-        term = backend.add(DY, mT(DY), out=work[2])
-        term *= 0.5                                  # T^t(C)
+        M = backend.matmul(Dw, term, out=work[2])
+        term = backend.add(M, mT(M), out=work[1])        # T^t(2 w C)
         if same:
-            X2 += term
-        else:
-            X2 = X2 + xp.where(_mm(j >= t), term, xp.zeros_like(term))
-    return X2
+            Z = backend.add(Z, term, out=Z)
+        else:                                            # only members with t <= j
+            Z = backend.add(Z, backend.multiply(term, _mm(xp.astype(j >= t, term.dtype)),
+                                                out=work[2]), out=Z)
+    return Z
 
 
-def _lyapunov_sign_symmetric(B, C, *, iters, tol, max_iter, l0=None, scale=None):
+def _lyapunov_sign_symmetric(B, C, *, iters, tol, max_iter, l0=None, scale=None,
+                             l0_is_bound=False):
     """:func:`_lyapunov_sign_block` over blocks of batch members whose work
     arrays fit in cache (:func:`refimpl.backend.batch_blocks`; one block off
     NumPy).  The members are independent, so the blocking changes no result;
@@ -695,7 +710,7 @@ def _lyapunov_sign_symmetric(B, C, *, iters, tol, max_iter, l0=None, scale=None)
     blocks = backend.batch_blocks(count, member_bytes, B)
     if len(blocks) == 1 or tuple(C.shape) != tuple(B.shape):
         return _lyapunov_sign_block(B, C, iters=iters, tol=tol, max_iter=max_iter,
-                                    l0=l0, scale=scale)
+                                    l0=l0, scale=scale, l0_is_bound=l0_is_bound)
 
     def flat(a):
         return None if a is None else xp.reshape(xp.broadcast_to(a, bshape), (count,))
@@ -703,8 +718,9 @@ def _lyapunov_sign_symmetric(B, C, *, iters, tol, max_iter, l0=None, scale=None)
     Bf, Cf, l0f, sf = xp.reshape(B, (count, n, n)), xp.reshape(C, (count, n, n)), flat(l0), flat(scale)
     parts = [_lyapunov_sign_block(Bf[s, ...], Cf[s, ...], iters=iters, tol=tol, max_iter=max_iter,
                                   l0=None if l0f is None else l0f[s],
-                                  scale=None if sf is None else sf[s]) for s in blocks]
-    shapes = (tuple(B.shape), bshape, bshape, bshape)
+                                  scale=None if sf is None else sf[s],
+                                  l0_is_bound=l0_is_bound) for s in blocks]
+    shapes = (tuple(B.shape), bshape, bshape, bshape, bshape)
     return tuple(xp.reshape(xp.concat([p[i] for p in parts], axis=0), shape)
                  for i, shape in enumerate(shapes))
 
@@ -713,11 +729,12 @@ def _lyapunov_sign_symmetric(B, C, *, iters, tol, max_iter, l0=None, scale=None)
 _SIGN_WORK_ARRAYS = 7
 
 
-def _lyapunov_sign_block(B, C, *, iters, tol, max_iter, l0=None, scale=None):
+def _lyapunov_sign_block(B, C, *, iters, tol, max_iter, l0=None, scale=None,
+                         l0_is_bound=False):
     """The sign iteration (3) for ``B0 = B / scale`` (symmetric, spectrum in
     ``(0, 1]``) and ``C0 = C / scale`` (symmetric; ``scale`` per member,
-    default 1); returns ``(X, n_iter, error, converged)`` as
-    :func:`_lyapunov_sign_core`, ``X`` solving ``B X + X B = C``.
+    default 1); returns ``(X, n_iter, error, converged, n_terms)``, ``X``
+    solving ``B X + X B = C`` and the rest as :class:`LyapunovResult`.
 
     Every ``B_k`` is then a polynomial in ``B0`` and every ``C_k`` symmetric.
     A step applies the odd polynomial ``p_k(x) = c1 x + c2 x (1 - x^2)``
@@ -755,45 +772,92 @@ def _lyapunov_sign_block(B, C, *, iters, tol, max_iter, l0=None, scale=None):
     ones, which converge on ``(0, sqrt 3)``.
 
     Finish (``iters`` None): every iterate keeps the solution, ``B_k X + X
-    B_k = C_k`` (``sign(M_{k+1}) = sign(p_k(M_k)) = sign(M_k)``).  Once ``B_k``
-    is near ``I`` that equation is solved by its Neumann series
-    (:func:`_neumann_finish`) to the accuracy ``tol^2`` that one more sign
-    step from residual ``tol`` would give: a member stops at the first
-    iterate with ``e_k = ||I - B_k^2||_F <= tol^{2/(J+1)}``, ``J =``
-    :data:`FINISH_TERMS`, where ``J`` products or fewer do that, against 5 a
-    step and at least one more step.  ``n_iter`` counts the finish as a step.
-    ``iters`` given: exactly that many plain steps, the paper's setting.
+    B_k = C_k`` (``sign(M_{k+1}) = sign(p_k(M_k)) = sign(M_k)``), and once
+    the spectrum of ``B_k`` lies in a narrow interval ``[a, b]`` around 1 that
+    equation is solved by a Neumann series (:func:`_finish`, one product a
+    term, against five a sign step) to the relative accuracy ``tol^2`` that
+    one more sign step from residual ``tol`` would give.  The interval: every
+    eigenvalue has ``|1 - b^2| <= e_k = ||I - B_k^2||_F``, so ``[sqrt(1 -
+    e_k), sqrt(1 + e_k)]``; with ``l0_is_bound`` (``l0`` a lower bound of the
+    spectrum, not an estimate: the eig, MPA and MTP forwards) also ``[l_k,
+    u]``, which the scaled steps keep (widened by ``sqrt(eps)`` for rounding)
+    and which is much narrower (``e_k`` sums over all ``n`` eigenvalues).  A
+    member hands over at the first step where finishing now takes fewer
+    products than one more step and the finish after it (``j_k < 5 +
+    j_{k+1}``, :func:`_finish_terms`; ``j_{k+1}`` from ``l_{k+1}``, or from
+    the plain step's ``e' = e^2 (3 + e) / 4``); with ``l0_is_bound`` that is
+    decided before ``B_k^2`` is formed, which the finish then does without
+    (the reported error is then the bound ``1 - l_k^2`` on ``||I -
+    B_k^2||_2``).  On 64x64 covariances after an MPA forward: 4 steps and 4
+    terms (24 products) instead of 5 steps and 2 terms of the Frobenius-based
+    finish (28) or 7 steps (35).  ``n_iter`` counts the finish as a step,
+    ``n_terms`` its terms.  ``iters`` given: exactly that many plain steps,
+    the paper's setting.
 
     Memory: the scaled inputs, two sets of iterates used in turn (a step
     writes over the set of the step before last, which the driver no longer
     holds) and three work arrays are cut from one block
     (:func:`refimpl.backend.work_arrays`); on NumPy and CuPy every product is
-    written into them, so the loop allocates nothing of size n^2.
+    written into them, so the loop allocates nothing of size n^2 (but for
+    the finish of some members while others step).
     """
     xp = array_api_compat.array_namespace(B, C)
-    u = 1.0 + math.sqrt(_eps(B))
+    pad = math.sqrt(_eps(B))
+    u = 1.0 + pad
     finish = iters is None
     target = tol * tol
-    switch = _sign_stop(tol, iters)
     B0, C0, B1, C1, *work = backend.work_arrays(B, _SIGN_WORK_ARRAYS)
     inv = 1.0 if scale is None else _mm(1.0 / scale)
     B0, C0 = backend.multiply(B, inv, out=B0), backend.multiply(C, inv, out=C0)
     sets = [(B0, C0), (B1, C1)]
     calls = [0]
+    bshape = tuple(B.shape[:-2])
+    n_terms = xp.zeros(bshape, dtype=xp.int64, device=backend.device(B))
+    finished = [xp.zeros(bshape, dtype=xp.bool, device=backend.device(B))]
 
-    def full_step(B, C, R2, e, l, out):
+    def raised(l, e):
+        """``l_k <- max(l_k, sqrt(1 - e))`` (a bound whenever ``l_k`` is)."""
+        r = 1.0 - e
+        return xp.maximum(l, xp.sqrt(xp.where(r > 0.0, r, xp.zeros_like(r))))
+
+    def scaling(l):
+        """``(c2, g, l_{k+1})`` of the scaled step for the interval ``[l, u]``."""
+        a2 = 3.0 / (u * u + u * l + l * l)               # a^2 = 3 / (u^2 + u l + l^2)
+        a = xp.sqrt(a2)
+        return 0.5 * a * a2, (3.0 - a2) / a2, 0.5 * a * l * (3.0 - a2 * l * l)
+
+    def interval(e, l):
+        """Per member ``[a, b]`` holding the spectrum of ``B_k`` (``a <= 0``:
+        none): from ``e`` (None: not computed) and, if a bound, ``l``."""
+        lo = hi = None
+        if e is not None:
+            lo = xp.sqrt(xp.maximum(1.0 - e, xp.zeros_like(e)))
+            hi = xp.sqrt(1.0 + e)
+        if l0_is_bound and l is not None:
+            lo = l - pad if lo is None else xp.maximum(lo, l - pad)
+            hi = xp.full_like(l, u) if hi is None else xp.minimum(hi, xp.full_like(hi, u))
+        return lo, hi
+
+    def hand_over(e, l):
+        """Per member: finish now (strictly fewer products than one more step,
+        5, and the finish after it)?, and the finish's terms."""
+        j_now = _finish_terms(*interval(e, l), target)
+        if l0_is_bound and l is not None:
+            l_next = scaling(l)[2]
+            j_next = _finish_terms(l_next - pad, xp.full_like(l_next, u), target)
+        else:                                            # the plain step's model
+            e_next = xp.where(e < 1.0, e * e * (3.0 + e) / 4.0, e)
+            j_next = _finish_terms(*interval(e_next, None), target)
+        return j_now < 5.0 + j_next, j_now
+
+    def full_step(B, C, R2, l, out):
         """The sign step from ``R2 = 2 (I - B^2)`` (a work array, overwritten)
-        into ``out``; returns ``(B_{k+1}, C_{k+1}, l_{k+1})``."""
+        into ``out``; ``l`` already raised.  Returns ``(B_{k+1}, C_{k+1}, l_{k+1})``."""
         if l is None:                                  # plain Newton–Schulz
             c2, g, l_next = 0.5, 2.0, None
         else:
-            # l_k <- max(l_k, sqrt(1 - e)); a^2 = 3 / (u^2 + u l + l^2)
-            r = 1.0 - e
-            l = xp.maximum(l, xp.sqrt(xp.where(r > 0.0, r, xp.zeros_like(r))))
-            a2 = 3.0 / (u * u + u * l + l * l)
-            a = xp.sqrt(a2)
-            c2, g = _mm(0.5 * a * a2), (3.0 - a2) / a2    # c2 = a^3/2, g = c1/c2
-            l_next = 0.5 * a * l * (3.0 - a2 * l * l)    # p_k(l_k)
+            c2, g, l_next = scaling(l)
+            c2 = _mm(c2)                                 # c2 = a^3/2, g = c1/c2
         P2 = backend.add_to_diagonal(R2, 2.0 * g)        # 2P = 2R + 2g I
         Bn = backend.matmul(B, P2, out=out[0])
         Bn *= 0.5 * c2                                   # B_{k+1} = c2 B P
@@ -805,33 +869,62 @@ def _lyapunov_sign_block(B, C, *, iters, tol, max_iter, l0=None, scale=None):
         Cn *= 0.5 * c2                                   # C_{k+1} = c2 sym(M)
         return Bn, Cn, l_next
 
+    def finish_members(B, C, e, l, j, new, out):
+        """The finish of the members in ``new`` (their ``j`` terms), into ``out``."""
+        lo, hi = interval(e, l)
+        one = xp.ones_like(lo)
+        lo, hi = xp.where(new, lo, one), xp.where(new, hi, one)     # others: unused
+        j = xp.where(new, j, xp.zeros_like(j))
+        n_terms[...] = xp.where(new, xp.astype(j, n_terms.dtype), n_terms)
+        return _finish(B, C, lo, hi, j, work, out)
+
     def step(state):
         B, C = state[0], state[1]
         l = state[2] if len(state) > 2 else None
         calls[0] += 1
         out = sets[calls[0] % 2]                         # the set of the step before last
+        by_bound = finish and l0_is_bound and l is not None
+        if by_bound:
+            # decided on the tracked interval alone, before B^2 is formed: a
+            # member's choice never depends on whether its batch-mates step on
+            ready, j = hand_over(None, l)
+            new = ready & ~finished[0]                   # finish here (once a member)
+            done = finished[0] = finished[0] | new
+            bound = 1.0 - (l - pad) ** 2                 # >= ||I - B_k^2||_2, reported
+            if bool(xp.all(done)):
+                return (B, finish_members(B, C, None, l, j, new, out[1]), l), bound, None, done
         R2 = backend.matmul(B, B, out=work[0])
         R2 *= -2.0
         R2 = backend.add_to_diagonal(R2, 2.0)            # 2 (I - B_k^2)
         e = 0.5 * backend.frobenius(R2)
+        l_k = l
+        if l is not None:
+            l = raised(l, e)
+        if not finish:
+            Bn, Cn, l_next = full_step(B, C, R2, l, out)
+            return (Bn, Cn) + (() if l is None else (l_next,)), e, None
+        if by_bound:
+            e = xp.where(new, bound, e)
+        else:
+            ready, j = hand_over(e, l)
+            new = ready & ~finished[0]
+            done = finished[0] = finished[0] | new
         tail = () if l is None else (l,)
-        if finish:
-            done = e <= switch
-            if bool(xp.all(done)):                       # every member finishes here
-                B_same = backend.multiply(B, 1.0, out=out[0])
-                return (B_same, _neumann_finish(B, C, e, target, work, out[1])) + tail, e, None
-        Bn, Cn, l_next = full_step(B, C, R2, e, l, out)
-        if finish and bool(xp.any(done)):                # some finish, the others step
-            # terms for the finishing members only (work is free again)
-            X2 = _neumann_finish(B, C, xp.where(done, e, xp.zeros_like(e)), target, work, None)
-            Cn = xp.where(_mm(done), X2, Cn)
-        return (Bn, Cn) + (() if l is None else (l_next,)), e, None
+        if bool(xp.all(done)):                           # the rest all finish here
+            return (B, finish_members(B, C, e, l, j, new, out[1])) + tail, e, None, done
+        Bn, Cn, l_next = full_step(B, C, R2, l, out)
+        if bool(xp.any(new)):                            # some finish, the others step
+            # work is free again; the finish goes to a fresh array
+            Z = finish_members(B, C, None if by_bound else e, l_k if by_bound else l, j, new,
+                               xp.empty_like(Cn))
+            Cn = xp.where(_mm(new), Z, Cn)
+        return (Bn, Cn) + (() if l is None else (l_next,)), e, None, done
 
     state = (B0, C0) if l0 is None else (B0, C0, l0)
     frozen = (False, True, False)[: len(state)]
-    state, n_iter, err, conv, _ = _newton_schulz(state, step, iters=iters, tol=switch,
+    state, n_iter, err, conv, _ = _newton_schulz(state, step, iters=iters, tol=tol,
                                                  max_iter=max_iter, frozen=frozen)
-    return 0.5 * state[1], n_iter, err, conv
+    return 0.5 * state[1], n_iter, err, conv, n_terms
 
 
 @dataclass(frozen=True)
@@ -846,10 +939,12 @@ class LyapunovResult:
     residual : per member ``||B X + X B^T - C||_F / (2 ||B||_F ||X||_F + ||C||_F)``
         (a normwise backward error; ~eps for an accurate solve).
     n_iter, error, converged : per member (sign method: the sign iteration's
-        ``||B_k^2 - I||_F`` at its last step; eig: 0 steps, error 0).
+        ``||B_k^2 - I||_F`` at its last step, or, where a VJP's iteration
+        finished on its tracked spectrum bound ``l_k``, the bound ``1 - l_k^2``
+        on ``||B_k^2 - I||_2``; eig: 0 steps, error 0).
     n_terms : per member, the Neumann terms of the finish that ended the
         iteration (the scaled iteration of a VJP, see
-        :func:`_lyapunov_sign_symmetric`; ``n_iter`` counts it as a step),
+        :func:`_lyapunov_sign_block`; ``n_iter`` counts it as a step),
         else 0.
     """
 
@@ -1253,7 +1348,8 @@ def sqrtm(A, *, method: str = "mpa", order: int | None = None, degree: int | Non
         step limit.
     sym_tol : accepted relative asymmetry (default sqrt(eps)).
     psd_tol : accepted negative eigenvalues, relative to ||A||_F (default
-        10 n eps).
+        10 n eps; the Cholesky test uses at least n eps, its own rounding
+        level, below which it could not tell the sign).
 
     Returns
     -------
@@ -1404,6 +1500,7 @@ def _lyap_sign(res, E, inverse: bool, iters, tol, max_iter, full_output):
     xp = array_api_compat.array_namespace(res.A)
     B, C = _lyapunov_operand(res, _sym(E), inverse)
     iters, tol, max_iter = _iteration_options(iters, tol, max_iter, _eps(res.A))
+    bound = False
     if iters is not None:
         sigma, l0 = (_fro(B) if inverse else xp.sqrt(_fro(res.A))), None
     else:
@@ -1411,18 +1508,15 @@ def _lyap_sign(res, E, inverse: bool, iters, tol, max_iter, full_output):
         # eps <= l0 <= 1 (a zero eigenvalue makes the operator singular: the
         # iteration then runs to max_iter and warns; an estimate may exceed hi)
         l0 = lo / sigma
+        # a bound (not the ns forward's estimate) unless the clip below raises it
+        bound = res.method != "ns" and bool(xp.all(l0 >= _eps(res.A)))
         l0 = xp.clip(xp.where(l0 > 0.0, l0, xp.zeros_like(l0)), min=_eps(res.A), max=1.0)
-    # X is exactly symmetric: C_0 is, and so is every update (sym(M), Neumann terms)
-    X, n_iter, err, conv = _lyapunov_sign_symmetric(B, C, scale=sigma, iters=iters, tol=tol,
-                                                    max_iter=max_iter, l0=l0)
-    _warn_unconverged("the Lyapunov sign iteration", conv, err, _sign_stop(tol, iters),
-                      stacklevel=5)
+    # X is exactly symmetric: C_0 is, and so is every update (sym(M), the finish)
+    X, n_iter, err, conv, n_terms = _lyapunov_sign_symmetric(
+        B, C, scale=sigma, iters=iters, tol=tol, max_iter=max_iter, l0=l0, l0_is_bound=bound)
+    _warn_unconverged("the Lyapunov sign iteration", conv, err, tol, stacklevel=5)
     if not full_output:
         return X, None
-    # the finish took _neumann_terms(err) terms where it ran (converged, scaled mode)
-    n_terms = xp.zeros_like(n_iter)
-    if iters is None:
-        n_terms = xp.where(conv, xp.astype(_neumann_terms(err, tol * tol), n_iter.dtype), n_terms)
     info = LyapunovResult(X=X, B=B, C=C, method="sign", residual=_lyapunov_residual(B, C, X),
                           n_iter=n_iter, error=err, converged=conv, n_terms=n_terms)
     return X, info

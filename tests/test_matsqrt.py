@@ -388,10 +388,10 @@ def test_scaled_sign_iteration_any_lower_estimate(rng, l0):
     X, n_iter, err, conv = matsqrt._lyapunov_sign_core(
         B, C, iters=None, tol=1.5e-8, max_iter=100, symmetric=True, l0=np.asarray(l0))
     assert bool(conv) and rel(X, scipy.linalg.solve_continuous_lyapunov(B, C)) < 1e-11
-    # from 1e-3, at most 2.6x a step: >= 8 steps; 1.5x a step (plain): 17 + 4
+    # from 1e-3, at most 2.6x a step: >= 8 steps; 1.5x a step (plain): 17 + the finish
     _, n_plain, _, _ = matsqrt._lyapunov_sign_core(B, C, iters=None, tol=1.5e-8, max_iter=100,
                                                    symmetric=True)
-    assert 8 <= int(n_iter) and int(n_plain) >= 20
+    assert 8 <= int(n_iter) and int(n_plain) >= 18
     if l0 == 1e-3:
         assert int(n_iter) <= 13
 
@@ -413,40 +413,61 @@ def test_lyapunov_sign_steps_after_an_approximant(rng, method, inverse):
         assert rel(A_bar, scipy.linalg.solve_sylvester(T, T, rhs)) < 1e-12
 
 
-def test_neumann_terms_is_the_smallest_sufficient_count():
-    """j is the least integer >= 0 with e^{j+1} (1 + e)/(1 - e) <= target."""
-    e = np.array([0.0, 1e-12, 1e-8, 1e-4, 2.5e-3, 0.05, 0.3, 0.9])
+def test_finish_terms_is_the_smallest_sufficient_count():
+    """j is the least integer >= 0 with q^{j+1} b/a <= target, q = (b - a)/(b + a);
+    no term when a == b (exact); inf without a lower end (a <= 0)."""
+    a = np.array([1.0, 0.999, 0.9641, 0.7, 0.2, 1e-4, 0.0, -0.5])
+    b = np.ones_like(a)
     for target in (2.2e-16, 1e-10, 1e-3):
-        j = to_host(matsqrt._neumann_terms(e, target)).astype(int)
-        for ei, ji in zip(e, j):
-            if ei == 0.0:
+        j = to_host(matsqrt._finish_terms(a, b, target))
+        for ai, ji in zip(a, j):
+            if ai <= 0.0:
+                assert ji == np.inf
+                continue
+            q = (1.0 - ai) / (1.0 + ai)
+            if q == 0.0:
                 assert ji == 0
                 continue
-            bound = lambda k: ei ** (k + 1) * (1 + ei) / (1 - ei)   # noqa: E731
+            bound = lambda k: q ** (k + 1) / ai       # noqa: E731
             assert bound(ji) <= target * (1 + 1e-12)
             assert ji == 0 or bound(ji - 1) > target
 
 
-@pytest.mark.parametrize("spread, target", [(1e-3, 1e-15), (0.1, 1e-6)])
-def test_neumann_finish_solves_near_identity(rng, spread, target):
-    """B X + X B = C for symmetric B near I by the Neumann series: the error is
-    within the stated bound e^{j+1} (1 + e)/(1 - e) (relative, plus rounding)."""
-    U, _ = np.linalg.qr(rng.standard_normal((6, 6)))
-    B = sym((U * (1.0 + spread * np.linspace(-1.0, 0.5, 6))) @ U.T)
-    C = sym(rng.standard_normal((6, 6)))
-    e = np.asarray(np.linalg.norm(np.eye(6) - B @ B))
-    work = matsqrt.backend.work_arrays(B, 3)
-    X = 0.5 * matsqrt._neumann_finish(B, C, e, target, work, None)
-    want = scipy.linalg.solve_continuous_lyapunov(B, C)
-    j = int(matsqrt._neumann_terms(e, target))
-    bound = float(e) ** (j + 1) * (1 + float(e)) / (1 - float(e))
-    assert bound <= target and j >= 1
-    assert rel(X, want) <= 1.1 * bound + 1e-14
-    assert np.array_equal(X, X.T)                      # every term is exactly symmetric
+@pytest.mark.parametrize("lo, target", [(0.9641, 2.2e-16), (0.5, 1e-12), (0.999, 1e-8)])
+def test_finish_solves_within_its_bound(rng, lo, target):
+    """B X + X B = C for symmetric B with spectrum filling [lo, 1] (ends included) by
+    the shifted Neumann series: the error against scipy is within the bound
+    q^{j+1} b/a (relative, plus rounding), the result is exactly symmetric; in a
+    batch whose members take different j (one takes none) each finished member gets
+    its result alone."""
+    n = 6
+    Bs, Cs = [], []
+    for spread in (lo, 0.5 * (1 + lo), 1.0):     # spectra [lo, 1], [(1+lo)/2, 1], {1}
+        U, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        Bs.append(sym((U * np.linspace(spread, 1.0, n)) @ U.T))
+        Cs.append(sym(rng.standard_normal((n, n))))
+    B, C = np.stack(Bs), np.stack(Cs)
+    a, b = np.array([lo, 0.5 * (1 + lo), 1.0]), np.ones(3)
+    j = to_host(matsqrt._finish_terms(a, b, target))
+    assert j[0] >= j[1] > j[2] == 0
+    work = lambda M: matsqrt.backend.work_arrays(M, 3)     # noqa: E731
+    X = 0.5 * matsqrt._finish(B, C, a, b, j, work(B), None)
+    assert np.array_equal(X, np.swapaxes(X, -1, -2))
+    for i in range(3):
+        want = scipy.linalg.solve_continuous_lyapunov(B[i], C[i])
+        q = (b[i] - a[i]) / (b[i] + a[i])
+        assert rel(X[i], want) <= 1.1 * q ** (j[i] + 1) * b[i] / a[i] + 1e-14
+        alone = 0.5 * matsqrt._finish(B[i], C[i], a[i], b[i], j[i], work(B[i]), None)
+        assert rel(X[i], alone) <= 1e-15
+    # a member with j = 0 and (unused) interval [1, 1] does not change the others
+    a1, j1 = a.copy(), j.copy()
+    a1[1], j1[1] = 1.0, 0
+    X1 = 0.5 * matsqrt._finish(B, C, a1, b, j1, work(B), None)
+    assert np.array_equal(X1[0], X[0])
 
 
 def test_sign_iteration_members_finish_on_their_own(rng):
-    """Members that reach the Neumann finish at different steps (conditioning
+    """Members that reach the finish at different steps (conditioning
     1e1 .. 1e8, eig forward: the interval is the true spectrum) get the result
     they get alone, agree with solve_sylvester on the forward's root, and the
     gradient is exactly symmetric."""
