@@ -337,6 +337,22 @@ def solve_vec(A, b):
     return xp.linalg.solve(A, b[..., None])[..., 0]
 
 
+#: Largest n for which the per-member SciPy LAPACK loops below are used on
+#: NumPy.  Up to it OpenBLAS runs ``potrf``/``trtri`` on one thread (measured:
+#: CPU time / wall time 1.00 at n = 64, 1.86 at n = 128); above it SciPy's
+#: OpenBLAS threads them, and its idle threads, a pool of their own, then
+#: compete with NumPy's threaded products: at batch 16, n = 256, the MPA
+#: forward took 1.7x longer.  NumPy's own ``linalg`` (one pool with its
+#: products) is used there instead.
+SMALL_LAPACK_N = 64
+
+
+def _scipy_lapack_loop(*arrays) -> bool:
+    """Whether the per-member SciPy LAPACK path applies to ``arrays``."""
+    return (all(array_api_compat.is_numpy_array(x) for x in arrays)
+            and arrays[0].shape[-1] <= SMALL_LAPACK_N)
+
+
 def _cholesky_members(A, *, invert: bool):
     """NumPy: LAPACK ``potrf`` (with ``invert`` then ``trtri``) per member of a
     C-order copy of ``A`` (..., n, n), in place through its Fortran-order
@@ -345,8 +361,8 @@ def _cholesky_members(A, *, invert: bool):
     one triangle of ``A`` is read); ``info`` (batch shape) is LAPACK's, > 0
     where the Cholesky broke down (not positive definite to working precision).
 
-    Plain per-member calls: at the sizes where a batch loop matters they stay
-    on one thread.  SciPy's ``posv`` does not: OpenBLAS threads its triangular
+    Plain per-member calls: up to n = :data:`SMALL_LAPACK_N` they stay on one
+    thread.  SciPy's ``posv`` does not: OpenBLAS threads its triangular
     solves from n = 32 on, and the idle threads then spin for a while; on the
     2-core machine this was measured on, the spinning slowed the following
     single-threaded products and LAPACK calls up to 2x.
@@ -368,14 +384,15 @@ def is_positive_definite(A) -> bool:
     """True when every member of ``A`` (..., n, n; one triangle read) has a
     Cholesky factor with a finite, positive diagonal.
 
-    NumPy: LAPACK ``potrf`` per member (:func:`_cholesky_members`), about
-    twice as fast as ``numpy.linalg.cholesky`` at n = 64 (no copies out of
-    Fortran order, no factor returned).  CuPy reports a failed factorisation
+    NumPy, n <= :data:`SMALL_LAPACK_N`: LAPACK ``potrf`` per member
+    (:func:`_cholesky_members`), about twice as fast as
+    ``numpy.linalg.cholesky`` at n = 64 (no copies out of Fortran order, no
+    factor returned).  CuPy reports a failed factorisation
     only inside ``cupyx.errstate(linalg='raise')`` (by default it returns
     garbage), so that context is entered.  Others: the library's LinAlgError.
     """
     xp = array_api_compat.array_namespace(A)
-    if array_api_compat.is_numpy_array(A):
+    if _scipy_lapack_loop(A):
         L_T, info = _cholesky_members(A, invert=False)
         if bool(np.any(info != 0)):
             return False
@@ -401,17 +418,17 @@ def solve_spd_right(B, A, *, overwrite: bool = False):
     and ``B`` (..., k, n) with the same batch shape; only one triangle of
     ``A`` is read.
 
-    NumPy: ``A = L L^T`` and ``L^{-1}`` by LAPACK per member
-    (:func:`_cholesky_members`, one thread), then ``B A^{-1} = (B L^{-T})
+    NumPy, n <= :data:`SMALL_LAPACK_N`: ``A = L L^T`` and ``L^{-1}`` by
+    LAPACK per member (:func:`_cholesky_members`, one thread), then ``B A^{-1} = (B L^{-T})
     L^{-1}`` by two batched products; a member whose Cholesky breaks down is
     solved by LU instead.  With ``overwrite`` (``B`` a C-contiguous work
     array of the caller's) the result is written into ``B``, which is
     returned.  About 4 ms per 64 members at n = 64 against 5.5 ms for
-    ``numpy.linalg.solve`` (LU).  Elsewhere: ``xp.linalg.solve(A, B^T)^T``.
+    ``numpy.linalg.solve`` (LU).  Elsewhere (and above that size):
+    ``xp.linalg.solve(A, B^T)^T``.
     """
     xp = array_api_compat.array_namespace(A, B)
-    if not (array_api_compat.is_numpy_array(A) and array_api_compat.is_numpy_array(B)
-            and A.shape[:-2] == B.shape[:-2] and A.dtype == B.dtype):
+    if not (_scipy_lapack_loop(A, B) and A.shape[:-2] == B.shape[:-2] and A.dtype == B.dtype):
         return mT(xp.linalg.solve(A, mT(B)))
     L_invT, info = _cholesky_members(A, invert=True)
     bad = info != 0
