@@ -870,13 +870,20 @@ def _lyapunov_sign_block(B, C, *, iters, tol, max_iter, l0=None, scale=None,
         return Bn, Cn, l_next
 
     def finish_members(B, C, e, l, j, new, out):
-        """The finish of the members in ``new`` (their ``j`` terms), into ``out``."""
+        """The finish of the members in ``new`` (their ``j`` terms), into
+        ``out`` (None: a fresh array); the other members' entries are unused."""
         lo, hi = interval(e, l)
-        one = xp.ones_like(lo)
-        lo, hi = xp.where(new, lo, one), xp.where(new, hi, one)     # others: unused
-        j = xp.where(new, j, xp.zeros_like(j))
         n_terms[...] = xp.where(new, xp.astype(j, n_terms.dtype), n_terms)
-        return _finish(B, C, lo, hi, j, work, out)
+        if bool(xp.all(new)):
+            return _finish(B, C, lo, hi, j, work, out)
+        # only the members that finish here, gathered: with many members
+        # finishing at different steps (small n, large batches) a finish over
+        # the whole block each time cost more than it saved
+        B_new = B[new]
+        Z = _finish(B_new, C[new], lo[new], hi[new], j[new], backend.work_arrays(B_new, 3), None)
+        out = xp.empty_like(C) if out is None else out
+        out[new] = Z
+        return out
 
     def step(state):
         B, C = state[0], state[1]
