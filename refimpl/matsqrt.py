@@ -873,6 +873,7 @@ def _lyapunov_sign_block(B, C, *, iters, tol, max_iter, l0=None, scale=None,
         """The finish of the members in ``new`` (their ``j`` terms), into
         ``out`` (None: a fresh array); the other members' entries are unused."""
         lo, hi = interval(e, l)
+        j = xp.where(new, j, xp.zeros_like(j))            # others may be inf (no interval)
         n_terms[...] = xp.where(new, xp.astype(j, n_terms.dtype), n_terms)
         if bool(xp.all(new)):
             return _finish(B, C, lo, hi, j, work, out)
