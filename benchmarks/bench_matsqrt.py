@@ -21,7 +21,8 @@ Columns: forward / backward / total time (median of ``--repeat`` runs after
 a warm-up, the methods interleaved within each repeat), the speed-up of the
 scipy loop's total over each method's total, nominal GFLOP/s (flop model
 below), the Lyapunov sign iteration's steps (largest over the batch; "4+4":
-four sign steps, then a finish of four Neumann terms) and two accuracy columns: the forward's and the gradient's relative
+four sign steps, then a finish of four Neumann terms) and two accuracy
+columns: the forward's and the gradient's relative
 error (Frobenius, worst batch member) against the float64 eigenbasis
 reference ``S = U diag(sqrt l) U^T``, ``A_bar = U [(U^T G U)/(s_i + s_j)]
 U^T`` computed here with NumPy.  The gradient error of an approximate

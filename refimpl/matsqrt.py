@@ -715,7 +715,8 @@ def _lyapunov_sign_symmetric(B, C, *, iters, tol, max_iter, l0=None, scale=None,
     def flat(a):
         return None if a is None else xp.reshape(xp.broadcast_to(a, bshape), (count,))
 
-    Bf, Cf, l0f, sf = xp.reshape(B, (count, n, n)), xp.reshape(C, (count, n, n)), flat(l0), flat(scale)
+    Bf, Cf = xp.reshape(B, (count, n, n)), xp.reshape(C, (count, n, n))
+    l0f, sf = flat(l0), flat(scale)
     parts = [_lyapunov_sign_block(Bf[s, ...], Cf[s, ...], iters=iters, tol=tol, max_iter=max_iter,
                                   l0=None if l0f is None else l0f[s],
                                   scale=None if sf is None else sf[s],
@@ -1154,11 +1155,11 @@ def _combine(coef, block):
     """``out[r] = sum_k coef[r, k] block[k]`` for ``block`` (d, ..., n, n):
     ``tensordot(coef, block, axes=1)``, computed member by member.
 
-    One (r x d) @ (d x n^2) product per member (on NumPy written straight into
-    the (r, ..., n, n) result).  A single ``tensordot`` is one large product, which OpenBLAS runs on
-    several threads; its idle threads then spin for a while and, on a 2-core
-    machine, slowed the forward's next LAPACK calls about 2x (measured: the
-    Cholesky solve 9 ms instead of 4.6).  Per member the products are small
+    One (r x d) @ (d x n^2) product per member (on NumPy written straight
+    into the (r, ..., n, n) result).  A single ``tensordot`` is one large
+    product, which OpenBLAS runs on several threads; its idle threads then
+    spin for a while and, on a 2-core machine, slowed the forward's next
+    LAPACK calls about 2x (measured: the Cholesky solve 9 ms instead of 4.6).  Per member the products are small
     enough to stay on one thread, and faster besides (0.4 ms against 1.0 ms
     at batch 64, n = 64).
     """
@@ -1179,7 +1180,7 @@ def _forward_rational(As, c, num, den, gamma, basis):
 
     The powers ``W^1..W^d`` are written into one block (d, ..., n, n), and
     ``N``, ``D`` and ``(A/c)^p`` (``p = min(d, 5)``) are one contraction of it
-    with their coefficients (:func:`_combine`, a single pass over the powers).  The last gives
+    with their coefficients (:func:`_combine`, one pass over the powers).  The last gives
     ``x_max = ||(A/c)^p||_F^{1/p} >= l_max / c`` (``(sum_i x_i^{2p})^{1/(2p)}
     >= max_i x_i``, within ``n^{1/(2p)}`` of it), plus a rounding margin,
     capped at 1: the backward's bound on the spectrum of the root.

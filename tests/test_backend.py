@@ -259,7 +259,7 @@ def test_is_positive_definite_per_member(backend, dtype, rng, n):
     assert B.is_positive_definite(backend.asarray(Ah[1]))            # no batch axis
     Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
     for bad in (Q @ np.diag(np.linspace(-0.5, 2.0, n)) @ Q.T,           # indefinite
-                np.diag(np.arange(n, dtype=float))):                     # singular: exact zero pivot
+                np.diag(np.arange(n, dtype=float))):                     # singular, zero pivot
         for pos in range(3):
             Ch = Ah.copy()
             Ch[pos] = bad.astype(dtype)

@@ -306,7 +306,8 @@ def test_combine_is_tensordot(backend, rng, bshape):
     coef = rng.standard_normal((3, 5))
     block = rng.standard_normal((5,) + bshape + (4, 4))
     got = matsqrt._combine(backend.asarray(coef), backend.asarray(block))
-    np.testing.assert_allclose(to_host(got), np.tensordot(coef, block, axes=1), rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(to_host(got), np.tensordot(coef, block, axes=1),
+                               rtol=1e-13, atol=1e-14)
     if backend.name == "numpy":
         assert got.flags.c_contiguous
 
@@ -496,7 +497,8 @@ def test_sign_iteration_in_cache_blocks_equals_one_block(rng, monkeypatch, iters
     one-block run bit for bit (each member's products are the same), and each
     member matches solve_sylvester on the forward's root."""
     from refimpl import backend
-    As = np.stack([spd_cond(rng, 5, c) for c in (3.0, 1e2, 1e4, 1e6, 10.0, 1e3)]).reshape(2, 3, 5, 5)
+    conds = (3.0, 1e2, 1e4, 1e6, 10.0, 1e3)
+    As = np.stack([spd_cond(rng, 5, c) for c in conds]).reshape(2, 3, 5, 5)
     Gs = rng.standard_normal((2, 3, 5, 5))
     res = matsqrt.sqrtm(As, method="eig")       # the true interval: step counts differ
     assert len(backend.batch_blocks(6, 7 * 5 * 5 * 8, As)) == 1
