@@ -1,27 +1,41 @@
-"""Command line: ``refimpl verify | export | validate | bench``.
+"""Command line: ``refimpl verify | list | export | validate | bench``.
 
-``refimpl verify`` runs every registered operator's curated cases through
-the checks of :func:`refimpl.registry.verify_case` (forward against an
+``refimpl verify`` runs the registered operators' curated cases through the
+checks of :func:`refimpl.registry.verify_case` (forward against an
 independent oracle, adjoint test, finite differences, batch == loop, no
-mutation, operator-specific closed forms), prints one table row per check
-and exits with status 1 if any check fails.
+mutation, operator-specific closed forms).  It prints the failing checks,
+each with its detail line (a failure is never summarised away), then one
+summary row per operator and a verdict line; ``--verbose`` prints every
+check's row.  Progress lines go to stderr (``--quiet`` silences them).
+
+``refimpl list [OP]`` shows what the registry holds: without OP one row per
+operator (number of cases, dtypes, whether a VJP/JVP exists, the calling
+convention a candidate follows in ``validate``); with OP that operator's
+cases (id, dtypes, flags, parameters, description).  ``--json`` prints the
+same facts as JSON.
 
 ``refimpl export DIR`` writes the golden test vectors of every registered
 case (:mod:`refimpl.vectors`; format in docs/vectors.md).
 
 ``refimpl validate OP TARGET --framework torch|jax|numpy`` runs a foreign
 implementation on the operator's cases and compares its forward and its
-gradients with the reference (:mod:`refimpl.validate`); exit status 1 if any
-case fails, 2 on a usage error (unknown operator, TARGET not importable).
+gradients with the reference (:mod:`refimpl.validate`).
 
 ``refimpl bench NAME`` runs ``benchmarks/bench_NAME.py`` from a source
 checkout (benchmarks are not part of the installed package).
+
+Exit status, every command: 0 success, 1 a check or case failed, 2 a usage
+error.  An unknown operator (``--op``, ``OP``) or case id (``--case``) is a
+usage error reported on one stderr line naming the value and the valid ones
+(or the ``refimpl list`` command showing them), before anything runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -45,11 +59,161 @@ def _format_table(rows: list[tuple], headers: tuple) -> str:
     line = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [line.format(*headers), line.format(*("-" * w for w in widths))]
     out.extend(line.format(*r) for r in rows)
-    return "\n".join(out)
+    return "\n".join(o.rstrip() for o in out)
+
+
+def _usage_error(command: str, message: str) -> int:
+    """Report a usage error on one stderr line; the exit status is 2 (as argparse's)."""
+    print(f"refimpl {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _select(op_names: list[str] | None, case_ids: list[str] | None) -> dict:
+    """The registered cases that ``--op``/``--case`` select, ``{operator name: [Case]}``.
+
+    No ``--op`` selects every operator; no ``--case`` every case of the
+    selected operators; a case id selects that case in each selected
+    operator that has one (ids are unique within an operator, not across
+    operators).  Operators without a selected case are left out.
+
+    Raises
+    ------
+    ValueError : an unknown operator, or a case id no selected operator has
+        (one line naming the value and the valid ones).
+    """
+    from . import registry
+
+    specs = ([registry.get_spec(n) for n in dict.fromkeys(op_names)] if op_names
+             else registry.all_specs())
+    wanted = list(dict.fromkeys(case_ids)) if case_ids else None
+    for cid in wanted or ():
+        if any(c.id == cid for s in specs for c in s.cases):
+            continue
+        if len(specs) == 1:
+            (spec,) = specs
+            raise ValueError(f"operator {spec.name!r} has no case {cid!r}; its cases: "
+                             + ", ".join(c.id for c in spec.cases))
+        owners = (f"the selected operators ({', '.join(s.name for s in specs)})" if op_names
+                  else "the registered operators")
+        close = difflib.get_close_matches(cid, {c.id for s in specs for c in s.cases}, n=3)
+        hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+        raise ValueError(f"no case {cid!r} in {owners}; {hint}"
+                         "'refimpl list OP' lists the cases of OP")
+    return {s.name: [c for c in s.cases if wanted is None or c.id in wanted]
+            for s in specs if any(wanted is None or c.id in wanted for c in s.cases)}
+
+
+def _dtypes_of(cases) -> list[str]:
+    """The dtypes any of ``cases`` is defined for, in SUPPORTED_DTYPES order."""
+    return [d for d in SUPPORTED_DTYPES if any(d in c.dtypes for c in cases)]
+
+
+def _jsonable(value):
+    """``value`` as JSON (numbers, strings, booleans, None, lists); anything else as repr."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():   # NumPy scalar
+        return value.item()
+    return repr(value)
+
+
+def _operator_facts(spec) -> dict:
+    """What the registry says about one operator, as JSON-able data (``refimpl list``)."""
+    from . import validate as _validate
+    from . import vectors
+
+    def case_facts(c) -> dict:
+        return {
+            "id": c.id,
+            "description": c.description,
+            "flags": list(c.flags),
+            "dtypes": list(c.dtypes),
+            "params": {k: _jsonable(v) for k, v in c.params.items()},
+            "vjp_params": {k: _jsonable(v) for k, v in c.vjp_params.items()},
+            "jvp_params": {k: _jsonable(v) for k, v in c.jvp_params.items()},
+            "for_validate": c.for_candidates,
+            # the keywords a candidate receives for this case in validate
+            "candidate_kwargs": ({k: _jsonable(v) for k, v in vectors.candidate_kwargs(
+                spec, c.params, c.vjp_params, c.jvp_params).items()}
+                if c.for_candidates else None),
+        }
+
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "inputs": [{"name": k, "core_ndim": n} for k, n in zip(spec.inputs, spec.core_ndim)],
+        "output": spec.output,
+        "output_core_ndim": spec.output_core_ndim,
+        "vjp": "surrogate" if spec.surrogate else "exact",
+        "jvp": spec.jvp is not None,
+        "dtypes": _dtypes_of(spec.cases),
+        "candidate_params": list(spec.candidate_params),
+        "validate_signature": _validate._signature_text(spec),
+        "validate_vjp_signature": _validate._vjp_signature_text(spec),
+        "n_cases": len(spec.cases),
+        "n_validate_cases": sum(c.for_candidates for c in spec.cases),
+        "cases": [case_facts(c) for c in spec.cases],
+    }
+
+
+def _params_text(case: dict) -> str:
+    """A case's keyword parameters on one line: ``eps=0.2 tol=1e-13; vjp: method=cg``."""
+    def kv(d):
+        return " ".join(f"{k}={v}" for k, v in d.items())
+
+    parts = [kv(case["params"])] if case["params"] else []
+    if case["vjp_params"] and case["vjp_params"] == case["jvp_params"]:
+        parts.append("vjp/jvp: " + kv(case["vjp_params"]))
+    else:
+        parts += [f"{w}: " + kv(case[f"{w}_params"]) for w in ("vjp", "jvp")
+                  if case[f"{w}_params"]]
+    return "; ".join(parts) or "-"
+
+
+def cmd_list(args) -> int:
+    from . import registry
+
+    try:
+        specs = [registry.get_spec(args.op)] if args.op else registry.all_specs()
+    except ValueError as exc:
+        return _usage_error("list", str(exc))
+    facts = [_operator_facts(s) for s in specs]
+    if args.json:
+        print(json.dumps(facts[0] if args.op else {"operators": facts}, indent=2))
+        return 0
+    if not args.op:
+        print(_format_table(
+            [(f["name"], f["n_cases"], f["n_validate_cases"], ",".join(f["dtypes"]), f["vjp"],
+              "yes" if f["jvp"] else "-", f["validate_signature"]) for f in facts],
+            ("operator", "cases", "in validate", "dtypes", "VJP", "JVP",
+             "candidate in 'refimpl validate'")))
+        print(f"\n{len(facts)} operators, {sum(f['n_cases'] for f in facts)} cases; "
+              "'refimpl list OP' shows the cases of OP")
+        return 0
+    (f,) = facts
+    inputs = ", ".join(f"{i['name']} ({i['core_ndim']}-d core)" for i in f["inputs"])
+    print(f"{f['name']}: {f['description']}\n"
+          f"inputs:    {inputs}\n"
+          f"output:    {f['output']} ({f['output_core_ndim']}-d core)\n"
+          f"VJP:       {f['vjp']}; JVP: {'yes' if f['jvp'] else 'none'}\n"
+          f"validate:  {f['validate_signature']}\n"
+          f"   --vjp:  {f['validate_vjp_signature']}\n")
+    print(_format_table(
+        [(c["id"], ",".join(c["dtypes"]), ",".join(c["flags"]) or "-",
+          "yes" if c["for_validate"] else "no", _params_text(c), c["description"])
+         for c in f["cases"]],
+        ("case", "dtypes", "flags", "validate", "params", "description")))
+    return 0
 
 
 def cmd_verify(args) -> int:
     from . import registry
+    try:
+        selected = _select(args.op, [args.case] if args.case else None)
+    except ValueError as exc:
+        return _usage_error("verify", str(exc))
 
     try:
         specs = [registry.get_spec(n) for n in args.op] if args.op else registry.all_specs()
@@ -61,17 +225,19 @@ def cmd_verify(args) -> int:
 
     jobs = []
     for spec in specs:
-        cases = [spec.case(args.case)] if args.case else list(spec.cases)
-        for case in cases:
+        for case in selected.pop(spec.name, ()):   # pop: an --op given twice runs once
             for be in backends:
                 for dt in dtypes:
                     if dt in case.dtypes:
                         jobs.append((spec, case, be, dt))
     if not jobs:
-        print("refimpl verify: nothing to run (no matching operator/case/dtype)", file=sys.stderr)
-        return 2
+        why = (f"no selected case is defined for dtype {args.dtype!r} ('refimpl list OP' "
+               "shows dtypes)" if backends else "no backend to run on")
+        return _usage_error("verify", f"nothing to run: {why}")
 
-    rows, n_fail = [], 0
+    # Failing checks are always printed, with their detail line; passing ones
+    # only with --verbose.
+    rows, n_fail, n_checks = [], 0, 0
     summary: dict[str, list] = {}       # operator -> [case runs, checks, failed, worst error/tol]
     start = time.perf_counter()
     for i, (spec, case, be, dt) in enumerate(jobs, 1):
@@ -82,11 +248,12 @@ def cmd_verify(args) -> int:
         tally[0] += 1
         for r in registry.verify_case(spec, case, backend=be, dtype=dt):
             n_fail += not r.passed
+            n_checks += 1
             tally[1] += 1
             tally[2] += not r.passed
             if r.tol > 0:
                 tally[3] = max(tally[3], r.error / r.tol)
-            if args.failures_only and r.passed:
+            if r.passed and not args.verbose:
                 continue
             rows.append((spec.name, case.id, be.name, dt, r.check, f"{r.error:.2e}",
                          f"{r.tol:.1e}", "pass" if r.passed else "FAIL"))
@@ -94,22 +261,26 @@ def cmd_verify(args) -> int:
                 rows.append(("", "", "", "", "", "", "", f"  {r.detail}"))
     headers = ("operator", "case", "backend", "dtype", "check", "error", "tol", "result")
     if rows:
-        print(_format_table(rows, headers))
-    n_checks = sum(1 for r in rows if r[0])
-    print("\n" + _format_table(
+        print(("" if args.verbose else "failing checks:\n") + _format_table(rows, headers) + "\n")
+    print(_format_table(
         [(name, runs, checks, failed, f"{worst:.1e}", "pass" if not failed else "FAIL")
          for name, (runs, checks, failed, worst) in summary.items()],
         ("operator", "case runs", "checks", "failed", "worst error/tol", "result")))
     elapsed = time.perf_counter() - start
-    verdict = "all checks passed" if n_fail == 0 else f"{n_fail} check(s) FAILED"
-    print(f"\n{len(jobs)} case runs, {verdict} ({elapsed:.1f}s)"
-          + ("" if not args.failures_only else f"; {n_checks} failing rows shown"))
+    verdict = ("all checks passed" if n_fail == 0
+               else f"{n_fail} check(s) FAILED (rows above)")
+    print(f"\n{len(jobs)} case runs, {n_checks} checks, {verdict} ({elapsed:.1f}s)"
+          + ("" if args.verbose else "; --verbose prints every check"))
     return 1 if n_fail else 0
 
 
 def cmd_export(args) -> int:
     from . import vectors
 
+    try:
+        _select(args.op, args.case)
+    except ValueError as exc:
+        return _usage_error("export", str(exc))
     dtypes = _expand(args.dtype, SUPPORTED_DTYPES)
     try:
         manifest = vectors.export(args.dir, ops=args.op, dtypes=dtypes, cases=args.case)
@@ -131,6 +302,10 @@ def cmd_export(args) -> int:
 def cmd_validate(args) -> int:
     from . import validate as _validate
 
+    try:
+        _select([args.op], args.case)
+    except ValueError as exc:
+        return _usage_error("validate", str(exc))
     try:
         report = _validate.validate(
             args.op, args.target, framework=args.framework, vjp=args.vjp,
@@ -196,22 +371,48 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="run every operator's cases through forward, adjoint, finite-difference, "
              "batch and operator-specific checks; exit 1 on any failure",
-        description="Run every registered operator's curated cases through the forward "
+        description="Run the registered operators' curated cases through the forward "
                     "oracle, the adjoint (dot-product) test, finite differences, batch == "
                     "loop, a no-mutation check and the operator's own closed-form checks. "
-                    "Prints one row per check; exits 1 if any check fails.",
+                    "Prints every failing check with its detail line, one summary row per "
+                    "operator and a verdict; --verbose prints every check's row. Progress "
+                    "lines go to stderr. Exit status: 0 all checks passed, 1 a check "
+                    "failed, 2 usage error (unknown operator or case id, nothing to run). "
+                    "--case ID runs that case of every selected operator that has one "
+                    "('refimpl list' names operators, 'refimpl list OP' their cases).",
     )
     v.add_argument("--op", action="append", metavar="NAME",
-                   help="operator to verify (repeatable; default: all)")
+                   help="operator to verify (repeatable; default: all; 'refimpl list' "
+                        "names them)")
     v.add_argument("--case", metavar="ID", help="only this case id")
     v.add_argument("--backend", default="numpy", choices=BACKENDS + ("all",),
                    help="array backend (default numpy; 'all' = every available one)")
     v.add_argument("--dtype", default="all", choices=SUPPORTED_DTYPES + ("all",),
                    help="dtype (default all: float64, the reference, and float32)")
-    v.add_argument("--failures-only", action="store_true",
-                   help="print only failing checks")
+    shown = v.add_mutually_exclusive_group()
+    shown.add_argument("-v", "--verbose", action="store_true",
+                       help="print every check's row, passing ones too")
+    shown.add_argument("--failures-only", action="store_true",
+                       help="print only the failing checks' rows (the default; failing "
+                            "checks are always printed)")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     v.set_defaults(func=cmd_verify)
+
+    ls = sub.add_parser(
+        "list",
+        help="list the registered operators, or the cases of one operator",
+        description="Without OP: one row per registered operator with its number of "
+                    "cases (and of those validate uses), dtypes, VJP (exact or surrogate), "
+                    "whether it has a JVP, and the calling convention of a candidate in "
+                    "'refimpl validate'. With OP: the operator's inputs, output and "
+                    "candidate signatures, then one row per case with its id, dtypes, "
+                    "flags, whether validate uses it, its parameters and description. "
+                    "Exit status 2 for an unknown OP.",
+    )
+    ls.add_argument("op", nargs="?", metavar="OP", help="a registered operator")
+    ls.add_argument("--json", action="store_true",
+                    help="print the same facts (and each case's candidate keywords) as JSON")
+    ls.set_defaults(func=cmd_list)
 
     e = sub.add_parser(
         "export",
@@ -225,9 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("dir", metavar="DIR", help="output directory (created if needed)")
     e.add_argument("--op", action="append", metavar="NAME",
-                   help="operator to export (repeatable; default: all)")
+                   help="operator to export (repeatable; default: all; 'refimpl list' "
+                        "names them)")
     e.add_argument("--case", action="append", metavar="ID",
-                   help="only this case id (repeatable)")
+                   help="only this case id (repeatable), in every selected operator that "
+                        "has it ('refimpl list OP' names them)")
     e.add_argument("--dtype", default="float64", choices=SUPPORTED_DTYPES + ("all",),
                    help="input precision of the vectors (default float64, the reference; "
                         "float32 rounds inputs to float32 and uses float32 tolerances)")
@@ -240,15 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run TARGET, a function following the calling convention "
                     "fn(*inputs, **params) -> output (e.g. sinkhorn: fn(C, a, b, *, eps) "
                     "-> P), on every case of operator OP with float64 arrays of the "
-                    "framework; take its VJP from the framework's autodiff "
+                    "framework ('refimpl list' shows each operator's convention, "
+                    "'refimpl list OP' its cases); take its VJP from the framework's autodiff "
                     "(torch.autograd.grad, jax.vjp) or from --vjp; canonicalise gauges; "
                     "compare forward and gradients with the reference per batch member. "
                     "Prints per case the forward error, gradient error, tolerances and "
                     "pass/fail, then a verdict. Exit status: 0 all passed, 1 a case "
-                    "failed, 2 usage error (unknown OP, TARGET not importable, framework "
-                    "missing).",
+                    "failed, 2 usage error (unknown OP or case id, TARGET not importable, "
+                    "framework missing).",
     )
-    va.add_argument("op", metavar="OP", help="registered operator (see 'refimpl verify')")
+    va.add_argument("op", metavar="OP", help="registered operator (see 'refimpl list')")
     va.add_argument("target", metavar="TARGET",
                     help="the candidate: module:function or path/to/file.py:function")
     va.add_argument("--framework", required=True, choices=("torch", "jax", "numpy"),
@@ -258,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(input cotangents...); required for numpy, replaces autodiff "
                          "for torch/jax")
     va.add_argument("--case", action="append", metavar="ID",
-                    help="only this case id (repeatable)")
+                    help="only this case id of OP (repeatable; 'refimpl list OP' names them)")
     va.add_argument("--rtol", type=float, metavar="TOL",
                     help="gradient tolerance (default: each case's 'fd' tolerance)")
     va.add_argument("--forward-rtol", type=float, metavar="TOL",
