@@ -268,7 +268,7 @@ def cmd_verify(args) -> int:
         ("operator", "case runs", "checks", "failed", "worst error/tol", "result")))
     elapsed = time.perf_counter() - start
     verdict = ("all checks passed" if n_fail == 0
-               else f"{n_fail} check(s) FAILED (rows above)")
+               else f"{n_fail} check(s) FAILED, listed above")
     print(f"\n{len(jobs)} case runs, {n_checks} checks, {verdict} ({elapsed:.1f}s)"
           + ("" if args.verbose else "; --verbose prints every check"))
     return 1 if n_fail else 0
