@@ -28,10 +28,14 @@ def _mzero(M) -> bool:
 # --------------------------------------------------------------------------
 
 def check_scalar_deq_gradient():
-    """Implicit function theorem on F(z, theta) = z - tanh(w z + u x + b) = 0:
+    """Scalar DEQ z = tanh(w z + u x + b): the IFT gradient D dpre/dtheta/(1 - w D) matches
+    mpmath's derivative of the root (30 digits) and deq_vjp.
+
+    Implicit function theorem on F(z, theta) = z - tanh(w z + u x + b) = 0:
     dz/dtheta = -F_theta / F_z = D dpre/dtheta / (1 - w D), D = 1 - tanh(pre)^2,
     i.e. theta_bar = g D dpre/dtheta / (1 - w D); checked symbolically, against
-    mpmath differentiation of the root at 30 digits, and against refimpl."""
+    mpmath differentiation of the root at 30 digits, and against refimpl.
+    """
     z, w, u, b, x, g = sp.symbols("z w u b x g", real=True)
     pre = w * z + u * x + b
     F = z - sp.tanh(pre)
@@ -68,10 +72,14 @@ def check_scalar_deq_gradient():
 # --------------------------------------------------------------------------
 
 def check_linear_deq_gradient():
-    """For z = W z + U x + b (2x2 W, 2x2 U) and L = c^T z, differentiating the
+    """Linear DEQ z = W z + U x + b: differentiating (I - W)^{-1}(U x + b) gives W_bar = u z^T,
+    U_bar = u x^T, b_bar = u, x_bar = U^T u with (I - W^T) u = c (2x2 symbolic).
+
+    For z = W z + U x + b (2x2 W, 2x2 U) and L = c^T z, differentiating the
     closed form z = (I - W)^{-1} (U x + b) entry by entry gives the implicit
     adjoint: W_bar = u z^T, U_bar = u x^T, b_bar = u, x_bar = U^T u with
-    (I - W^T) u = c."""
+    (I - W^T) u = c.
+    """
     W = sp.Matrix(2, 2, sp.symbols("w11 w12 w21 w22", real=True))
     U = sp.Matrix(2, 2, sp.symbols("u11 u12 u21 u22", real=True))
     b = sp.Matrix(sp.symbols("b1 b2", real=True))
@@ -91,9 +99,13 @@ def check_linear_deq_gradient():
 
 
 def check_tanh_layer_vjps():
-    """At any point h, with f = tanh(W h + U x + b) and D = 1 - f^2:
+    """tanh layer f = tanh(W h + U x + b): J^T v = W^T (D v) and F^T v = ((D v) h^T, (D v) x^T,
+    D v, U^T (D v)), D = 1 - f^2 (symbolic).
+
+    At any point h, with f = tanh(W h + U x + b) and D = 1 - f^2:
     J^T v = W^T (D v) and F^T v = ((D v) h^T, (D v) x^T, D v, U^T (D v)) for
-    (W, U, b, x): the gradients of <v, f> by derive_by_array."""
+    (W, U, b, x): the gradients of <v, f> by derive_by_array.
+    """
     W = sp.Matrix(2, 2, sp.symbols("w11 w12 w21 w22", real=True))
     U = sp.Matrix(2, 3, sp.symbols("u11:14 u21:24", real=True))
     b = sp.Matrix(sp.symbols("b1 b2", real=True))
@@ -118,10 +130,14 @@ def check_tanh_layer_vjps():
 # --------------------------------------------------------------------------
 
 def check_neumann_identity():
-    """With B = lam J + (1 - lam) I (so I - J = (I - B)/lam), for k = 1..4:
+    """lam sum_{i<k} B^i (I - J) = I - B^k, so the NPG error is B^k (I - J)^{-1} and k = 1
+    gives lam JFB (2x2 symbolic, k = 1..4).
+
+    With B = lam J + (1 - lam) I (so I - J = (I - B)/lam), for k = 1..4:
     lam sum_{i<k} B^i (I - J) = I - B^k, hence the NPG error identity
     (I - J)^{-1} - lam sum_{i<k} B^i = B^k (I - J)^{-1}; and k = 1 gives lam I
-    (NPG with one term is lam times JFB)."""
+    (NPG with one term is lam times JFB).
+    """
     J = sp.Matrix(2, 2, sp.symbols("j11 j12 j21 j22", real=True))
     lam = sp.symbols("lam", positive=True)
     I2 = sp.eye(2)
@@ -140,10 +156,14 @@ def check_neumann_identity():
 
 
 def check_neumann_limit():
-    """Scalar k -> infinity: lam sum_i b^i with b = 1 - lam (1 - mu) sums to
+    """Scalar Neumann series: lam sum b^i = 1/(1 - mu) iff |1 - lam (1 - mu)| < 1, i.e. 0 < lam
+    < 2 Re(1 - mu)/|1 - mu|^2 (damping_threshold).
+
+    Scalar k -> infinity: lam sum_i b^i with b = 1 - lam (1 - mu) sums to
     1 / (1 - mu) exactly when |b| < 1; |1 - lam w|^2 - 1 = lam (lam |w|^2 -
     2 Re w) for w = 1 - mu, so |b| < 1 iff 0 < lam < 2 Re(w) / |w|^2 (the
-    damping threshold of refimpl.deq.damping_threshold)."""
+    damping threshold of refimpl.deq.damping_threshold).
+    """
     lam, mu, i = sp.symbols("lam mu i", real=True)
     bb = 1 - lam * (1 - mu)
     series = sp.summation(bb ** i, (i, 0, sp.oo))
@@ -167,11 +187,15 @@ def check_neumann_limit():
 # --------------------------------------------------------------------------
 
 def check_upg_equals_npg_at_fixed_point():
-    """Differentiate k damped steps h_{t+1} = lam tanh(w h_t + u x + c) +
+    """UPG = NPG at an exact fixed point: differentiating k damped steps from z* gives lam
+    sum_{i<k} beta^i D z (k = 1, 2 symbolic; k = 3, 4 to 40 digits).
+
+    Differentiate k damped steps h_{t+1} = lam tanh(w h_t + u x + c) +
     (1 - lam) h_t from h_0 = z (held constant) with respect to w, at a c for
     which z is an exact fixed point (c = atanh(z) - w z - u x): the result is
     the NPG formula lam sum_{i<k} beta^i D z with beta = lam w D + 1 - lam,
-    D = 1 - z^2 (symbolically for k = 1, 2; to 40 digits for k = 3, 4)."""
+    D = 1 - z^2 (symbolically for k = 1, 2; to 40 digits for k = 3, 4).
+    """
     w, u, x, z, lam = sp.symbols("w u x z lam", real=True)
     c = sp.atanh(z) - w * z - u * x
     D = 1 - z ** 2
@@ -191,12 +215,16 @@ def check_upg_equals_npg_at_fixed_point():
 
 
 def check_cosine_bound():
-    """cos >= (r - e)/(r + e) with r = ||F^T w|| / ||w|| >= sigma_min is
+    """Theorem 1: cos(phantom, exact) >= (sigma_min - ||E||)/(sigma_min + ||E||) (monotone in
+    r); valid but not tight: the worst case is sqrt(1 - t^2).
+
+    cos >= (r - e)/(r + e) with r = ||F^T w|| / ||w|| >= sigma_min is
     increasing in r (derivative 2 e / (r + e)^2 > 0), so r = sigma_min gives
     the bound; and sigma_min^2 / sigma_max <= sigma_min (the paper's Theorem 1
     hypothesis implies the sharper one).  The worst case over ``E`` of a given
     norm is larger, ``sqrt(1 - (||E|| / sigma_min)^2)``: the bound is valid, not
-    tight."""
+    tight.
+    """
     r, e = sp.symbols("r e", positive=True)
     bound = (r - e) / (r + e)
     assert _zero(sp.diff(bound, r) - 2 * e / (r + e) ** 2)

@@ -64,7 +64,8 @@ def _p_std(x):
 
 
 def check_mean_jacobian():
-    """P_mean' = I - 1 1^T / n, symmetric; VJP g - mean(g) 1."""
+    """P_mean'(w) = I - 1 1^T/n, symmetric; its VJP is g - mean(g) 1 (n = 3 symbolic).
+    """
     J = _p_mean(w).jacobian(w)
     assert _zero(J - M)
     assert _zero(J - J.T)
@@ -72,7 +73,11 @@ def check_mean_jacobian():
 
 
 def check_norm_jacobian():
-    """P_norm' = I / r - w w^T / r^3 and VJP (g - <u, g> u) / r."""
+    """P_norm'(w) = I/r - w w^T/r^3 with r = ||w||; its VJP is (g - <u, g> u)/r, u = w/r (n = 3
+    symbolic).
+
+    Assumption: w != 0.
+    """
     r = _norm(w)
     u = w / r
     J = _p_norm(w).jacobian(w)
@@ -81,8 +86,12 @@ def check_norm_jacobian():
 
 
 def check_std_jacobian():
-    """P_std' = (I - u u^T) M / ||v||; VJP (M g - <u, g> u) / ||v||;
-    JVP (M dw - u <u, M dw>) / ||v||."""
+    """P_std'(w) = (I - u u^T) M/||v|| with v = M w, u = v/||v||: symmetric, VJP (M g - <u, g>
+    u)/||v||, JVP (M dw - u <u, M dw>)/||v|| (n = 3 symbolic).
+
+    Assumption: w not a multiple of 1 (v != 0).  Uses M u = u (u has zero
+    mean).
+    """
     v = M * w
     r = _norm(v)
     u = v / r
@@ -96,8 +105,13 @@ def check_std_jacobian():
 
 
 def check_identity_direction_properties():
-    """r = -P_std'^T g: r _|_ 1, r _|_ w, r(w + t 1) = r(w), r(c w) = r(w)/c,
-    and a plain step never shrinks ||w||."""
+    """r = -P_std'(w)^T g is orthogonal to 1 and to w, r(w + t 1) = r(w), r(c w) = r(w)/c, and
+    ||w - eta r||^2 = ||w||^2 + eta^2 ||r||^2 (n = 3 symbolic).
+
+    So a plain gradient step with the std projection never shrinks ||w|| (no
+    cost collapse).  With the norm projection alone r is orthogonal to w but not
+    to 1.
+    """
     t, c, eta = sp.symbols("t c eta", positive=True)
 
     def r_at(x):
@@ -121,7 +135,9 @@ def check_identity_direction_properties():
 
 
 def check_relaxation_free_space():
-    """argmin_y <w, y> + ||y||^2 / 2 = -w: Jacobian -I (the plain identity)."""
+    """argmin_y <w, y> + ||y||^2/2 = -w: the plain identity is the exact Jacobian -I of the
+    relaxed LP (n = 3 symbolic).
+    """
     y = sp.Matrix(sp.symbols("y1:4", real=True))
     obj = (w.T * y)[0, 0] + (y.T * y)[0, 0] / 2
     sol = sp.solve([sp.diff(obj, yi) for yi in y], list(y), dict=True)[0]
@@ -130,8 +146,9 @@ def check_relaxation_free_space():
 
 
 def check_relaxation_hyperplane():
-    """argmin_{<1, y> = k} <w, y> + ||y||^2 / 2 = -P_mean(w) + (k/n) 1:
-    Jacobian -P_mean' (identity with the mean projection)."""
+    """argmin over <1, y> = k of <w, y> + ||y||^2/2 is -P_mean(w) + (k/n) 1: Jacobian -P_mean'
+    (n = 3 symbolic, Lagrangian solved).
+    """
     y = sp.Matrix(sp.symbols("y1:4", real=True))
     k, mu = sp.symbols("k mu", real=True)
     lag = (w.T * y)[0, 0] + (y.T * y)[0, 0] / 2 + mu * ((ONE.T * y)[0, 0] - k)
@@ -143,7 +160,12 @@ def check_relaxation_hyperplane():
 
 
 def check_relaxation_sphere():
-    """argmin_{||y|| = rho} <w, y> = -rho w / ||w||: Jacobian -rho P_norm'."""
+    """argmin over ||y|| = rho of <w, y> is -rho w/||w||: Jacobian -rho P_norm' (n = 3
+    symbolic).
+
+    Both stationary points ``-+ rho w/||w||`` satisfy the Lagrange condition
+    ``w + 2 lam y = 0``; the minus one has the smaller objective.
+    """
     rho = sp.Symbol("rho", positive=True)
     lam = sp.Symbol("lam", real=True)
     r = _norm(w)
@@ -160,9 +182,14 @@ def check_relaxation_sphere():
 
 
 def check_relaxation_sphere_and_hyperplane():
-    """On {<1, y> = k} intersected with the sphere of radius R around (k/n) 1,
-    argmin <w, y> = (k/n) 1 - R P_std(w): Jacobian -R P_std'; the sphere with
-    R^2 = k (n - k) / n contains every k-hot vector."""
+    """argmin over {<1, y> = k} and the sphere of radius R around (k/n) 1 of <w, y> is (k/n) 1
+    - R P_std(w): Jacobian -R P_std'; every k-hot vector lies on the sphere R^2 = k (n -
+    k)/n.
+
+    KKT multipliers ``mu = -mean(w)``, ``lam = ||M w||/(2R)``; the other
+    stationary point has objective larger by ``2 R ||M w||``.  The k-hot
+    distance is checked for symbolic n and k.
+    """
     k, R = sp.symbols("k R", positive=True)
     centre = ONE * k / N
     v = M * w
@@ -183,7 +210,11 @@ def check_relaxation_sphere_and_hyperplane():
 
 
 def check_gumbel_large_noise_limit():
-    """sigma * d softmax(-w / sigma) / dw -> -M / n as sigma -> infinity."""
+    """sigma * d softmax(-w/sigma)/dw -> -M/n as sigma -> infinity: identity + mean projection
+    is the large-noise limit of the Gumbel-perturbed argmin (n = 3).
+
+    Also the closed form of the softmax Jacobian, ``-(diag(p) - p p^T)/sigma``.
+    """
     sigma = sp.Symbol("sigma", positive=True)
     e = [sp.exp(-wi / sigma) for wi in w]
     p = sp.Matrix([ei / sum(e) for ei in e])
@@ -194,8 +225,13 @@ def check_gumbel_large_noise_limit():
 
 
 def check_gaussian_pair_stein():
-    """Two items, Gaussian noise, u = w - sigma Z: the estimator
-    -(1/sigma) E[y_1 Z_1] equals d/dw_1 Phi((w_2 - w_1) / (sigma sqrt 2))."""
+    """Two items, Gaussian noise: the perturbed estimator -(1/sigma) E[y_1 Z_1] equals d/dw_1
+    Phi((w_2 - w_1)/(sigma sqrt 2)) (Stein's lemma; exact integral).
+
+    ``y_1 = 1[Z_1 - Z_2 > a]`` with ``a = (w_1 - w_2)/sigma``; integrating by
+    parts (``z phi = -phi'``, boundary terms vanish) gives
+    ``E[y_1 Z_1] = exp(-a^2/4)/(2 sqrt(pi))``; the 1/sigma factor is needed.
+    """
     z, a = sp.symbols("z a", real=True)
     sigma = sp.Symbol("sigma", positive=True)
     w1, w2 = sp.symbols("w1 w2", real=True)

@@ -55,8 +55,12 @@ def _solve_sylvester(B: sp.Matrix, D: sp.Matrix, C: sp.Matrix) -> sp.Matrix:
 # --------------------------------------------------------------------------
 
 def check_two_by_two_closed_form():
-    """S = (A + r I)/sqrt(tr A + 2r), r = sqrt(det A): S^2 = A, tr S > 0, det S = r > 0,
-    and d<G, S(A)> matches refimpl's exact VJP (symmetric part) numerically."""
+    """2x2 SPD closed form S = (A + sqrt(det A) I)/sqrt(tr A + 2 sqrt(det A)): S^2 = A, S SPD,
+    and d<G, S(A)> matches sqrtm_vjp(method='exact').
+
+    S = (A + r I)/sqrt(tr A + 2r), r = sqrt(det A): S^2 = A, tr S > 0, det S = r > 0,
+    and d<G, S(A)> matches refimpl's exact VJP (symmetric part) numerically.
+    """
     a, d = sp.symbols("a d", positive=True)
     b = sp.symbols("b", real=True)
     r = sp.symbols("r", positive=True)          # stands for sqrt(det A)
@@ -92,9 +96,13 @@ def check_two_by_two_closed_form():
 
 
 def check_divided_differences():
-    """(s_i - s_j)/(l_i - l_j) = 1/(s_i + s_j) and (1/s_i - 1/s_j)/(l_i - l_j) =
+    """Divided differences without a quotient: K = 1/(s_i + s_j) for sqrt and -1/(s_i s_j (s_i
+    + s_j)) for 1/sqrt, exact at repeated eigenvalues.
+
+    (s_i - s_j)/(l_i - l_j) = 1/(s_i + s_j) and (1/s_i - 1/s_j)/(l_i - l_j) =
     -1/(s_i s_j (s_i + s_j)) with l = s^2: both finite at s_i = s_j, where they
-    equal the derivatives 1/(2 s) and -1/(2 s^3)."""
+    equal the derivatives 1/(2 s) and -1/(2 s^3).
+    """
     si, sj = sp.symbols("s_i s_j", positive=True)
     dd_sqrt = (si - sj) / (si ** 2 - sj ** 2)
     dd_inv = (1 / si - 1 / sj) / (si ** 2 - sj ** 2)
@@ -112,9 +120,13 @@ def check_divided_differences():
 # --------------------------------------------------------------------------
 
 def check_lyapunov_adjoint_identity():
-    """dS = L_S^{-1}(dA), A_bar = L_S^{-1}(G) with L_S(X) = S X + X S, S symmetric:
+    """<G, dS> = <A_bar, dA> for S dS + dS S = dA and S A_bar + A_bar S = G (Lyapunov adjoint,
+    2x2 symbolic, non-symmetric G and dA); inverse-root form too.
+
+    dS = L_S^{-1}(dA), A_bar = L_S^{-1}(G) with L_S(X) = S X + X S, S symmetric:
     <G, dS> - <A_bar, dA> = 0 for non-symmetric G and dA.  Inverse root:
-    dT = -T dS T and A_bar = L_T^{-1}(-T^2 G T^2) satisfy the same identity."""
+    dT = -T dS T and A_bar = L_T^{-1}(-T^2 G T^2) satisfy the same identity.
+    """
     S = _mat2("s", symmetric=True)
     dA, G = _mat2("e"), _mat2("g")
     dS = _solve_sylvester(S, S, dA)
@@ -133,9 +145,13 @@ def check_lyapunov_adjoint_identity():
 
 
 def check_nonsymmetric_transpose():
-    """For a general B, X = L^{-1}(C) with B X + X B^T = C has the adjoint
+    """For non-symmetric B the adjoint of B X + X B^T = C solves B^T Y + Y B = G; omitting the
+    transpose breaks the adjoint identity (2x2).
+
+    For a general B, X = L^{-1}(C) with B X + X B^T = C has the adjoint
     Y: B^T Y + Y B = G.  Solving with B in place of B^T (the common bug) breaks
-    the adjoint identity unless B is symmetric."""
+    the adjoint identity unless B is symmetric.
+    """
     B = _mat2("b")
     C, G = _mat2("c"), _mat2("g")
     X = _solve_sylvester(B, B.T, C)
@@ -153,9 +169,13 @@ def check_nonsymmetric_transpose():
 # --------------------------------------------------------------------------
 
 def check_block_sign_identity():
-    """Sigma = [[I, 2X], [0, -I]] with B X + X B^T = C is an involution commuting
+    """sign([[B, C], [0, -B^T]]) = [[I, 2X], [0, -I]] with B X + X B^T = C (2x2 symbolic;
+    matrix_sign and lyapunov(method='sign') agree, 3x3).
+
+    Sigma = [[I, 2X], [0, -I]] with B X + X B^T = C is an involution commuting
     with M = [[B, C], [0, -B^T]], and M Sigma = [[B, ...], [0, B^T]] has B's spectrum
-    (in the right half-plane when B's is): these characterise sign(M)."""
+    (in the right half-plane when B's is): these characterise sign(M).
+    """
     B, C = _mat2("b"), _mat2("c")
     X = _solve_sylvester(B, B.T, C)
     I2, Z2 = sp.eye(2), sp.zeros(2, 2)
@@ -181,9 +201,13 @@ def check_block_sign_identity():
 
 
 def check_structured_newton_schulz_step():
-    """One Newton–Schulz step M' = M (3I - M^2)/2 on M = [[B, C], [0, -B^T]] keeps the
+    """One Newton-Schulz step on [[B, C], [0, -B^T]] keeps the block form: B' = B (3I - B^2)/2
+    and the 6-matmul C' (5 for symmetric B, C).
+
+    One Newton–Schulz step M' = M (3I - M^2)/2 on M = [[B, C], [0, -B^T]] keeps the
     block form with B' = B (3I - B^2)/2 and
-    C' = (3C - B^2 C + B C B^T - C (B^T)^2)/2 — the 6-matmul update in refimpl."""
+    C' = (3C - B^2 C + B C B^T - C (B^T)^2)/2 — the 6-matmul update in refimpl.
+    """
     B, C = _mat2("b"), _mat2("c")
     Z2 = sp.zeros(2, 2)
     M = sp.BlockMatrix([[B, C], [Z2, -B.T]]).as_explicit()
@@ -210,14 +234,18 @@ def check_structured_newton_schulz_step():
 
 
 def check_scaled_newton_schulz_step():
-    """The scaled step of the Lyapunov sign iteration (refimpl's default).
+    """Scaled Newton-Schulz step: p(l) = p(u), max p = 1 at x = 1/a, and on the block it is
+    refimpl's scaled update (2x2 symbolic).
+
+    The scaled step of the Lyapunov sign iteration (refimpl's default).
 
     p(x) = a x (3 - a^2 x^2)/2 with a^2 = 3/(u^2 + u l + l^2): p(l) = p(u) (both
     ends of [l, u] meet), p <= 1 with its maximum 1 at x = 1/a, p > 0 on
     (0, sqrt(u^2 + u l + l^2)), and a >= 1 for l, u <= 1.  On the block
     M = [[B, C], [0, -B]] (B, C symmetric), p(M) = [[p(B), C'], [0, -p(B)]] with
     C' = c2 sym(B C B + (2R + (g - 1) I) C), R = I - B^2, c2 = a^3/2, g = (3 - a^2)/a^2,
-    and p(B) = c2 B (R + g I), as coded: the iterate is still an odd polynomial in M."""
+    and p(B) = c2 B (R + g I), as coded: the iterate is still an odd polynomial in M.
+    """
     x, l, u = sp.symbols("x l u", positive=True)
     a = sp.sqrt(3 / (u ** 2 + u * l + l ** 2))
     p = a * x * (3 - a ** 2 * x ** 2) / 2
@@ -244,13 +272,17 @@ def check_scaled_newton_schulz_step():
 
 
 def check_sign_step_keeps_the_solution():
-    """The finish rests on an invariant of the sign iteration: if
+    """Invariant of the sign iteration: B X + X B = C implies B' X + X B' = C' after a scaled
+    step; 2X is the fixed point of the shifted Neumann finish.
+
+    The finish rests on an invariant of the sign iteration: if
     B X + X B = C, the step's (B', C') (any odd p) satisfy B' X + X B' = C',
     because p(M) = V diag(p(B), -p(B)) V^{-1} with V = [[I, -X], [0, I]].
     Checked for the scaled step with symbolic a, B, X (C := B X + X B).
     Then, for any shift w, Z = 2X is the fixed point Z = 2 w C + T(Z) of
     T(Y) = Y - w (B Y + Y B) = M + M^T, M = (I/2 - w B) Y (Y symmetric), which
-    the shifted Neumann series sum_t T^t(2 w C) sums."""
+    the shifted Neumann series sum_t T^t(2 w C) sums.
+    """
     Bs, Xs = _mat2("p", symmetric=True), _mat2("x", symmetric=True)
     al = sp.symbols("alpha", positive=True)
     I2 = sp.eye(2)
@@ -288,7 +320,11 @@ def _pade_sympy(m: int):
 
 
 def check_taylor_coefficients():
-    """refimpl's t_k equal sympy's series of (1 - z)^{1/2} and (1 - z)^{-1/2}."""
+    """taylor_coefficients(12) equal the series of (1 - z)^(1/2) and (1 - z)^(-1/2) exactly
+    (MTP forward).
+
+    refimpl's t_k equal sympy's series of (1 - z)^{1/2} and (1 - z)^{-1/2}.
+    """
     from refimpl import matsqrt
 
     z = sp.symbols("z")
@@ -301,8 +337,12 @@ def check_taylor_coefficients():
 
 
 def check_pade_coefficients():
-    """refimpl's exact p, q equal the Padé coefficients derived here; Q f - P =
-    O(z^{2m+1}); and P(1 - x)/Q(1 - x) = E(x)/O(x) (refimpl's basis "x")."""
+    """pade_coefficients(m), m = 1..6, equal the [m/m] Pade approximant of sqrt(1 - z) derived
+    here: Q f - P = O(z^(2m+1)) exactly; basis 'x' is the same function.
+
+    refimpl's exact p, q equal the Padé coefficients derived here; Q f - P =
+    O(z^{2m+1}); and P(1 - x)/Q(1 - x) = E(x)/O(x) (refimpl's basis "x").
+    """
     from refimpl import matsqrt
 
     z, x = sp.symbols("z x")
@@ -323,9 +363,13 @@ def check_pade_coefficients():
 
 
 def check_pade_closed_form_and_error():
-    """sqrt(x) coth(N artanh sqrt x) = E(x)/O(x), N = 2m+1, and its relative error
+    """MPA closed form r_m(x) = sqrt(x) coth((2m+1) artanh sqrt x) = E(x)/O(x), relative error
+    2 rho^N/(1 - rho^N), r_m(0) = 1/N (m = 1..5).
+
+    sqrt(x) coth(N artanh sqrt x) = E(x)/O(x), N = 2m+1, and its relative error
     r/sqrt(x) - 1 = 2 rho^N/(1 - rho^N), rho = (1 - sqrt x)/(1 + sqrt x);
-    r_m(0) = 1/N."""
+    r_m(0) = 1/N.
+    """
     s = sp.symbols("s", positive=True)
     for m in range(1, 6):
         N = 2 * m + 1
@@ -350,8 +394,12 @@ def check_pade_closed_form_and_error():
 
 
 def check_newton_schulz_scalar_recursion():
-    """Coupled NS on an eigenvalue: y/z is invariant (= x), w = y z obeys
-    1 - w' = (1 - w)^2 (4 - w)/4 with w' = w (3 - w)^2/4, so y_T = sqrt(x w_T)."""
+    """Coupled Newton-Schulz on one eigenvalue: y/z is invariant and w = y z obeys 1 - w' = (1
+    - w)^2 (4 - w)/4 (the NS error bound).
+
+    Coupled NS on an eigenvalue: y/z is invariant (= x), w = y z obeys
+    1 - w' = (1 - w)^2 (4 - w)/4 with w' = w (3 - w)^2/4, so y_T = sqrt(x w_T).
+    """
     y, zz, x = sp.symbols("y z x", positive=True)
     m = 3 - zz * y
     y1, z1 = y * m / 2, m * zz / 2

@@ -82,6 +82,18 @@ def _schur_vjp(P, Gm, epsilon, drop_last=True):
 # ---------------------------------------------------------------------------
 
 def check_2x2_closed_form():
+    """2x2 plan: P11 is the admissible root of a quadratic in kappa = exp(-(C11 + C22 - C12 -
+    C21)/eps); equals sinkhorn() to 1e-13.
+
+    Assumptions: n = m = 2, a, b > 0 with a1 + a2 = b1 + b2, eps > 0.  The
+    marginal constraints leave one free entry, ``P = [[p, a1 - p], [b1 - p,
+    a2 - b1 + p]]``; optimality of the Gibbs form ``P_ij = exp((f_i + g_j -
+    C_ij)/eps)`` fixes the cross ratio ``P11 P22 / (P12 P21) = kappa``, i.e.
+    ``(1 - kappa) p^2 + (a2 - b1 + kappa (a1 + b1)) p - kappa a1 b1 = 0``
+    (symbolic).  For a numeric instance exactly one root lies in the feasible
+    interval ``max(0, b1 - a2) < p < min(a1, b1)``, and refimpl's converged plan
+    has that P11.
+    """
     kappa = sp.Symbol("kappa", positive=True)
     quadratic = sp.expand(P2[0, 0] * P2[1, 1] - kappa * P2[0, 1] * P2[1, 0])
     # (1 - kappa) p^2 + (a2 - b1 + kappa (a1 + b1)) p - kappa a1 b1 = 0
@@ -114,6 +126,19 @@ def check_2x2_closed_form():
 # ---------------------------------------------------------------------------
 
 def check_2x2_adjoint():
+    """2x2 adjoint: implicit differentiation of the optimality equation gives the Schur/KKT
+    formulas for C_bar, a_bar, b_bar, and dL/deps = -<C_bar, C>/eps (symbolic).
+
+    With ``F(p, C, a, b, eps) = log P11 + log P22 - log P12 - log P21 +
+    (C11 + C22 - C12 - C21)/eps = 0``, the implicit function theorem gives
+    ``dp/dtheta = -F_theta / F_p``.  For any cotangent ``G``, ``dL/dC_kl =
+    <G, dP/dp> dp/dC_kl`` equals ``C_bar = -(1/eps) P * (G - u 1^T - 1 v^T)``
+    with ``[[D_r, P], [P^T, D_c]] [u; v] = [t_a; t_b]`` (reduced, ``v_2 = 0``);
+    along the feasible directions (da1, db1) = (1, 1) and (da2, db2) = (1, 1)
+    the derivative is ``u_1 + v_1`` and ``u_2 + v_2``; the temperature
+    derivative is ``-<C_bar, C>/eps``; ``C_bar`` has zero row and column sums.
+    Fully symbolic in (p, a1, a2, b1, eps, C, G).
+    """
     dF_dp = sp.diff(F2, p)
     dP_dp = sp.Matrix([[1, -1], [-1, 1]])
     gdp = sum(G[i, j] * dP_dp[i, j] for i in range(2) for j in range(2))   # <G, dP/dp>
@@ -146,6 +171,18 @@ def check_2x2_adjoint():
 # ---------------------------------------------------------------------------
 
 def check_adjoint_identity():
+    """<G, dP> = <C_bar, dC> + <a_bar, da> + <b_bar, db> along every feasible direction
+    (adjoint identity, 2x3 plan, exact rationals, symbolic G and tangents).
+
+    Forward mode: ``dP = P * (df 1^T + 1 dg^T - dC)/eps`` with
+    ``M [df; dg] = [(P*dC) 1 + eps da; (P*dC)^T 1 + eps db]`` (gauge
+    ``dg_m = 0``); reverse mode: the Schur/KKT formulas of ``_schur_vjp``.
+    Assumptions: P is any positive plan (it is the exact optimum for its own
+    marginals), ``1^T da = 1^T db`` (balanced problem).  Also established: the
+    dropped column constraint holds for the reduced solution, and the gauge
+    shift ``(a_bar + k 1, b_bar - k 1)`` pairs identically with every feasible
+    direction.
+    """
     n, m = 2, 3
     P = sp.Matrix([[sp.Rational(1, 7), sp.Rational(2, 9), sp.Rational(1, 11)],
                    [sp.Rational(3, 13), sp.Rational(1, 17), sp.Rational(5, 19)]])
@@ -190,6 +227,17 @@ def check_adjoint_identity():
 # ---------------------------------------------------------------------------
 
 def check_unbalanced_system():
+    """Unbalanced: the stationarity Jacobian is D^{-1} M_rho / eps, and the IFT gradient is
+    C_bar = -(T - P*(x 1^T + 1 y^T))/eps, a_bar = x r/a (2x2).
+
+    Stationarity of ``<C, P> - eps h(P) + rho_a KL(P 1 | a) + rho_b KL(P^T 1 | b)``
+    in the potentials: ``log r_i - log a_i + f_i/rho_a = 0`` (and columns), with
+    ``P_ij = exp((f_i + g_j - C_ij)/eps)``.  Its Jacobian in (f, g) is
+    ``D^{-1} M_rho / eps``, ``M_rho = [[D_r (1 + eps/rho_a), P], [P^T, D_c (1 +
+    eps/rho_b)]]`` (symbolic).  The implicit-function gradient of ``<G, P>``
+    w.r.t. C_00 and a_0 equals the formulas with ``M_rho [x; y] = [T 1; T^T 1]``,
+    as exact rational identities at three random rational points.
+    """
     n = m = 2
     f = sp.symbols("f0:2", real=True)
     g = sp.symbols("g0:2", real=True)
@@ -259,6 +307,13 @@ def check_unbalanced_system():
 def check_envelope_2x2():
     # W(p) = <C, P> + eps sum P (log P - 1); its p-derivative is eps F2 (zero at the optimum),
     # so dW/dtheta = partial_theta W at fixed p.
+    """Envelope theorem: the entropic value W has dW/dC = P, dW/deps = -h(P), and derivative f1
+    + g1 along (da1, db1) = (1, 1) (2x2 symbolic).
+
+    ``W(p) = <C, P> + eps sum P (log P - 1)`` has ``dW/dp = eps F`` (zero at the
+    optimum), so every total derivative of the optimal value is the partial
+    derivative at fixed p: ``P``, ``-h(P)``, and the potentials.
+    """
     W = sum(C2[i, j] * P2[i, j] + eps * P2[i, j] * (sp.log(P2[i, j]) - 1) for i in range(2) for j in range(2))
     assert _is_zero(sp.diff(W, p) - eps * F2)
     for k in range(2):
@@ -284,6 +339,13 @@ def check_envelope_2x2():
 # ---------------------------------------------------------------------------
 
 def check_kappa():
+    """kappa = ||E~^+||_2 of Theorem 5: 1/sqrt(lambda_min(E~^T E~)) equals
+    constraint_pinv_norm(n, m) (exact eigenvalues, 5 shapes).
+
+    E~ is the (n m) x (n + m - 1) marginal-constraint matrix with the last
+    column potential dropped; for m >= 2 the smallest eigenvalue is
+    ``(s - sqrt(s^2 - 4 n))/2`` with ``s = n + m`` or one of n, m.
+    """
     from refimpl.sinkhorn import constraint_pinv_norm
 
     for n, m in ((2, 3), (3, 2), (1, 3), (3, 1), (3, 3)):
@@ -305,6 +367,14 @@ def check_kappa():
 # ---------------------------------------------------------------------------
 
 def check_unrolled_one_step():
+    """One unrolled log-domain row update: sinkhorn_unrolled_vjp equals sympy's derivative of
+    <G, P> w.r.t. C and a (2x3, to 1e-13).
+
+    ``phi_i = log a_i - log sum_j exp(-C_ij/eps)``, ``P_ij = exp(-C_ij/eps +
+    phi_i)``; the hand-written reverse pass of ``sinkhorn_unrolled(n_iter=1)``
+    is compared entry by entry with the symbolic derivative evaluated at a
+    numeric point.
+    """
     import numpy as np
 
     from refimpl import sinkhorn as sk

@@ -44,6 +44,15 @@ def _is_zero(expr) -> bool:
 
 
 def check_cost_difference_and_sigmoid():
+    """Two anchors: n Gamma_i2 = sigmoid((x_i - theta)/t) with t = eps/(2 (y2 - y1)), theta =
+    (y1 + y2)/2 - (g2 - g1)/(2 (y2 - y1)) (symbolic).
+
+    Assumptions: anchors y1 < y2, squared cost ``C_ij = (x_i - y_j)^2``, Gibbs
+    plan ``Gamma_ij = exp((f_i + g_j - C_ij)/eps)`` with rows summing to 1/n.
+    Established: ``C_i1 - C_i2 = (y2 - y1)(2 x_i - y1 - y2)``, the log-odds
+    ``log(Gamma_i2/Gamma_i1) = (x_i - theta)/t`` (linear in x_i), hence the
+    sigmoid.
+    """
     x, y1, y2, f, g1, g2 = sp.symbols("x y1 y2 f g1 g2", real=True)
     eps, n = sp.symbols("epsilon n", positive=True)
     C1, C2 = (x - y1) ** 2, (x - y2) ** 2
@@ -69,6 +78,12 @@ def check_cost_difference_and_sigmoid():
 
 
 def check_closed_form_jacobian(n: int = 3):
+    """IFT on sum_i sigmoid((x_i - theta)/t) = k: dA_i/dx_j = (s_i/t)(delta_ij - s_j/S), s =
+    A(1 - A); J symmetric, J 1 = 0 (n = 3 symbolic).
+
+    ``dtheta/dx_j = -G_{x_j}/G_theta`` for ``G(x, theta) = sum_i A_i - k``;
+    the total derivative ``dA_i/dx_j`` equals the closed form exactly.
+    """
     xs = sp.symbols(f"x1:{n + 1}", real=True)
     theta, k = sp.symbols("theta k", real=True)
     t = sp.symbols("t", positive=True)
@@ -93,6 +108,12 @@ def check_closed_form_jacobian(n: int = 3):
 
 
 def check_schur_complement_two_anchors():
+    """Two anchors: the Schur complement K = diag(nubar) - Gbar^T diag(mu)^{-1} Gbar of the KKT
+    matrix equals S/n (n = 2..6 symbolic).
+
+    ``mu_i = 1/n``, kept column ``Gbar_i = (1 - A_i)/n`` (gauge g_2 = 0),
+    ``S = sum_i A_i (1 - A_i)``.
+    """
     for n in range(2, 7):
         A = sp.symbols(f"A1:{n + 1}", positive=True)
         mu = sp.Rational(1, n)
@@ -135,6 +156,12 @@ def _kkt_jacobian(n: int, m: int, Gamma, x, y, *, schur: bool):
 
 
 def check_kkt_route_equals_closed_form(n: int = 3):
+    """The general KKT backward (Schur route and full solve) gives the closed-form Jacobian
+    (s_i/t)(delta_ij - s_j/S) for two anchors (n = 3 symbolic).
+
+    Linearised marginal constraints with ``dC_ij = 2 (x_i - y_j) dx_i`` and
+    gauge ``g_m = 0``, solved symbolically both ways; ``A = n Gamma[:, 2]``.
+    """
     A = sp.symbols(f"A1:{n + 1}", positive=True)
     x = sp.symbols(f"x1:{n + 1}", real=True)
     y1, y2 = sp.symbols("y1 y2", real=True)
@@ -154,6 +181,13 @@ def check_kkt_route_equals_closed_form(n: int = 3):
 
 
 def check_kkt_route_three_anchors(n: int = 3):
+    """Three anchors (sorted variant): Schur-complement and full KKT solves give the same
+    dGamma, which has zero row and column sums (n = 3).
+
+    Equality of the two routes is symbolic in the plan entries; the marginal
+    conservation (``sum_j dGamma_ij = 0 = sum_i dGamma_ij``) is checked in exact
+    rational arithmetic at three positive plans.
+    """
     m = 3
     P = sp.Matrix(n, m, lambda i, j: sp.Symbol(f"G{i + 1}{j + 1}", positive=True))
     x = sp.symbols(f"x1:{n + 1}", real=True)
@@ -177,6 +211,13 @@ def check_kkt_route_three_anchors(n: int = 3):
 
 
 def check_error_bound_inequality():
+    """sigmoid(-z) <= exp(-z), and the balanced split gives exp(-(y2 - y1) delta/eps): the
+    ingredients of the L1 error bound (symbolic).
+
+    ``exp(-z) - sigmoid(-z) = exp(-z)/(1 + exp(z)) > 0`` for real z; at the
+    split ``a = b = delta/2`` of the boundary gap, ``exp(-delta/(2 t)) =
+    exp(-(y2 - y1) delta/eps)``.
+    """
     z = sp.symbols("z", real=True)
     gap = sp.exp(-z) - _sigmoid(-z)
     # exp(-z) - 1/(1 + exp(z)) = exp(-z) / (1 + exp(z)) > 0 for every real z.

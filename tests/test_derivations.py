@@ -2,7 +2,10 @@
 
 Convention: each ``derivations/<operator>.py`` defines top-level functions
 named ``check_*`` that derive or verify one identity with sympy and raise
-``AssertionError`` when it does not hold.  Each one is a test here.
+``AssertionError`` when it does not hold.  Each one is a test here.  Each one
+also states in its docstring what it establishes (the identity and its
+assumptions); the first paragraph is what ``python derivations/_run.py``
+prints after PASS.
 """
 
 import importlib.util
@@ -39,3 +42,11 @@ CHECKS = _checks()
 @pytest.mark.parametrize("module, name", CHECKS)
 def test_derivation(module, name):
     getattr(module, name)()
+
+
+@pytest.mark.skipif(not CHECKS, reason="no derivations yet")
+@pytest.mark.parametrize("module, name", CHECKS)
+def test_derivation_states_what_it_establishes(module, name):
+    doc = (getattr(module, name).__doc__ or "").strip()
+    summary = " ".join(doc.split("\n\n")[0].split())
+    assert len(summary) >= 20, f"{name} needs a docstring saying what it establishes"
