@@ -45,6 +45,9 @@ nb_execution_mode = "off"
 NOTEBOOKS = ROOT / "notebooks"
 _NB_COPY = DOCS / "notebooks"
 _NB_COPY.mkdir(exist_ok=True)
+for _stale in _NB_COPY.glob("*.ipynb"):                 # a notebook removed upstream
+    if not (NOTEBOOKS / _stale.name).exists():
+        _stale.unlink()
 for _nb in sorted(NOTEBOOKS.glob("*.ipynb")):
     _dest = _NB_COPY / _nb.name
     if not _dest.exists() or _dest.read_bytes() != _nb.read_bytes():
