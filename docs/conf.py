@@ -6,16 +6,19 @@ from their stored outputs, never executed)::
     python -m sphinx -W --keep-going -b html docs docs/_build/html
 """
 
+import importlib
 import pathlib
 import re
 import shutil
 import sys
 
+from docutils.parsers.rst import directives as _directives
+from docutils.parsers.rst import roles as _roles
+
 DOCS = pathlib.Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))          # document this checkout's refimpl, not an installed one
-
-import refimpl  # noqa: E402
+refimpl = importlib.import_module("refimpl")
 
 project = "refimpl"
 author = "refimpl contributors"
@@ -79,7 +82,6 @@ html_static_path = []
 # that the build can treat every warning as an error and the text reads as
 # written.  Unknown Sphinx roles and directives do not count: bare docutils
 # does not know them.
-from docutils.parsers.rst import directives as _directives, roles as _roles  # noqa: E402
 
 # docutils' own lookups, saved before Sphinx replaces them while it reads sources
 _DOCUTILS_LOOKUPS = (_directives.directive, _roles.role)
@@ -89,7 +91,6 @@ def _rst_problems(text):
     import io
 
     import docutils.core
-
     from docutils.parsers.rst import directives, roles
 
     stream = io.StringIO()
@@ -105,7 +106,7 @@ def _rst_problems(text):
             text, settings_overrides={"report_level": 2, "halt_level": 5,
                                       "warning_stream": stream,
                                       "file_insertion_enabled": False, "raw_enabled": False})
-    except Exception:       # a Sphinx directive inside: not plain text, leave it to Sphinx
+    except Exception:  # noqa: BLE001 -- a Sphinx directive inside: leave it to Sphinx
         return []
     finally:
         directives._directives.update(saved[0])

@@ -46,7 +46,7 @@ def test_docs_build_without_warnings(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
          "-d", str(tmp_path / "doctrees"), "docs", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"sphinx failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     pages = ["index", "getting-started", "validate", "vectors", "performance", "design", "api",
              "notebooks"]
