@@ -18,7 +18,7 @@ are defined up to ``(a_bar + c, b_bar - c)`` (only perturbations keeping
 ``sum a = sum b`` are meaningful); ``refimpl validate`` fixes that gauge on
 both sides before comparing.
 
-Calling convention (DESIGN.md): ``sinkhorn(C, a, b, *, eps) -> P``, batched
+Calling convention (docs/design.md): ``sinkhorn(C, a, b, *, eps) -> P``, batched
 over leading dimensions::
 
     refimpl validate sinkhorn examples/torch_sinkhorn.py:sinkhorn --framework torch

@@ -18,7 +18,7 @@ autodiff through ``torch.linalg.eigh`` divides by ``l_i - l_j = 0`` and
 returns NaN.  ``A_bar`` solves the equation for a general (non-symmetric)
 ``G``; its symmetric part is what a symmetric perturbation of ``A`` sees.
 
-Calling convention (DESIGN.md): ``sqrtm(A) -> S``, ``inv_sqrtm(A) -> S_inv``;
+Calling convention (docs/design.md): ``sqrtm(A) -> S``, ``inv_sqrtm(A) -> S_inv``;
 batched over leading dimensions::
 
     refimpl validate sqrtm examples/torch_sqrtm.py:sqrtm --framework torch

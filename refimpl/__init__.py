@@ -1,12 +1,12 @@
 """refimpl: reference implementations of differentiable operators and their gradients.
 
-Every operator is a set of plain functions side by side (see DESIGN.md):
+Every operator is a set of plain functions side by side (see docs/design.md):
 ``res = op(*inputs, **params)`` returns a frozen result; ``op_vjp(res, out_bar)``
 and ``op_jvp(res, *tangents)`` differentiate it.  ``refimpl.registry`` lists
 the operators; ``refimpl.check`` is the gradient-checking harness.
 
 ``refimpl.sinkhorn`` is both the module and (called) the forward
-``refimpl.sinkhorn.sinkhorn``, as DESIGN.md names it.
+``refimpl.sinkhorn.sinkhorn``, as docs/design.md names it.
 """
 
 from . import backend, check, combinatorial, deq, linsolve, matsqrt, registry, sinkhorn, topk

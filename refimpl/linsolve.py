@@ -25,7 +25,7 @@ From ``<x_bar, dx> = <x_bar, A^{-1}(db - dA x)> = <A^{-T} x_bar, db - dA x>``:
 When ``A`` or ``b`` was broadcast against the other's batch dimensions, its
 cotangent is summed over those dimensions (the adjoint of broadcasting).
 
-This module is the worked example of the operator contract in DESIGN.md:
+This module is the worked example of the operator contract in docs/design.md:
 forward returns a frozen result holding the output, its residuals and
 diagnostics; the JVP and VJP take that result.  Sinkhorn, SOFT top-k and the
 DEQ backward all end in a solve of this kind.

@@ -1,7 +1,7 @@
 r"""Entropic optimal transport (the Sinkhorn operator) with implicit differentiation.
 
 The module is callable: ``refimpl.sinkhorn(C, a, b, eps=...)`` is
-:func:`sinkhorn` (DESIGN.md's name for the forward; see the end of the file).
+:func:`sinkhorn` (docs/design.md's name for the forward; see the end of the file).
 
 Definition
 ----------
@@ -1713,7 +1713,7 @@ def sinkhorn_error_bound(res: SinkhornResult, *, C1: float, C2: float, reference
 
 
 # --------------------------------------------------------------------------
-# ``refimpl.sinkhorn(C, a, b, eps=...)``: DESIGN.md names the forward after
+# ``refimpl.sinkhorn(C, a, b, eps=...)``: docs/design.md names the forward after
 # this module, so the module object is made callable (it forwards to
 # :func:`sinkhorn`); ``refimpl.sinkhorn.sinkhorn_vjp`` etc. work as usual.
 # The module stays a module (``import refimpl.sinkhorn as m``, pickling of

@@ -6,7 +6,7 @@ right.  :func:`validate` runs their function on every curated case of the
 operator in :mod:`refimpl.registry` (edge cases included) and compares, per
 case, the forward output and the VJP with refimpl's reference.
 
-The candidate follows DESIGN.md's calling convention: the operator's array
+The candidate follows the calling convention of docs/design.md: the operator's array
 inputs positionally, the parameters named in ``OpSpec.candidate_params`` as
 keywords (their values per case: :func:`refimpl.vectors.candidate_kwargs`),
 the primary output back, in the candidate framework's arrays::

@@ -226,7 +226,7 @@ def candidate_kwargs(spec: registry.OpSpec, params: Mapping[str, Any],
                      jvp_params: Mapping[str, Any]) -> dict[str, Any]:
     """The keywords a foreign implementation receives for one case.
 
-    DESIGN's calling convention passes the operator's parameters named in
+    The calling convention (docs/design.md) passes the operator's parameters named in
     ``spec.candidate_params``; each takes its value from the case's forward
     ``params``, else its ``vjp_params`` (a backward hyperparameter such as
     blackbox backprop's ``lam``, which a framework's layer takes at call

@@ -134,7 +134,7 @@ class OpSpec:
         parts for SPD inputs) applied before gradients are compared, here and
         in ``validate`` (default: identity).
     candidate_params : keyword parameters a foreign candidate receives in
-        ``validate`` (DESIGN.md's calling convention, e.g. ``("eps",)``).
+        ``validate`` (the calling convention of docs/design.md, e.g. ``("eps",)``).
     conventions : ``{topic: one-sentence statement}``, JSON-able text written
         into the golden-vector manifest so a consumer in any language knows
         the conventions behind the numbers (which gauge ``canonicalize``
