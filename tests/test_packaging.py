@@ -64,7 +64,7 @@ def _ignore(folder: str, names: list[str]) -> set[str]:
     A stale ``*.egg-info/SOURCES.txt`` in particular would put files into the
     sdist that MANIFEST.in no longer names."""
     return {n for n in names if n.startswith(".") or n in SKIP_PARTS
-            or n in ("build", "dist", "bench-results") or n.endswith(".egg-info")}
+            or n in ("build", "dist", "bench-results", "venv") or n.endswith(".egg-info")}
 
 
 @pytest.fixture(scope="module")
