@@ -117,12 +117,13 @@ def _table(rows) -> str:
     lines = []
     for r in rows:
         lines.append((str(r["d"]), r["method"], r["setting"], f"{r['time_ms']:.2f}",
-                      f"{r['median_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['n_vjp']} ({r['n_vjp_z']}+{r['n_vjp_theta']})",
+                      f"{r['median_ms']:.2f}", f"{r['speedup']:.2f}x",
+                      f"{r['n_vjp']} ({r['n_vjp_z']}+{r['n_vjp_theta']})",
                       str(r["n_f_evals"]), f"{r['cosine']:.6f}", f"{r['norm_ratio']:.4f}"))
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-                     + [fmt.format(*l) for l in lines])
+                     + [fmt.format(*line) for line in lines])
 
 
 def _targets(rows, k_target=5, cos_target=0.99, speed_target=1.7) -> list[str]:

@@ -281,15 +281,15 @@ def format_table(rows, matmul_rate):
             "-" if r["sign_steps"] is None else
             "{}+{}".format(*r["sign_steps"]) if r["sign_steps"][1] else str(r["sign_steps"][0]),
             f"{r['fwd_err']:.1e}", f"{r['grad_err']:.1e}"))
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" if i not in (2,) else f"{{:<{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     prev = None
-    for r, l in zip(rows, lines):
+    for r, line in zip(rows, lines):
         if prev is not None and (r["b"], r["n"]) != prev:
             out.append("")
         prev = (r["b"], r["n"])
-        out.append(fmt.format(*l))
+        out.append(fmt.format(*line))
     out.append("")
     for (b, n), rate in matmul_rate.items():
         out.append(f"measured batched matmul ({b}x{n}x{n}): {rate:.1f} GFLOP/s")

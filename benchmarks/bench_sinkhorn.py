@@ -194,7 +194,8 @@ def summarize(back: list[dict], fwd: list[dict]) -> list[str]:
             i = by.get((tau, method))
             if u and i:
                 out.append(f"tau={tau}: unrolled/{method}: backward time x{u['bwd_s'] / i['bwd_s']:.1f}, "
-                           f"total time x{u['total_s'] / i['total_s']:.1f}, peak memory x{u['peak_mb'] / max(i['peak_mb'], 1e-9):.0f}")
+                           f"total time x{u['total_s'] / i['total_s']:.1f}, "
+                           f"peak memory x{u['peak_mb'] / max(i['peak_mb'], 1e-9):.0f}")
     mems = {m: [by[(t, m)]["peak_mb"] for t in taus if (t, m) in by] for m in ("implicit-schur", "implicit-cg")}
     for m, v in mems.items():
         if v:

@@ -15,7 +15,7 @@ from .matsqrt import (inv_sqrtm, inv_sqrtm_jvp, inv_sqrtm_vjp, lyapunov, matrix_
 from .sinkhorn import sinkhorn_jvp, sinkhorn_unrolled_vjp, sinkhorn_vjp
 from .topk import soft_sorted_topk, soft_topk, soft_topk_jvp, soft_topk_vjp
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",

@@ -283,21 +283,21 @@ def gpu_available() -> bool:
 def get_backend(name: str) -> Backend:
     """``'numpy'``, ``'array_api_strict'`` or ``'cupy'`` as a :class:`Backend`."""
     if name == "numpy":
-        import array_api_compat.numpy as xp
-        return Backend("numpy", xp, "cpu")
+        import array_api_compat.numpy as np_xp
+        return Backend("numpy", np_xp, "cpu")
     if name == "array_api_strict":
         try:
-            import array_api_strict as xp
+            import array_api_strict as strict_xp
         except ImportError as exc:
             raise ValueError("backend 'array_api_strict' needs the package "
                              "array-api-strict (pip install array-api-strict)") from exc
-        return Backend("array_api_strict", xp, xp.Device("device1"))
+        return Backend("array_api_strict", strict_xp, strict_xp.Device("device1"))
     if name == "cupy":
         if not gpu_available():
             raise ValueError("backend 'cupy' needs CuPy and a CUDA device; none found")
-        import array_api_compat.cupy as xp
+        import array_api_compat.cupy as cupy_xp
         import cupy
-        return Backend("cupy", xp, cupy.cuda.Device(0))
+        return Backend("cupy", cupy_xp, cupy.cuda.Device(0))
     raise ValueError(f"unknown backend {name!r}; choose numpy, array_api_strict or cupy")
 
 
@@ -371,7 +371,7 @@ def _cholesky_members(A, *, invert: bool):
 
     potrf, trtri = get_lapack_funcs(("potrf", "trtri"), (A,))
     work = np.array(A, order="C", copy=True)
-    flat = work.reshape((-1,) + work.shape[-2:])       # a view: work is contiguous
+    flat = work.reshape((-1, *work.shape[-2:]))        # a view: work is contiguous
     info = np.zeros(flat.shape[0], dtype=np.int64)
     for i in range(flat.shape[0]):
         _, info[i] = potrf(flat[i].T, lower=1, clean=1, overwrite_a=1)

@@ -14,8 +14,9 @@ Adjoint (dot-product) test
     missing transpose.  The denominator is what round-off in the two inner
     products is proportional to; unlike ``||J u|| ||v||`` it is not inflated
     by products of entries from different batch members, so a batch that
-    mixes scales 1e-6 and 1e3 cannot hide an error in its small member.  It needs no reference and is exact up to round-off,
-    but it only checks that JVP and VJP agree with *each other*.
+    mixes scales 1e-6 and 1e3 cannot hide an error in its small member.  It
+    needs no reference and is exact up to round-off, but it only checks that
+    JVP and VJP agree with *each other*.
 
 Finite differences
     The derivative of ``F`` along ``u`` is estimated by central differences

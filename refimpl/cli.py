@@ -353,6 +353,9 @@ def cmd_bench(args) -> int:
         return 2
     path = bdir / f"bench_{args.name}.py"
     spec = importlib.util.spec_from_file_location(f"refimpl_bench_{args.name}", path)
+    if spec is None or spec.loader is None:
+        print(f"refimpl bench: cannot load {path}", file=sys.stderr)
+        return 2
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return int(module.main(args.bench_args) or 0)

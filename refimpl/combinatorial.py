@@ -520,10 +520,10 @@ def _grid_graph_structure(H: int, Wd: int, neighbourhood: int):
         ok = (ii + di >= 0) & (ii + di < H) & (jj + dj >= 0) & (jj + dj < Wd)
         src.append((ii * Wd + jj)[ok])
         dst.append(((ii + di) * Wd + (jj + dj))[ok])
-    src, dst = np.concatenate(src), np.concatenate(dst)
-    order = np.argsort(src, kind="stable")
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(src, minlength=H * Wd))])
-    return indptr, dst[order]
+    src_all, dst_all = np.concatenate(src), np.concatenate(dst)
+    order = np.argsort(src_all, kind="stable")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(src_all, minlength=H * Wd))])
+    return indptr, dst_all[order]
 
 
 @declare(core_ndim=2, sense="min", projections=_SCALE_ONLY, host=True,

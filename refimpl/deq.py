@@ -428,11 +428,14 @@ def fixed_point(f: Callable, z0, *, method: str = "anderson", tol: float | None 
     converged = xp.zeros(bshape, dtype=xp.bool, device=dev)
     failed = xp.zeros(bshape, dtype=xp.bool, device=dev)
     n_iter = xp.zeros(bshape, dtype=xp.int64, device=dev)
-    dZ = dG = None                      # Anderson differences (..., n_hist, n)
+    dZ: Any = None                      # Anderson differences (..., n_hist, n)
+    dG: Any = None
     z_prev = g_prev = None
-    history = [] if record_history else None
+    history: list[float] = []           # filled when record_history
     n_f_evals = 0
-    fz = r = nf = None
+    fz: Any = None                      # set by the first pass (max_iter >= 0)
+    r: Any = None
+    nf: Any = None
     for it in range(max_iter + 1):
         fz_raw = f(z)
         n_f_evals += 1

@@ -337,7 +337,7 @@ def pade_coefficients(order: int, basis: str = "z") -> tuple[tuple[Fraction, ...
                 f = rows[r][col]
                 rows[r] = [a - f * b for a, b in zip(rows[r], rows[col])]
     q = (Fraction(1),) + tuple(rows[r][m] for r in range(m))
-    p = tuple(sum(q[j] * c[k - j] for j in range(k + 1)) for k in range(m + 1))
+    p = tuple(sum((q[j] * c[k - j] for j in range(k + 1)), Fraction(0)) for k in range(m + 1))
     return p, q
 
 
@@ -1673,7 +1673,7 @@ def _check_derivative_args(res, E, inverse: bool, name: str, method: str, fn: st
     if not isinstance(res, cls):
         raise TypeError(f"argument 'res' of {fn} must be a {cls.__name__} (the result of "
                         f"{'inv_sqrtm' if inverse else 'sqrtm'}), got {type(res).__name__}")
-    out = res.S_inv if inverse else res.S
+    out = res.S_inv if isinstance(res, InvSqrtmResult) else res.S
     backend.namespace(out=out, **{name: E})
     backend.check_array(E, name)
     if tuple(E.shape) != tuple(out.shape):

@@ -1513,7 +1513,7 @@ def sinkhorn_unrolled(C, a, b, *, eps, n_iter: int, rho_a: float | None = None,
     log_b = xp.log(b)
     psi = xp.zeros(batch + (m,), dtype=C.dtype, device=backend.device(C))
     rows, cols = [], []
-    phi = None
+    phi: Any = None                     # set by the first row update (n_iter >= 1)
     for k in range(1, n_iter + 1):
         x = K + psi[..., None, :]
         lse = logsumexp(x, -1)

@@ -464,9 +464,9 @@ class ValidationReport:
         def fmt(x):
             return "-" if x is None else ("inf" if math.isinf(x) else f"{x:.1e}")
 
-        lines = [f"refimpl validate {self.op}: {self.candidate} "
-                 f"[{self.framework} {self.framework_version}, float64, "
-                 f"gradients by {self.gradient_source}]"]
+        lines = [(f"refimpl validate {self.op}: {self.candidate} "
+                  f"[{self.framework} {self.framework_version}, float64, "
+                  f"gradients by {self.gradient_source}]")]
         lines += [f"note: {n}" for n in self.notes]
         headers = ("case", "flags", "forward", "tol", "gradient", "tol", "worst", "result")
         rows = [(c.case, ",".join(c.flags) or "-", fmt(c.forward_error), fmt(c.forward_tol),
@@ -648,8 +648,11 @@ def _candidate_frame(exc: BaseException) -> str:
     user = [f for f in frames if os.path.abspath(f.filename) != here
             and "site-packages" not in f.filename and "dist-packages" not in f.filename
             and not f.filename.startswith("<")]
-    f = (user or [f for f in frames if os.path.abspath(f.filename) != here] or [None])[-1]
-    return f" (at {f.filename}:{f.lineno} in {f.name})" if f is not None else ""
+    outside = user or [f for f in frames if os.path.abspath(f.filename) != here]
+    if not outside:
+        return ""
+    f = outside[-1]
+    return f" (at {f.filename}:{f.lineno} in {f.name})"
 
 
 def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
@@ -677,7 +680,7 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
             bars = _call(vjp, *vargs, out_bar, **params)
         else:
             bars = _call(fw.pullback, ctx, args, out, gc.cotangent)
-        mine = _cotangents(fw, bars, spec, host_in)
+        mine: Sequence[np.ndarray] = _cotangents(fw, bars, spec, host_in)
         moved = [k for k, a, h in zip(spec.inputs, args, host_in)
                  if not np.array_equal(fw.host(a), h)]
         moved += [f"{k} (in the vjp)" for k, a, h in zip(spec.inputs, vargs, host_in)
@@ -687,12 +690,12 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
     except CandidateError as exc:
         return _error_report(gc, ftol, gtol, f"{stage}: {exc}", forward=fwd_err)
     except _Raised as raised:
-        exc = raised.exc
-        if isinstance(exc, CandidateError):     # raised by pullback's own checks
-            return _error_report(gc, ftol, gtol, f"{stage}: {exc}", forward=fwd_err)
+        inner = raised.exc
+        if isinstance(inner, CandidateError):   # raised by pullback's own checks
+            return _error_report(gc, ftol, gtol, f"{stage}: {inner}", forward=fwd_err)
         return _error_report(gc, ftol, gtol,
-                             f"{stage}: the candidate raised {type(exc).__name__}: "
-                             f"{exc}{_candidate_frame(exc)}", raised.tb, forward=fwd_err)
+                             f"{stage}: the candidate raised {type(inner).__name__}: "
+                             f"{inner}{_candidate_frame(inner)}", raised.tb, forward=fwd_err)
     except Exception as exc:  # e.g. converting an exotic output object
         return _error_report(gc, ftol, gtol,
                              f"{stage}: checking the candidate's result failed: "
@@ -810,6 +813,7 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
     if wanted is not None:
         for cid in wanted:
             spec.case(cid)  # KeyError listing the known ids
+    golden: list[Any]   # GoldenCase; below, a Case not meant for candidates until dropped
     if vectors_dir is not None:
         gv = vectors.load(vectors_dir)
         entry = gv.operator(op_name)

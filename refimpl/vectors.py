@@ -183,6 +183,7 @@ class GoldenCase:
         out.update({f"vjp.{k}": v for k, v in self.vjp.items()})
         if self.tangents is not None:
             out.update({f"tangent.{k}": v for k, v in self.tangents.items()})
+        if self.jvp is not None:
             out[f"jvp.{spec_output}"] = self.jvp
         return out
 
@@ -199,7 +200,7 @@ def _zeros_for_none(bars: Sequence, like: Sequence[np.ndarray]) -> list[np.ndarr
 
 def _diagnostics(res) -> dict:
     """Scalar convergence diagnostics of a forward result, as JSON values."""
-    out = {}
+    out: dict[str, bool | int | float] = {}
     for name in ("converged", "n_iter", "error", "residual"):
         raw = getattr(res, name, None)
         if raw is None:

@@ -241,7 +241,8 @@ def test_single_row_and_single_column(backend, rng):
         assert np.abs(C_bar).max() <= 1e-13                      # P does not depend on C
         # dP = da (as the row) when n = 1: <G, dP> = <G, db> along feasible moves
         dirs = feasible(rng, C, a, bb)
-        assert abs(pairing((C_bar, a_bar, b_bar), dirs) - float(np.sum(Gm * fd_plan(backend, C, a, bb, dirs, eps=0.1, **TIGHT)))) <= 1e-9
+        fd = float(np.sum(Gm * fd_plan(backend, C, a, bb, dirs, eps=0.1, **TIGHT)))
+        assert abs(pairing((C_bar, a_bar, b_bar), dirs) - fd) <= 1e-9
 
 
 def test_eps_to_zero_against_linear_programming(rng):
@@ -296,7 +297,8 @@ def test_vjp_matches_finite_differences(backend, dtype, rng, method):
     bars = host(*sk.sinkhorn_vjp(res, put(backend, dtype, G)[0], method=method))
     D = fd_plan(backend, C, a, b, dirs, eps=eps, **TIGHT)
     lhs, rhs = float(np.sum(G * D)), pairing(bars, dirs)
-    scale = np.linalg.norm(G) * np.linalg.norm(D) + sum(np.linalg.norm(x) * np.linalg.norm(d) for x, d in zip(bars, dirs))
+    scale = np.linalg.norm(G) * np.linalg.norm(D) + sum(np.linalg.norm(x) * np.linalg.norm(d)
+                                                        for x, d in zip(bars, dirs))
     assert abs(lhs - rhs) <= (1e-9 if dtype == F64 else 1e-4) * scale
     dP = host(sk.sinkhorn_jvp(res, *put(backend, dtype, *dirs), method=method))[0]
     assert rel(dP, D) <= (1e-8 if dtype == F64 else 2e-3)

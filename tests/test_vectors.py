@@ -263,22 +263,30 @@ def test_manifest_problems_are_detected(export_copy):
     with pytest.raises(VectorsError, match="not valid JSON"):
         vectors.load(export_copy)
 
-    m = json.loads(json.dumps(good)); m["schema_version"] = 99
+    m = json.loads(json.dumps(good))
+
+    m["schema_version"] = 99
     _write_manifest(export_copy, m)
     with pytest.raises(VectorsError, match="schema_version 99.*newer"):
         vectors.load(export_copy)
 
-    m = json.loads(json.dumps(good)); m["schema"] = "something-else"
+    m = json.loads(json.dumps(good))
+
+    m["schema"] = "something-else"
     _write_manifest(export_copy, m)
     with pytest.raises(VectorsError, match="schema 'something-else'"):
         vectors.load(export_copy)
 
-    m = json.loads(json.dumps(good)); del _entry(m)["sha256"]
+    m = json.loads(json.dumps(good))
+
+    del _entry(m)["sha256"]
     _write_manifest(export_copy, m)
     with pytest.raises(VectorsError, match="missing the key 'sha256'"):
         vectors.load(export_copy)
 
-    m = json.loads(json.dumps(good)); _entry(m)["tolerance"]["fd"] = "small"
+    m = json.loads(json.dumps(good))
+
+    _entry(m)["tolerance"]["fd"] = "small"
     _write_manifest(export_copy, m)
     with pytest.raises(VectorsError, match=r"tolerance\['fd'\] must be float"):
         vectors.load(export_copy)
@@ -290,32 +298,44 @@ def test_manifest_problems_are_detected(export_copy):
         with pytest.raises(VectorsError, match=f"contains {bad}, which is not JSON"):
             vectors.load(export_copy)
 
-    m = json.loads(json.dumps(good)); _entry(m)["tolerance"]["fd"] = -1e-8
+    m = json.loads(json.dumps(good))
+
+    _entry(m)["tolerance"]["fd"] = -1e-8
     _write_manifest(export_copy, m)
     with pytest.raises(VectorsError, match=r"tolerance\['fd'\] is negative"):
         vectors.load(export_copy)
 
-    m = json.loads(json.dumps(good)); m["schema_version"] = 1
+    m = json.loads(json.dumps(good))
+
+    m["schema_version"] = 1
     _write_manifest(export_copy, m)
     with pytest.raises(VectorsError, match="schema_version 1.*older"):
         vectors.load(export_copy)
 
-    m = json.loads(json.dumps(good)); del _entry(m)["candidate_kwargs"]
+    m = json.loads(json.dumps(good))
+
+    del _entry(m)["candidate_kwargs"]
     _write_manifest(export_copy, m)
     with pytest.raises(VectorsError, match="missing the key 'candidate_kwargs'"):
         vectors.load(export_copy)
 
-    m = json.loads(json.dumps(good)); _entry(m)["file"] = "../outside.npz"
+    m = json.loads(json.dumps(good))
+
+    _entry(m)["file"] = "../outside.npz"
     _write_manifest(export_copy, m)
     with pytest.raises(VectorsError, match="must be relative"):
         vectors.load(export_copy)
 
-    m = json.loads(json.dumps(good)); _entry(m)["arrays"]["input.A"] = [4, 4]
+    m = json.loads(json.dumps(good))
+
+    _entry(m)["arrays"]["input.A"] = [4, 4]
     _write_manifest(export_copy, m)
     with pytest.raises(VectorsError, match=r"'input.A' has shape \[5, 5\].*says \[4, 4\]"):
         vectors.load(export_copy)
 
-    m = json.loads(json.dumps(good)); m["operators"]["linear_solve"]["has_jvp"] = False
+    m = json.loads(json.dumps(good))
+
+    m["operators"]["linear_solve"]["has_jvp"] = False
     _write_manifest(export_copy, m)
     with pytest.raises(VectorsError, match="manifest lists arrays"):
         vectors.load(export_copy)

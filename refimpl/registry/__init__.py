@@ -343,7 +343,8 @@ def verify_case(spec: OpSpec, case: Case, *, backend: str | Backend = "numpy",
     def vjp(vv):
         return tuple(spec.vjp(res, vv, **case.vjp_params))
 
-    jvp = None if spec.jvp is None else (lambda *uu: spec.jvp(res, *uu, **case.jvp_params))
+    spec_jvp = spec.jvp
+    jvp = None if spec_jvp is None else (lambda *uu: spec_jvp(res, *uu, **case.jvp_params))
 
     if not spec.surrogate:
         if jvp is not None:

@@ -1,5 +1,6 @@
-"""Registry entries for combinatorial solvers and identity with projection (refimpl.combinatorial): cases, oracle, tolerances and
-operator-specific checks.  Listed in ``refimpl.registry``."""
+"""Registry entries for combinatorial solvers and identity with projection
+(refimpl.combinatorial): cases, oracle, tolerances and operator-specific
+checks.  Listed in ``refimpl.registry``."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def _grid_neighbours(H: int, Wd: int, neighbourhood: int) -> dict:
 def _grid_paths(H: int, Wd: int, neighbourhood: int):
     """Every simple path from vertex 0 to vertex H*Wd - 1 (as vertex tuples)."""
     adj, target = _grid_neighbours(H, Wd, neighbourhood), H * Wd - 1
-    stack = [(0, (0,))]
+    stack: list[tuple[int, tuple[int, ...]]] = [(0, (0,))]
     while stack:
         v, path = stack.pop()
         if v == target:
@@ -163,8 +164,9 @@ def _brute(kind: str, w: np.ndarray, **params) -> np.ndarray:
                    else sum(q[i] * v for i, v in zip(support, values)))
             if best_val is None or val < best_val:
                 best, best_val = (support, values), val
+        assert best is not None                     # Y is never empty
         y = np.zeros(flat.size)
-        y[list(best[0])] = 1.0 if best[1] is None else np.asarray(best[1], dtype=float)
+        y[list(best[0])] = 1.0 if best[1] is None else np.asarray(best[1], dtype=np.float64)
         out[idx] = y.reshape(w[idx].shape)
     return out
 
@@ -186,7 +188,7 @@ def _check_identity_formula(run: CaseRun) -> list[CheckResult]:
     lin_f, g_f = _flat_core(lin, core), _flat_core(g, core)
     want = np.empty_like(g_f)
     for idx in np.ndindex(*lin_f.shape[:-1]):
-        want[idx] = -_host_projection_jacobian(lin_f[idx], run.case.params.get("projection")).T @ g_f[idx]
+        want[idx] = -_host_projection_jacobian(lin_f[idx], _projection_of(run.case)).T @ g_f[idx]
     return [compare(to_host(got), want.reshape(g.shape), rtol=run.tol.adjoint, name="identity_formula")]
 
 
@@ -549,6 +551,8 @@ def _blackbox_spec(kind: str) -> OpSpec:
     def vec(rng):
         return {"w": rng.standard_normal(6)}
 
+    extra: tuple[Callable[[CaseRun], list[CheckResult]], ...]
+    cases: tuple[Case, ...]
     if kind == "top_k":
         core, cotangent, extra = 1, None, (_check_blackbox_neighbour,)
         cases = (

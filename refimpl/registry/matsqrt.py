@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Callable
 
 import numpy as np
 
@@ -391,6 +392,9 @@ def _matsqrt_cases(inverse: bool) -> tuple[Case, ...]:
 
 def _matsqrt_spec(inverse: bool) -> OpSpec:
 
+    forward: Callable[..., Any]
+    vjp: Callable[..., Any]
+    jvp: Callable[..., Any]
     if inverse:
         forward, vjp, jvp = matsqrt.inv_sqrtm, matsqrt.inv_sqrtm_vjp, matsqrt.inv_sqrtm_jvp
     else:
