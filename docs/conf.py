@@ -51,10 +51,14 @@ _NB_COPY.mkdir(exist_ok=True)
 for _stale in _NB_COPY.glob("*.ipynb"):                 # a notebook removed upstream
     if not (NOTEBOOKS / _stale.name).exists():
         _stale.unlink()
+# A notebook links a derivation script as ../derivations/<op>.py (right when
+# opened from notebooks/); in the site that link goes to the script's page.
+_DERIVATION_LINK = re.compile(r"\]\(\.\./derivations/(\w+)\.py\)")
 for _nb in sorted(NOTEBOOKS.glob("*.ipynb")):
     _dest = _NB_COPY / _nb.name
-    if not _dest.exists() or _dest.read_bytes() != _nb.read_bytes():
-        shutil.copyfile(_nb, _dest)
+    _text = _DERIVATION_LINK.sub(r"](../derivations/\1.md)", _nb.read_text(encoding="utf-8"))
+    if not _dest.exists() or _dest.read_text(encoding="utf-8") != _text:
+        _dest.write_text(_text, encoding="utf-8")
 
 # --- MyST -----------------------------------------------------------------
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]

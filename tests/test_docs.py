@@ -53,6 +53,7 @@ def test_docs_build_without_warnings(tmp_path):
     pages += [f"user-guide/{op}" for op in ("sinkhorn", "topk", "combinatorial", "matsqrt", "deq")]
     pages += [f"notebooks/{nb.stem}" for nb in sorted((ROOT / "notebooks").glob("*.ipynb"))]
     pages += ["api/generated/refimpl.sinkhorn", "api/generated/refimpl.validate"]
+    pages += [f"derivations/{p.stem}" for p in sorted((ROOT / "derivations").glob("[!_]*.py"))]
     absent = [p for p in pages if not (out / f"{p}.html").is_file()]
     assert not absent, f"pages not built: {absent}"
     # the worked candidates are included verbatim in the validate guide
