@@ -1092,12 +1092,14 @@ def _run_case_self(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
         out, ctx = _call(fw.forward, fn, args, params)
         out_h = _to_host(fw, out, f"the output {spec.output!r}", gc.output.shape)
         stage = "vjp" if vjp is not None else f"{fw.name} autodiff"
+        vargs = fw.inputs(host_in, requires_grad=False) if vjp is not None else []
         if vjp is not None:
-            bars = _call(vjp, *fw.inputs(host_in, requires_grad=False),
-                         fw.like(gc.cotangent, out), **params)
+            bars = _call(vjp, *vargs, fw.like(gc.cotangent, out), **params)
         else:
             bars = _call(fw.pullback, ctx, args, out, gc.cotangent)
         mine = _cotangents(fw, bars, spec, host_in)
+        moved = [k for k, a, h in zip(spec.inputs, [*args, *vargs], host_in * 2)
+                 if not np.array_equal(fw.host(a), h)]
         stage = "finite differences of the candidate's forward"
         checks = self_consistency(_own_forward(fw, fn, params, gc.output.shape), spec, gc,
                                   out_h, mine, gtol)
@@ -1114,6 +1116,10 @@ def _run_case_self(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
                              traceback.format_exc())
     verdict, worst, message = _self_verdict(checks)
     status = {"consistent": "pass", "inconsistent": "FAIL", "inconclusive": "ERROR"}[verdict]
+    if moved:
+        status = "FAIL"
+        changed = f"the candidate modified its input(s) {', '.join(sorted(set(moved)))} in place"
+        message = "\n".join(filter(None, [message, changed]))
     verdict_text = {"consistent": "gradient consistent with own forward",
                     "inconsistent": "gradient not the derivative of own forward",
                     "inconclusive": "inconclusive (forward not smooth enough)"}[verdict]

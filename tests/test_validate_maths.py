@@ -225,3 +225,79 @@ def test_cli_against_self(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(args + ["--against", "nope"])
     assert exc.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_forward_that_is_not_smooth_is_inconclusive_not_passed():
+    """A forward rounded to a grid of 1e-4 of its size (as a tolerance-based stopping
+    rule makes it, at the scale of the difference steps): the differences do not
+    settle, and the case is never reported as passing."""
+    sys.path.insert(0, str(HERE.parent / "examples"))
+    try:
+        import numpy_linear_solve as ex
+    finally:
+        sys.path.remove(str(HERE.parent / "examples"))
+
+    def rounded(A, b):
+        x = ex.linear_solve(A, b)
+        q = 1e-4 * np.abs(x).max()
+        return np.round(x / q) * q
+
+    report = validate("linear_solve", rounded, framework="numpy", vjp=ex.linear_solve_vjp,
+                      against="self", cases=["well_conditioned", "shared_matrix"])
+    assert not any(c.passed for c in report.cases), report.table()
+    vague = [c for c in report.cases if c.status == "ERROR"]
+    assert vague and all(c.verdict.startswith("inconclusive") for c in vague), report.table()
+    assert all("is the forward smooth" in c.message for c in vague)
+
+
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
+
+
+def test_torch_soft_topk_with_a_newton_step_for_the_graph(torch):
+    """The common PyTorch pattern: theta by bisection without a graph, then one Newton
+    step theta_0 + t F / S with autograd, A = sigmoid((x - theta)/t).  Its autodiff
+    gradient is right to round-off of max|A_bar| / t: every case passes, near-hard
+    ones included; with theta detached (no Newton step in the graph) it fails."""
+
+    def make(detach):
+        def soft_topk(x, *, k, eps, largest=True):
+            n = x.shape[-1]
+            if k in (0, n):
+                return torch.full_like(x, float(k == n)) + 0.0 * x
+            t = eps / 2.0
+            xs = x if largest else -x
+            with torch.no_grad():
+                th0 = torch.as_tensor(vc._bisect_theta(xs.detach().numpy(), k, t))[..., None]
+            z0 = (xs - th0) / t
+            a0 = torch.sigmoid(z0)
+            S = (a0 * torch.sigmoid(-z0)).sum(-1, keepdim=True)
+            F = a0.sum(-1, keepdim=True) - k
+            step = torch.where(S > 0, t * F / torch.where(S > 0, S, torch.ones_like(S)),
+                               torch.zeros_like(S))
+            theta = th0 + (step.detach() if detach else step)
+            return torch.sigmoid((xs - theta) / t)
+        return soft_topk
+
+    report = validate(SOFT_TOPK, make(False), framework="torch")
+    assert report.passed, report.table()
+    generic = dataclasses.replace(SOFT_TOPK, gradient_scale=None)
+    report = validate(generic, make(False), framework="torch", cases=NEAR_HARD)
+    assert not report.passed, report.table()          # the false alarm of the generic floor
+    report = validate(SOFT_TOPK, make(True), framework="torch",
+                      cases=["closed_largest", "batch_scales"])
+    assert all(c.status == "FAIL" and c.verdict == "gradient off" for c in report.cases), \
+        report.table()
+
+
+def test_against_self_reports_a_mutating_candidate():
+    def ns_mutating(A):
+        S = vc.sqrtm_ns(A)
+        A[..., 0, 0] += 1e-3            # the caller's array
+        return S
+
+    report = validate(SQRTM, ns_mutating, framework="numpy", vjp=vc.sqrtm_ns_vjp,
+                      against="self", cases=["eig_exact"])
+    (c,) = report.cases
+    assert c.status == "FAIL" and "modified its input(s) A in place" in c.message
