@@ -1024,15 +1024,16 @@ def self_consistency(f: Callable[..., np.ndarray], spec: registry.OpSpec,
 def _self_verdict(checks: Sequence[SelfCheck]) -> tuple[str, SelfCheck, str]:
     """``("consistent" | "inconsistent" | "inconclusive", worst check, message)``."""
     worst = max(checks, key=lambda c: c.error / c.tol)
-    bad = [c for c in checks if not c.passed]
-    if bad:
+    bad = sorted((c for c in checks if not c.passed), key=lambda c: -c.error / c.tol)
+    if bad:                                   # the worst three first
         lines = [f"{c.where}: <out_bar, FD> = {c.fd:.9e} but <vjp, d> = {c.vjp:.9e} "
                  f"(relative difference {c.error:.1e} > tol {c.tol:.1e}; FD error estimate "
                  f"{c.fd_error:.1e})" for c in bad[:3]]
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        if len(bad) > 3:
+            lines.append(f"... and {len(bad) - 3} more")
         return "inconsistent", worst, (f"the VJP is not the derivative of the candidate's own "
-                                       f"forward in {len(bad)} of {len(checks)} directions"
-                                       f"{more}:\n" + "\n".join(lines))
+                                       f"forward in {len(bad)} of {len(checks)} directions:\n"
+                                       + "\n".join(lines))
     vague = [c for c in checks if c.inconclusive]
     if vague:
         c = max(vague, key=lambda c: c.fd_error)
