@@ -310,7 +310,7 @@ def cmd_validate(args) -> int:
         report = _validate.validate(
             args.op, args.target, framework=args.framework, vjp=args.vjp,
             cases=args.case, rtol=args.rtol, forward_rtol=args.forward_rtol,
-            vectors_dir=args.vectors)
+            vectors_dir=args.vectors, against=args.against)
     except (ValueError, KeyError, TypeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"refimpl validate: {msg}", file=sys.stderr)
@@ -473,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--vectors", metavar="DIR",
                     help="take the reference from golden vectors written by "
                          "'refimpl export' instead of computing it")
+    va.add_argument("--against", choices=("reference", "self"), default="reference",
+                    help="judge the gradient against the reference (default) or, with "
+                         "'self', against finite differences of TARGET's own forward "
+                         "(for approximate-by-design forwards; the forward is not compared)")
     va.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     va.add_argument("--traceback", action="store_true",
                     help="print the full traceback of exceptions raised by the candidate")

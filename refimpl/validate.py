@@ -48,13 +48,30 @@ drowned out::
 
 where ``FLOOR = 64 * eps_float64`` and ``s_m`` is the member's natural
 size: ``max|e_m|`` for an output; for a gradient at least
-``max|out_bar_m| max|out_m| / max(max|x_m|, 1)``, so a gradient that is
-zero in exact arithmetic (the cost gradient of a one-column transport plan,
-a saturated tanh) is compared at round-off of that size, not of its own.
-(So in linear_solve's ``batched_scales``, whose members' gradients span a
-factor 4e8, an error of 1e-7 relative to the smallest member fails; a
-floor relative to the largest member would let errors up to 6e-6 through,
-and a whole-batch normwise comparison anything below 4.)  A member whose
+
+    s_m = max( max|out_bar_m| max|out_m| / max(max|x_m|, 1),   (generic)
+               max over member m of gradient_scale(x, out, out_bar, params) )
+
+so a gradient that is zero in exact arithmetic (the cost gradient of a
+one-column transport plan, a saturated tanh) is compared at round-off of
+that size, not of its own.  (So in linear_solve's ``batched_scales``,
+whose members' gradients span a factor 4e8, an error of 1e-7 relative to
+the smallest member fails; a floor relative to the largest member would
+let errors up to 6e-6 through, and a whole-batch normwise comparison
+anything below 4.)
+
+The first term of ``s_m`` is the change of ``<out_bar, out>`` per
+relative change of the input; the second, declared
+per operator in the registry (``OpSpec.gradient_scale``), is the
+operator's own sensitivity where the generic term misses it.  SOFT top-k
+declares ``max|A_bar_m| / t`` (``t = eps/2``): its threshold solves
+``sum(A) = k``, which no floating-point algorithm resolves beyond a
+residual ``|F| ~ u k``; a residual ``F`` changes the VJP by up to
+``|F| max|A_bar| / t`` however small the gradient itself (``~ S
+max|A_bar| / t``, ``S = sum A(1 - A) -> 0`` near the hard limit), so a
+backward-stable implementation (e.g. bisection plus one Newton step for the
+graph) is only accurate to round-off of ``max|A_bar| / t`` there, 1/t
+times more than the generic term allows for scores of size 1.  A member whose
 reference is exactly zero, with no natural size, is compared at round-off
 of the largest member.  A case passes when the forward
 error is at most the case's ``forward`` tolerance and every gradient error
@@ -62,6 +79,38 @@ at most its ``fd`` tolerance (the accuracy to which ``refimpl verify``
 certifies the reference gradient against finite differences); both can be
 overridden, and neither is taken below ``FLOOR`` (a case whose reference is
 exact, tolerance 0, still allows a foreign implementation round-off).
+
+What is off.  A failing case's ``verdict`` says whether the forward, the
+gradient or both depart from the reference; when the forward does, the
+VJP is also compared with finite differences of the candidate's own
+forward (below), and the verdict says whether the gradient is consistent
+with that forward (an approximate forward with a correct backward: fix
+the forward) or not.
+
+Against the candidate's own forward (``against="self"``, CLI ``--against
+self``).  Approximate-by-design code (Padé or Taylor forwards, a fixed
+number of iterations, unrolled backward) cannot match the reference to
+round-off; what can be asked is whether its backward is the derivative of
+its own forward.  For random feasible directions ``d`` of all inputs
+(``SELF_DIRECTIONS`` over the whole batch and as many per batch member),
+float64 central differences at steps ``h, h/2, h/4`` (``h`` the case's
+``fd_step`` relative to the perturbed entries) are Richardson-extrapolated
+to ``D`` and::
+
+    |<out_bar, D> - <vjp(out_bar), d>|
+        <= max(tol * size, 4 E + 2 noise, FLOOR * natural)
+
+with ``size = sum|out_bar * D| + sum|vjp * d|``, ``E`` the larger
+difference of the extrapolated value from its two neighbours in the
+Richardson table (the differences' own error estimate),
+``noise = FLOOR sum|out_bar * out| / (h/4)`` (evaluation round-off) and
+``natural = sum s |d|`` (the round-off term above).  ``tol`` is the case's
+``fd`` tolerance (``rtol`` overrides it); the report shows it widened to
+``(4 E + 2 noise) / size`` where that is larger.  A direction whose ``E``
+exceeds 1% of ``size`` (and the round-off terms) resolves nothing: the
+case is an ``ERROR`` "inconclusive (forward not smooth enough)" --
+tolerance-based stopping or a branch that changes with ``x`` at the scale
+of the steps -- rather than a pass.
 
 Bad candidates never end the run with a bare traceback: an import failure
 of the target raises :class:`TargetError` (the CLI prints it), and a wrong
@@ -73,6 +122,7 @@ the candidate's code where it was raised.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import importlib
 import importlib.util
@@ -89,18 +139,25 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from . import registry, vectors
+from .check import DEFAULT_FD_STEP
 
 __all__ = [
+    "AGAINST",
     "FLOOR",
     "FRAMEWORKS",
     "CaseReport",
+    "SelfCheck",
     "TargetError",
     "ValidationReport",
     "load_target",
+    "self_consistency",
     "validate",
 ]
 
 FRAMEWORKS = ("torch", "jax", "numpy")
+
+#: What ``validate`` judges the candidate's gradient against.
+AGAINST = ("reference", "self")
 
 #: Round-off floor of the per-member comparison, relative to the largest
 #: reference entry of the whole batch (64 units of float64 round-off).
@@ -407,7 +464,12 @@ class CaseReport:
     ``status`` is ``"pass"``, ``"FAIL"`` (ran, numbers outside tolerance) or
     ``"ERROR"`` (could not be compared: exception, wrong type/shape, NaN).
     ``gradient_errors`` maps each input name to its error; ``worst`` names
-    the input (and batch member) with the largest one.
+    the input (and batch member) with the largest one.  ``verdict`` says
+    what is off when a case fails (``"forward off"``, ``"gradient off"``,
+    ``"forward and gradient off"``), and, when the forward is off, whether
+    the gradient is the derivative of the candidate's own forward
+    (:func:`self_consistency`); with ``against="self"`` it is the outcome of
+    that comparison.
     """
 
     case: str
@@ -422,6 +484,7 @@ class CaseReport:
     worst: str = ""
     message: str = ""
     traceback: str = ""
+    verdict: str = ""
 
     @property
     def passed(self) -> bool:
@@ -472,6 +535,9 @@ class ValidationReport:
         rows = [(c.case, ",".join(c.flags) or "-", fmt(c.forward_error), fmt(c.forward_tol),
                  fmt(c.gradient_error), fmt(c.gradient_tol), c.worst or "-", c.status)
                 for c in self.cases]
+        if any(c.verdict for c in self.cases):
+            headers += ("verdict",)
+            rows = [r + (c.verdict or "-",) for r, c in zip(rows, self.cases)]
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
                   for i, h in enumerate(headers)]
         line = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -554,7 +620,8 @@ def _where(name: str, member: tuple | None) -> str:
 
 def _gradient_scale(gc: vectors.GoldenCase, spec: registry.OpSpec, k: str) -> np.ndarray:
     """Natural size of each batch member of input ``k``'s gradient:
-    ``max|out_bar_m| max|out_m| / max(max|x_m|, 1)``.
+    ``max|out_bar_m| max|out_m| / max(max|x_m|, 1)``, or the operator's own
+    ``spec.gradient_scale`` where that is larger (:func:`_declared_scale`).
 
     A relative change ``dx/|x|`` of the input moves ``<out_bar, out>`` by at
     most about this times ``|dx|``; a gradient that is zero in exact
@@ -574,7 +641,21 @@ def _gradient_scale(gc: vectors.GoldenCase, spec: registry.OpSpec, k: str) -> np
     p = np.max(p, axis=tuple(range(np.ndim(p) - np.ndim(xm)))) if np.ndim(p) > np.ndim(xm) else p
     ones = tuple(i for i, n in enumerate(np.shape(xm)) if n == 1 and np.shape(p)[i] != 1)
     p = np.max(p, axis=ones, keepdims=True) if ones else p
-    return np.broadcast_to(p, np.shape(xm)) / np.maximum(xm, 1.0)
+    generic = np.broadcast_to(p, np.shape(xm)) / np.maximum(xm, 1.0)
+    return np.maximum(generic, _declared_scale(gc, spec, k))
+
+
+def _declared_scale(gc: vectors.GoldenCase, spec: registry.OpSpec, k: str) -> np.ndarray | float:
+    """The operator's own natural size of input ``k``'s gradient per batch member:
+    ``spec.gradient_scale`` broadcast to ``x``'s shape, max over each member's
+    core dimensions; 0 where the spec declares none."""
+    if spec.gradient_scale is None or gc.cotangent.size == 0:
+        return 0.0
+    i = spec.inputs.index(k)
+    x = gc.inputs[k]
+    sizes = spec.gradient_scale(dict(gc.inputs), gc.output, gc.cotangent, dict(gc.params))
+    size = np.broadcast_to(np.abs(np.asarray(sizes[i], dtype=np.float64)), np.shape(x))
+    return _member_max(size, spec.core_ndim[i])
 
 
 def _signature_text(spec: registry.OpSpec) -> str:
@@ -730,9 +811,324 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
     if getattr(out, "dtype", None) is not None and "float64" not in str(out.dtype):
         problems.append(f"note: the output has dtype {out.dtype}; the inputs were float64")
     failed = bool(bad or moved or not fwd_err <= ftol)
+    verdict, note = _reference_verdict(spec, gc, fn, fw, params, out_h, mine,
+                                       not fwd_err <= ftol, bool(bad), gtol)
+    problems += [note] if note else []
     return CaseReport(gc.id, gc.description, tuple(gc.flags), "FAIL" if failed else "pass",
                       fwd_err, grad_err,
-                      ftol, gtol, errors, where[worst_input], "\n".join(problems))
+                      ftol, gtol, errors, where[worst_input], "\n".join(problems),
+                      verdict=verdict)
+
+
+# --------------------------------------------------------------------------
+# Against the candidate's own forward (``against="self"``)
+# --------------------------------------------------------------------------
+
+#: Richardson levels of the directional differences (steps h, h/2, h/4).
+SELF_LEVELS = 3
+#: Random joint directions per case (and per batch member of a batched case).
+SELF_DIRECTIONS = 3
+#: A difference whose finite-difference error estimate exceeds this fraction
+#: of the derivative's size cannot certify the gradient: "inconclusive".
+SELF_INCONCLUSIVE = 1e-2
+#: Batches with at most this many members are also checked member by member.
+SELF_MAX_MEMBERS = 8
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """One directional comparison of a VJP with differences of its own forward.
+
+    ``fd = <out_bar, D>`` (``D`` the Richardson-extrapolated central
+    difference of the forward along ``d``), ``vjp = <x_bar, d>``;
+    ``error = |fd - vjp| / max(size, FLOOR * natural / tol)`` with ``size =
+    sum|out_bar * D| + sum|x_bar * d|``; ``tol`` is the requested tolerance
+    widened to the difference's own error estimate, ``fd_error`` (Richardson
+    difference plus evaluation noise, 4 and 2 times, relative to the same
+    denominator).
+    """
+
+    where: str
+    fd: float
+    vjp: float
+    error: float
+    tol: float
+    fd_error: float
+    inconclusive: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= self.tol
+
+
+def _richardson(central: Callable[[float], np.ndarray], h: float,
+                levels: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Richardson table ``R[j][i]`` of ``central(h / 2^j)``, ``j < levels``: the
+    extrapolated value ``R[L-1][L-1]`` (error ``O(h^(2L))`` for a smooth
+    function) and the two values it is compared with to estimate its error,
+    ``R[L-1][L-2]`` (same step, one extrapolation less) and ``R[L-2][L-2]``
+    (the previous step's best); for a forward that is not smooth at the
+    scale of the steps these disagree, where a single comparison may agree
+    by chance."""
+    table: list[list[np.ndarray]] = []
+    for j in range(levels):
+        row = [central(h / 2.0 ** j)]
+        for i in range(1, j + 1):
+            c = 4.0 ** i - 1.0                   # central differences: error in h^2, h^4, ...
+            row.append(row[i - 1] + (row[i - 1] - table[j - 1][i - 1]) / c)
+        table.append(row)
+    best = table[-1][-1]
+    return best, ([table[-1][-2], table[-2][-1]] if levels > 1 else [best])
+
+
+def _own_forward(fw: _Framework, fn: Callable, params: Mapping,
+                 shape: tuple) -> Callable[..., np.ndarray]:
+    """The candidate's forward as a host float64 function (for finite differences)."""
+    def f(*host):
+        out = _call(fn, *fw.inputs(list(host), requires_grad=False), **params)
+        return _to_host(fw, out, "the output at a perturbed input", shape)
+    return f
+
+
+def _self_directions(spec: registry.OpSpec, gc: vectors.GoldenCase, rng: np.random.Generator
+                     ) -> list[tuple[str, list[np.ndarray], tuple | None]]:
+    """``(label, one direction per input, batch member or None)``:
+    ``SELF_DIRECTIONS`` joint draws of
+    the spec's feasible directions (symmetric for SPD inputs, mass-balanced for
+    Sinkhorn's marginals) over the whole batch, then, when every input carries
+    the full batch shape (no broadcasting) and there are at most
+    ``SELF_MAX_MEMBERS`` members, the same number per member (zero elsewhere),
+    so a wrong gradient in a member 1e-9 times smaller than its batch-mates is
+    not drowned out."""
+    host = {k: gc.inputs[k] for k in spec.inputs}
+    out = []
+
+    def draw():
+        u = (spec.tangents(rng, host) if spec.tangents is not None
+             else tuple(registry.scaled_normal(rng, host[k], c)
+                        for k, c in zip(spec.inputs, spec.core_ndim)))
+        return [np.zeros(host[k].shape) if t is None else np.asarray(t, dtype=np.float64)
+                for k, t in zip(spec.inputs, u)]
+
+    for j in range(SELF_DIRECTIONS):
+        out.append((f"direction {j}", draw(), None))
+    batch = registry._batch_shape(spec, host)
+    full = all(host[k].shape[: host[k].ndim - c] == batch
+               for k, c in zip(spec.inputs, spec.core_ndim))
+    if batch and full and math.prod(batch) <= SELF_MAX_MEMBERS:
+        for m in np.ndindex(*batch):
+            for j in range(SELF_DIRECTIONS):
+                d = []
+                for t in draw():
+                    masked = np.zeros_like(t)
+                    masked[m] = t[m]
+                    d.append(masked)
+                out.append((f"member [{', '.join(map(str, m))}] direction {j}", d, m))
+    return out
+
+
+def _self_step(host: Sequence[np.ndarray], d: Sequence[np.ndarray], rel_step: float) -> float:
+    """``h`` such that no input moves by more than ``rel_step`` times the size of
+    the entries it perturbs (of the member, for a member's direction)."""
+    h = math.inf
+    for x, t in zip(host, d):
+        dmax = float(np.max(np.abs(t))) if t.size else 0.0
+        if dmax == 0.0:
+            continue
+        xmax = float(np.max(np.abs(np.where(t != 0, x, 0.0))))
+        h = min(h, rel_step * (xmax if xmax > 0 else 1.0) / dmax)
+    return h if math.isfinite(h) else rel_step
+
+
+def self_consistency(f: Callable[..., np.ndarray], spec: registry.OpSpec,
+                     gc: vectors.GoldenCase, out: np.ndarray, bars: Sequence[np.ndarray],
+                     tol: float, *, rel_step: float | None = None,
+                     levels: int = SELF_LEVELS) -> list[SelfCheck]:
+    """Compare a candidate's VJP ``bars`` with finite differences of its own forward.
+
+    For each direction ``d`` of :func:`_self_directions` (one per input),
+    the cotangent-weighted directional derivative of the forward ``f``,
+
+        fd  = <out_bar, (f(x + h d) - f(x - h d)) / 2h>   (Richardson, h, h/2, h/4)
+
+    is compared with ``vjp = <x_bar, d>`` (summed over the inputs).  The
+    finite difference carries its own error: ``E = max(|R[L-1][L-1] -
+    R[L-1][L-2]|, |R[L-1][L-1] - R[L-2][L-2]|)`` from the Richardson table
+    (truncation, and any
+    non-smoothness of the forward: iteration counts that change with
+    ``x``, tolerance-based stopping) plus the evaluation noise ``FLOOR
+    sum|out_bar * out| / h_min`` of a forward accurate to ``FLOOR``.  The
+    check passes when::
+
+        |fd - vjp| <= max(tol * size, 4 E + 2 noise, FLOOR * natural)
+
+    with ``size = sum|out_bar * D| + sum|x_bar * d|`` and ``natural =
+    sum_i nat_i |d_i|`` (the round-off scale of ``validate``'s gradient
+    comparison, computed with the candidate's own output).  A direction
+    whose ``4 E + 2 noise`` exceeds ``SELF_INCONCLUSIVE * size`` (and the
+    round-off term) is inconclusive if it passes: the differences resolve
+    the derivative to less than 1% there, so they certify nothing.  (Only
+    when the Richardson disagreement ``E`` also exceeds twice the noise
+    term: a derivative far below the round-off of the output, such as a
+    near-hard SOFT top-k row's, is limited by round-off like every other
+    comparison of ``validate``, not by a non-smooth forward.)
+
+    ``f`` maps host float64 inputs to the host output; ``out`` is ``f`` at
+    the case's inputs; ``bars`` are the candidate's cotangents for the case's
+    cotangent ``gc.cotangent``.  The directions come from a generator seeded
+    by the case, so a report is reproducible.
+    """
+    host = [np.asarray(gc.inputs[k], dtype=np.float64) for k in spec.inputs]
+    v = np.asarray(gc.cotangent, dtype=np.float64)
+    if rel_step is None:
+        try:
+            rel_step = spec.case(gc.id).fd_step
+        except KeyError:
+            rel_step = DEFAULT_FD_STEP
+    own = dataclasses.replace(gc, output=np.asarray(out, dtype=np.float64))
+    natural = [np.asarray(_gradient_scale(own, spec, k)) for k in spec.inputs]
+    rng = np.random.default_rng([int(gc.seed), 0x5E1F])
+    checks = []
+    for label, d, member in _self_directions(spec, gc, rng):
+        h = _self_step(host, d, rel_step)
+        # the output entries a direction moves: its member's, or all of them
+        moved = np.abs(v * out) if member is None else np.abs(v[member] * out[member])
+
+        def central(hk, d=d):
+            fp = f(*(x + hk * t for x, t in zip(host, d)))
+            fm = f(*(x - hk * t for x, t in zip(host, d)))
+            return v * (fp - fm) / (2.0 * hk)
+
+        best, others = _richardson(central, h, levels)
+        fd = float(np.sum(best))
+        est = max(abs(fd - float(np.sum(o))) for o in others)
+        noise = FLOOR * float(np.sum(moved)) / (h / 2.0 ** (levels - 1))
+        vjp = float(sum(np.sum(b * t) for b, t in zip(bars, d)))
+        size = float(np.sum(np.abs(best))) + float(sum(np.sum(np.abs(b * t))
+                                                        for b, t in zip(bars, d)))
+        nat = 0.0
+        for n, t, c in zip(natural, d, spec.core_ndim):
+            lead = t.ndim - c
+            per = np.sum(np.abs(t), axis=tuple(range(lead, t.ndim))) if t.ndim else np.abs(t)
+            nat += float(np.sum(np.broadcast_to(n, np.shape(per)) * per))
+        denom = max(size, FLOOR * nat / tol)
+        fd_err = 4.0 * est + 2.0 * noise
+        error = abs(fd - vjp) / denom if denom > 0 else 0.0
+        eff = max(tol, fd_err / denom) if denom > 0 else tol
+        # the differences do not settle, and not for round-off: a forward that is
+        # not smooth in x at the scale of the steps
+        inconclusive = (4.0 * est > SELF_INCONCLUSIVE * size and 4.0 * est > FLOOR * nat
+                        and est > 2.0 * noise)
+        checks.append(SelfCheck(label, fd, vjp, error, eff,
+                                fd_err / denom if denom > 0 else 0.0, inconclusive))
+    return checks
+
+
+def _self_verdict(checks: Sequence[SelfCheck]) -> tuple[str, SelfCheck, str]:
+    """``("consistent" | "inconsistent" | "inconclusive", worst check, message)``."""
+    worst = max(checks, key=lambda c: c.error / c.tol)
+    bad = sorted((c for c in checks if not c.passed), key=lambda c: -c.error / c.tol)
+    if bad:                                   # the worst three first
+        lines = [f"{c.where}: <out_bar, FD> = {c.fd:.9e} but <vjp, d> = {c.vjp:.9e} "
+                 f"(relative difference {c.error:.1e} > tol {c.tol:.1e}; FD error estimate "
+                 f"{c.fd_error:.1e})" for c in bad[:3]]
+        if len(bad) > 3:
+            lines.append(f"... and {len(bad) - 3} more")
+        return "inconsistent", worst, (f"the VJP is not the derivative of the candidate's own "
+                                       f"forward in {len(bad)} of {len(checks)} directions:\n"
+                                       + "\n".join(lines))
+    vague = [c for c in checks if c.inconclusive]
+    if vague:
+        c = max(vague, key=lambda c: c.fd_error)
+        return "inconclusive", worst, (
+            f"finite differences of the candidate's own forward resolve the derivative only "
+            f"to {c.fd_error:.1e} ({c.where}): is the forward smooth (no tolerance-based "
+            f"stopping, no branch that changes with x)?")
+    return "consistent", worst, ""
+
+
+def _reference_verdict(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
+                       fw: _Framework, params: Mapping, out: np.ndarray,
+                       bars: Sequence[np.ndarray], forward_off: bool, gradient_off: bool,
+                       gtol: float) -> tuple[str, str]:
+    """What is off in a case compared with the reference, and, when the forward
+    is, whether the gradient is the derivative of the candidate's own forward
+    (an approximate forward with a consistent backward, versus a wrong
+    backward): ``(verdict, message line)``."""
+    if not forward_off:
+        return ("gradient off" if gradient_off else ""), ""
+    what = "forward and gradient off" if gradient_off else "forward off"
+    if spec.surrogate:
+        return what, ""
+    try:
+        checks = self_consistency(_own_forward(fw, fn, params, gc.output.shape), spec, gc,
+                                  out, bars, gtol)
+    except Exception as exc:    # reported, never raised: the comparison itself stands
+        raw = exc.exc if isinstance(exc, _Raised) else exc
+        return what, (f"finite differences of the candidate's own forward failed: "
+                      f"{type(raw).__name__}: {raw}")
+    verdict, worst, message = _self_verdict(checks)
+    if verdict == "consistent":
+        note = (f"the gradient is the derivative of the candidate's own forward (worst of "
+                f"{len(checks)} directions: {worst.error:.1e}, tol {worst.tol:.1e}): the "
+                f"forward, not the backward, departs from the reference")
+        return f"{what}; gradient consistent with own forward", note
+    if verdict == "inconsistent":
+        return f"{what}; gradient not the derivative of own forward", message
+    return f"{what}; own-forward check inconclusive", message
+
+
+def _run_case_self(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
+                   fw: _Framework, vjp: Callable | None, gtol: float,
+                   ftol: float) -> CaseReport:
+    """One case of ``against="self"``: the candidate's VJP against finite
+    differences of its own forward (:func:`self_consistency`); no reference
+    number is used except the case's inputs and cotangent."""
+    host_in = [gc.inputs[k] for k in spec.inputs]
+    stage = "forward"
+    try:
+        params = {k: fw.inputs([v], requires_grad=False)[0] if isinstance(v, np.ndarray) else v
+                  for k, v in dict(gc.candidate_kwargs).items()}
+        _check_signature(fn, len(host_in), params, _signature_text(spec), "candidate")
+        if vjp is not None:
+            _check_signature(vjp, len(host_in) + 1, params, _vjp_signature_text(spec), "vjp")
+        args = fw.inputs(host_in, requires_grad=vjp is None)
+        out, ctx = _call(fw.forward, fn, args, params)
+        out_h = _to_host(fw, out, f"the output {spec.output!r}", gc.output.shape)
+        stage = "vjp" if vjp is not None else f"{fw.name} autodiff"
+        vargs = fw.inputs(host_in, requires_grad=False) if vjp is not None else []
+        if vjp is not None:
+            bars = _call(vjp, *vargs, fw.like(gc.cotangent, out), **params)
+        else:
+            bars = _call(fw.pullback, ctx, args, out, gc.cotangent)
+        mine = _cotangents(fw, bars, spec, host_in)
+        moved = [k for k, a, h in zip(spec.inputs, [*args, *vargs], host_in * 2)
+                 if not np.array_equal(fw.host(a), h)]
+        stage = "finite differences of the candidate's forward"
+        checks = self_consistency(_own_forward(fw, fn, params, gc.output.shape), spec, gc,
+                                  out_h, mine, gtol)
+    except CandidateError as exc:
+        return _error_report(gc, ftol, gtol, f"{stage}: {exc}")
+    except _Raised as raised:
+        exc = raised.exc
+        if isinstance(exc, CandidateError):
+            return _error_report(gc, ftol, gtol, f"{stage}: {exc}")
+        return _error_report(gc, ftol, gtol, f"{stage}: the candidate raised "
+                             f"{type(exc).__name__}: {exc}{_candidate_frame(exc)}", raised.tb)
+    except Exception as exc:
+        return _error_report(gc, ftol, gtol, f"{stage}: {type(exc).__name__}: {exc}",
+                             traceback.format_exc())
+    verdict, worst, message = _self_verdict(checks)
+    status = {"consistent": "pass", "inconsistent": "FAIL", "inconclusive": "ERROR"}[verdict]
+    if moved:
+        status = "FAIL"
+        changed = f"the candidate modified its input(s) {', '.join(sorted(set(moved)))} in place"
+        message = "\n".join(filter(None, [message, changed]))
+    verdict_text = {"consistent": "gradient consistent with own forward",
+                    "inconsistent": "gradient not the derivative of own forward",
+                    "inconclusive": "inconclusive (forward not smooth enough)"}[verdict]
+    return CaseReport(gc.id, gc.description, tuple(gc.flags), status, None, worst.error,
+                      ftol, worst.tol, {}, worst.where, message, verdict=verdict_text)
 
 
 # --------------------------------------------------------------------------
@@ -750,7 +1146,8 @@ def _name_of(obj) -> str:
 def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, framework: str,
              vjp: Callable | str | None = None, cases: Iterable[str] | None = None,
              rtol: float | None = None, forward_rtol: float | None = None,
-             vectors_dir: str | os.PathLike | None = None) -> ValidationReport:
+             vectors_dir: str | os.PathLike | None = None,
+             against: str = "reference") -> ValidationReport:
     """Run ``candidate`` on every case of ``op_name`` and compare with the reference.
 
     Parameters
@@ -770,6 +1167,15 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
         forward tolerances.
     vectors_dir : take the reference numbers from a golden-vector export
         (``refimpl export``) instead of computing them.
+    against : ``"reference"`` (default): compare the forward and the VJP
+        with refimpl's reference.  ``"self"``: judge the VJP against finite
+        differences of the candidate's *own* forward
+        (:func:`self_consistency`), for approximate-by-design code (Padé or
+        Taylor forwards, fixed iteration counts) whose forward is not meant
+        to match the reference; only the cases' inputs and cotangents are
+        used, the forward is not compared, and ``rtol`` (default: the case's
+        ``fd`` tolerance) is widened per direction to the differences' own
+        error estimate.  Not for surrogate gradients (not derivatives).
 
     Returns
     -------
@@ -798,6 +1204,13 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
     """
     spec = op_name if isinstance(op_name, registry.OpSpec) else registry.get_spec(op_name)
     op_name = spec.name
+    if against not in AGAINST:
+        raise ValueError(f"argument 'against' must be one of {', '.join(AGAINST)}, "
+                         f"got {against!r}")
+    if against == "self" and spec.surrogate:
+        raise ValueError(f"argument 'against': {op_name} has a surrogate backward, not the "
+                         f"derivative of its forward, so it cannot be judged against finite "
+                         f"differences of its own forward; use against='reference'")
     fw = _framework(framework)
     fn = load_target(candidate) if isinstance(candidate, str) else candidate
     if not callable(fn):
@@ -857,9 +1270,17 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
             ftol = max(forward_rtol if forward_rtol is not None
                        else float(gc.tolerance["forward"]), FLOOR)
             gtol = max(rtol if rtol is not None else float(gc.tolerance["fd"]), FLOOR)
-            reports.append(_run_case(spec, gc, fn, fw, vjp_fn, ftol, gtol))
+            reports.append(_run_case_self(spec, gc, fn, fw, vjp_fn, gtol, ftol)
+                           if against == "self" else
+                           _run_case(spec, gc, fn, fw, vjp_fn, ftol, gtol))
     source = f"vjp {_name_of(vjp)}" if vjp_fn is not None else {
         "torch": "torch.autograd.grad", "jax": "jax.vjp"}[fw.name]
+    if against == "self":
+        source += " against finite differences of the candidate's own forward"
+        notes.append("against self: the forward is not compared with the reference; the "
+                     "gradient column is |<out_bar, FD> - <vjp, d>| relative to the size of "
+                     "the terms, over random feasible directions d (whole batch and per "
+                     "member), and its tol is widened to the differences' own error estimate")
     return ValidationReport(op=op_name, framework=fw.name, framework_version=fw.version(),
                             candidate=_name_of(candidate), gradient_source=source,
                             cases=tuple(reports), notes=tuple(notes))

@@ -140,6 +140,14 @@ class OpSpec:
         the conventions behind the numbers (which gauge ``canonicalize``
         fixes, which value of an operator is returned, how broadcast inputs'
         cotangents are reduced), e.g. ``{"gauge": "a_bar - mean(a_bar), ..."}``.
+    gradient_scale : ``gradient_scale(inputs, output, out_bar, params) -> tuple``
+        of arrays, one per input (broadcastable to it): the operator's own
+        natural size of each input's gradient entries, for ``validate``'s
+        round-off floor (host float64 arguments: the inputs keyed by name, the
+        primary output, its cotangent, the forward's parameters).  Declare it
+        where the generic size ``|out_bar| |out| / max(|x|, 1)`` misses the
+        operator's sensitivity, e.g. a temperature-scaled, translation
+        invariant map (SOFT top-k: ``max|A_bar| / t``).  Default: none.
     surrogate : True when the "VJP" is a surrogate gradient (identity,
         phantom): no adjoint or finite-difference check, its extra_checks
         compare against the defining formula instead.
@@ -165,6 +173,7 @@ class OpSpec:
     extra_checks: tuple[Callable, ...] = ()
     candidate_params: tuple[str, ...] = ()
     conventions: Mapping[str, str] = field(default_factory=dict)
+    gradient_scale: Callable | None = None
 
     def case(self, case_id: str) -> Case:
         for c in self.cases:

@@ -104,6 +104,24 @@ def _topk_tangents(rng, host):
     return (rng.standard_normal(x.shape) * np.where(spread > 0, spread, 1.0),)
 
 
+def _topk_gradient_scale(inputs, output, out_bar, params):
+    """Natural size of ``x_bar`` per row: ``max|A_bar| / t``, ``t = eps / 2``.
+
+    ``x_bar = +-s (A_bar - <s, A_bar>/S) / t`` with ``s = A (1 - A)``,
+    ``S = sum(s)``, and ``theta`` the root of ``F(theta) = sum(A) - k``.  No
+    floating-point algorithm knows that root better than to a residual
+    ``|F| ~ u k`` (the rounding of ``sum(A)``): a residual ``F`` moves
+    ``theta`` by ``t F / S`` and hence ``x_bar_i`` by up to
+    ``|F| max|A_bar| (s_i / S) / t <= |F| max|A_bar| / t``, whatever ``S``
+    is.  Near the hard limit (``S -> 0``) the gradient itself is only about
+    ``S max|A_bar| / t``, so its attainable relative accuracy is ``u k / S``:
+    round-off must be measured against ``max|A_bar| / t`` (the scale of the
+    Jacobian ``s / t`` at a tie), not against ``max|A_bar| max|A| / max|x|``.
+    """
+    t = float(params["eps"]) / 2.0                       # anchors (0, 1)
+    return (np.max(np.abs(out_bar), axis=-1, keepdims=True) / t,)
+
+
 def _tk_params(run: CaseRun):
     p = run.case.params
     return p["k"], p["eps"], p.get("largest", True), p.get("method", "closed_form")
@@ -317,6 +335,7 @@ def _soft_topk_spec() -> OpSpec:
             "float32": Tolerance(forward=2e-4, adjoint=1e-5, fd=2e-3, batch=1e-5),
         },
         candidate_params=("k", "eps", "largest"),
+        gradient_scale=_topk_gradient_scale,
         extra_checks=(_tk_sum_is_k, _tk_error_bound, _tk_jacobian_structure, _tk_methods_agree,
                       _tk_ot_plan, _tk_closed_forms, _tk_ties_split),
     )
