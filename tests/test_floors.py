@@ -101,12 +101,17 @@ def test_tanh_deq_single_member_float32():
 
 @pytest.mark.parametrize("method", ["mpa", "mtp", "ns"])
 def test_sqrtm_single_matrix_float32(method):
-    A = np.array([[2.0, 0.5, 0.0], [0.5, 1.5, 0.2], [0.0, 0.2, 1.0]], dtype=np.float32)
-    for fn, vjp in ((matsqrt.sqrtm, matsqrt.sqrtm_vjp), (matsqrt.inv_sqrtm, matsqrt.inv_sqrtm_vjp)):
-        res = fn(A, method=method)
-        out = res.S if fn is matsqrt.sqrtm else res.S_inv
-        A_bar = vjp(res, np.eye(3, dtype=np.float32), method="approximant")
-        assert out.dtype == A_bar.dtype == np.float32, (fn.__name__, method)
+    """float32 results, equal to the float64 reference to float32 accuracy."""
+    A = np.array([[2.0, 0.5, 0.0], [0.5, 1.5, 0.2], [0.0, 0.2, 1.0]])
+    G = np.array([[1.0, 0.3, 0.0], [0.3, -0.5, 0.1], [0.0, 0.1, 2.0]])
+    for fn, vjp, out in ((matsqrt.sqrtm, matsqrt.sqrtm_vjp, "S"),
+                         (matsqrt.inv_sqrtm, matsqrt.inv_sqrtm_vjp, "S_inv")):
+        got, ref = (fn(A.astype(dt), method=method) for dt in (np.float32, np.float64))
+        got_bar = vjp(got, G.astype(np.float32), method="approximant")
+        ref_bar = vjp(ref, G, method="approximant")
+        assert getattr(got, out).dtype == got_bar.dtype == np.float32, fn.__name__
+        np.testing.assert_allclose(getattr(got, out), getattr(ref, out), rtol=0, atol=2e-5)
+        np.testing.assert_allclose(got_bar, ref_bar, rtol=0, atol=2e-5)
 
 
 # --------------------------------------------------------------------------
