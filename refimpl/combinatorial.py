@@ -504,8 +504,20 @@ def assignment(W):
     return backend.from_host(y, xp, device=backend.device(W), dtype=W.dtype)
 
 
+def _csgraph_index(a: np.ndarray) -> np.ndarray:
+    """``a`` (non-negative integers) as int32, the index dtype that
+    ``scipy.sparse.csgraph`` requires before SciPy 1.15 (an int64 CSR matrix
+    fails there with "Buffer dtype mismatch, expected 'const int'").
+    A value beyond int32 is a ``ValueError``, never a silent wrap-around."""
+    if a.size and int(a.max()) > np.iinfo(np.int32).max:
+        raise ValueError(f"argument 'W': the grid graph needs index {int(a.max())}, beyond the "
+                         "32-bit indices of scipy.sparse.csgraph")
+    return a.astype(np.int32)
+
+
 def _grid_graph_structure(H: int, Wd: int, neighbourhood: int):
-    """CSR structure (indptr, indices) of the directed grid graph.
+    """CSR structure (indptr, indices) of the directed grid graph, int32
+    (:func:`_csgraph_index`).
 
     Vertex (i, j) is ``i * Wd + j``; there is an edge u -> v for each
     neighbour v of u.  The edge weight will be the cost of the vertex entered,
@@ -523,7 +535,7 @@ def _grid_graph_structure(H: int, Wd: int, neighbourhood: int):
     src_all, dst_all = np.concatenate(src), np.concatenate(dst)
     order = np.argsort(src_all, kind="stable")
     indptr = np.concatenate([[0], np.cumsum(np.bincount(src_all, minlength=H * Wd))])
-    return indptr, dst_all[order]
+    return _csgraph_index(indptr), _csgraph_index(dst_all[order])
 
 
 @declare(core_ndim=2, sense="min", projections=_SCALE_ONLY, host=True,
