@@ -54,6 +54,8 @@ __all__ = [
     "add",
     "add_to_diagonal",
     "available_backends",
+    "backend_status",
+    "broadcast_shapes",
     "check_array",
     "check_positive",
     "device",
@@ -65,6 +67,9 @@ __all__ = [
     "frobenius",
     "from_host",
     "get_backend",
+    "policy_of",
+    "required_backends",
+    "skipped_backends",
     "gpu_available",
     "gpu_status",
     "inner",
@@ -420,6 +425,17 @@ class Backend:
         return from_host(a, self.xp, device=self.device, dtype=dtype)
 
     @property
+    def member_exact_batches(self) -> bool:
+        """Whether a batched call computes each member with the same kernels
+        (so the same rounding) as that member alone, a 2-D array.  NumPy
+        loops its kernels over a stack (so do array_api_strict and the
+        CuPy-semantics double, which compute with NumPy); torch (``bmm``
+        versus ``mm``) and CuPy (batched cuBLAS/cuSOLVER) choose other
+        kernels for a stack, so a member agrees with itself alone only to
+        round-off, amplified by the algorithm."""
+        return self.name in ("numpy", "array_api_strict", "cupy_semantics")
+
+    @property
     def policy(self) -> DevicePolicy:
         """The :class:`DevicePolicy` of this backend."""
         return device_policy(self.xp, self.device)
@@ -551,6 +567,12 @@ def matvec(A, x):
     return (A @ x[..., None])[..., 0]
 
 
+def broadcast_shapes(*shapes) -> tuple[int, ...]:
+    """The broadcast of shape tuples (``ValueError`` if they do not
+    broadcast; shape arithmetic on the host, whatever the library)."""
+    return tuple(np.broadcast_shapes(*(tuple(s) for s in shapes)))
+
+
 def solve(A, B):
     """Batched ``A^{-1} B`` for ``A`` (..., n, n) and a matrix right-hand side
     ``B`` (..., n, k), the batch dimensions broadcast against each other.
@@ -561,7 +583,7 @@ def solve(A, B):
     """
     xp = array_api_compat.array_namespace(A, B)
     if not device_policy(xp, device(A)).solve_broadcasts:
-        batch = xp.broadcast_shapes(tuple(A.shape[:-2]), tuple(B.shape[:-2]))
+        batch = broadcast_shapes(A.shape[:-2], B.shape[:-2])
         if tuple(A.shape[:-2]) != batch:
             A = xp.broadcast_to(A, batch + tuple(A.shape[-2:]))
         if tuple(B.shape[:-2]) != batch:
