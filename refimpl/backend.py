@@ -654,7 +654,8 @@ def is_positive_definite(A) -> bool:
     ``numpy.linalg.cholesky`` at n = 64 (no copies out of Fortran order, no
     factor returned).  CuPy reports a failed factorisation
     only inside ``cupyx.errstate(linalg='raise')`` (by default it returns
-    garbage), so that context is entered (:meth:`DevicePolicy.raising_linalg`).  Others: the library's LinAlgError.
+    garbage), so that context is entered (:meth:`DevicePolicy.raising_linalg`).
+    Others: the library's LinAlgError.
     """
     xp = array_api_compat.array_namespace(A)
     if _scipy_lapack_loop(A):

@@ -141,8 +141,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import array_api_compat
-
 from . import backend
 from .backend import ConvergenceWarning
 
