@@ -318,9 +318,10 @@ class DevicePolicy:
         ``multiply`` take ``out=`` (NumPy, CuPy), or None: the work-array
         helpers (:func:`matmul`, ...) then return fresh arrays.  Only
         whether it is None is a decision (equality ignores which module).
-    host_lapack : the arrays are NumPy arrays in host memory: SciPy's
-        per-member LAPACK loops (:data:`SMALL_LAPACK_N`) and cache-sized batch
-        blocks (:func:`batch_blocks`) apply.
+    host_numpy : the arrays are NumPy arrays in host memory: SciPy's
+        per-member LAPACK loops (:data:`SMALL_LAPACK_N`), cache-sized batch
+        blocks (:func:`batch_blocks`) and NumPy's ``out=`` into strided views
+        apply.
     library : the library's name, for messages (not part of equality: two
         libraries with equal decisions have equal policies).
     """
@@ -329,19 +330,19 @@ class DevicePolicy:
         if not isinstance(other, DevicePolicy):
             return NotImplemented
         return ((self.deferred_sync, self.solve_broadcasts, self.linalg_raises,
-                 self.out_library is None, self.host_lapack)
+                 self.out_library is None, self.host_numpy)
                 == (other.deferred_sync, other.solve_broadcasts, other.linalg_raises,
-                    other.out_library is None, other.host_lapack))
+                    other.out_library is None, other.host_numpy))
 
     def __hash__(self):
         return hash((self.deferred_sync, self.solve_broadcasts, self.linalg_raises,
-                     self.out_library is None, self.host_lapack))
+                     self.out_library is None, self.host_numpy))
 
     deferred_sync: bool = False
     solve_broadcasts: bool = True
     linalg_raises: bool = True
     out_library: Any = None
-    host_lapack: bool = False
+    host_numpy: bool = False
     library: str = ""
 
     def sync_cadence(self, on_device: int) -> int:
@@ -387,7 +388,7 @@ def device_policy(xp, device=None) -> DevicePolicy:
         return DevicePolicy(deferred_sync=True, solve_broadcasts=False, linalg_raises=False,
                             out_library=_SemanticsOut, library="cupy_semantics")
     if array_api_compat.is_numpy_namespace(xp):
-        return DevicePolicy(out_library=np, host_lapack=True, library="numpy")
+        return DevicePolicy(out_library=np, host_numpy=True, library="numpy")
     if array_api_compat.is_torch_namespace(xp):
         cuda = getattr(device, "type", None) == "cuda"
         return DevicePolicy(deferred_sync=cuda, library="torch")
@@ -614,7 +615,7 @@ SMALL_LAPACK_N = 64
 
 def _scipy_lapack_loop(*arrays) -> bool:
     """Whether the per-member SciPy LAPACK path applies to ``arrays``."""
-    return (all(type(x) is np.ndarray or policy_of(x).host_lapack for x in arrays)
+    return (all(type(x) is np.ndarray or policy_of(x).host_numpy for x in arrays)
             and arrays[0].shape[-1] <= SMALL_LAPACK_N)
 
 
@@ -818,7 +819,7 @@ def batch_blocks(batch: int, bytes_per_member: int, like) -> list[slice]:
     gets the single block ``slice(0, batch)``.  For loops over independent
     members, so the result does not depend on the blocking.
     """
-    if batch <= 1 or not (type(like) is np.ndarray or policy_of(like).host_lapack):
+    if batch <= 1 or not (type(like) is np.ndarray or policy_of(like).host_numpy):
         return [slice(0, batch)]
     per = max(1, CACHE_BLOCK_BYTES // max(1, int(bytes_per_member)))
     count = -(-batch // per)                           # ceil: the fewest blocks that fit

@@ -1179,7 +1179,7 @@ def _combine(coef, block):
     count, nn = math.prod(shape[:-2]), shape[-2] * shape[-1]
     per_member = xp.permute_dims(xp.reshape(block, (d, count, nn)), (1, 0, 2))
     out = None
-    if array_api_compat.is_numpy_array(block):         # a view of a (r, count, nn) block
+    if backend.policy_of(block).host_numpy:            # a view of a (r, count, nn) block
         out = xp.permute_dims(xp.empty((coef.shape[0], count, nn), dtype=block.dtype), (1, 0, 2))
     got = backend.matmul(coef, per_member, out=out)    # (count, r, nn)
     return xp.reshape(xp.permute_dims(got, (1, 0, 2)), (coef.shape[0],) + shape)
