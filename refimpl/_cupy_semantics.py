@@ -12,7 +12,7 @@ streams, memory limits or kernel numerics.
 
 Design
 ------
-A thin wrapper, not an ``numpy.ndarray`` subclass: NumPy converts an
+A thin wrapper, not a ``numpy.ndarray`` subclass: NumPy converts an
 ndarray subclass to a base-class array without asking the object
 (``np.asarray(sub)`` never calls ``__array__``), and array-api-compat would
 classify a subclass as NumPy and route it to NumPy's host fast paths; both
@@ -347,9 +347,7 @@ for _name, _fn in [("add", operator.add), ("sub", operator.sub), ("mul", operato
     setattr(ndarray, f"__{_name}__", _binary(f"__{_name}__", _fn))
     setattr(ndarray, f"__r{_name}__",
             _binary(f"__r{_name}__", lambda a, b, _f=_fn: _f(b, a)))
-    setattr(ndarray, f"__i{_name}__", _inplace(f"__i{_name}__", getattr(operator, f"i{_name}")
-                                               if hasattr(operator, f"i{_name}")
-                                               else getattr(operator, f"i{_name}_")))
+    setattr(ndarray, f"__i{_name}__", _inplace(f"__i{_name}__", getattr(operator, f"i{_name}")))
 for _name, _fn in [("lt", operator.lt), ("le", operator.le), ("gt", operator.gt),
                    ("ge", operator.ge), ("eq", operator.eq), ("ne", operator.ne)]:
     setattr(ndarray, f"__{_name}__", _binary(f"__{_name}__", _fn))
