@@ -14,7 +14,7 @@ also holds the best times); the ratio columns divide by the plain
 identity's backward / forward+backward time measured in the same run.
 
 Run: ``refimpl bench combinatorial [--quick] [--repeats R] [--samples M]
-[--backend numpy|array_api_strict|cupy] [--json PATH]``.
+[--backend numpy|array_api_strict|cupy|cupy_semantics] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -33,12 +33,15 @@ from refimpl import combinatorial as comb
 from refimpl.backend import get_backend
 
 
-def _timings(fn, repeats: int) -> tuple[float, float]:
-    """(median, best) wall time of ``fn()`` over ``repeats`` runs."""
+def _timings(fn, repeats: int, sync=lambda: None) -> tuple[float, float]:
+    """(median, best) wall time of ``fn()`` over ``repeats`` runs; ``sync`` (the
+    backend's device synchronisation) runs before every clock reading."""
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), min(times)
 
@@ -94,8 +97,8 @@ def run(quick: bool = False, repeats: int = 20, samples: int = 10, backend: str 
             backward(counted, state, y_bar)
             bwd_solves = counted.instances
             plain = comb.CountingSolver(solver)          # timing runs, uncounted in the table
-            t_fwd, best_fwd = _timings(lambda: forward(plain, W), repeats)
-            t_bwd, best_bwd = _timings(lambda: backward(plain, state, y_bar), repeats)
+            t_fwd, best_fwd = _timings(lambda: forward(plain, W), repeats, be.synchronize)
+            t_bwd, best_bwd = _timings(lambda: backward(plain, state, y_bar), repeats, be.synchronize)
             rows.append(dict(problem=problem, method=name, forward_solves=fwd_solves,
                              backward_solves=bwd_solves, forward_s=t_fwd, backward_s=t_bwd,
                              forward_best_s=best_fwd, backward_best_s=best_bwd))
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small problems, 2 repeats (smoke run)")
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (median; default 20)")
     parser.add_argument("--samples", type=int, default=10, help="perturbed optimizer samples M (default 10)")
-    parser.add_argument("--backend", default="numpy", choices=("numpy", "array_api_strict", "cupy"))
+    parser.add_argument("--backend", default="numpy", choices=("numpy", "array_api_strict", "cupy", "cupy_semantics"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write results here (default bench-results/combinatorial.json; "
                                                      "'-' for none)")

@@ -47,8 +47,12 @@ The timed calls are the plain API calls (``sqrtm(A, method=...)``,
 untimed, ``full_output`` call, which also computes a residual.
 
 With CuPy and a CUDA device present (``--cupy auto``, the default) the same
-table is measured on the GPU against a measured batched matmul throughput;
-otherwise that part is skipped with a message.
+table is measured on the GPU against a measured batched matmul throughput,
+the device synchronised before and after every timed region; otherwise that
+part is skipped with the reason (``--cupy on`` makes that an error,
+``--cupy semantics`` runs it on the CPU double of CuPy, ``--cpu off`` leaves
+the CPU table out).  A method that fails is reported under its table; the
+other rows are kept.
 
 Run: ``refimpl bench matsqrt`` (or ``python benchmarks/bench_matsqrt.py``);
 ``--quick`` for a seconds-long smoke run.  Results also go to
@@ -211,29 +215,20 @@ def run_size(b, n, methods, repeat, be, sync, with_scipy=True):
     timed = _timer(sync)
     times = {m: ([], []) for m in methods}
     last = {}
+    failed = {}                                                # method -> error message
     for rep in range(repeat + 1):                              # repeat 0 is the warm-up
         for m in methods:
-            if m == "scipy loop":
-                if not with_scipy:
-                    continue
-                S, tf = timed(scipy_forward, A_h)
-                A_bar, tb = timed(scipy_backward, S, G_h)
-                res = None
-            else:
-                forward, backward, _ = PAIRS[m]
-                with warnings.catch_warnings():
-                    # the fixed-T row is expected not to reach the tolerance
-                    warnings.simplefilter("ignore" if "T=" in m else "error",
-                                          backend.ConvergenceWarning)
-                    res, tf = timed(forward, A)
-                    A_bar, tb = timed(backward, res, G)
-                S = res.S
-            if rep > 0:
-                times[m][0].append(tf)
-                times[m][1].append(tb)
-            last[m] = (S, A_bar, res)
+            if m in failed:
+                continue
+            try:
+                _run_method(m, A, G, A_h, G_h, timed, with_scipy, rep, times, last)
+            except Exception as exc:                           # one method must not lose the table
+                failed[m] = f"{type(exc).__name__}: {exc}"
     rows = []
     for m in methods:
+        if m in failed:
+            rows.append({"b": b, "n": n, "method": m, "error": failed[m]})
+            continue
         if m not in last:
             continue
         S, A_bar, res = last[m]
@@ -251,8 +246,32 @@ def run_size(b, n, methods, repeat, be, sync, with_scipy=True):
         })
     base = next((r["total_ms"] for r in rows if r["method"] == "scipy loop"), None)
     for r in rows:
-        r["speedup_vs_scipy"] = (base / r["total_ms"]) if base else None
+        if "error" not in r:
+            r["speedup_vs_scipy"] = (base / r["total_ms"]) if base else None
     return rows
+
+
+def _run_method(m, A, G, A_h, G_h, timed, with_scipy, rep, times, last):
+    """One timed forward + backward of method ``m`` (repeat ``rep``; 0 = warm-up)."""
+    if m == "scipy loop":
+        if not with_scipy:
+            return
+        S, tf = timed(scipy_forward, A_h)
+        A_bar, tb = timed(scipy_backward, S, G_h)
+        res = None
+    else:
+        forward, backward, _ = PAIRS[m]
+        with warnings.catch_warnings():
+            # the fixed-T row is expected not to reach the tolerance
+            warnings.simplefilter("ignore" if "T=" in m else "error",
+                                  backend.ConvergenceWarning)
+            res, tf = timed(forward, A)
+            A_bar, tb = timed(backward, res, G)
+        S = res.S
+    if rep > 0:
+        times[m][0].append(tf)
+        times[m][1].append(tb)
+    last[m] = (S, A_bar, res)
 
 
 def batched_matmul_gflops(b, n, be, sync, repeat):
@@ -271,6 +290,8 @@ def batched_matmul_gflops(b, n, be, sync, repeat):
 def format_table(rows, matmul_rate):
     head = ("b", "n", "method", "fwd ms", "bwd ms", "total ms", "x scipy", "GFLOP/s",
             "sign steps", "fwd err", "grad err")
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
     lines = []
     for r in rows:
         lines.append((
@@ -281,7 +302,8 @@ def format_table(rows, matmul_rate):
             "-" if r["sign_steps"] is None else
             "{}+{}".format(*r["sign_steps"]) if r["sign_steps"][1] else str(r["sign_steps"][0]),
             f"{r['fwd_err']:.1e}", f"{r['grad_err']:.1e}"))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+              for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" if i not in (2,) else f"{{:<{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     prev = None
@@ -291,6 +313,8 @@ def format_table(rows, matmul_rate):
         prev = (r["b"], r["n"])
         out.append(fmt.format(*line))
     out.append("")
+    for r in failed:
+        out.append(f"FAILED ({r['b']}x{r['n']}) {r['method']}: {r['error']}")
     for (b, n), rate in matmul_rate.items():
         out.append(f"measured batched matmul ({b}x{n}x{n}): {rate:.1f} GFLOP/s")
     return "\n".join(out)
@@ -299,6 +323,7 @@ def format_table(rows, matmul_rate):
 def verdicts(rows):
     """Where eig wins, where the iterative methods win, and the 5x target."""
     out = []
+    rows = [r for r in rows if "error" not in r]
     sizes = sorted({(r["b"], r["n"]) for r in rows}, key=lambda s: (s[1], s[0]))
     for b, n in sizes:
         rs = {r["method"]: r for r in rows if (r["b"], r["n"]) == (b, n)}
@@ -336,6 +361,38 @@ def environment():
     return info
 
 
+def device_name(be) -> str:
+    """What the device table runs on, for its header."""
+    if be.name == "cupy":
+        import cupy
+        name = cupy.cuda.runtime.getDeviceProperties(be.device.id)["name"]
+        return f"CuPy {cupy.__version__} on {name.decode() if isinstance(name, bytes) else name}"
+    return f"{be.name} (a CPU double of CuPy: exercises the device path, timings mean nothing)"
+
+
+def device_table(be, sizes, methods, repeat, cpu_rows):
+    """The table on a device backend, every timed region between device syncs
+    (:meth:`refimpl.backend.Backend.synchronize`); returns the JSON part."""
+    gmethods = tuple(m for m in methods if m != "scipy loop")
+    print(f"\n{device_name(be)} (x scipy: against the CPU scipy loop, where measured)\n")
+    grows, grates = [], {}
+    for b, n in sizes:
+        rows = run_size(b, n, gmethods, repeat, be, be.synchronize, with_scipy=False)
+        cpu_base = next((r["total_ms"] for r in cpu_rows
+                         if (r["b"], r["n"]) == (b, n) and r["method"] == "scipy loop"), None)
+        for r in rows:
+            if "error" not in r:
+                r["speedup_vs_scipy"] = (cpu_base / r["total_ms"]) if cpu_base else None
+        grows += rows
+        grates[(b, n)] = batched_matmul_gflops(b, n, be, be.synchronize, repeat)
+        for r in rows:
+            if r.get("gflops"):
+                r["fraction_of_matmul"] = r["gflops"] / grates[(b, n)]
+    print(format_table(grows, grates))
+    return {"backend": be.name, "device": device_name(be), "rows": grows,
+            "matmul_gflops": {f"{b}x{n}": r for (b, n), r in grates.items()}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench_matsqrt", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke run)")
@@ -344,8 +401,13 @@ def main(argv=None) -> int:
                    help="comma-separated bxn list, e.g. 64x32,64x64 (default: the issue's)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--cupy", choices=("auto", "off"), default="auto",
-                   help="also run the table on CuPy when a CUDA device is present")
+    p.add_argument("--cupy", choices=("auto", "off", "on", "semantics"), default="auto",
+                   help="the device table: auto = on CuPy when a CUDA device is usable "
+                        "(else skipped, with the reason), on = on CuPy or exit 2 with the "
+                        "reason, semantics = on the CPU double of CuPy (tests the device "
+                        "path; its timings mean nothing), off = none")
+    p.add_argument("--cpu", choices=("on", "off"), default="on",
+                   help="the CPU (NumPy) table (off: only the device table)")
     p.add_argument("--json", default="bench-results/matsqrt.json",
                    help="where to write the results ('' to skip)")
     p.add_argument("--threads", type=int, default=None,
@@ -373,49 +435,37 @@ def _run(args, p) -> int:
     repeat = 1 if args.quick else max(1, args.repeat)
 
     results = {"environment": environment(), "cpu": [], "gpu": None}
-    cpu = backend.get_backend("numpy")
-    threads = f", BLAS threads limited to {args.threads}" if args.threads else ""
-    print(f"refimpl matsqrt benchmark, float64, CPU (numpy {np.__version__}, "
-          f"{os.cpu_count()} cpus{threads}), median of {repeat} repeat(s)\n")
-    rates = {}
-    for b, n in sizes:
-        results["cpu"] += run_size(b, n, methods, repeat, cpu, lambda: None)
-        rates[(b, n)] = batched_matmul_gflops(b, n, cpu, lambda: None, repeat)
-    print(format_table(results["cpu"], rates))
-    print()
-    print(verdicts(results["cpu"]))
-    results["cpu_matmul_gflops"] = {f"{b}x{n}": r for (b, n), r in rates.items()}
-
-    if args.cupy == "auto":
-        if backend.gpu_available():
-            import cupy
-            gpu = backend.get_backend("cupy")
-
-            def sync():
-                cupy.cuda.Device().synchronize()
-
-            gsizes = QUICK_SIZES if args.quick else (sizes if args.sizes else GPU_SIZES)
-            gmethods = tuple(m for m in methods if m != "scipy loop")
-            print(f"\nCuPy {cupy.__version__} on {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}"
-                  " (scipy loop: CPU time, for reference)\n")
-            grows, grates = [], {}
-            for b, n in gsizes:
-                rows = run_size(b, n, gmethods, repeat, gpu, sync, with_scipy=False)
-                cpu_base = next((r["total_ms"] for r in results["cpu"]
-                                 if (r["b"], r["n"]) == (b, n) and r["method"] == "scipy loop"), None)
-                for r in rows:
-                    r["speedup_vs_scipy"] = (cpu_base / r["total_ms"]) if cpu_base else None
-                grows += rows
-                grates[(b, n)] = batched_matmul_gflops(b, n, gpu, sync, repeat)
-                for r in rows:
-                    if r["gflops"]:
-                        r["fraction_of_matmul"] = r["gflops"] / grates[(b, n)]
-            print(format_table(grows, grates))
-            results["gpu"] = {"rows": grows,
-                              "matmul_gflops": {f"{b}x{n}": r for (b, n), r in grates.items()}}
+    device_be = None
+    if args.cupy in ("auto", "on"):
+        ok, reason = backend.gpu_status()
+        if ok:
+            device_be = backend.get_backend("cupy")
+        elif args.cupy == "on":
+            print(f"bench_matsqrt: --cupy on, but {reason}", file=sys.stderr)
+            return 2
         else:
-            print("\nCuPy mode skipped: CuPy with a CUDA device is not available on this machine "
-                  "(install the 'gpu' extra on a GPU host to get the GPU table).")
+            print(f"CuPy mode skipped: {reason}\n")
+    elif args.cupy == "semantics":
+        device_be = backend.get_backend("cupy_semantics")
+
+    cpu = backend.get_backend("numpy")
+    if args.cpu == "on":
+        threads = f", BLAS threads limited to {args.threads}" if args.threads else ""
+        print(f"refimpl matsqrt benchmark, float64, CPU (numpy {np.__version__}, "
+              f"{os.cpu_count()} cpus{threads}), median of {repeat} repeat(s)\n")
+        rates = {}
+        for b, n in sizes:
+            results["cpu"] += run_size(b, n, methods, repeat, cpu, cpu.synchronize)
+            rates[(b, n)] = batched_matmul_gflops(b, n, cpu, cpu.synchronize, repeat)
+        print(format_table(results["cpu"], rates))
+        print()
+        print(verdicts(results["cpu"]))
+        results["cpu_matmul_gflops"] = {f"{b}x{n}": r for (b, n), r in rates.items()}
+
+    if device_be is not None:
+        results["gpu"] = device_table(device_be, sizes if args.sizes else
+                                      (QUICK_SIZES if args.quick else GPU_SIZES),
+                                      methods, repeat, results["cpu"])
 
     if args.json:
         path = Path(args.json)

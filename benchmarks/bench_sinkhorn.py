@@ -28,6 +28,11 @@ POT on the 2-norm of the column marginal error (<= the L1 norm for probability
 marginals, so POT's rule is the weaker one); both check every 10 iterations.
 The final L1 marginal error of both plans is recomputed identically.
 
+Part 3 (``--backend cupy``) - forward and implicit backward on the GPU, the
+device synchronised before every clock reading; errors against the NumPy
+gradient.  ``--backend cupy_semantics`` runs the same on the CPU double of
+CuPy (a test of the path; its timings mean nothing).
+
 Results are printed as tables and written to ``bench-results/sinkhorn.json``.
 Timings depend on the machine; ratios are measured side by side in one run.
 On a shared machine, multi-threaded BLAS (the dense eigen/LU steps of
@@ -51,7 +56,8 @@ from pathlib import Path
 import numpy as np
 
 from refimpl import sinkhorn as sk
-from refimpl.backend import ConditioningWarning, ConvergenceWarning
+from refimpl.backend import (ConditioningWarning, ConvergenceWarning, backend_status, get_backend,
+                             to_host)
 
 
 def problem(n: int, seed: int = 0):
@@ -65,13 +71,52 @@ def problem(n: int, seed: int = 0):
     return C, a, a.copy(), G
 
 
-def best_time(fn, repeat: int):
+def best_time(fn, repeat: int, sync=lambda: None):
+    """Best wall time of ``repeat`` calls of ``fn`` and its last result; ``sync``
+    (a device synchronisation) runs before each clock reading, so queued
+    device work is inside the timed region and nothing earlier is."""
     best, out = math.inf, None
     for _ in range(repeat):
+        sync()
         t0 = time.perf_counter()
         out = fn()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best, out
+
+
+def bench_device(be, n: int, eps: float, taus, repeat: int, methods=("schur", "cg")) -> list[dict]:
+    """Forward (``tau`` iterations) and implicit backward on a device backend
+    (``be``: CuPy, or its CPU double), every timed region between device
+    syncs; errors against the NumPy gradient of the converged plan.  A method
+    that fails gives a row with its error, the others are kept."""
+    C, a, b, G = problem(n)
+    ref = sk.sinkhorn_vjp(sk.sinkhorn(C, a, b, eps=eps, tol=1e-13, max_iter=100_000), G)
+    Cd, ad, bd, Gd = (be.asarray(x, "float64") for x in (C, a, b, G))
+    best_time(lambda: sk.sinkhorn(Cd, ad, bd, eps=eps, tol=0.0, max_iter=2, warn=False),
+              1, be.synchronize)                                           # warm-up (kernels)
+    rows = []
+    for tau in taus:
+        try:
+            t_fwd, res = best_time(lambda: sk.sinkhorn(Cd, ad, bd, eps=eps, tol=0.0, max_iter=tau,
+                                                       check_every=min(10, tau), warn=False),
+                                   repeat, be.synchronize)
+        except Exception as exc:
+            rows.append(dict(tau=tau, method="forward", skipped=f"failed: {type(exc).__name__}: {exc}"))
+            continue
+        for method in methods:
+            try:
+                t_bwd, bars = best_time(lambda: sk.sinkhorn_vjp(res, Gd, method=method, warn=False),
+                                        repeat, be.synchronize)
+                e_c, e_ab = grad_errors(tuple(to_host(x) for x in bars), ref)
+            except Exception as exc:
+                rows.append(dict(tau=tau, method=f"implicit-{method}",
+                                 skipped=f"failed: {type(exc).__name__}: {exc}"))
+                continue
+            rows.append(dict(tau=tau, method=f"implicit-{method}", fwd_s=t_fwd, bwd_s=t_bwd,
+                             total_s=t_fwd + t_bwd, err_C=e_c, err_ab=e_ab,
+                             forward_error=float(res.error), n_iter=int(res.n_iter)))
+    return rows
 
 
 def traced_peak(fn):
@@ -217,11 +262,16 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timing repeats (best is kept)")
     p.add_argument("--quick", action="store_true", help="smoke run: n=60, taus 5,20,50, one repeat")
     p.add_argument("--out", type=str, default="bench-results/sinkhorn.json", help="JSON output path ('' = none)")
+    p.add_argument("--backend", choices=("numpy", "cupy", "cupy_semantics"), default="numpy",
+                   help="numpy: the tables above; cupy: forward and implicit backward on the GPU "
+                        "(cupy_semantics: the same on the CPU double of CuPy, to test the path)")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.taus, args.repeat, args.forward_eps = 60, "5,20,50", 1, "0.1"
     taus = [int(t) for t in args.taus.split(",")]
     feps = [float(e) for e in args.forward_eps.split(",")]
+    if args.backend != "numpy":
+        return main_device(args, taus)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -250,6 +300,30 @@ def main(argv=None) -> int:
                                         numpy=np.__version__, python=sys.version.split()[0]), indent=2))
         print(f"wrote {path}")
     return 0
+
+
+def main_device(args, taus) -> int:
+    ok, reason = backend_status(args.backend)
+    if not ok:
+        print(f"bench_sinkhorn: backend {args.backend} is not usable: {reason}", file=sys.stderr)
+        return 2
+    be = get_backend(args.backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", ConditioningWarning)
+        print(f"Sinkhorn on {be.name} ({be.device!r}): n = m = {args.n}, eps = {args.eps}, float64, "
+              f"best of {args.repeat}, device synchronised around every timed region", flush=True)
+        rows = bench_device(be, args.n, args.eps, taus, args.repeat)
+    print(fmt_table(rows, [("tau", "tau", "d"), ("method", "method", "s"), ("bwd_s", "backward s", ".4f"),
+                           ("fwd_s", "forward s", ".4f"), ("err_C", "err C_bar", ".1e"),
+                           ("err_ab", "err (a,b)_bar", ".1e"), ("forward_error", "fwd L1 err", ".1e")]))
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(n=args.n, eps=args.eps, backend=be.name, device=repr(be.device),
+                                        rows=rows, numpy=np.__version__), indent=2))
+        print(f"wrote {path}")
+    return 0 if all("skipped" not in r for r in rows) else 1
 
 
 if __name__ == "__main__":

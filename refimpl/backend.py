@@ -15,10 +15,25 @@ Conventions
 * Nothing here mutates its arguments.
 * Host-side work (SciPy, random numbers for tests) uses NumPy explicitly via
   :func:`to_host` / :func:`from_host`.
+* Whatever differs between array libraries beyond the standard (when an
+  iteration reads its convergence test back to the host, whether
+  ``linalg.solve`` broadcasts, whether ``linalg`` failures raise, which
+  functions write into ``out=``) is decided in one place,
+  :func:`device_policy`; operator modules never test for a library.
+
+Backends
+--------
+``numpy``, ``array_api_strict`` (on its non-default device), ``torch``
+(CUDA tensors when ``torch.cuda.is_available()``, CPU tensors otherwise),
+``cupy`` (needs CuPy, a CUDA driver and a device; :func:`gpu_status` says
+which is missing) and ``cupy_semantics`` (:mod:`refimpl._cupy_semantics`: a
+CPU double of CuPy that takes CuPy's branches and enforces CuPy's
+semantics, so the GPU code paths are tested without a GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -27,17 +42,24 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from . import _cupy_semantics
+
 __all__ = [
     "ConditioningWarning",
     "ConvergenceWarning",
     "SUPPORTED_DTYPES",
+    "BACKEND_NAMES",
     "Backend",
+    "DevicePolicy",
     "add",
     "add_to_diagonal",
     "available_backends",
+    "backend_status",
+    "broadcast_shapes",
     "check_array",
     "check_positive",
     "device",
+    "device_policy",
     "diag_embed",
     "diagonal",
     "dtype_name",
@@ -45,7 +67,11 @@ __all__ = [
     "frobenius",
     "from_host",
     "get_backend",
+    "policy_of",
+    "required_backends",
+    "skipped_backends",
     "gpu_available",
+    "gpu_status",
     "inner",
     "logsumexp",
     "matmul",
@@ -53,6 +79,7 @@ __all__ = [
     "multiply",
     "mT",
     "namespace",
+    "solve",
     "solve_vec",
     "subtract",
     "sum_to_shape",
@@ -139,11 +166,17 @@ def device(x):
 
 
 def dtype_name(dtype) -> str:
-    """The plain dtype name ('float64', 'int64', ...) in any supported namespace."""
+    """The plain dtype name ('float64', 'int64', ...) in any supported namespace.
+
+    NumPy/CuPy dtypes and scalar types (``np.float64``) through
+    ``numpy.dtype``; ``array_api_strict.float64`` and ``torch.float64`` by
+    their printed name, the part after the library's prefix.
+    """
     text = str(dtype)
-    if text.startswith("array_api_strict."):
-        return text.rsplit(".", 1)[-1]
-    try:                       # NumPy/CuPy dtypes and scalar types (np.float64)
+    for prefix in ("array_api_strict.", "torch."):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    try:
         return np.dtype(dtype).name
     except TypeError:
         return text
@@ -207,11 +240,14 @@ def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
 # --------------------------------------------------------------------------
 
 def to_host(x) -> np.ndarray:
-    """A NumPy copy of any supported array (CuPy via ``.get()``, others via DLPack)."""
+    """A NumPy copy of any supported array: CuPy (and its CPU double) via
+    ``.get()``, torch via ``.detach().cpu().numpy()``, others via DLPack."""
     if isinstance(x, np.ndarray):
         return np.array(x, copy=True)
-    if array_api_compat.is_cupy_array(x):
+    if array_api_compat.is_cupy_array(x) or _cupy_semantics.is_array(x):
         return x.get()
+    if array_api_compat.is_torch_array(x):
+        return np.array(x.detach().cpu().numpy(), copy=True)
     if np.isscalar(x):
         return np.asarray(x)
     # array_api_strict (any of its devices) and other DLPack producers.
@@ -233,6 +269,8 @@ def from_host(a, xp, *, device=None, dtype=None):
         import cupy
         with cupy.cuda.Device(device.id if device is not None else None):
             return xp.asarray(a, dtype=dtype)
+    if array_api_compat.is_torch_namespace(xp):       # torch copies from NumPy itself
+        return xp.asarray(np.array(a, copy=True), dtype=dtype, device=device)
     return xp.asarray(a, dtype=dtype, device=device, copy=True)
 
 
@@ -250,8 +288,125 @@ def to_float(x) -> float:
 
 
 # --------------------------------------------------------------------------
+# The device policy: every per-library decision, in one place
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class DevicePolicy:
+    """What an array library's execution model asks of refimpl's algorithms.
+
+    Operators never test which library they run on; they ask the policy of
+    their namespace (:func:`device_policy`) and take its decisions.
+
+    Attributes
+    ----------
+    deferred_sync : reading a value on the host (``bool(xp.all(done))``,
+        ``float(err)``) waits until the device has finished all queued work
+        (CuPy, torch on CUDA).  Iterations then test convergence only every
+        few steps (:meth:`sync_cadence`) and hold finished batch members with
+        masks, so a step may run after all members have stopped and must
+        tolerate that.  On the host a test costs nothing and is made every
+        step.
+    solve_broadcasts : ``xp.linalg.solve(A, B)`` broadcasts the batch
+        dimensions of ``A`` and ``B`` against each other (NumPy, torch,
+        array_api_strict).  CuPy's requires equal batch shapes;
+        :func:`solve` broadcasts explicitly there.
+    linalg_raises : ``cholesky``/``inv``/``solve`` raise ``LinAlgError`` on
+        a singular or indefinite input.  CuPy returns non-finite values
+        unless inside :meth:`raising_linalg`.
+    out_library : a module whose ``matmul``/``add``/``subtract``/
+        ``multiply`` take ``out=`` (NumPy, CuPy), or None: the work-array
+        helpers (:func:`matmul`, ...) then return fresh arrays.  Only
+        whether it is None is a decision (equality ignores which module).
+    host_numpy : the arrays are NumPy arrays in host memory: SciPy's
+        per-member LAPACK loops (:data:`SMALL_LAPACK_N`), cache-sized batch
+        blocks (:func:`batch_blocks`) and NumPy's ``out=`` into strided views
+        apply.
+    library : the library's name, for messages (not part of equality: two
+        libraries with equal decisions have equal policies).
+    """
+
+    def __eq__(self, other):
+        if not isinstance(other, DevicePolicy):
+            return NotImplemented
+        return ((self.deferred_sync, self.solve_broadcasts, self.linalg_raises,
+                 self.out_library is None, self.host_numpy)
+                == (other.deferred_sync, other.solve_broadcasts, other.linalg_raises,
+                    other.out_library is None, other.host_numpy))
+
+    def __hash__(self):
+        return hash((self.deferred_sync, self.solve_broadcasts, self.linalg_raises,
+                     self.out_library is None, self.host_numpy))
+
+    deferred_sync: bool = False
+    solve_broadcasts: bool = True
+    linalg_raises: bool = True
+    out_library: Any = None
+    host_numpy: bool = False
+    library: str = ""
+
+    def sync_cadence(self, on_device: int) -> int:
+        """Steps between host reads of a convergence test: ``on_device`` when
+        syncs are deferred (each read stalls the device), else 1."""
+        return on_device if self.deferred_sync else 1
+
+    def raising_linalg(self):
+        """A context in which failed factorisations raise (``cupyx.errstate(
+        linalg="raise")`` on CuPy; a no-op where they always raise)."""
+        if self.linalg_raises:
+            return contextlib.nullcontext()
+        if self.library == "cupy_semantics":
+            return _cupy_semantics.errstate(linalg="raise")
+        import cupyx
+        return cupyx.errstate(linalg="raise")
+
+
+class _SemanticsOut:
+    """``out=`` functions on :mod:`refimpl._cupy_semantics` arrays."""
+
+    matmul = staticmethod(_cupy_semantics.xp.matmul)
+    add = staticmethod(_cupy_semantics.xp.add)
+    subtract = staticmethod(_cupy_semantics.xp.subtract)
+    multiply = staticmethod(_cupy_semantics.xp.multiply)
+
+
+def _cupy_module():
+    import cupy
+    return cupy
+
+
+def device_policy(xp, device=None) -> DevicePolicy:
+    """The :class:`DevicePolicy` of namespace ``xp`` (``device``: where the
+    arrays live, which decides for torch: CUDA tensors defer syncs).
+
+    ``cupy_semantics`` gets exactly CuPy's decisions (equal policies).
+    """
+    if array_api_compat.is_cupy_namespace(xp):
+        return DevicePolicy(deferred_sync=True, solve_broadcasts=False, linalg_raises=False,
+                            out_library=_cupy_module(), library="cupy")
+    if xp is _cupy_semantics.xp:
+        return DevicePolicy(deferred_sync=True, solve_broadcasts=False, linalg_raises=False,
+                            out_library=_SemanticsOut, library="cupy_semantics")
+    if array_api_compat.is_numpy_namespace(xp):
+        return DevicePolicy(out_library=np, host_numpy=True, library="numpy")
+    if array_api_compat.is_torch_namespace(xp):
+        cuda = getattr(device, "type", None) == "cuda"
+        return DevicePolicy(deferred_sync=cuda, library="torch")
+    return DevicePolicy(library=getattr(xp, "__name__", type(xp).__name__))
+
+
+def policy_of(x) -> DevicePolicy:
+    """:func:`device_policy` of an array's namespace and device."""
+    return device_policy(array_api_compat.array_namespace(x), array_api_compat.device(x))
+
+
+# --------------------------------------------------------------------------
 # Backends used by tests and the CLI
 # --------------------------------------------------------------------------
+
+#: Every backend name :func:`get_backend` knows.
+BACKEND_NAMES = ("numpy", "array_api_strict", "torch", "cupy", "cupy_semantics")
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -270,45 +425,131 @@ class Backend:
         """Host array -> this backend, cast to ``dtype`` ('float64'/'float32')."""
         return from_host(a, self.xp, device=self.device, dtype=dtype)
 
+    @property
+    def member_exact_batches(self) -> bool:
+        """Whether a batched call computes each member with the same kernels
+        (so the same rounding) as that member alone, a 2-D array.  NumPy
+        loops its kernels over a stack (so do array_api_strict and the
+        CuPy-semantics double, which compute with NumPy); torch (``bmm``
+        versus ``mm``) and CuPy (batched cuBLAS/cuSOLVER) choose other
+        kernels for a stack, so a member agrees with itself alone only to
+        round-off, amplified by the algorithm."""
+        return self.name in ("numpy", "array_api_strict", "cupy_semantics")
 
-def gpu_available() -> bool:
-    """True when CuPy imports and sees at least one CUDA device."""
+    @property
+    def policy(self) -> DevicePolicy:
+        """The :class:`DevicePolicy` of this backend."""
+        return device_policy(self.xp, self.device)
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished all queued work (a no-op on the
+        host); benchmarks call it before every clock reading."""
+        if self.name == "cupy":
+            _cupy_module().cuda.Device(self.device.id).synchronize()
+        elif self.name == "torch" and getattr(self.device, "type", None) == "cuda":
+            import torch
+            torch.cuda.synchronize(self.device)
+        elif self.name == "cupy_semantics":
+            self.device.synchronize()
+
+
+def gpu_status() -> tuple[bool, str]:
+    """Whether the ``cupy`` backend is usable, and why not.
+
+    Returns ``(True, description)`` or ``(False, reason)`` with the reason
+    naming the first missing piece: CuPy not installed (or failing to
+    import), CuPy installed but no CUDA driver / runtime, or a driver but no
+    device.
+    """
     try:
         import cupy
-        return bool(cupy.is_available())
-    except Exception:  # ImportError, CUDA driver errors
-        return False
+    except ImportError as exc:
+        return False, f"CuPy is not installed ({exc}; pip install cupy-cuda12x or cupy-cuda13x)"
+    except Exception as exc:                  # a broken install: import-time CUDA errors
+        return False, f"CuPy is installed but failed to import: {type(exc).__name__}: {exc}"
+    try:
+        version = cupy.cuda.runtime.driverGetVersion()
+    except Exception as exc:                  # CUDARuntimeError, missing libcuda
+        return False, (f"CuPy {cupy.__version__} is installed but no CUDA driver is usable "
+                       f"({type(exc).__name__}: {exc})")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, (f"CuPy {cupy.__version__} and CUDA driver {version} found but no CUDA "
+                       f"device ({type(exc).__name__}: {exc})")
+    if count < 1:
+        return False, f"CuPy {cupy.__version__} and CUDA driver {version} found but no CUDA device"
+    return True, f"CuPy {cupy.__version__}, CUDA driver {version}, {count} device(s)"
+
+
+def gpu_available() -> bool:
+    """True when the ``cupy`` backend is usable (:func:`gpu_status`)."""
+    return gpu_status()[0]
+
+
+def backend_status(name: str) -> tuple[bool, str]:
+    """``(usable, reason)`` for a backend name on this machine."""
+    if name in ("numpy", "cupy_semantics"):
+        return True, "always available"
+    if name == "array_api_strict":
+        if importlib.util.find_spec("array_api_strict") is None:
+            return False, "array-api-strict is not installed (pip install array-api-strict)"
+        return True, "installed"
+    if name == "torch":
+        if importlib.util.find_spec("torch") is None:
+            return False, "PyTorch is not installed (pip install torch)"
+        return True, "installed"
+    if name == "cupy":
+        return gpu_status()
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+
+
+def required_backends(env: str | None) -> set[str]:
+    """The backend names in a comma-separated list (the value of the
+    environment variable ``REFIMPL_REQUIRE_BACKENDS``; ``cupy`` is also
+    required by ``REFIMPL_REQUIRE_GPU=1``).  ``ValueError`` on an unknown name."""
+    names = {n.strip() for n in (env or "").split(",") if n.strip()}
+    unknown = names - set(BACKEND_NAMES)
+    if unknown:
+        raise ValueError(f"unknown backend(s) {sorted(unknown)} in REFIMPL_REQUIRE_BACKENDS; "
+                         f"choose from {', '.join(BACKEND_NAMES)}")
+    return names
 
 
 def get_backend(name: str) -> Backend:
-    """``'numpy'``, ``'array_api_strict'`` or ``'cupy'`` as a :class:`Backend`."""
+    """A :class:`Backend` by name (:data:`BACKEND_NAMES`).
+
+    ``torch`` places tensors on CUDA when ``torch.cuda.is_available()``,
+    else on the CPU.  ``ValueError`` when the backend is unknown or not
+    usable here, with the reason (:func:`backend_status`).
+    """
+    ok, reason = backend_status(name)
+    if not ok:
+        raise ValueError(f"backend {name!r} is not available: {reason}")
     if name == "numpy":
         import array_api_compat.numpy as np_xp
         return Backend("numpy", np_xp, "cpu")
     if name == "array_api_strict":
-        try:
-            import array_api_strict as strict_xp
-        except ImportError as exc:
-            raise ValueError("backend 'array_api_strict' needs the package "
-                             "array-api-strict (pip install array-api-strict)") from exc
+        import array_api_strict as strict_xp
         return Backend("array_api_strict", strict_xp, strict_xp.Device("device1"))
-    if name == "cupy":
-        if not gpu_available():
-            raise ValueError("backend 'cupy' needs CuPy and a CUDA device; none found")
-        import array_api_compat.cupy as cupy_xp
-        import cupy
-        return Backend("cupy", cupy_xp, cupy.cuda.Device(0))
-    raise ValueError(f"unknown backend {name!r}; choose numpy, array_api_strict or cupy")
+    if name == "torch":
+        import array_api_compat.torch as torch_xp
+        import torch
+        return Backend("torch", torch_xp, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if name == "cupy_semantics":
+        return Backend("cupy_semantics", _cupy_semantics.xp, _cupy_semantics.DEVICE)
+    import array_api_compat.cupy as cupy_xp
+    return Backend("cupy", cupy_xp, _cupy_module().cuda.Device(0))
 
 
 def available_backends() -> list[str]:
-    """Backends usable on this machine."""
-    names = ["numpy"]
-    if importlib.util.find_spec("array_api_strict") is not None:
-        names.append("array_api_strict")
-    if gpu_available():
-        names.append("cupy")
-    return names
+    """Backends usable on this machine, in :data:`BACKEND_NAMES` order."""
+    return [n for n in BACKEND_NAMES if backend_status(n)[0]]
+
+
+def skipped_backends() -> list[tuple[str, str]]:
+    """``(name, reason)`` for each backend :func:`available_backends` leaves out."""
+    return [(n, r) for n in BACKEND_NAMES for ok, r in [backend_status(n)] if not ok]
 
 
 # --------------------------------------------------------------------------
@@ -327,14 +568,39 @@ def matvec(A, x):
     return (A @ x[..., None])[..., 0]
 
 
+def broadcast_shapes(*shapes) -> tuple[int, ...]:
+    """The broadcast of shape tuples (``ValueError`` if they do not
+    broadcast; shape arithmetic on the host, whatever the library)."""
+    return tuple(np.broadcast_shapes(*(tuple(s) for s in shapes)))
+
+
+def solve(A, B):
+    """Batched ``A^{-1} B`` for ``A`` (..., n, n) and a matrix right-hand side
+    ``B`` (..., n, k), the batch dimensions broadcast against each other.
+
+    Where the library's ``linalg.solve`` does not broadcast (CuPy,
+    :attr:`DevicePolicy.solve_broadcasts`), both are first broadcast to the
+    common batch shape (``broadcast_to`` makes views, no copies of ``A``).
+    """
+    xp = array_api_compat.array_namespace(A, B)
+    if not device_policy(xp, device(A)).solve_broadcasts:
+        batch = broadcast_shapes(A.shape[:-2], B.shape[:-2])
+        if tuple(A.shape[:-2]) != batch:
+            A = xp.broadcast_to(A, batch + tuple(A.shape[-2:]))
+        if tuple(B.shape[:-2]) != batch:
+            B = xp.broadcast_to(B, batch + tuple(B.shape[-2:]))
+    return xp.linalg.solve(A, B)
+
+
 def solve_vec(A, b):
-    """Batched ``A^{-1} b`` for a vector right-hand side ``b`` (..., n).
+    """Batched ``A^{-1} b`` for a vector right-hand side ``b`` (..., n), the
+    batch dimensions of ``A`` (..., n, n) and ``b`` broadcast.
 
     The standard's ``linalg.solve`` treats a non-1-D second argument as a
-    stack of matrices, so the vector is lifted to a column and back.
+    stack of matrices, so the vector is lifted to a column and back
+    (:func:`solve` broadcasts where the library does not).
     """
-    xp = array_api_compat.array_namespace(A, b)
-    return xp.linalg.solve(A, b[..., None])[..., 0]
+    return solve(A, b[..., None])[..., 0]
 
 
 #: Largest n for which the per-member SciPy LAPACK loops below are used on
@@ -349,7 +615,7 @@ SMALL_LAPACK_N = 64
 
 def _scipy_lapack_loop(*arrays) -> bool:
     """Whether the per-member SciPy LAPACK path applies to ``arrays``."""
-    return (all(array_api_compat.is_numpy_array(x) for x in arrays)
+    return (all(type(x) is np.ndarray or policy_of(x).host_numpy for x in arrays)
             and arrays[0].shape[-1] <= SMALL_LAPACK_N)
 
 
@@ -389,7 +655,8 @@ def is_positive_definite(A) -> bool:
     ``numpy.linalg.cholesky`` at n = 64 (no copies out of Fortran order, no
     factor returned).  CuPy reports a failed factorisation
     only inside ``cupyx.errstate(linalg='raise')`` (by default it returns
-    garbage), so that context is entered.  Others: the library's LinAlgError.
+    garbage), so that context is entered (:meth:`DevicePolicy.raising_linalg`).
+    Others: the library's LinAlgError.
     """
     xp = array_api_compat.array_namespace(A)
     if _scipy_lapack_loop(A):
@@ -399,11 +666,7 @@ def is_positive_definite(A) -> bool:
         d = np.diagonal(L_T, axis1=-2, axis2=-1)
         return bool(np.all(np.isfinite(d)) and np.all(d > 0))
     try:
-        if array_api_compat.is_cupy_array(A):
-            import cupyx
-            with cupyx.errstate(linalg="raise"):
-                L = xp.linalg.cholesky(A)
-        else:
+        with policy_of(A).raising_linalg():
             L = xp.linalg.cholesky(A)
     except Exception as exc:  # LinAlgError of whichever library
         if "LinAlgError" in type(exc).__name__ or "positive" in str(exc).lower():
@@ -516,13 +779,11 @@ def sum_to_shape(x, shape: tuple[int, ...]):
 # may mutate a caller's array).
 
 def _out_library(x):
-    """NumPy or CuPy, whose functions take ``out=``, for ``x``; else None."""
-    if type(x) is np.ndarray or array_api_compat.is_numpy_array(x):
+    """The module whose functions take ``out=`` for arrays like ``x``
+    (:attr:`DevicePolicy.out_library`: NumPy, CuPy), or None."""
+    if type(x) is np.ndarray:                           # fast path: called per product
         return np
-    if array_api_compat.is_cupy_array(x):
-        import cupy
-        return cupy
-    return None
+    return policy_of(x).out_library
 
 
 def work_arrays(like, count: int) -> list:
@@ -558,7 +819,7 @@ def batch_blocks(batch: int, bytes_per_member: int, like) -> list[slice]:
     gets the single block ``slice(0, batch)``.  For loops over independent
     members, so the result does not depend on the blocking.
     """
-    if not array_api_compat.is_numpy_array(like) or batch <= 1:
+    if batch <= 1 or not (type(like) is np.ndarray or policy_of(like).host_numpy):
         return [slice(0, batch)]
     per = max(1, CACHE_BLOCK_BYTES // max(1, int(bytes_per_member)))
     count = -(-batch // per)                           # ceil: the fewest blocks that fit

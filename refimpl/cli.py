@@ -42,9 +42,10 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .backend import SUPPORTED_DTYPES, available_backends, get_backend
+from .backend import (BACKEND_NAMES, SUPPORTED_DTYPES, available_backends, get_backend,
+                      skipped_backends)
 
-BACKENDS = ("numpy", "array_api_strict", "cupy")
+BACKENDS = BACKEND_NAMES
 
 
 def _expand(value: str, choices, available=None) -> list[str]:
@@ -218,6 +219,9 @@ def cmd_verify(args) -> int:
     try:
         specs = [registry.get_spec(n) for n in args.op] if args.op else registry.all_specs()
         backends = [get_backend(b) for b in _expand(args.backend, BACKENDS, available_backends())]
+        if args.backend == "all":
+            for name, reason in skipped_backends():
+                print(f"refimpl verify: skipping backend {name}: {reason}", flush=True)
     except ValueError as exc:
         print(f"refimpl verify: {exc}", file=sys.stderr)
         return 2
@@ -389,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "names them)")
     v.add_argument("--case", metavar="ID", help="only this case id")
     v.add_argument("--backend", default="numpy", choices=BACKENDS + ("all",),
-                   help="array backend (default numpy; 'all' = every available one)")
+                   help="array backend (default numpy; 'all' = every one usable here, "
+                        "the others are listed with the reason; cupy_semantics = "
+                        "CuPy's code paths and semantics on the CPU)")
     v.add_argument("--dtype", default="all", choices=SUPPORTED_DTYPES + ("all",),
                    help="dtype (default all: float64, the reference, and float32)")
     shown = v.add_mutually_exclusive_group()

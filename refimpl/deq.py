@@ -284,10 +284,6 @@ def _norm_rows(v):
     return xp.linalg.vector_norm(v, axis=-1)
 
 
-def _is_gpu(xp) -> bool:
-    return array_api_compat.is_cupy_namespace(xp)
-
-
 def _as_float(x) -> float:
     """Python float of a 0-d array (one device sync)."""
     return float(x)
@@ -419,7 +415,7 @@ def fixed_point(f: Callable, z0, *, method: str = "anderson", tol: float | None 
     m = 5 if m is None else _check_int(m, "m", minimum=1)
     reg = 1e-10 if reg is None else backend.check_positive(reg, "reg", allow_zero=True)
     if check_every is None:
-        check_every = 8 if _is_gpu(xp) else 1
+        check_every = backend.policy_of(z0).sync_cadence(8)
     check_every = _check_int(check_every, "check_every", minimum=1)
 
     dev = backend.device(z0)

@@ -83,7 +83,7 @@ def _check_inputs(A, b):
             f"argument 'b' has length {b.shape[-1]} in its last axis but 'A' is {n}x{n}"
         )
     try:
-        xp.broadcast_shapes(tuple(A.shape[:-2]), tuple(b.shape[:-1]))
+        backend.broadcast_shapes(A.shape[:-2], b.shape[:-1])
     except ValueError:
         raise ValueError(
             f"batch shapes of 'A' {tuple(A.shape[:-2])} and 'b' {tuple(b.shape[:-1])} do not broadcast"
@@ -104,8 +104,8 @@ def solve(A, b) -> SolveResult:
     singular = "argument 'A' is singular to working precision"
     try:
         x = solve_vec(A, b)
-    except Exception as exc:  # numpy/strict raise LinAlgError; CuPy returns non-finite values
-        if type(exc).__name__ == "LinAlgError":
+    except Exception as exc:  # numpy/strict/torch raise a LinAlgError; CuPy returns non-finite values
+        if "LinAlgError" in type(exc).__name__:              # torch's is _LinAlgError
             raise ValueError(singular) from exc
         raise
     if not bool(xp.all(xp.isfinite(x))):

@@ -238,11 +238,12 @@ VJP_METHODS = ("exact", "lyapunov_sign", "approximant")
 DEFAULT_MPA_ORDER = 5          # [5/5]: 4 matmuls + 1 solve, ~10.7 n^3 flops
 DEFAULT_MTP_DEGREE = 10        # 9 matmuls, ~18 n^3 flops
 DEFAULT_MAX_ITER = 100
-#: On a GPU (CuPy), iterations between convergence tests of the Newton–Schulz
-#: loops while the residual is still >= 1 (each test is a device sync; members
-#: are frozen individually in between).  Below 1 the quadratic model predicts
-#: the next test (see :func:`_steps_to_tol`).  On the host (NumPy) a test costs
-#: nothing and is made after every step.
+#: Where host syncs are deferred (a GPU; :class:`refimpl.backend.DevicePolicy`),
+#: iterations between convergence tests of the Newton–Schulz loops while the
+#: residual is still >= 1 (each test is a device sync; members are frozen
+#: individually in between).  Below 1 the quadratic model predicts the next
+#: test (see :func:`_steps_to_tol`).  On the host (NumPy) a test costs nothing
+#: and is made after every step.
 CHECK_EVERY = 2
 
 
@@ -463,10 +464,13 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
     incoming residual is <= tol, so its result does not depend on its
     batch-mates, and the loop ends when all are frozen or after ``max_iter``
     steps.  Whether all are frozen is tested after every step on the host;
-    on a GPU (a device sync each time) every :data:`CHECK_EVERY` steps while
-    the largest residual is >= 1, then when the quadratic model predicts
-    convergence.  The schedule only decides when the loop stops, never what a
-    member computes.
+    where host syncs are deferred (a GPU: a device sync each time;
+    :func:`refimpl.backend.device_policy`) every :data:`CHECK_EVERY` steps
+    while the largest residual is >= 1, then when the quadratic model
+    predicts convergence.  The schedule only decides when the loop stops,
+    never what a member computes; so a step may be called after every member
+    has stopped (its results for stopped members are discarded) and must
+    accept that.
 
     ``frozen`` says which state components are held once a member stops
     (default: all); a component that only drives the others (the sign
@@ -489,7 +493,7 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
     err = xp.full(bshape, math.inf, dtype=state[0].dtype, device=dev)
     history = []
     n_steps = iters if iters is not None else max_iter
-    device_sync = array_api_compat.is_cupy_namespace(xp)
+    device_sync = backend.device_policy(xp, dev).deferred_sync
     none_stopped = not device_sync     # known on the host (no sync): holding is a no-op
     next_check = 1
     stops_itself = False
@@ -872,7 +876,14 @@ def _lyapunov_sign_block(B, C, *, iters, tol, max_iter, l0=None, scale=None,
 
     def finish_members(B, C, e, l, j, new, out):
         """The finish of the members in ``new`` (their ``j`` terms), into
-        ``out`` (None: a fresh array); the other members' entries are unused."""
+        ``out`` (None: a fresh array); the other members' entries are unused.
+        No member in ``new``: ``C`` itself.  That happens where host syncs are
+        deferred (:attr:`refimpl.backend.DevicePolicy.deferred_sync`): the
+        driver tests "all stopped" every :data:`CHECK_EVERY` steps, so a step
+        may run after the last member finished, and gathering no member would
+        leave nothing to reduce."""
+        if not bool(xp.any(new)):
+            return C
         lo, hi = interval(e, l)
         j = xp.where(new, j, xp.zeros_like(j))            # others may be inf (no interval)
         n_terms[...] = xp.where(new, xp.astype(j, n_terms.dtype), n_terms)
@@ -1168,7 +1179,7 @@ def _combine(coef, block):
     count, nn = math.prod(shape[:-2]), shape[-2] * shape[-1]
     per_member = xp.permute_dims(xp.reshape(block, (d, count, nn)), (1, 0, 2))
     out = None
-    if array_api_compat.is_numpy_array(block):         # a view of a (r, count, nn) block
+    if backend.policy_of(block).host_numpy:            # a view of a (r, count, nn) block
         out = xp.permute_dims(xp.empty((coef.shape[0], count, nn), dtype=block.dtype), (1, 0, 2))
     got = backend.matmul(coef, per_member, out=out)    # (count, r, nn)
     return xp.reshape(xp.permute_dims(got, (1, 0, 2)), (coef.shape[0],) + shape)

@@ -141,8 +141,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import array_api_compat
-
 from . import backend
 from .backend import ConvergenceWarning
 
@@ -497,7 +495,7 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
         tol = _default_tol(x.dtype, n) if tol is None else backend.check_positive(tol, "tol")
         max_iter = 100 if max_iter is None else _check_count(max_iter, "max_iter")
         if check_every is None:                          # each test is a device sync on a GPU
-            check_every = 3 if array_api_compat.is_cupy_namespace(xp) else 1
+            check_every = backend.policy_of(x).sync_cadence(3)
         check_every = _check_count(check_every, "check_every")
         theta, A, s, n_iter, err, conv = _solve_threshold(xp, xs, k, t, tol, max_iter, check_every)
         if not conv:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from refimpl import cli, linsolve, registry
+from refimpl.backend import available_backends
 
 
 def test_help_documents_every_subcommand(capsys):
@@ -37,10 +38,11 @@ def test_verify_prints_table_and_passes(capsys):
         assert token in captured.out
     assert "FAIL" not in captured.out
     assert "[1/" in captured.err  # progress on stderr
-    # per-operator summary: 5 cases x 2 dtypes (one float64-only) x 2 backends
+    # per-operator summary: 5 cases x 2 dtypes (one float64-only) x every usable backend
     summary = [line.split() for line in captured.out.split("worst error/tol")[1].splitlines()]
     (row,) = [r for r in summary if r and r[0] == "linear_solve"]
-    assert row[1] == "18" and row[3] == "0" and row[-1] == "pass"
+    n_backends = len(available_backends())
+    assert row[1] == str(9 * n_backends) and row[3] == "0" and row[-1] == "pass"
 
 
 def test_verify_reports_a_planted_wrong_vjp(monkeypatch, capsys):

@@ -103,7 +103,9 @@ def test_linear_fixed_point_closed_form(backend, dtype, rng):
         assert res.converged
         assert check.compare(res.z, backend.asarray(expected, dtype),
                              rtol={"float64": 1e-11, "float32": 1e-4}[dtype]).passed
-        assert res.n_f_evals == res.n_iter + 1       # check_every = 1 on the host
+        # the convergence test is read every sync_cadence(8) calls: 1 on the host
+        extra = backend.policy.sync_cadence(8) - 1
+        assert res.n_iter + 1 <= res.n_f_evals <= res.n_iter + 1 + extra
 
 
 @pytest.mark.parametrize("method", ["anderson", "picard"])
