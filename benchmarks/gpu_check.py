@@ -113,8 +113,8 @@ def plan(args, python: str, wheel: str | None) -> list[Step]:
                                                               *TEST_REQUIREMENTS, "-e", str(ROOT)],
                           timeout=1800.0))
     steps.append(Step("CuPy sees the device",
-                      [python, "-c", "from refimpl.backend import gpu_status; ok, why = "
-                       "gpu_status(); print(why); raise SystemExit(0 if ok else 1)"]))
+                      [python, "-c", ("from refimpl.backend import gpu_status; ok, why = "
+                                     "gpu_status(); print(why); raise SystemExit(0 if ok else 1)")]))
     steps.append(Step("refimpl verify --backend cupy",
                       [python, "-m", "refimpl.cli", "verify", "--backend", "cupy", "-q",
                        "--failures-only"], timeout=args.step_timeout))
@@ -197,8 +197,8 @@ def main(argv=None) -> int:
         args.venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
     steps = plan(args, python, wheel)
 
-    header = [f"- machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} cpus), "
-              f"Python {platform.python_version()}",
+    header = [(f"- machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} cpus), "
+               f"Python {platform.python_version()}"),
               f"- CUDA major version: {major if major is not None else 'unknown'}"
               + (f" -> {wheel}" if wheel else ""),
               f"- started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]

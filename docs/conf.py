@@ -9,7 +9,6 @@ from their stored outputs, never executed)::
 import importlib
 import pathlib
 import re
-import shutil
 import sys
 
 from docutils.parsers.rst import directives as _directives

@@ -227,7 +227,7 @@ class ndarray:
     """A device array of the CuPy-semantics backend (see the module docstring)."""
 
     __slots__ = ("_a",)
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]  # mutable, like cupy.ndarray
 
     def __init__(self, data: np.ndarray):
         if not isinstance(data, np.ndarray):
@@ -351,9 +351,9 @@ for _name, _fn in [("add", operator.add), ("sub", operator.sub), ("mul", operato
 for _name, _fn in [("lt", operator.lt), ("le", operator.le), ("gt", operator.gt),
                    ("ge", operator.ge), ("eq", operator.eq), ("ne", operator.ne)]:
     setattr(ndarray, f"__{_name}__", _binary(f"__{_name}__", _fn))
-for _name, _fn in [("neg", operator.neg), ("pos", operator.pos), ("abs", operator.abs),
-                   ("invert", operator.invert)]:
-    setattr(ndarray, f"__{_name}__", _unary(f"__{_name}__", _fn))
+for _name, _op1 in [("neg", operator.neg), ("pos", operator.pos), ("abs", operator.abs),
+                    ("invert", operator.invert)]:
+    setattr(ndarray, f"__{_name}__", _unary(f"__{_name}__", _op1))
 for _name in ("reshape", "astype", "copy", "item", "tolist", "sum", "max", "min", "mean",
               "any", "all", "argmax", "argmin", "argsort", "sort", "clip", "swapaxes",
               "squeeze", "ravel", "flatten", "transpose", "fill", "conj"):
@@ -462,7 +462,7 @@ def _asarray(obj, /, *, dtype=None, device=None, copy=None):
 
 linalg = _Namespace(__name__ + ".linalg", _np_xp.linalg, {
     "solve": _solve,
-    "inv": _silent_linalg(_np_xp.linalg.inv, "inv"),
+    "inv": _silent_linalg(np.linalg.inv, "inv"),
     "cholesky": _silent_linalg(_np_xp.linalg.cholesky, "cholesky"),
     "LinAlgError": np.linalg.LinAlgError,
 })

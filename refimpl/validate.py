@@ -531,8 +531,9 @@ class ValidationReport:
                   f"[{self.framework} {self.framework_version}, float64, "
                   f"gradients by {self.gradient_source}]")]
         lines += [f"note: {n}" for n in self.notes]
-        headers = ("case", "flags", "forward", "tol", "gradient", "tol", "worst", "result")
-        rows = [(c.case, ",".join(c.flags) or "-", fmt(c.forward_error), fmt(c.forward_tol),
+        headers: tuple[str, ...] = ("case", "flags", "forward", "tol", "gradient", "tol",
+                                    "worst", "result")
+        rows: list[tuple[str, ...]] = [(c.case, ",".join(c.flags) or "-", fmt(c.forward_error), fmt(c.forward_tol),
                  fmt(c.gradient_error), fmt(c.gradient_tol), c.worst or "-", c.status)
                 for c in self.cases]
         if any(c.verdict for c in self.cases):
@@ -901,7 +902,7 @@ def _self_directions(spec: registry.OpSpec, gc: vectors.GoldenCase, rng: np.rand
     so a wrong gradient in a member 1e-9 times smaller than its batch-mates is
     not drowned out."""
     host = {k: gc.inputs[k] for k in spec.inputs}
-    out = []
+    out: list[tuple[str, list[np.ndarray], tuple | None]] = []
 
     def draw():
         u = (spec.tangents(rng, host) if spec.tangents is not None
@@ -1110,11 +1111,11 @@ def _run_case_self(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
     except CandidateError as exc:
         return _error_report(gc, ftol, gtol, f"{stage}: {exc}")
     except _Raised as raised:
-        exc = raised.exc
-        if isinstance(exc, CandidateError):
-            return _error_report(gc, ftol, gtol, f"{stage}: {exc}")
+        err = raised.exc
+        if isinstance(err, CandidateError):
+            return _error_report(gc, ftol, gtol, f"{stage}: {err}")
         return _error_report(gc, ftol, gtol, f"{stage}: the candidate raised "
-                             f"{type(exc).__name__}: {exc}{_candidate_frame(exc)}", raised.tb)
+                             f"{type(err).__name__}: {err}{_candidate_frame(err)}", raised.tb)
     except Exception as exc:
         return _error_report(gc, ftol, gtol, f"{stage}: {type(exc).__name__}: {exc}",
                              traceback.format_exc())
