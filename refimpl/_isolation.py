@@ -67,6 +67,9 @@ OUTPUT_LIMIT = 1 << 20
 TAIL_BYTES = 2048
 #: Seconds a child that reported its last case gets to exit before it is killed.
 _EXIT_GRACE = 5.0
+#: Seconds a child may take to start and import refimpl (not the candidate's
+#: time: the per-case ``timeout`` starts when the child begins importing the TARGET).
+_STARTUP = 120.0
 
 _SIGNAL_HINTS = {
     "SIGSEGV": "segmentation fault",
@@ -302,7 +305,9 @@ def run(op: str, jobs: Sequence[Job], *, candidate: str, vjp: str | None, framew
                     "keep_arrays": keep_arrays}, protocol=pickle.HIGHEST_PROTOCOL))
                 child = _Child(job_file)
                 current = None
-                loaded = child.event(time.monotonic() + timeout)
+                loaded = child.event(time.monotonic() + _STARTUP)
+                if isinstance(loaded, dict) and loaded["event"] == "ready":
+                    loaded = child.event(time.monotonic() + timeout)
                 if not (isinstance(loaded, dict) and loaded["event"] == "loaded"):
                     if isinstance(loaded, dict) and loaded["event"] == "target_error":
                         why = str(loaded.get("message", "cannot import the TARGET"))
@@ -445,6 +450,7 @@ def _child_main(argv: Sequence[str]) -> None:
     from . import registry
     from . import validate as v
 
+    _send(msg_fd, {"event": "ready"})     # refimpl imported: the TARGET's time starts now
     try:
         fw = v._framework(job["framework"])
         fn = v.load_target(job["candidate"])
