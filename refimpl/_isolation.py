@@ -335,13 +335,16 @@ def run(op: str, jobs: Sequence[Job], *, candidate: str, vjp: str | None, framew
                 result.framework_version = str(loaded.get("version", "?"))
                 result.notes = list(loaded.get("notes", []))
                 deadline = time.monotonic() + timeout
+                by_index = {j.index: j for j in pending}
                 while True:
                     ev = child.event(deadline)
-                    if isinstance(ev, dict) and ev["event"] == "start":
-                        current = next(j for j in pending if j.index == ev["index"])
+                    if (isinstance(ev, dict) and ev["event"] == "start"
+                            and ev.get("index") in by_index and current is None):
+                        current = by_index[ev["index"]]
                         child.begin_case()
                         deadline = time.monotonic() + timeout
-                    elif isinstance(ev, dict) and ev["event"] == "done" and current is not None:
+                    elif (isinstance(ev, dict) and ev["event"] == "done" and current is not None
+                          and isinstance(ev.get("report"), dict)):
                         child.end_case()
                         arrays = None
                         if ev.get("arrays"):

@@ -65,9 +65,28 @@ exact, tolerance 0, still allows a foreign implementation round-off).
 
 Bad candidates never end the run with a bare traceback: an import failure
 of the target raises :class:`TargetError` (the CLI prints it), and a wrong
-signature, a wrong output type or shape, NaN output, or an exception inside
-the candidate is reported as an ``ERROR`` for that case, with the place in
-the candidate's code where it was raised.
+signature, a wrong output type or shape, NaN output, an exception inside
+the candidate (its first line and place; the full traceback on request) or
+``sys.exit()`` is reported as an ``ERROR`` for that case.
+
+Isolation.  A candidate given as a TARGET string (always, on the command
+line) runs in a child process (:mod:`refimpl._isolation`): ``os._exit``, a
+crash (segfault, ``abort()``), a case exceeding ``timeout`` or writing more
+than ``_isolation.OUTPUT_LIMIT`` bytes is an ``ERROR`` of that case naming
+the exit status, signal or limit, and the other cases still run; the
+candidate's stdout/stderr is captured per case (``CaseReport.output_tail``).
+A function object runs in this process (it cannot always be sent to
+another): exceptions and ``sys.exit`` are still per-case errors, but a
+crash or hang is the caller's.  Ctrl-C raises :class:`Interrupted` (a
+``KeyboardInterrupt``) carrying the report of the finished cases.  The
+child process guards against accidents, not against a candidate that sets
+out to forge its own report (it runs with the user's rights either way).
+
+A case that does not pass carries ``diagnostics``: per failing array the
+worst entry (index, both values), ``||candidate|| / ||reference||`` and a
+hint when the candidate is the reference negated, transposed, or scaled by
+a case parameter (a forgotten ``1/eps``); ``dump_dir`` writes such cases
+with their numbers and a command line that reruns them alone.
 """
 
 from __future__ import annotations
@@ -1108,10 +1127,11 @@ def _run_isolated(spec, jobs, candidate: str, vjp: str | None, framework: str,
         raise TargetError(f"TARGET {candidate!r}: {exc}") from None
     reports = []
     for (gc, ftol, gtol), o in zip(jobs, result.outcomes):
-        if o.report is not None:
-            r = _report_from_dict(o.report)
-        else:
-            r = _error_report(gc, ftol, gtol, o.error)
+        try:
+            r = (_report_from_dict(o.report) if o.report is not None
+                 else _error_report(gc, ftol, gtol, o.error))
+        except (TypeError, ValueError):     # not a report _run_case wrote
+            r = _error_report(gc, ftol, gtol, "the child process sent an unreadable report")
         reports.append(replace(r, output_bytes=o.output_bytes, output_tail=o.output_tail))
     return (reports, [o.arrays for o in result.outcomes], result.framework_version,
             result.interrupted)

@@ -1466,5 +1466,8 @@ def test_jax_candidates(tmp_path):
     report = validate("linear_solve", uses_numpy, framework="jax", cases=["scalar"])
     (c,) = report.cases
     assert c.status == "ERROR" and "raised" in c.message
+    # JAX's multi-line error is one line in the table, all of it in the traceback
+    assert len(c.message.splitlines()) == 1 and "--traceback shows them" in c.message
+    assert "TracerArrayConversionError" in report.table(show_tracebacks=True)
     # float64 only for the validation; the caller's setting is restored afterwards
     assert jax.config.read("jax_enable_x64") == x64_before
