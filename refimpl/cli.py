@@ -213,8 +213,12 @@ def cmd_verify(args) -> int:
     from . import registry
     try:
         selected = _select(args.op, [args.case] if args.case else None)
+        if args.exclude_case:
+            _select(args.op, args.exclude_case)
     except ValueError as exc:
         return _usage_error("verify", str(exc))
+    excluded = set(args.exclude_case or ())
+    selected = {op: [c for c in cs if c.id not in excluded] for op, cs in selected.items()}
 
     try:
         specs = [registry.get_spec(n) for n in args.op] if args.op else registry.all_specs()
@@ -279,9 +283,16 @@ def cmd_export(args) -> int:
     from . import vectors
 
     try:
-        _select(args.op, args.case)
+        selected = _select(args.op, args.case)
+        if args.exclude_case:
+            _select(args.op, args.exclude_case)
     except ValueError as exc:
         return _usage_error("export", str(exc))
+    if args.exclude_case:    # the selected ids without the excluded ones (in every operator)
+        args.case = sorted({c.id for cs in selected.values() for c in cs
+                            if c.id not in set(args.exclude_case)})
+        if not args.case:
+            return _usage_error("export", "nothing to export: every selected case is excluded")
     dtypes = _expand(args.dtype, SUPPORTED_DTYPES)
     try:
         manifest = vectors.export(args.dir, ops=args.op, dtypes=dtypes, cases=args.case)
@@ -423,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="operator to verify (repeatable; default: all; 'refimpl list' "
                         "names them)")
     v.add_argument("--case", metavar="ID", help="only this case id")
+    v.add_argument("--exclude-case", action="append", metavar="ID",
+                   help="leave out this case id (repeatable)")
     v.add_argument("--backend", default="numpy", choices=BACKENDS + ("all",),
                    help="array backend (default numpy; 'all' = every available one)")
     v.add_argument("--dtype", default="all", choices=SUPPORTED_DTYPES + ("all",),
@@ -469,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--case", action="append", metavar="ID",
                    help="only this case id (repeatable), in every selected operator that "
                         "has it ('refimpl list OP' names them)")
+    e.add_argument("--exclude-case", action="append", metavar="ID",
+                   help="leave out this case id (repeatable), in every selected operator")
     e.add_argument("--dtype", default="float64", choices=SUPPORTED_DTYPES + ("all",),
                    help="input precision of the vectors (default float64, the reference; "
                         "float32 rounds inputs to float32 and uses float32 tolerances)")

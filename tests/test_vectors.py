@@ -676,6 +676,21 @@ def test_cli_export(tmp_path, capsys):
     assert len(vectors.load(tmp_path)) == 9
 
 
+def test_cli_export_exclude_case(tmp_path, capsys):
+    rc = cli.main(["export", str(tmp_path), "--op", "linear_solve",
+                   "--exclude-case", "ill_conditioned", "--exclude-case", "batched_scales"])
+    assert rc == 0, capsys.readouterr()
+    ids = {c.id for c in vectors.load(tmp_path)}
+    assert ids == {c.id for c in LINEAR_SOLVE.cases} - {"ill_conditioned", "batched_scales"}
+    capsys.readouterr()
+    assert cli.main(["export", str(tmp_path), "--op", "linear_solve", "--case", "scalar",
+                     "--exclude-case", "scalar"]) == 2
+    assert "every selected case is excluded" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path), "--op", "linear_solve",
+                     "--exclude-case", "nope"]) == 2
+    assert "no case 'nope'" in capsys.readouterr().err
+
+
 def test_cli_export_errors(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path), "--op", "nope"]) == 2
     assert "unknown operator 'nope'" in capsys.readouterr().err
