@@ -1299,7 +1299,8 @@ def _dump(dump_dir, spec: registry.OpSpec, jobs, reports, kept, command: str) ->
         for (gc, ftol, gtol), r, cand in zip(jobs, reports, kept):
             if r.passed:
                 continue
-            base = f"{vectors._check_name(spec.name, 'operator')}.{vectors._check_name(gc.id, 'case id')}"
+            base = (f"{vectors._check_name(spec.name, 'operator')}."
+                    f"{vectors._check_name(gc.id, 'case id')}")
             arrays = {f"input.{k}": v for k, v in gc.inputs.items()}
             for kind, params in (("param", gc.params), ("candidate_kwarg", gc.candidate_kwargs)):
                 arrays.update({f"{kind}.{k}": np.asarray(v, dtype=np.float64)
