@@ -254,6 +254,10 @@ class _Child:
             os.killpg(self.proc.pid, signal.SIGKILL)   # the child and anything it started
         except (ProcessLookupError, PermissionError):
             pass
+        try:
+            self.proc.kill()        # in case the child left its process group
+        except ProcessLookupError:
+            pass
         self.proc.wait()
 
     def finish(self) -> int | None:
@@ -306,14 +310,17 @@ def run(op: str, jobs: Sequence[Job], *, candidate: str, vjp: str | None, framew
                 child = _Child(job_file)
                 current = None
                 loaded = child.event(time.monotonic() + _STARTUP)
-                if isinstance(loaded, dict) and loaded["event"] == "ready":
+                started = isinstance(loaded, dict) and loaded["event"] == "ready"
+                if started:
                     loaded = child.event(time.monotonic() + timeout)
                 if not (isinstance(loaded, dict) and loaded["event"] == "loaded"):
                     if isinstance(loaded, dict) and loaded["event"] == "target_error":
                         why = str(loaded.get("message", "cannot import the TARGET"))
                     elif loaded == "timeout":
                         child.kill()
-                        why = f"importing the TARGET did not finish within {timeout:g} s"
+                        why = (f"importing the TARGET did not finish within {timeout:g} s"
+                               if started else
+                               f"the validation process did not start within {_STARTUP:g} s")
                     elif loaded == "flood":
                         child.kill()
                         why = (f"importing the TARGET wrote more than {OUTPUT_LIMIT} bytes to "
