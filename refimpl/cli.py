@@ -36,6 +36,7 @@ import argparse
 import difflib
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -213,8 +214,12 @@ def cmd_verify(args) -> int:
     from . import registry
     try:
         selected = _select(args.op, [args.case] if args.case else None)
+        if args.exclude_case:
+            _select(args.op, args.exclude_case)
     except ValueError as exc:
         return _usage_error("verify", str(exc))
+    excluded = set(args.exclude_case or ())
+    selected = {op: [c for c in cs if c.id not in excluded] for op, cs in selected.items()}
 
     try:
         specs = [registry.get_spec(n) for n in args.op] if args.op else registry.all_specs()
@@ -282,9 +287,16 @@ def cmd_export(args) -> int:
     from . import vectors
 
     try:
-        _select(args.op, args.case)
+        selected = _select(args.op, args.case)
+        if args.exclude_case:
+            _select(args.op, args.exclude_case)
     except ValueError as exc:
         return _usage_error("export", str(exc))
+    if args.exclude_case:    # the selected ids without the excluded ones (in every operator)
+        args.case = sorted({c.id for cs in selected.values() for c in cs
+                            if c.id not in set(args.exclude_case)})
+        if not args.case:
+            return _usage_error("export", "nothing to export: every selected case is excluded")
     dtypes = _expand(args.dtype, SUPPORTED_DTYPES)
     try:
         manifest = vectors.export(args.dir, ops=args.op, dtypes=dtypes, cases=args.case)
@@ -308,25 +320,62 @@ def cmd_validate(args) -> int:
 
     try:
         _select([args.op], args.case)
+        if args.exclude_case:
+            _select([args.op], args.exclude_case)
     except ValueError as exc:
         return _usage_error("validate", str(exc))
+    interrupted = False
     try:
         report = _validate.validate(
             args.op, args.target, framework=args.framework, vjp=args.vjp,
             cases=args.case, rtol=args.rtol, forward_rtol=args.forward_rtol,
-            vectors_dir=args.vectors, against=args.against)
+            vectors_dir=args.vectors, exclude=args.exclude_case, isolate=True,
+            timeout=args.timeout, dump_dir=args.dump, against=args.against)
+    except _validate.Interrupted as stop:
+        report, interrupted = stop.report, True
+    except KeyboardInterrupt:
+        print("refimpl validate: interrupted (Ctrl-C) before any case ran", file=sys.stderr)
+        return 130
     except (ValueError, KeyError, TypeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"refimpl validate: {msg}", file=sys.stderr)
         return 2
     print(report.table(show_tracebacks=args.traceback))
+    if interrupted:
+        print("refimpl validate: interrupted (Ctrl-C); the cases not finished are ERRORs",
+              file=sys.stderr)
     if args.json:
         try:
             Path(args.json).write_text(_validate.report_json(report) + "\n", encoding="utf-8")
         except OSError as exc:
             print(f"refimpl validate: cannot write --json {args.json}: {exc}", file=sys.stderr)
             return 2
+    if interrupted:
+        return 130
     return 0 if report.passed else 1
+
+
+def _relative_tolerance(text: str) -> float:
+    """argparse type of --rtol/--forward-rtol: a finite number in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a relative tolerance must be finite with 0 < TOL < 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """argparse type of --timeout: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0.0):
+        raise argparse.ArgumentTypeError(f"{text!r}: the timeout must be finite and > 0")
+    return value
 
 
 def _benchmarks_dir() -> Path | None:
@@ -392,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="operator to verify (repeatable; default: all; 'refimpl list' "
                         "names them)")
     v.add_argument("--case", metavar="ID", help="only this case id")
+    v.add_argument("--exclude-case", action="append", metavar="ID",
+                   help="leave out this case id (repeatable)")
     v.add_argument("--backend", default="numpy", choices=BACKENDS + ("all",),
                    help="array backend (default numpy; 'all' = every one usable here, "
                         "the others are listed with the reason; cupy_semantics = "
@@ -440,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--case", action="append", metavar="ID",
                    help="only this case id (repeatable), in every selected operator that "
                         "has it ('refimpl list OP' names them)")
+    e.add_argument("--exclude-case", action="append", metavar="ID",
+                   help="leave out this case id (repeatable), in every selected operator")
     e.add_argument("--dtype", default="float64", choices=SUPPORTED_DTYPES + ("all",),
                    help="input precision of the vectors (default float64, the reference; "
                         "float32 rounds inputs to float32 and uses float32 tolerances)")
@@ -457,9 +510,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "(torch.autograd.grad, jax.vjp) or from --vjp; canonicalise gauges; "
                     "compare forward and gradients with the reference per batch member. "
                     "Prints per case the forward error, gradient error, tolerances and "
-                    "pass/fail, then a verdict. Exit status: 0 all passed, 1 a case "
-                    "failed, 2 usage error (unknown OP or case id, TARGET not importable, "
-                    "framework missing).",
+                    "pass/fail, then a verdict; under a case that did not pass, its "
+                    "description, the worst entry of each failing array with both values "
+                    "and the norm ratio, the candidate's last output lines and a command "
+                    "reproducing it. The candidate runs in a child process: its exit, "
+                    "crash, hang (--timeout) or output flood is an ERROR of that case and "
+                    "the other cases still run; its stdout/stderr is captured. Exit "
+                    "status: 0 all passed, 1 a case failed or errored, 2 usage error "
+                    "(unknown OP or case id, TARGET not importable, framework missing, "
+                    "bad option value, golden vectors failing their checks), 130 "
+                    "interrupted (Ctrl-C; the finished cases are reported).",
     )
     va.add_argument("op", metavar="OP", help="registered operator (see 'refimpl list')")
     va.add_argument("target", metavar="TARGET",
@@ -472,10 +532,22 @@ def build_parser() -> argparse.ArgumentParser:
                          "for torch/jax")
     va.add_argument("--case", action="append", metavar="ID",
                     help="only this case id of OP (repeatable; 'refimpl list OP' names them)")
-    va.add_argument("--rtol", type=float, metavar="TOL",
-                    help="gradient tolerance (default: each case's 'fd' tolerance)")
-    va.add_argument("--forward-rtol", type=float, metavar="TOL",
-                    help="forward tolerance (default: each case's 'forward' tolerance)")
+    va.add_argument("--exclude-case", action="append", metavar="ID",
+                    help="leave out this case id of OP (repeatable)")
+    va.add_argument("--rtol", type=_relative_tolerance, metavar="TOL",
+                    help="gradient tolerance, 0 < TOL < 1 (default: each case's 'fd' "
+                         "tolerance)")
+    va.add_argument("--forward-rtol", type=_relative_tolerance, metavar="TOL",
+                    help="forward tolerance, 0 < TOL < 1 (default: each case's 'forward' "
+                         "tolerance)")
+    va.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=None,
+                    help="stop a case (and the import of TARGET) after this many seconds "
+                         "and report it as an ERROR (default 300)")
+    va.add_argument("--dump", metavar="DIR",
+                    help="write each case that did not pass to DIR as <op>.<case>.npz "
+                         "(inputs, parameters, reference and candidate output and VJPs) "
+                         "and <op>.<case>.json (errors, diagnostics, a command reproducing "
+                         "it)")
     va.add_argument("--vectors", metavar="DIR",
                     help="take the reference from golden vectors written by "
                          "'refimpl export' instead of computing it")

@@ -114,9 +114,28 @@ of the steps -- rather than a pass.
 
 Bad candidates never end the run with a bare traceback: an import failure
 of the target raises :class:`TargetError` (the CLI prints it), and a wrong
-signature, a wrong output type or shape, NaN output, or an exception inside
-the candidate is reported as an ``ERROR`` for that case, with the place in
-the candidate's code where it was raised.
+signature, a wrong output type or shape, NaN output, an exception inside
+the candidate (its first line and place; the full traceback on request) or
+``sys.exit()`` is reported as an ``ERROR`` for that case.
+
+Isolation.  A candidate given as a TARGET string (always, on the command
+line) runs in a child process (:mod:`refimpl._isolation`): ``os._exit``, a
+crash (segfault, ``abort()``), a case exceeding ``timeout`` or writing more
+than ``_isolation.OUTPUT_LIMIT`` bytes is an ``ERROR`` of that case naming
+the exit status, signal or limit, and the other cases still run; the
+candidate's stdout/stderr is captured per case (``CaseReport.output_tail``).
+A function object runs in this process (it cannot always be sent to
+another): exceptions and ``sys.exit`` are still per-case errors, but a
+crash or hang is the caller's.  Ctrl-C raises :class:`Interrupted` (a
+``KeyboardInterrupt``) carrying the report of the finished cases.  The
+child process guards against accidents, not against a candidate that sets
+out to forge its own report (it runs with the user's rights either way).
+
+A case that does not pass carries ``diagnostics``: per failing array the
+worst entry (index, both values), ``||candidate|| / ||reference||`` and a
+hint when the candidate is the reference negated, transposed, or scaled by
+a case parameter (a forgotten ``1/eps``); ``dump_dir`` writes such cases
+with their numbers and a command line that reruns them alone.
 """
 
 from __future__ import annotations
@@ -130,9 +149,10 @@ import inspect
 import json
 import math
 import os
+import shlex
 import sys
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -146,6 +166,7 @@ __all__ = [
     "FLOOR",
     "FRAMEWORKS",
     "CaseReport",
+    "Interrupted",
     "SelfCheck",
     "TargetError",
     "ValidationReport",
@@ -178,15 +199,44 @@ class _Raised(Exception):
     def __init__(self, exc: BaseException):
         super().__init__(str(exc))
         self.exc = exc
-        self.tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.tb = tb if len(tb) <= _TRACEBACK_CHARS else "...\n" + tb[-_TRACEBACK_CHARS:]
 
 
 def _call(f: Callable, *args, **kwargs):
-    """Call candidate code; whatever it raises becomes a :class:`_Raised`."""
+    """Call candidate code; whatever it raises becomes a :class:`_Raised`.
+
+    ``SystemExit`` (``sys.exit()`` in the candidate) included: a candidate
+    ending the process is an error of that case, never a silent exit with
+    status 0.  ``KeyboardInterrupt`` is left to end the run.
+    """
     try:
         return f(*args, **kwargs)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise _Raised(exc) from exc
+
+
+#: A candidate's exception message is cut to this many characters in the table.
+_MESSAGE_CHARS = 300
+#: Characters of a candidate's traceback kept (its last ones) for ``--traceback``.
+_TRACEBACK_CHARS = 20000
+
+
+def _exception_text(exc: BaseException) -> str:
+    """``Type: first line of the message`` (cut), saying how many lines were left out.
+
+    Framework errors (JAX tracer errors, equinox checks) carry messages of
+    dozens of lines; the table gets one, ``--traceback`` all of them.
+    """
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: sys.exit({exc.code!r}) inside the candidate"
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    first = lines[0].strip() if lines else ""
+    if len(first) > _MESSAGE_CHARS:
+        first = first[:_MESSAGE_CHARS] + "..."
+    more = (f" [+{len(lines) - 1} more line(s); --traceback shows them]"
+            if len(lines) > 1 else "")
+    return f"{type(exc).__name__}: {first}{more}"
 
 
 # --------------------------------------------------------------------------
@@ -469,7 +519,12 @@ class CaseReport:
     ``"forward and gradient off"``), and, when the forward is off, whether
     the gradient is the derivative of the candidate's own forward
     (:func:`self_consistency`); with ``against="self"`` it is the outcome of
-    that comparison.
+    that comparison.  ``diagnostics``
+
+    holds one dict per failing comparison (:func:`_diagnose`: the worst
+    entry with both values, the norm ratio, a hint).  ``output_bytes`` and
+    ``output_tail`` are what the candidate wrote to stdout/stderr during the
+    case (its count and last bytes; isolated runs only).
     """
 
     case: str
@@ -485,6 +540,9 @@ class CaseReport:
     message: str = ""
     traceback: str = ""
     verdict: str = ""
+    diagnostics: tuple = ()
+    output_bytes: int = 0
+    output_tail: str = ""
 
     @property
     def passed(self) -> bool:
@@ -493,7 +551,12 @@ class CaseReport:
 
 @dataclass(frozen=True)
 class ValidationReport:
-    """Per-case results of :func:`validate`; ``passed`` when every case passed."""
+    """Per-case results of :func:`validate`; ``passed`` when every case passed.
+
+    ``command`` is the ``refimpl validate`` command line of the run (TARGET
+    strings only; a case is reproduced by adding ``--case ID``);
+    ``interrupted`` says Ctrl-C ended the run.
+    """
 
     op: str
     framework: str
@@ -502,10 +565,13 @@ class ValidationReport:
     gradient_source: str
     cases: tuple[CaseReport, ...]
     notes: tuple[str, ...] = ()
+    command: str = ""
+    interrupted: bool = False
 
     @property
     def passed(self) -> bool:
-        return bool(self.cases) and all(c.passed for c in self.cases)
+        return (bool(self.cases) and not self.interrupted
+                and all(c.passed for c in self.cases))
 
     @property
     def n_passed(self) -> int:
@@ -519,7 +585,8 @@ class ValidationReport:
         verdict = "PASS" if self.passed else "FAIL"
         bad = [c.case for c in self.cases if not c.passed]
         tail = f" (failed: {', '.join(bad)})" if bad else ""
-        return (f"{self.op}: {self.n_passed} of {len(self.cases)} cases passed{tail} "
+        stop = " [interrupted]" if self.interrupted else ""
+        return (f"{self.op}: {self.n_passed} of {len(self.cases)} cases passed{tail}{stop} "
                 f"-> {verdict}")
 
     def table(self, *, show_tracebacks: bool = False) -> str:
@@ -547,6 +614,8 @@ class ValidationReport:
             lines.append(line.format(*r).rstrip())
             if c.message:
                 lines.extend(f"    {m}" for m in c.message.splitlines())
+            if not c.passed:
+                lines.extend(f"    {m}" for m in _failure_lines(c, self.command))
             if show_tracebacks and c.traceback:
                 lines.extend(f"    | {t}" for t in c.traceback.rstrip().splitlines())
         lines.append(self.summary())
@@ -738,7 +807,11 @@ def _candidate_frame(exc: BaseException) -> str:
 
 
 def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
-              fw: _Framework, vjp: Callable | None, ftol: float, gtol: float) -> CaseReport:
+              fw: _Framework, vjp: Callable | None, ftol: float, gtol: float,
+              keep: dict | None = None) -> CaseReport:
+    """Run and compare one case.  ``keep``, when a dict, receives the candidate's
+    host output (``candidate.output.<out>``) and canonicalised cotangents
+    (``candidate.vjp.<input>``), for ``--dump``."""
     host_in = [gc.inputs[k] for k in spec.inputs]
     params = dict(gc.candidate_kwargs)
     stage = "forward"
@@ -752,6 +825,8 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
         args = fw.inputs(host_in, requires_grad=vjp is None)
         out, ctx = _call(fw.forward, fn, args, params)
         out_h = _to_host(fw, out, f"the output {spec.output!r}", gc.output.shape)
+        if keep is not None:
+            keep[f"candidate.output.{spec.output}"] = out_h
         fwd_err, fwd_member = member_error(out_h, gc.output, spec.output_core_ndim, ftol)
 
         stage = "vjp" if vjp is not None else f"{fw.name} autodiff"
@@ -776,12 +851,12 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
         if isinstance(inner, CandidateError):   # raised by pullback's own checks
             return _error_report(gc, ftol, gtol, f"{stage}: {inner}", forward=fwd_err)
         return _error_report(gc, ftol, gtol,
-                             f"{stage}: the candidate raised {type(inner).__name__}: "
-                             f"{inner}{_candidate_frame(inner)}", raised.tb, forward=fwd_err)
+                             f"{stage}: the candidate raised {_exception_text(inner)}"
+                             f"{_candidate_frame(inner)}", raised.tb, forward=fwd_err)
     except Exception as exc:  # e.g. converting an exotic output object
         return _error_report(gc, ftol, gtol,
                              f"{stage}: checking the candidate's result failed: "
-                             f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                             f"{_exception_text(exc)}", traceback.format_exc(),
                              forward=fwd_err)
 
     try:
@@ -790,6 +865,9 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
     except Exception as exc:
         return _error_report(gc, ftol, gtol, f"canonicalising the gradients failed: "
                              f"{type(exc).__name__}: {exc}", traceback.format_exc(), fwd_err)
+    if keep is not None:
+        keep.update({f"candidate.vjp.{k}": np.asarray(a, dtype=np.float64)
+                     for k, a in zip(spec.inputs, mine)})
     errors, where = {}, {}
     for k, c, a, e, x in zip(spec.inputs, spec.core_ndim, mine, ref, host_in):
         a = np.asarray(a, dtype=np.float64)
@@ -815,10 +893,18 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
     verdict, note = _reference_verdict(spec, gc, fn, fw, params, out_h, mine,
                                        not fwd_err <= ftol, bool(bad), gtol)
     problems += [note] if note else []
+    diagnostics = []
+    if not fwd_err <= ftol:
+        diagnostics.append(_diagnose(f"output {spec.output}", out_h, gc.output,
+                                     spec.output_core_ndim, gc))
+    for k, c, a, e in zip(spec.inputs, spec.core_ndim, mine, ref):
+        if k in bad:
+            diagnostics.append(_diagnose(f"gradient {k}", np.asarray(a, dtype=np.float64),
+                                         np.asarray(e, dtype=np.float64), c, gc))
     return CaseReport(gc.id, gc.description, tuple(gc.flags), "FAIL" if failed else "pass",
                       fwd_err, grad_err,
                       ftol, gtol, errors, where[worst_input], "\n".join(problems),
-                      verdict=verdict)
+                      verdict=verdict, diagnostics=tuple(diagnostics))
 
 
 # --------------------------------------------------------------------------
@@ -1115,7 +1201,7 @@ def _run_case_self(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
         if isinstance(err, CandidateError):
             return _error_report(gc, ftol, gtol, f"{stage}: {err}")
         return _error_report(gc, ftol, gtol, f"{stage}: the candidate raised "
-                             f"{type(err).__name__}: {err}{_candidate_frame(err)}", raised.tb)
+                             f"{_exception_text(err)}{_candidate_frame(err)}", raised.tb)
     except Exception as exc:
         return _error_report(gc, ftol, gtol, f"{stage}: {type(exc).__name__}: {exc}",
                              traceback.format_exc())
@@ -1148,7 +1234,10 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
              vjp: Callable | str | None = None, cases: Iterable[str] | None = None,
              rtol: float | None = None, forward_rtol: float | None = None,
              vectors_dir: str | os.PathLike | None = None,
-             against: str = "reference") -> ValidationReport:
+             against: str = "reference",
+             exclude: Iterable[str] | None = None, isolate: bool | None = None,
+             timeout: float | None = None,
+             dump_dir: str | os.PathLike | None = None) -> ValidationReport:
     """Run ``candidate`` on every case of ``op_name`` and compare with the reference.
 
     Parameters
@@ -1165,7 +1254,7 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
         for NumPy, optional for torch/jax (it replaces their autodiff).
     cases : only these case ids (default: all).
     rtol, forward_rtol : override the per-case gradient (``fd``) and
-        forward tolerances.
+        forward tolerances; finite, in ``(0, 1)``.
     vectors_dir : take the reference numbers from a golden-vector export
         (``refimpl export``) instead of computing them.
     against : ``"reference"`` (default): compare the forward and the VJP
@@ -1177,6 +1266,24 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
         used, the forward is not compared, and ``rtol`` (default: the case's
         ``fd`` tolerance) is widened per direction to the differences' own
         error estimate.  Not for surrogate gradients (not derivatives).
+    exclude : leave out these case ids.
+    isolate : run the candidate in a child process (:mod:`refimpl._isolation`):
+        an ``os._exit``, a crash, a hang past ``timeout`` or an output flood
+        of the candidate becomes an ``ERROR`` of that case, and the
+        candidate's stdout/stderr is captured (``CaseReport.output_tail``).
+        Needs TARGET strings (a function object cannot always be sent to
+        another process) and a registered operator.  Default: True when
+        ``candidate`` (and ``vjp``) are TARGET strings, else False
+        (in-process: ``sys.exit`` and exceptions are still per-case
+        errors, but a crash or hang of the candidate is the caller's).
+    timeout : seconds one case (and importing the TARGETs) may take in an
+        isolated run (default 300); finite and > 0.
+    dump_dir : write each case that did not pass as
+        ``<op>.<case>.npz`` (inputs, array parameters, reference output and
+        VJPs, cotangent, the candidate's output and canonicalised VJPs
+        where it produced them) and ``<op>.<case>.json`` (parameters,
+        tolerances, errors, diagnostics, and a command line reproducing
+        the case) into this directory.
 
     Returns
     -------
@@ -1187,8 +1294,12 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
     Raises
     ------
     ValueError : unknown operator or case, framework not installed, NumPy
-        without ``vjp``, a TARGET that cannot be loaded (:class:`TargetError`).
+        without ``vjp``, a TARGET that cannot be loaded (:class:`TargetError`),
+        a tolerance or timeout out of range, golden vectors that fail their
+        checks (:class:`refimpl.vectors.VectorsError`).
         Problems *inside* a case never raise; they are reported per case.
+    Interrupted : (a ``KeyboardInterrupt``) Ctrl-C during the run; its
+        ``report`` holds the finished cases and an ``ERROR`` for the others.
 
     Examples
     --------
@@ -1212,14 +1323,24 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
         raise ValueError(f"argument 'against': {op_name} has a surrogate backward, not the "
                          f"derivative of its forward, so it cannot be judged against finite "
                          f"differences of its own forward; use against='reference'")
-    fw = _framework(framework)
-    fn = load_target(candidate) if isinstance(candidate, str) else candidate
-    if not callable(fn):
-        raise TypeError(f"argument 'candidate' must be callable, got {type(fn).__name__}")
-    vjp_fn = load_target(vjp, what="--vjp TARGET") if isinstance(vjp, str) else vjp
-    if vjp_fn is not None and not callable(vjp_fn):
-        raise TypeError(f"argument 'vjp' must be callable, got {type(vjp_fn).__name__}")
-    if fw.name == "numpy" and vjp_fn is None:
+    _check_tolerance("rtol", rtol)
+    _check_tolerance("forward_rtol", forward_rtol)
+    if isolate is None:
+        isolate = isinstance(candidate, str) and (vjp is None or isinstance(vjp, str))
+    timeout = _check_timeout(timeout, isolate)
+    if isolate:
+        fw, fn, vjp_fn = None, None, vjp
+        _check_isolatable(spec, candidate, vjp, framework)
+    else:
+        fw = _framework(framework)
+        fn = load_target(candidate) if isinstance(candidate, str) else candidate
+        if not callable(fn):
+            raise TypeError(f"argument 'candidate' must be callable, got {type(fn).__name__}")
+        vjp_fn = load_target(vjp, what="--vjp TARGET") if isinstance(vjp, str) else vjp
+        if vjp_fn is not None and not callable(vjp_fn):
+            raise TypeError(f"argument 'vjp' must be callable, got {type(vjp_fn).__name__}")
+    fw_name = framework
+    if fw_name == "numpy" and vjp_fn is None:
         raise ValueError("framework 'numpy' has no autodiff: pass the candidate's VJP as "
                          f"vjp= (--vjp TARGET), called as {_vjp_signature_text(spec)}")
 
@@ -1227,6 +1348,12 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
     if wanted is not None:
         for cid in wanted:
             spec.case(cid)  # KeyError listing the known ids
+    excluded = set(exclude) if exclude is not None else set()
+    for cid in excluded:
+        spec.case(cid)      # KeyError listing the known ids
+    if excluded:
+        wanted = [c.id for c in spec.cases
+                  if c.id not in excluded and (wanted is None or c.id in wanted)]
     golden: list[Any]   # GoldenCase; below, a Case not meant for candidates until dropped
     if vectors_dir is not None:
         gv = vectors.load(vectors_dir)
@@ -1261,30 +1388,43 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
                      "the candidate must implement that surrogate (e.g. a custom backward); "
                      "plain autodiff through a piecewise-constant forward gives zero "
                      "gradients and fails")
-    if fw.name == "jax":
+    if fw_name == "jax":
         notes.append("JAX runs with jax_enable_x64 switched on for the validation")
-    reports = []
-    with fw.context():
-        for gc in golden:
-            # An exact reference (tolerance 0, e.g. a surrogate gradient's defining
-            # formula) still allows a foreign implementation FLOOR of round-off.
-            ftol = max(forward_rtol if forward_rtol is not None
-                       else float(gc.tolerance["forward"]), FLOOR)
-            gtol = max(rtol if rtol is not None else float(gc.tolerance["fd"]), FLOOR)
-            reports.append(_run_case_self(spec, gc, fn, fw, vjp_fn, gtol, ftol)
-                           if against == "self" else
-                           _run_case(spec, gc, fn, fw, vjp_fn, ftol, gtol))
+    jobs = []
+    for gc in golden:
+        # An exact reference (tolerance 0, e.g. a surrogate gradient's defining
+        # formula) still allows a foreign implementation FLOOR of round-off.
+        ftol = max(forward_rtol if forward_rtol is not None
+                   else float(gc.tolerance["forward"]), FLOOR)
+        gtol = max(rtol if rtol is not None else float(gc.tolerance["fd"]), FLOOR)
+        jobs.append((gc, ftol, gtol))
+    keep = dump_dir is not None
+    if fw is None:      # isolated: TARGET strings (checked by _check_isolatable)
+        assert isinstance(candidate, str) and (vjp is None or isinstance(vjp, str))
+        reports, kept, version, interrupted = _run_isolated(
+            spec, jobs, candidate, vjp, fw_name, timeout, keep, against)
+    else:
+        reports, kept, interrupted = _run_in_process(spec, jobs, fn, fw, vjp_fn, keep, against)
+        version = fw.version()
     source = f"vjp {_name_of(vjp)}" if vjp_fn is not None else {
-        "torch": "torch.autograd.grad", "jax": "jax.vjp"}[fw.name]
+        "torch": "torch.autograd.grad", "jax": "jax.vjp"}[fw_name]
     if against == "self":
         source += " against finite differences of the candidate's own forward"
         notes.append("against self: the forward is not compared with the reference; the "
                      "gradient column is |<out_bar, FD> - <vjp, d>| relative to the size of "
                      "the terms, over random feasible directions d (whole batch and per "
                      "member), and its tol is widened to the differences' own error estimate")
-    return ValidationReport(op=op_name, framework=fw.name, framework_version=fw.version(),
-                            candidate=_name_of(candidate), gradient_source=source,
-                            cases=tuple(reports), notes=tuple(notes))
+    command = _command(op_name, candidate, vjp, fw_name, vectors_dir, rtol, forward_rtol,
+                       timeout if isolate else None, against)
+    if dump_dir is not None:
+        notes.extend(_dump(dump_dir, spec, jobs, reports, kept, command))
+    report = ValidationReport(op=op_name, framework=fw_name, framework_version=version,
+                              candidate=_name_of(candidate), gradient_source=source,
+                              cases=tuple(reports), notes=tuple(notes), command=command,
+                              interrupted=interrupted)
+    if interrupted:
+        raise Interrupted(report)
+    return report
 
 
 def report_json(report: ValidationReport) -> str:
@@ -1298,3 +1438,333 @@ def report_json(report: ValidationReport) -> str:
             return [clean(v) for v in x]
         return x
     return json.dumps(clean(report.to_dict()), indent=1)
+
+
+# --------------------------------------------------------------------------
+# Options, runners, failure diagnostics, dumps
+# --------------------------------------------------------------------------
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C ended :func:`validate`; ``report`` has the finished cases and an
+    ``ERROR`` ("interrupted") for the others."""
+
+    def __init__(self, report: ValidationReport):
+        super().__init__("interrupted")
+        self.report = report
+
+
+def _check_tolerance(name: str, value) -> None:
+    """A tolerance override must be a finite number in (0, 1)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"argument '{name}' must be a number, got {type(value).__name__}")
+    if not (math.isfinite(float(value)) and 0.0 < float(value) < 1.0):
+        raise ValueError(f"argument '{name}' must be a finite number with 0 < {name} < 1 "
+                         f"(a relative error), got {value!r}")
+
+
+def _check_timeout(timeout, isolate: bool) -> float:
+    """The per-case deadline of an isolated run (seconds, finite, > 0)."""
+    from . import _isolation
+    if timeout is None:
+        return _isolation.DEFAULT_TIMEOUT
+    if not isolate:
+        raise ValueError("argument 'timeout' needs an isolated run (isolate=True, TARGET "
+                         "strings): an in-process candidate cannot be stopped")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.floating,
+                                                             np.integer)):
+        raise TypeError(f"argument 'timeout' must be a number, got {type(timeout).__name__}")
+    if not (math.isfinite(float(timeout)) and float(timeout) > 0):
+        raise ValueError(f"argument 'timeout' must be a finite number of seconds > 0, "
+                         f"got {timeout!r}")
+    return float(timeout)
+
+
+def _check_isolatable(spec: registry.OpSpec, candidate, vjp, framework: str) -> None:
+    """An isolated run needs TARGET strings, a registered operator, an installed framework."""
+    if not isinstance(candidate, str) or (vjp is not None and not isinstance(vjp, str)):
+        raise TypeError("isolate=True needs the candidate (and vjp) as TARGET strings "
+                        "('module:function' or 'path.py:function'); pass isolate=False to "
+                        "run function objects in this process")
+    try:
+        registered = registry.get_spec(spec.name)
+    except (KeyError, ValueError):
+        registered = None
+    if registered is not spec:
+        raise ValueError(f"isolate=True needs a registered operator; {spec.name!r} is an "
+                         "OpSpec the child process cannot look up (pass isolate=False)")
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"argument 'framework' must be one of {', '.join(FRAMEWORKS)}, "
+                         f"got {framework!r}")
+    if importlib.util.find_spec(framework) is None:
+        hint = {"torch": "pip install torch", "jax": "pip install jax"}.get(framework, "")
+        raise ValueError(f"framework {framework!r} is not installed; {hint}")
+    load_target_syntax = [("TARGET", candidate)] + ([("--vjp TARGET", vjp)] if vjp else [])
+    for what, target in load_target_syntax:
+        where, _, attr = target.rpartition(":")
+        if not where or not attr:
+            raise TargetError(f"{what} {target!r} must be 'module:function' or "
+                              f"'path/to/file.py:function'")
+
+
+def _run_one(spec, gc, fn, fw, vjp_fn, ftol: float, gtol: float, against: str,
+             keep: dict | None):
+    """One case, against the reference (:func:`_run_case`) or the candidate's own
+    forward (:func:`_run_case_self`, which keeps no arrays for ``dump_dir``)."""
+    if against == "self":
+        return _run_case_self(spec, gc, fn, fw, vjp_fn, gtol, ftol)
+    return _run_case(spec, gc, fn, fw, vjp_fn, ftol, gtol, keep=keep)
+
+
+def _run_in_process(spec, jobs, fn, fw, vjp_fn, keep: bool, against: str = "reference"):
+    """Run every job here; Ctrl-C leaves the rest as ``ERROR``s (``interrupted`` True)."""
+    reports: list[CaseReport] = []
+    kept: list[dict | None] = []
+    try:
+        with fw.context():
+            for gc, ftol, gtol in jobs:
+                arrays: dict | None = {} if keep else None
+                reports.append(_run_one(spec, gc, fn, fw, vjp_fn, ftol, gtol, against, arrays))
+                kept.append(arrays)
+    except KeyboardInterrupt:
+        for gc, ftol, gtol in jobs[len(reports):]:
+            reports.append(_error_report(gc, ftol, gtol, "not run: interrupted (Ctrl-C)"))
+            kept.append(None)
+        return reports, kept, True
+    return reports, kept, False
+
+
+def _report_dict(report: CaseReport) -> dict:
+    """A :class:`CaseReport` as JSON data (the child process sends it so)."""
+    return asdict(report)
+
+
+def _report_from_dict(d: Mapping) -> CaseReport:
+    names = {f.name for f in fields(CaseReport)}
+    d = {k: v for k, v in d.items() if k in names}
+    d["flags"] = tuple(d.get("flags", ()))
+    d["diagnostics"] = tuple(d.get("diagnostics", ()))
+    return CaseReport(**d)
+
+
+def _run_isolated(spec, jobs, candidate: str, vjp: str | None, framework: str,
+                  timeout: float, keep: bool, against: str = "reference"):
+    """Run every job in child processes (:mod:`refimpl._isolation`)."""
+    from . import _isolation
+    try:
+        result = _isolation.run(
+            spec.name, [_isolation.Job(i, gc, ftol, gtol) for i, (gc, ftol, gtol)
+                        in enumerate(jobs)],
+            candidate=candidate, vjp=vjp, framework=framework, timeout=timeout,
+            keep_arrays=keep, against=against)
+    except _isolation.LoadError as exc:
+        raise TargetError(f"TARGET {candidate!r}: {exc}") from None
+    reports = []
+    for (gc, ftol, gtol), o in zip(jobs, result.outcomes):
+        try:
+            r = (_report_from_dict(o.report) if o.report is not None
+                 else _error_report(gc, ftol, gtol, o.error))
+        except (TypeError, ValueError):     # not a report _run_case wrote
+            r = _error_report(gc, ftol, gtol, "the child process sent an unreadable report")
+        reports.append(replace(r, output_bytes=o.output_bytes, output_tail=o.output_tail))
+    return (reports, [o.arrays for o in result.outcomes], result.framework_version,
+            result.interrupted)
+
+
+def _command(op: str, candidate, vjp, framework: str, vectors_dir, rtol, forward_rtol,
+             timeout, against: str = "reference") -> str:
+    """The ``refimpl validate`` command line of a run with TARGET strings ("" otherwise)."""
+    if not isinstance(candidate, str) or (vjp is not None and not isinstance(vjp, str)):
+        return ""
+    words = ["refimpl", "validate", op, candidate, "--framework", framework]
+    if vjp is not None:
+        words += ["--vjp", vjp]
+    if vectors_dir is not None:
+        words += ["--vectors", str(vectors_dir)]
+    if rtol is not None:
+        words += ["--rtol", repr(float(rtol))]
+    if forward_rtol is not None:
+        words += ["--forward-rtol", repr(float(forward_rtol))]
+    if timeout is not None and timeout != _default_timeout():
+        words += ["--timeout", f"{timeout:g}"]
+    if against != "reference":
+        words += ["--against", against]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _default_timeout() -> float:
+    from . import _isolation
+    return _isolation.DEFAULT_TIMEOUT
+
+
+#: Relative agreement at which a norm ratio is said to equal a parameter's value.
+_RATIO_MATCH = 1e-3
+#: Relative residual below which the candidate is called a multiple of the reference.
+_PROPORTIONAL = 1e-6
+
+
+def _scalar_params(gc: vectors.GoldenCase) -> list[tuple[str, float]]:
+    """The case's real scalar parameters (candidate keywords first), without 0 and +-1."""
+    out = {}
+    for source in (gc.candidate_kwargs, gc.params):
+        for k, v in source.items():
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
+                continue
+            v = abs(float(v))
+            if math.isfinite(v) and v not in (0.0, 1.0) and k not in out:
+                out[k] = v
+    return list(out.items())
+
+
+def _ratio_hint(a: np.ndarray, e: np.ndarray, core_ndim: int, gc) -> str:
+    """What a failing array's relation to the reference suggests, or "".
+
+    Checks, in order: ``a = -e`` (a sign error); ``a = e^T`` over the last two
+    axes (a transposed operator); ``a = c e`` for a scalar ``c`` (least
+    squares, ``c = <a, e> / <e, e>``) with ``|c|`` equal to 2, 1/2 or, to
+    :data:`_RATIO_MATCH`, a scalar parameter ``p`` of the case as ``p``,
+    ``1/p``, ``p^2`` or ``1/p^2`` (a forgotten ``1/eps`` is a factor ``eps``).
+    """
+    ne = float(np.linalg.norm(e))
+    if ne == 0.0 or a.shape != e.shape:
+        return ""
+    if float(np.linalg.norm(a + e)) <= _PROPORTIONAL * ne:
+        return "the candidate is -1 times the reference (a sign error?)"
+    if core_ndim >= 2 and e.ndim >= 2 and e.shape[-1] == e.shape[-2]:
+        et = np.swapaxes(e, -1, -2)
+        if (float(np.linalg.norm(e - et)) > _PROPORTIONAL * ne
+                and float(np.linalg.norm(a - et)) <= _PROPORTIONAL * ne):
+            return "the candidate is the reference transposed"
+    c = float(np.vdot(a, e)) / ne ** 2
+    if c == 0.0 or float(np.linalg.norm(a - c * e)) > _PROPORTIONAL * max(
+            float(np.linalg.norm(a)), ne):
+        return ""
+    found = [(name, val) for name, val in (("2", 2.0), ("1/2", 0.5))]
+    for k, p in _scalar_params(gc):
+        found += [(f"{k}", p), (f"1/{k}", 1.0 / p), (f"{k}^2", p * p), (f"1/{k}^2", 1.0 / p ** 2)]
+    for name, val in found:
+        if abs(abs(c) / val - 1.0) <= _RATIO_MATCH:
+            value = next((f" ({k} = {p:g})" for k, p in _scalar_params(gc) if k in name), "")
+            return f"the candidate is {c:.6g} times the reference: a factor {name}{value}?"
+    return f"the candidate is {c:.6g} times the reference"
+
+
+def _diagnose(name: str, a: np.ndarray, e: np.ndarray, core_ndim: int,
+              gc: vectors.GoldenCase) -> dict:
+    """The worst entry of a failing comparison, the norm ratio and a hint.
+
+    The worst entry maximises ``|a - e|`` relative to its batch member's
+    ``max|e_m|`` (at least ``FLOOR max|e|``), so it lies in the member the
+    normwise error blames.  ``norm_ratio = ||a||_F / ||e||_F`` over the
+    whole array (inf for a zero reference and a nonzero candidate).
+    """
+    a = np.asarray(a, dtype=np.float64)
+    e = np.asarray(e, dtype=np.float64)
+    info: dict[str, Any] = {"array": name, "index": [], "candidate": None, "reference": None,
+            "norm_ratio": None, "hint": ""}
+    if e.size == 0 or a.shape != e.shape:
+        return info
+    lead = max(e.ndim - core_ndim, 0)
+    m = _member_max(e, core_ndim)
+    m = np.broadcast_to(np.reshape(m, np.shape(m) + (1,) * (e.ndim - lead)), e.shape)
+    big = float(np.max(np.abs(e)))
+    score = np.abs(a - e) / np.maximum(m, FLOOR * big if big > 0 else 1.0)
+    idx = np.unravel_index(int(np.argmax(score)), e.shape) if e.ndim else ()
+    na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
+    info.update(index=[int(i) for i in idx], candidate=float(a[idx]),
+                reference=float(e[idx]),
+                norm_ratio=(na / ne if ne > 0 else (math.inf if na > 0 else 1.0)),
+                hint=_ratio_hint(a, e, core_ndim, gc))
+    return info
+
+
+#: Lines of a failing case's captured output shown in the table.
+_OUTPUT_LINES = 12
+
+
+def _failure_lines(c: CaseReport, command: str) -> list[str]:
+    """The table's lines under a case that did not pass: what it is, where it
+    is worst, what the candidate printed, how to rerun it alone."""
+    lines = [f"case: {c.description}"] if c.description else []
+    for d in c.diagnostics:
+        if d.get("candidate") is None:
+            continue
+        at = f"[{', '.join(map(str, d['index']))}]" if d["index"] else ""
+        ratio = d["norm_ratio"]
+        ratio_text = "inf" if ratio is None or math.isinf(ratio) else f"{ratio:.6g}"
+        lines.append(f"worst {d['array']}{at}: candidate {d['candidate']:.10g}, reference "
+                     f"{d['reference']:.10g}; ||candidate||/||reference|| = {ratio_text}"
+                     + (f"; {d['hint']}" if d.get("hint") else ""))
+    if c.output_bytes:
+        tail = c.output_tail.rstrip().splitlines()[-_OUTPUT_LINES:]
+        lines.append(f"candidate output: {c.output_bytes} bytes, the last lines:")
+        lines.extend(f"> {t[:200]}" for t in tail)
+    if command:
+        lines.append(f"reproduce: {command} --case {shlex.quote(c.case)}")
+    return lines
+
+
+def _dump_json(value, where: str):
+    """Parameters as JSON data; an array becomes ``{"$array": key}`` (the npz holds it)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else repr(float(value))
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, np.ndarray):
+        return {"$array": where}
+    if isinstance(value, (list, tuple)):
+        return [_dump_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return {str(k): _dump_json(v, f"{where}.{k}") for k, v in value.items()}
+    return repr(value)
+
+
+def _dump(dump_dir, spec: registry.OpSpec, jobs, reports, kept, command: str) -> list[str]:
+    """Write each case that did not pass (see :func:`validate`'s ``dump_dir``).
+
+    Returns notes for the report (what was written, or why not).
+    """
+    root = Path(dump_dir)
+    written = []
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for (gc, ftol, gtol), r, cand in zip(jobs, reports, kept):
+            if r.passed:
+                continue
+            base = (f"{vectors._check_name(spec.name, 'operator')}."
+                    f"{vectors._check_name(gc.id, 'case id')}")
+            arrays = {f"input.{k}": v for k, v in gc.inputs.items()}
+            for kind, params in (("param", gc.params), ("candidate_kwarg", gc.candidate_kwargs)):
+                arrays.update({f"{kind}.{k}": np.asarray(v, dtype=np.float64)
+                               for k, v in params.items() if isinstance(v, np.ndarray)})
+            arrays[f"output.{spec.output}"] = gc.output
+            arrays[f"cotangent.{spec.output}"] = gc.cotangent
+            arrays.update({f"vjp.{k}": v for k, v in gc.vjp.items()})
+            arrays.update(cand or {})
+            vectors._write_npz(root / f"{base}.npz", arrays)
+            facts = {
+                "op": spec.name, "case": gc.id, "description": gc.description,
+                "flags": list(gc.flags), "status": r.status, "message": r.message,
+                "signature": _signature_text(spec), "vjp_signature": _vjp_signature_text(spec),
+                "params": _dump_json(dict(gc.params), "param"),
+                "candidate_kwargs": _dump_json(dict(gc.candidate_kwargs), "candidate_kwarg"),
+                "tolerance": {"forward": r.forward_tol, "gradient": r.gradient_tol},
+                "forward_error": r.forward_error, "gradient_errors": dict(r.gradient_errors),
+                "diagnostics": list(r.diagnostics),
+                "npz": f"{base}.npz", "arrays": {k: list(np.shape(v)) for k, v in arrays.items()},
+                "reproduce": f"{command} --case {shlex.quote(gc.id)}" if command else "",
+            }
+            text = json.dumps(_dump_json(facts, "facts"), indent=1)
+            (root / f"{base}.json").write_text(text + "\n", encoding="utf-8")
+            written.append(base)
+    except (OSError, ValueError) as exc:
+        return [f"--dump {dump_dir}: could not write the failing cases ({exc})"]
+    if not written:
+        return []
+    return [f"wrote {len(written)} failing case(s) to {dump_dir}: "
+            + ", ".join(f"{b}.npz/.json" for b in written)]

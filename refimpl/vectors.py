@@ -131,6 +131,17 @@ def _param_kinds(gc: "GoldenCase"):
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
+#: Limits :func:`load` enforces before reading anything large (a hostile or
+#: broken export is refused, not allowed to exhaust memory or the stack).
+MAX_MANIFEST_BYTES = 64 << 20
+#: Deepest nesting of JSON objects/lists a manifest may have.
+MAX_JSON_DEPTH = 32
+#: Largest array (bytes of float64 data) and largest case file content.
+MAX_ARRAY_BYTES = 1 << 30
+MAX_CASE_BYTES = 2 << 30
+#: Tolerances are relative errors: a manifest value above this is refused.
+MAX_TOLERANCE = 1.0
+
 
 class VectorsError(ValueError):
     """A golden-vector directory is missing, corrupted or inconsistent."""
@@ -589,19 +600,66 @@ def _require(mapping: Any, key: str, kind, where: str):
     return value
 
 
+def _inside(root: Path, path: Path, label: str) -> Path:
+    """``path`` resolved (symlinks followed); a VectorsError if that leaves ``root``."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise VectorsError(f"{label}: {path} resolves to {resolved}, outside the export "
+                           f"directory {root.resolve()} (a symlink?); refused")
+    return resolved
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar 0, ``[]`` 1), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+            deepest = max(deepest, d + 1)
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+            deepest = max(deepest, d + 1)
+        if deepest > MAX_JSON_DEPTH:
+            break
+    return deepest
+
+
 def _read_manifest(root: Path) -> dict:
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise VectorsError(f"{root} has no {MANIFEST}; is it a directory written by "
                            "'refimpl export'?")
+    _inside(root, mpath, MANIFEST)
+    size = mpath.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise VectorsError(f"{mpath} has {size} bytes, more than a manifest may have "
+                           f"({MAX_MANIFEST_BYTES}); refused")
+
     def no_constants(name):   # JSON has no NaN/Infinity; Python's parser would accept them
         raise VectorsError(f"{mpath} contains {name}, which is not JSON; every number in "
                            "a manifest is finite")
 
+    def finite_float(text):   # 1e400 would parse to inf
+        value = float(text)
+        if not math.isfinite(value):
+            raise VectorsError(f"{mpath} contains the number {text[:40]}, which overflows "
+                               "float64; every number in a manifest is finite")
+        return value
+
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"), parse_constant=no_constants)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"), parse_constant=no_constants,
+                              parse_float=finite_float)
+    except VectorsError:
+        raise
+    except RecursionError:
+        raise VectorsError(f"{mpath} nests JSON objects/lists too deeply (more than "
+                           f"{MAX_JSON_DEPTH} levels); refused") from None
+    except (UnicodeDecodeError, ValueError) as exc:   # JSONDecodeError, huge integers
         raise VectorsError(f"{mpath} is not valid JSON ({exc}); the file is corrupted") from None
+    if _json_depth(manifest) > MAX_JSON_DEPTH:
+        raise VectorsError(f"{mpath} nests JSON objects/lists more than {MAX_JSON_DEPTH} "
+                           "levels deep; refused")
     where = MANIFEST
     schema = _require(manifest, "schema", str, where)
     if schema != SCHEMA:
@@ -617,13 +675,21 @@ def _read_manifest(root: Path) -> dict:
     for op, entry in operators.items():
         w = f"{where} operators[{op!r}]"
         inputs = _require(entry, "inputs", list, w)
+        names = []
         for i, inp in enumerate(inputs):
-            _require(inp, "name", str, f"{w} inputs[{i}]")
-            _require(inp, "core_ndim", int, f"{w} inputs[{i}]")
+            names.append(_safe_key(_require(inp, "name", str, f"{w} inputs[{i}]"),
+                                   f"{w} inputs[{i}]['name']"))
+            _natural(_require(inp, "core_ndim", int, f"{w} inputs[{i}]"),
+                     f"{w} inputs[{i}]['core_ndim']")
+        if len(set(names)) != len(names):
+            raise VectorsError(f"{w} inputs has repeated names {names}")
         out = _require(entry, "output", dict, w)
-        _require(out, "name", str, f"{w} output")
-        _require(out, "core_ndim", int, f"{w} output")
-        _require(entry, "candidate_params", list, w)
+        _safe_key(_require(out, "name", str, f"{w} output"), f"{w} output['name']")
+        _natural(_require(out, "core_ndim", int, f"{w} output"), f"{w} output['core_ndim']")
+        for i, name in enumerate(_require(entry, "candidate_params", list, w)):
+            if not isinstance(name, str):
+                raise VectorsError(f"{w} candidate_params[{i}] must be str, got "
+                                   f"{type(name).__name__}")
         _require(entry, "surrogate", bool, w)
         _require(entry, "has_jvp", bool, w)
         _require(entry, "conventions", dict, w)
@@ -637,9 +703,101 @@ def _read_manifest(root: Path) -> dict:
                               ("size", int), ("arrays", dict)):
                 _require(c, key, kind, wc)
             for key in ("forward", "adjoint", "fd", "batch"):
-                if _require(c["tolerance"], key, float, f"{wc} tolerance") < 0:
+                t = _require(c["tolerance"], key, float, f"{wc} tolerance")
+                if t < 0:
                     raise VectorsError(f"{wc} tolerance[{key!r}] is negative")
+                if t > MAX_TOLERANCE:
+                    raise VectorsError(f"{wc} tolerance[{key!r}] is {t!r}; a tolerance is a "
+                                       f"relative error, at most {MAX_TOLERANCE:g}")
+            for i, flag in enumerate(c["flags"]):
+                if not isinstance(flag, str):
+                    raise VectorsError(f"{wc} flags[{i}] must be str, got "
+                                       f"{type(flag).__name__}")
+            _natural(c["size"], f"{wc} size")
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", c["sha256"]):
+                raise VectorsError(f"{wc} sha256 must be 64 hex digits")
+            for fld in _PARAM_FIELDS:
+                for k, v in c[fld].items():
+                    if isinstance(v, dict) and "$array" in v and not (
+                            set(v) == {"$array"} and isinstance(v["$array"], str)):
+                        raise VectorsError(f"{wc} {fld}[{k!r}] must be {{\"$array\": "
+                                           f"\"<key>\"}}, got {v!r}"[:300])
+            _check_case_shapes(entry, c, wc)
     return manifest
+
+
+def _natural(value: int, where: str) -> int:
+    if value < 0:
+        raise VectorsError(f"{where} is {value}; it must be >= 0")
+    return value
+
+
+def _safe_key(name: str, where: str) -> str:
+    if not _NAME.match(name):
+        raise VectorsError(f"{where} {name!r} is not a valid name (letters, digits, "
+                           "'_', '.', '-')")
+    return name
+
+
+def _check_case_shapes(entry: Mapping, c: Mapping, wc: str) -> None:
+    """The declared shapes of one case: valid, within the size caps, consistent.
+
+    Cotangent and JVP shaped like the output, each VJP and tangent like its
+    input, every array at least its core dimensions, and the output's batch
+    dimensions those of the inputs broadcast together.
+    """
+    declared = c["arrays"]
+    total = 0
+    for k, shape in declared.items():
+        if not (isinstance(shape, list) and all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise VectorsError(f"{wc} arrays[{k!r}] must be a list of non-negative "
+                               f"integers (a shape), got {shape!r}"[:300])
+        if len(shape) > 32:
+            raise VectorsError(f"{wc} arrays[{k!r}] has {len(shape)} dimensions; refused")
+        nbytes = 8 * math.prod(shape)
+        if nbytes > MAX_ARRAY_BYTES:
+            raise VectorsError(f"{wc} arrays[{k!r}] has shape {shape}, {nbytes} bytes, more "
+                               f"than the limit of {MAX_ARRAY_BYTES}; refused")
+        total += nbytes
+    if total > MAX_CASE_BYTES:
+        raise VectorsError(f"{wc} arrays hold {total} bytes in all, more than the limit of "
+                           f"{MAX_CASE_BYTES}; refused")
+    names = [i["name"] for i in entry["inputs"]]
+    cores = [i["core_ndim"] for i in entry["inputs"]]
+    out, out_core = entry["output"]["name"], entry["output"]["core_ndim"]
+    pairs = [(f"cotangent.{out}", f"output.{out}")]
+    pairs += [(f"vjp.{n}", f"input.{n}") for n in names]
+    if entry["has_jvp"]:
+        pairs += [(f"jvp.{out}", f"output.{out}")]
+        pairs += [(f"tangent.{n}", f"input.{n}") for n in names]
+    for a, b in pairs:
+        if a in declared and b in declared and declared[a] != declared[b]:
+            raise VectorsError(f"{wc}: {a} has shape {declared[a]} but {b} has "
+                               f"{declared[b]}; they must be equal")
+    batches = []
+    for n, core in zip(names, cores):
+        shape = declared.get(f"input.{n}")
+        if shape is None:
+            continue
+        if len(shape) < core:
+            raise VectorsError(f"{wc}: input.{n} has shape {shape}, fewer than its "
+                               f"core_ndim {core} dimensions")
+        batches.append(tuple(shape[:len(shape) - core]))
+    shape = declared.get(f"output.{out}")
+    if shape is not None and len(batches) == len(names):
+        if len(shape) < out_core:
+            raise VectorsError(f"{wc}: output.{out} has shape {shape}, fewer than its "
+                               f"core_ndim {out_core} dimensions")
+        try:
+            batch = tuple(np.broadcast_shapes(*batches)) if batches else ()
+        except ValueError:
+            raise VectorsError(f"{wc}: the inputs' batch shapes {batches} do not "
+                               "broadcast together") from None
+        if tuple(shape[:len(shape) - out_core]) != batch:
+            raise VectorsError(f"{wc}: output.{out} has batch shape "
+                               f"{list(shape[:len(shape) - out_core])}, the inputs' batch "
+                               f"shapes broadcast to {list(batch)}")
 
 
 _PARAM_FIELDS = ("params", "vjp_params", "jvp_params", "candidate_kwargs")
@@ -674,6 +832,7 @@ def _read_case_file(root: Path, op: str, entry: Mapping, c: Mapping) -> dict[str
     fpath = root / rel
     if not fpath.is_file():
         raise VectorsError(f"{label}: file is missing")
+    _inside(root, fpath, label)
     size = fpath.stat().st_size
     if size != c["size"]:
         raise VectorsError(f"{label}: file has {size} bytes, the manifest says {c['size']} "
@@ -687,6 +846,7 @@ def _read_case_file(root: Path, op: str, entry: Mapping, c: Mapping) -> dict[str
     if set(declared) != expected:
         raise VectorsError(f"{label}: manifest lists arrays {sorted(declared)}, the operator "
                            f"needs {sorted(expected)}")
+    _check_members(fpath, declared, expected, label)
     try:
         with np.load(fpath, allow_pickle=False) as npz:
             found = set(npz.files)
@@ -710,6 +870,55 @@ def _read_case_file(root: Path, op: str, entry: Mapping, c: Mapping) -> dict[str
     return arrays
 
 
+def _check_members(fpath: Path, declared: Mapping, expected: set, label: str) -> None:
+    """Each zip member's ``.npy`` header against the manifest, before any data is read.
+
+    The header (magic, version, ``descr``/``fortran_order``/``shape``) is
+    read from the member's stream, which decompresses only its first bytes;
+    a member whose header disagrees with the manifest, or whose stored size
+    exceeds header plus ``8 prod(shape)`` bytes, is refused, so a
+    decompression bomb behind a small declared shape is never expanded.
+    """
+    fmt = np.lib.format
+    try:
+        with zipfile.ZipFile(fpath) as zf:
+            infos = zf.infolist()
+            names = [i.filename for i in infos]
+            if len(set(names)) != len(names):
+                raise VectorsError(f"{label}: the zip has repeated member names")
+            for info in infos:
+                key = info.filename[:-4] if info.filename.endswith(".npy") else None
+                if key not in expected:
+                    raise VectorsError(f"{label}: unexpected member {info.filename!r}; "
+                                       f"expected {sorted(k + '.npy' for k in expected)}")
+                with zf.open(info) as f:
+                    version = fmt.read_magic(f)
+                    if version == (1, 0):
+                        shape, fortran, dtype = fmt.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, fortran, dtype = fmt.read_array_header_2_0(f)
+                    else:
+                        raise VectorsError(f"{label}: member {info.filename!r} has .npy "
+                                           f"version {version}; 1.0 or 2.0 expected")
+                    header = f.tell()
+                if dtype != np.dtype("<f8") or fortran:
+                    raise VectorsError(f"{label}: array {key!r} is declared "
+                                       f"{dtype.str}{' Fortran order' if fortran else ''}; "
+                                       "expected '<f8' in C order")
+                if list(shape) != list(declared[key]):
+                    raise VectorsError(f"{label}: array {key!r} has shape {list(shape)}, the "
+                                       f"manifest says {declared[key]}")
+                if info.file_size != header + 8 * math.prod(shape):
+                    raise VectorsError(f"{label}: member {info.filename!r} holds "
+                                       f"{info.file_size} bytes, its header declares "
+                                       f"{header + 8 * math.prod(shape)}; refused")
+    except VectorsError:
+        raise
+    except Exception as exc:   # BadZipFile, a malformed .npy header, ...
+        raise VectorsError(f"{label}: cannot be read as a .npz of float arrays "
+                           f"({type(exc).__name__}: {exc})"[:500]) from None
+
+
 def load(path: str | os.PathLike) -> GoldenVectors:
     """Read and verify an export written by :func:`export`.
 
@@ -718,6 +927,17 @@ def load(path: str | os.PathLike) -> GoldenVectors:
     file's size and SHA-256, the set of arrays in each file, their dtype
     (float64), shapes and finiteness.  Files are opened with
     ``allow_pickle=False``: nothing on disk is ever executed.
+
+    Hostile or broken exports are refused before anything large is read:
+    a manifest or case file whose path resolves outside ``path`` (symlinks
+    included); a manifest over :data:`MAX_MANIFEST_BYTES`, nested deeper
+    than :data:`MAX_JSON_DEPTH`, with a number that overflows float64 (e.g.
+    ``1e400``), a key of the wrong type or missing, or a tolerance outside
+    ``[0, MAX_TOLERANCE]``; arrays of a case whose declared shapes disagree
+    (cotangent vs output, VJP/tangent vs input, batch dimensions) or exceed
+    :data:`MAX_ARRAY_BYTES`; a zip member whose ``.npy`` header (read
+    without decompressing the data) disagrees with the manifest or whose
+    stored size does not match it.
 
     Raises
     ------

@@ -283,3 +283,13 @@ def test_list_json(capsys):
     (case,) = [c for c in op["cases"] if c["id"] == "uniform_4x2"]
     assert case["params"]["eps"] == 0.2 and case["candidate_kwargs"] == {"eps": 0.2}
     assert case["dtypes"] == ["float64", "float32"] and case["for_validate"] is True
+
+
+def test_verify_exclude_case(capsys):
+    ids = [c.id for c in registry.get_spec("linear_solve").cases]
+    assert cli.main(["verify", "--op", "linear_solve", "--dtype", "float64", "-q",
+                     *[w for cid in ids if cid != "scalar" for w in ("--exclude-case", cid)]]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    (summary,) = [r for r in rows if len(r) == 6 and r[0] == "linear_solve"]
+    assert summary[1] == "1"           # one case run: scalar
+    _usage_error(capsys, ["verify", "--op", "linear_solve", "--exclude-case", "nope"], "nope")

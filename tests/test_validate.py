@@ -7,6 +7,8 @@ paths run when those frameworks are installed and are skipped otherwise.
 import dataclasses
 import importlib.util
 import json
+import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -15,7 +17,8 @@ import pytest
 
 from refimpl import check, cli, registry, vectors
 from refimpl.registry import linsolve as reg_linsolve
-from refimpl.validate import FLOOR, TargetError, load_target, member_error, validate
+from refimpl.validate import (FLOOR, Interrupted, TargetError, load_target, member_error,
+                              validate)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -668,6 +671,393 @@ def test_cli_validate_usage_errors(capsys):
 
 
 # --------------------------------------------------------------------------
+# Hostile candidates: isolated in a child process (the CLI always isolates)
+# --------------------------------------------------------------------------
+
+HOSTILE = '''
+import os, sys, time
+import numpy as np
+sys.path.insert(0, {examples!r})
+from numpy_linear_solve import linear_solve, linear_solve_vjp
+
+def is_first(A):                    # well_conditioned, the first case
+    return A.shape == (5, 5)
+
+def calls_sys_exit(A, b):
+    sys.exit(0)
+
+def os_exit_on_first(A, b):
+    if is_first(A):
+        os._exit(0)
+    return linear_solve(A, b)
+
+def aborts_on_first(A, b):
+    if is_first(A):
+        os.abort()
+    return linear_solve(A, b)
+
+def segfaults_on_first(A, b):
+    if is_first(A):
+        import ctypes
+        ctypes.string_at(0)
+    return linear_solve(A, b)
+
+def hangs_on_first(A, b):
+    if is_first(A):
+        time.sleep(600)
+    return linear_solve(A, b)
+
+def floods(A, b):
+    if is_first(A):
+        for _ in range(50):
+            sys.stdout.write("flood " * 200000)    # 50 * 1.2 MB
+    return linear_solve(A, b)
+
+def chatty(A, b):
+    print("solving", A.shape)
+    return linear_solve(A, b)
+
+def long_error(A, b):
+    raise ValueError("first line of a long message\\n" + "\\n".join(
+        f"detail {{i}}" for i in range(60)))
+
+def sleeps_after_first(A, b):
+    marker = os.environ.get("REFIMPL_TEST_MARKER")
+    if A.shape != (5, 5):           # every case after well_conditioned
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(600)
+    return linear_solve(A, b)
+
+def transposed_vjp(A, b, x_bar):
+    x = linear_solve(A, b)
+    b_bar = np.linalg.solve(A, x_bar[..., None])[..., 0]     # A^-1, not A^-T
+    A_bar = -b_bar[..., :, None] * x[..., None, :]
+    from numpy_linear_solve import _sum_to_shape
+    return _sum_to_shape(A_bar, A.shape), _sum_to_shape(b_bar, b.shape)
+'''
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """TARGET strings of the hostile candidates above, written to a file in tmp_path."""
+    path = tmp_path / "hostile.py"
+    path.write_text(HOSTILE.format(examples=str(EXAMPLES)))
+    return lambda name: f"{path}:{name}"
+
+
+#: The first case (the hostile candidates misbehave there) and the last.
+TWO_CASES = ("--case", "well_conditioned", "--case", "scalar")
+FIRST_FAILS = {"well_conditioned": "ERROR", "scalar": "pass"}
+
+
+def _cli(capsys, *args):
+    rc = cli.main(["validate", "linear_solve", *args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _rows(out):
+    """{case id: result} from the table the CLI printed."""
+    rows = {}
+    for line in out.splitlines():
+        words = line.split()
+        if words and words[0] in ALL_CASES and words[-1] in ("pass", "FAIL", "ERROR"):
+            rows[words[0]] = words[-1]
+    return rows
+
+
+def test_cli_sys_exit_in_the_candidate_is_an_error_not_a_pass(hostile, capsys):
+    rc, out, err = _cli(capsys, hostile("calls_sys_exit"), "--framework", "numpy",
+                        "--vjp", NP_VJP, *TWO_CASES)
+    assert rc == 1, (out, err)
+    assert _rows(out) == {"well_conditioned": "ERROR", "scalar": "ERROR"}, out
+    assert out.count("SystemExit: sys.exit(0) inside the candidate") == 2
+    assert "-> FAIL" in out
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("os_exit_on_first", "exited with status 0"),
+    ("aborts_on_first", "killed by SIGABRT"),
+    ("segfaults_on_first", "killed by SIGSEGV"),
+])
+def test_cli_process_ending_candidate_costs_only_its_case(hostile, capsys, name, reason):
+    """os._exit(0), abort(), a segfault in one case: that case is an ERROR naming how
+    the process ended, the cases after it still run (a fresh child) and pass."""
+    rc, out, err = _cli(capsys, hostile(name), "--framework", "numpy", "--vjp", NP_VJP,
+                        *TWO_CASES)
+    assert rc == 1, (out, err)
+    assert _rows(out) == FIRST_FAILS, out
+    assert reason in out
+    if name == "segfaults_on_first":      # faulthandler's stack of the crash, captured
+        assert "hostile.py\", line" in out and "in segfaults_on_first" in out
+    assert "Traceback" not in err
+
+
+def test_cli_hanging_candidate_is_stopped_by_timeout(hostile, capsys):
+    rc, out, err = _cli(capsys, hostile("hangs_on_first"), "--framework", "numpy",
+                        "--vjp", NP_VJP, "--timeout", "2", *TWO_CASES)
+    assert rc == 1, (out, err)
+    assert _rows(out) == FIRST_FAILS, out
+    assert "did not finish within 2 s (--timeout)" in out
+
+
+def test_cli_output_of_the_candidate_is_captured_and_capped(hostile, capsys, tmp_path):
+    rc, out, err = _cli(capsys, hostile("floods"), "--framework", "numpy", "--vjp", NP_VJP,
+                        *TWO_CASES)
+    assert rc == 1
+    assert _rows(out) == FIRST_FAILS, out
+    assert "wrote more than 1048576 bytes to stdout/stderr" in out
+    assert len(out) + len(err) < 20000         # not 60 MB on the terminal
+    # a candidate printing a little passes; its output is in the JSON, not the table
+    report = tmp_path / "r.json"
+    rc, out, err = _cli(capsys, hostile("chatty"), "--framework", "numpy", "--vjp", NP_VJP,
+                        "--json", str(report), *TWO_CASES)
+    assert rc == 0, out
+    assert "solving" not in out and "solving" not in err
+    cases = json.loads(report.read_text())["cases"]
+    assert cases[0]["output_tail"] == "solving (5, 5)\n" and cases[0]["output_bytes"] == 15
+
+
+def test_cli_long_exception_messages_are_one_line(hostile, capsys):
+    rc, out, err = _cli(capsys, hostile("long_error"), "--framework", "numpy", "--vjp", NP_VJP,
+                        "--case", "scalar")
+    assert rc == 1
+    assert ("raised ValueError: first line of a long message [+60 more line(s); "
+            "--traceback shows them]") in out
+    assert "detail 59" not in out
+    rc, out, err = _cli(capsys, hostile("long_error"), "--framework", "numpy", "--vjp", NP_VJP,
+                        "--case", "scalar", "--traceback")
+    assert "| detail 59" in out and "Traceback" in out
+
+
+def test_cli_ctrl_c_reports_what_finished(hostile, tmp_path):
+    """SIGINT to the CLI: finished cases reported, the rest ERROR, exit 130, no
+    traceback, and the candidate's process is gone."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    marker = tmp_path / "marker"
+    env = dict(os.environ, REFIMPL_TEST_MARKER=str(marker),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "refimpl.cli", "validate", "linear_solve",
+         hostile("sleeps_after_first"), "--framework", "numpy", "--vjp", NP_VJP,
+         "--case", "well_conditioned", "--case", "batched_scales", "--case", "scalar"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the candidate never reached its second case"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert _rows(out) == {"well_conditioned": "pass", "batched_scales": "ERROR",
+                          "scalar": "ERROR"}, out
+    assert "interrupted (Ctrl-C) while this case ran" in out
+    assert "not run: interrupted (Ctrl-C)" in out
+    assert "[interrupted] -> FAIL" in out
+    assert "Traceback" not in err and "interrupted" in err
+    child = int(marker.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--rtol", "inf"), ("--rtol", "nan"), ("--rtol", "-1e-8"), ("--rtol", "0"),
+    ("--rtol", "1"), ("--rtol", "abc"), ("--forward-rtol", "inf"), ("--forward-rtol", "-1"),
+    ("--timeout", "0"), ("--timeout", "-5"), ("--timeout", "nan"), ("--timeout", "inf"),
+])
+def test_cli_bad_option_values_are_usage_errors(capsys, option, value):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["validate", "linear_solve", NP_TARGET, "--framework", "numpy",
+                  "--vjp", NP_VJP, option, value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "Traceback" not in err
+
+
+def test_rtol_inf_no_longer_lets_a_wrong_candidate_pass():
+    with pytest.raises(ValueError, match="argument 'rtol' must be a finite number"):
+        validate("linear_solve", solve, framework="numpy", vjp=_wrong_sign, rtol=math.inf)
+    for bad in (math.nan, -1e-8, 0.0, 1.0):
+        with pytest.raises(ValueError, match="argument 'forward_rtol'"):
+            validate("linear_solve", solve, framework="numpy", vjp=solve_vjp,
+                     forward_rtol=bad)
+
+
+def test_cli_target_import_that_exits_or_hangs_is_a_usage_error(tmp_path, capsys):
+    exits = tmp_path / "exits.py"
+    exits.write_text("import os\nos._exit(0)\n")
+    rc, out, err = _cli(capsys, f"{exits}:f", "--framework", "numpy", "--vjp", NP_VJP)
+    assert rc == 2 and "importing the TARGET exited with status 0" in err, err
+    hangs = tmp_path / "hangs.py"
+    hangs.write_text("import time\ntime.sleep(600)\n")
+    rc, out, err = _cli(capsys, f"{hangs}:f", "--framework", "numpy", "--vjp", NP_VJP,
+                        "--timeout", "2")
+    assert rc == 2 and "did not finish within 2 s" in err, err
+    assert out == "" and len(err.strip().splitlines()) == 1
+
+
+def test_api_isolation_choice_and_its_errors(hostile):
+    # TARGET strings are isolated by default: os._exit in the candidate does not end
+    # this (pytest) process
+    report = validate("linear_solve", hostile("os_exit_on_first"), framework="numpy",
+                      vjp=NP_VJP, cases=["well_conditioned", "scalar"])
+    assert _statuses(report) == FIRST_FAILS
+    with pytest.raises(TypeError, match="isolate=True needs the candidate"):
+        validate("linear_solve", solve, framework="numpy", vjp=solve_vjp, isolate=True)
+    with pytest.raises(ValueError, match="'timeout' needs an isolated run"):
+        validate("linear_solve", solve, framework="numpy", vjp=solve_vjp, timeout=5)
+    with pytest.raises(ValueError, match="registered operator"):
+        validate(_scaled_spec(), hostile("chatty"), framework="numpy", vjp=NP_VJP)
+    with pytest.raises(ValueError, match="argument 'timeout'"):
+        validate("linear_solve", NP_TARGET, framework="numpy", vjp=NP_VJP, timeout=-1)
+
+
+def test_in_process_sys_exit_and_keyboard_interrupt():
+    """In-process (function objects): sys.exit is a per-case ERROR; Ctrl-C raises
+    Interrupted carrying the finished cases."""
+    def exits(A, b):
+        sys.exit(3)
+
+    report = validate("linear_solve", exits, framework="numpy", vjp=solve_vjp)
+    assert set(_statuses(report).values()) == {"ERROR"}
+    assert "sys.exit(3)" in report.cases[0].message
+
+    def interrupted_on_scalar(A, b):
+        if A.shape == (1, 1):
+            raise KeyboardInterrupt
+        return solve(A, b)
+
+    with pytest.raises(Interrupted) as stop:
+        validate("linear_solve", interrupted_on_scalar, framework="numpy", vjp=solve_vjp,
+                 cases=["well_conditioned", "scalar"])
+    report = stop.value.report
+    assert report.interrupted and not report.passed
+    assert _statuses(report) == {"well_conditioned": "pass", "scalar": "ERROR"}
+    assert isinstance(stop.value, KeyboardInterrupt)
+
+
+# --------------------------------------------------------------------------
+# After a failure: what is wrong, where, and how to rerun it
+# --------------------------------------------------------------------------
+
+def test_failure_shows_worst_entry_norm_ratio_description_and_command(hostile, capsys,
+                                                                      tmp_path):
+    report_json = tmp_path / "r.json"
+    rc, out, err = _cli(capsys, NP_TARGET, "--framework", "numpy",
+                        "--vjp", hostile("transposed_vjp"), "--case", "well_conditioned",
+                        "--json", str(report_json))
+    assert rc == 1, out
+    # the worst entry, recomputed independently: the candidate's and the reference's
+    # gradient of A at the index the report names
+    gc = vectors.reference_case(LINEAR_SOLVE, LINEAR_SOLVE.case("well_conditioned"))
+    A, b = gc.inputs["A"], gc.inputs["b"]
+    x = np.linalg.solve(A, b)
+    mine = -np.outer(np.linalg.solve(A, gc.cotangent), x)
+    (d,) = [d for d in json.loads(report_json.read_text())["cases"][0]["diagnostics"]
+            if d["array"] == "gradient A"]
+    i, j = d["index"]
+    assert d["candidate"] == pytest.approx(mine[i, j], rel=1e-12)
+    assert d["reference"] == pytest.approx(gc.vjp["A"][i, j], rel=1e-12)
+    assert d["norm_ratio"] == pytest.approx(np.linalg.norm(mine) / np.linalg.norm(gc.vjp["A"]),
+                                            rel=1e-12)
+    rel = np.abs(mine - gc.vjp["A"]) / np.max(np.abs(gc.vjp["A"]))
+    assert rel[i, j] == pytest.approx(np.max(rel))
+    assert f"worst gradient A[{i}, {j}]: candidate " in out
+    assert "case: random 5x5, cond 10" in out
+    cmd = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("reproduce: ")]
+    assert cmd == [(f"reproduce: refimpl validate linear_solve {NP_TARGET} --framework numpy "
+                    f"--vjp {hostile('transposed_vjp')} --case well_conditioned")]
+
+
+def test_ratio_hints():
+    """Sign error, transposed operator, a forgotten parameter factor."""
+    from types import SimpleNamespace
+
+    from refimpl.validate import _diagnose
+
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((3, 4, 4))
+    gc = SimpleNamespace(candidate_kwargs={"eps": 0.05}, params={"tol": 1e-9})
+    assert "1/eps (eps = 0.05)" in _diagnose("g", e / 0.05, e, 2, gc)["hint"]
+    assert "factor eps^2" in _diagnose("g", e * 0.05 ** 2, e, 2, gc)["hint"]
+    assert "sign error" in _diagnose("g", -e, e, 2, gc)["hint"]
+    assert "transposed" in _diagnose("g", np.swapaxes(e, -1, -2), e, 2, gc)["hint"]
+    assert _diagnose("g", e + 0.1 * rng.standard_normal(e.shape), e, 2, gc)["hint"] == ""
+    d = _diagnose("g", e * 3.0, e, 2, gc)
+    assert d["norm_ratio"] == pytest.approx(3.0) and d["hint"] == (
+        "the candidate is 3 times the reference")
+    # the worst entry is the one the normwise error blames: member 1 is 1e-6 smaller
+    e[1] *= 1e-6
+    a = e.copy()
+    a[0, 2, 3] += 1e-3          # 1e-3 absolute in a member of size ~1
+    a[1, 1, 2] += 1e-8          # 1e-2 relative to a member of size ~1e-6
+    d = _diagnose("g", a, e, 2, gc)
+    assert d["index"] == [1, 1, 2] and d["reference"] == e[1, 1, 2]
+
+
+def test_dump_writes_each_failing_case_and_its_command_reproduces_it(hostile, capsys,
+                                                                     tmp_path):
+    dump = tmp_path / "dump"
+    rc, out, err = _cli(capsys, NP_TARGET, "--framework", "numpy",
+                        "--vjp", hostile("transposed_vjp"), "--case", "well_conditioned",
+                        "--case", "scalar", "--dump", str(dump))
+    assert rc == 1
+    assert _rows(out) == {"well_conditioned": "FAIL", "scalar": "pass"}   # 1x1: A^T = A
+    assert sorted(p.name for p in dump.iterdir()) == [
+        "linear_solve.well_conditioned.json", "linear_solve.well_conditioned.npz"]
+    facts = json.loads((dump / "linear_solve.well_conditioned.json").read_text())
+    gc = vectors.reference_case(LINEAR_SOLVE, LINEAR_SOLVE.case("well_conditioned"))
+    with np.load(dump / facts["npz"], allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    for k in ("A", "b"):
+        assert np.array_equal(arrays[f"input.{k}"], gc.inputs[k])
+        assert np.array_equal(arrays[f"vjp.{k}"], gc.vjp[k])
+    assert np.array_equal(arrays["output.x"], gc.output)
+    assert np.array_equal(arrays["cotangent.x"], gc.cotangent)
+    A, b = gc.inputs["A"], gc.inputs["b"]
+    x = np.linalg.solve(A, b)
+    assert np.allclose(arrays["candidate.output.x"], x, rtol=1e-12)
+    assert np.allclose(arrays["candidate.vjp.A"],
+                       -np.outer(np.linalg.solve(A, gc.cotangent), x), rtol=1e-12)
+    assert facts["status"] == "FAIL" and facts["description"] == "random 5x5, cond 10"
+    assert facts["arrays"]["input.A"] == [5, 5]
+    # the recorded command reruns exactly that case, with the same verdict
+    words = shlex.split(facts["reproduce"])
+    assert words[:2] == ["refimpl", "validate"] and words[-2:] == ["--case", "well_conditioned"]
+    rc, out, err = _cli(capsys, *words[3:])
+    assert rc == 1 and _rows(out) == {"well_conditioned": "FAIL"}
+
+
+def test_exclude_case(capsys):
+    rc, out, err = _cli(capsys, NP_TARGET, "--framework", "numpy", "--vjp", NP_VJP,
+                        *[w for c in ALL_CASES[1:-1] for w in ("--exclude-case", c)])
+    assert rc == 0, out
+    assert set(_rows(out)) == {ALL_CASES[0], ALL_CASES[-1]}
+    rc, out, err = _cli(capsys, NP_TARGET, "--framework", "numpy", "--vjp", NP_VJP,
+                        "--case", "scalar", "--case", "well_conditioned",
+                        "--exclude-case", "scalar")
+    assert rc == 0 and set(_rows(out)) == {"well_conditioned"}
+    rc, out, err = _cli(capsys, NP_TARGET, "--framework", "numpy", "--vjp", NP_VJP,
+                        "--exclude-case", "nope")
+    assert rc == 2 and "no case 'nope'" in err
+    rc, out, err = _cli(capsys, NP_TARGET, "--framework", "numpy", "--vjp", NP_VJP,
+                        "--case", "scalar", "--exclude-case", "scalar")
+    assert rc == 2 and "no case of 'linear_solve' to validate" in err
+    report = validate("linear_solve", solve, framework="numpy", vjp=solve_vjp,
+                      exclude=["scalar"])
+    assert [c.case for c in report.cases] == [c for c in ALL_CASES if c != "scalar"]
+
+
+# --------------------------------------------------------------------------
 # PyTorch (skipped without torch)
 # --------------------------------------------------------------------------
 
@@ -1088,5 +1478,8 @@ def test_jax_candidates(tmp_path):
     report = validate("linear_solve", uses_numpy, framework="jax", cases=["scalar"])
     (c,) = report.cases
     assert c.status == "ERROR" and "raised" in c.message
+    # JAX's multi-line error is one line in the table, all of it in the traceback
+    assert len(c.message.splitlines()) == 1 and "--traceback shows them" in c.message
+    assert "TracerArrayConversionError" in report.table(show_tracebacks=True)
     # float64 only for the validation; the caller's setting is restored afterwards
     assert jax.config.read("jax_enable_x64") == x64_before

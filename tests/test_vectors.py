@@ -2,8 +2,11 @@
 
 import dataclasses
 import hashlib
+import io
 import json
 import shutil
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from refimpl import check, cli, registry, vectors
 from refimpl.vectors import VectorsError
 
 LINEAR_SOLVE = registry.get_spec("linear_solve")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -326,9 +330,16 @@ def test_manifest_problems_are_detected(export_copy):
     with pytest.raises(VectorsError, match="must be relative"):
         vectors.load(export_copy)
 
+    # a declared shape that disagrees with the other arrays of the case
     m = json.loads(json.dumps(good))
-
     _entry(m)["arrays"]["input.A"] = [4, 4]
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match=r"vjp.A has shape \[5, 5\] but input.A has \[4, 4\]"):
+        vectors.load(export_copy)
+    # consistent declared shapes that disagree with the file's .npy headers
+    m = json.loads(json.dumps(good))
+    for k in ("input.A", "vjp.A", "tangent.A"):
+        _entry(m)["arrays"][k] = [4, 4]
     _write_manifest(export_copy, m)
     with pytest.raises(VectorsError, match=r"'input.A' has shape \[5, 5\].*says \[4, 4\]"):
         vectors.load(export_copy)
@@ -387,9 +398,290 @@ def test_load_never_unpickles(export_copy):
         np.savez(f, **arrays)     # allow_pickle defaults to True on save
     _rehash(export_copy, e, path)
     _write_manifest(export_copy, m)
-    with pytest.raises(VectorsError, match="cannot be read.*(pickle|allow_pickle)"):
+    # refused from the member's .npy header (dtype object), before np.load reads it
+    with pytest.raises(VectorsError, match=r"'input.A' is declared \|O; expected '<f8'"):
         vectors.load(export_copy)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------
+# Hostile or broken exports: refused before anything large is read
+# --------------------------------------------------------------------------
+
+def test_symlinked_case_file_outside_the_directory_is_refused(export_copy, tmp_path):
+    """Same bytes, same hash: refused only because it lives outside DIR."""
+    path = export_copy / "linear_solve" / "well_conditioned.float64.npz"
+    outside = tmp_path / "elsewhere.npz"
+    outside.write_bytes(path.read_bytes())
+    path.unlink()
+    path.symlink_to(outside)
+    with pytest.raises(VectorsError, match="well_conditioned.*outside the export directory"):
+        vectors.load(export_copy)
+
+
+def test_symlink_inside_the_directory_is_followed(export_copy):
+    """A link to a file within DIR (deduplicated exports) is fine."""
+    path = export_copy / "linear_solve" / "well_conditioned.float64.npz"
+    kept = export_copy / "linear_solve" / "kept.bin"
+    kept.write_bytes(path.read_bytes())
+    path.unlink()
+    path.symlink_to(kept)
+    gv = vectors.load(export_copy)
+    assert gv.case("linear_solve", "well_conditioned").output.shape == (5,)
+
+
+def test_symlinked_operator_folder_outside_is_refused(export_copy, tmp_path):
+    folder = export_copy / "linear_solve"
+    outside = tmp_path / "ops_elsewhere"
+    shutil.move(str(folder), str(outside))
+    folder.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(VectorsError, match="outside the export directory"):
+        vectors.load(export_copy)
+
+
+def test_symlinked_manifest_outside_is_refused(export_copy, tmp_path):
+    manifest = export_copy / vectors.MANIFEST
+    outside = tmp_path / "manifest_elsewhere.json"
+    shutil.move(str(manifest), str(outside))
+    manifest.symlink_to(outside)
+    with pytest.raises(VectorsError, match="manifest.json.*outside the export directory"):
+        vectors.load(export_copy)
+
+
+def _manifest_text_with(d, old, new):
+    text = (d / vectors.MANIFEST).read_text()
+    assert old in text
+    (d / vectors.MANIFEST).write_text(text.replace(old, new, 1))
+
+
+def test_overflowing_or_absurd_tolerance_is_refused(export_copy):
+    good = _manifest(export_copy)
+    fd = _entry(good)["tolerance"]["fd"]
+    # 1e400 parses to inf in Python's json: a wrong candidate would pass any comparison
+    _manifest_text_with(export_copy, f'"fd": {json.dumps(fd)}', '"fd": 1e400')
+    with pytest.raises(VectorsError, match="1e400.*overflows float64"):
+        vectors.load(export_copy)
+    for bad in (2.0, 1e300):
+        m = json.loads(json.dumps(good))
+        _entry(m)["tolerance"]["fd"] = bad
+        _write_manifest(export_copy, m)
+        with pytest.raises(VectorsError, match=r"tolerance\['fd'\] is .*at most 1"):
+            vectors.load(export_copy)
+
+
+def test_validate_refuses_vectors_with_an_absurd_tolerance(export_copy, capsys):
+    """The CLI: one line, exit 2, no traceback; nothing is run against the vectors."""
+    m = _manifest(export_copy)
+    _entry(m)["tolerance"]["fd"] = 10.0
+    _write_manifest(export_copy, m)
+    ex = ROOT / "examples" / "numpy_linear_solve.py"
+    rc = cli.main(["validate", "linear_solve", f"{ex}:linear_solve", "--framework", "numpy",
+                   "--vjp", f"{ex}:linear_solve_vjp", "--vectors", str(export_copy)])
+    captured = capsys.readouterr()
+    assert rc == 2, captured
+    assert "tolerance['fd'] is 10.0" in captured.err and "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and captured.out == ""
+
+
+def _npy_header(shape, descr="<f8"):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+def _replace_member(path, key, write, arrays=None):
+    """Rewrite the .npz at ``path`` (of ``arrays``, default its current ones) with
+    member ``key``.npy produced by ``write(zipfile, name)``."""
+    if arrays is None:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    with zipfile.ZipFile(path, "w") as zf:
+        for k, a in arrays.items():
+            if k == key:
+                write(zf, f"{k}.npy")
+            else:
+                with zf.open(f"{k}.npy", "w") as f:
+                    np.lib.format.write_array(f, a)
+
+
+def test_decompression_bomb_is_refused_before_decompressing(export_copy, monkeypatch):
+    """A deflated member declaring shape (5, 5) but holding 64 MiB: the header and the
+    zip directory disagree, so the data is never decompressed (np.load never runs)."""
+    m = _manifest(export_copy)
+    e = _entry(m)
+    path = export_copy / e["file"]
+
+    def bomb(zf, name):
+        info = zipfile.ZipInfo(name)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with zf.open(info, "w", force_zip64=True) as f:
+            f.write(_npy_header((5, 5)))
+            zeros = bytes(1 << 20)
+            for _ in range(64):
+                f.write(zeros)
+
+    _replace_member(path, "input.A", bomb)
+    assert path.stat().st_size < (1 << 20)           # small on disk
+    _rehash(export_copy, e, path)
+    _write_manifest(export_copy, m)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("np.load reached")
+
+    monkeypatch.setattr(np, "load", no_load)
+    with pytest.raises(VectorsError, match=r"member 'input.A.npy' holds 67108992 bytes, its "
+                                           r"header declares 328"):
+        vectors.load(export_copy)
+
+
+def test_member_header_disagreeing_with_the_manifest_is_refused(export_copy, monkeypatch):
+    """The header's shape and dtype are checked against the manifest before np.load."""
+    m = _manifest(export_copy)
+    e = _entry(m)
+    path = export_copy / e["file"]
+
+    with np.load(path) as z:
+        original = {k: z[k] for k in z.files}
+
+    def big_header(zf, name):   # declares 1e5 x 1e5 (np.load would allocate 75 GiB)
+        zf.writestr(name, _npy_header((100000, 100000)))
+
+    _replace_member(path, "input.A", big_header)
+    _rehash(export_copy, e, path)
+    _write_manifest(export_copy, m)
+    with monkeypatch.context() as mp:
+        mp.setattr(np, "load", lambda *a, **k: pytest.fail("np.load reached"))
+        with pytest.raises(VectorsError, match=r"'input.A' has shape \[100000, 100000\], "
+                                               r"the manifest says \[5, 5\]"):
+            vectors.load(export_copy)
+
+    def float32(zf, name):
+        with zf.open(name, "w") as f:
+            np.lib.format.write_array(f, np.zeros((5, 5), dtype="<f4"))
+
+    _replace_member(path, "input.A", float32, original)
+    _rehash(export_copy, e, path)
+    _write_manifest(export_copy, m)
+    with monkeypatch.context() as mp:
+        mp.setattr(np, "load", lambda *a, **k: pytest.fail("np.load reached"))
+        with pytest.raises(VectorsError, match=r"'input.A' is declared <f4; expected '<f8'"):
+            vectors.load(export_copy)
+
+
+def test_declared_shapes_over_the_size_cap_are_refused(export_copy):
+    m = _manifest(export_copy)
+    for k in ("input.A", "vjp.A", "tangent.A"):
+        _entry(m)["arrays"][k] = [5, 100000, 100000]      # 400 GB of float64
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match=r"arrays\['input.A'\] has shape .*more than the "
+                                           r"limit"):
+        vectors.load(export_copy)
+
+
+def _rewrite_case(d, m, changes):
+    """Rewrite well_conditioned's file with ``changes`` applied and the manifest
+    (shapes, hash, size) updated to match: file and manifest agree."""
+    e = _entry(m)
+    path = d / e["file"]
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(changes)
+    vectors._write_npz(path, arrays)
+    e["arrays"] = {k: list(a.shape) for k, a in arrays.items()}
+    _rehash(d, e, path)
+    _write_manifest(d, m)
+
+
+@pytest.mark.parametrize("key, shape, message", [
+    ("cotangent.x", (4,), r"cotangent.x has shape \[4\] but output.x has \[5\]"),
+    ("vjp.A", (5, 4), r"vjp.A has shape \[5, 4\] but input.A has \[5, 5\]"),
+    ("tangent.b", (3,), r"tangent.b has shape \[3\] but input.b has \[5\]"),
+    ("jvp.x", (2, 5), r"jvp.x has shape \[2, 5\] but output.x has \[5\]"),
+    ("input.b", (2, 3, 5), None),            # with matching vjp/tangent: batch mismatch
+    ("input.A", (5,), r"input.A has shape \[5\], fewer than its core_ndim 2"),
+])
+def test_inconsistent_shapes_within_a_case_are_refused(export_copy, key, shape, message):
+    """File and manifest agree, hashes match, but the case's arrays contradict each other."""
+    m = _manifest(export_copy)
+    changes = {key: np.ones(shape)}
+    if key == "input.b":
+        changes.update({"vjp.b": np.ones(shape), "tangent.b": np.ones(shape)})
+        message = r"output.x has batch shape \[\], the inputs' batch shapes broadcast to \[2, 3\]"
+    if key == "input.A":
+        changes.update({"vjp.A": np.ones(shape), "tangent.A": np.ones(shape)})
+    _rewrite_case(export_copy, m, changes)
+    with pytest.raises(VectorsError, match=message):
+        vectors.load(export_copy)
+
+
+def test_deeply_nested_manifest_is_a_clear_error(export_copy):
+    good = _manifest(export_copy)
+    # deep enough for the parser's recursion limit: no RecursionError escapes
+    _manifest_text_with(export_copy, '"params": {}', '"params": {"p": ' + "[" * 100000
+                        + "]" * 100000 + "}")
+    with pytest.raises(VectorsError, match="nests JSON objects/lists too deeply"):
+        vectors.load(export_copy)
+    # parseable but deeper than any manifest needs
+    m = json.loads(json.dumps(good))
+    nested = 1.0
+    for _ in range(vectors.MAX_JSON_DEPTH + 5):
+        nested = [nested]
+    _entry(m)["params"]["p"] = nested
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match=f"more than {vectors.MAX_JSON_DEPTH} levels"):
+        vectors.load(export_copy)
+
+
+def _set(path):
+    def change(m):
+        *head, last = path
+        target = _entry(m)
+        for k in head:
+            target = target[k]
+        return target, last
+    return change
+
+
+@pytest.mark.parametrize("where, value, message", [
+    (("arrays", "input.A"), ["5", 5], r"arrays\['input.A'\] must be a list of non-negative"),
+    (("arrays", "input.A"), [5, -5], r"arrays\['input.A'\] must be a list of non-negative"),
+    (("arrays", "input.A"), 25, r"arrays\['input.A'\] must be a list of non-negative"),
+    (("flags",), [1], r"flags\[0\] must be str"),
+    (("size",), -1, r"size is -1; it must be >= 0"),
+    (("sha256",), "xyz", "sha256 must be 64 hex digits"),
+    (("seed",), "7", r"\['seed'\] must be int, got str"),
+    (("tolerance",), [1e-8], r"\['tolerance'\] must be dict, got list"),
+    (("candidate_kwargs", "k"), {"$array": 5}, r"candidate_kwargs\['k'\] must be"),
+])
+def test_malformed_case_entries_are_refused(export_copy, where, value, message):
+    m = _manifest(export_copy)
+    target, last = _set(where)(m)
+    target[last] = value
+    _write_manifest(export_copy, m)
+    with pytest.raises(VectorsError, match=message):
+        vectors.load(export_copy)
+
+
+def test_malformed_operator_entries_are_refused(export_copy):
+    good = _manifest(export_copy)
+    for change, message in [
+        (lambda op: op["inputs"][0].update(name="../A"), r"'../A' is not a valid name"),
+        (lambda op: op["inputs"][1].update(name="A"), "repeated names"),
+        (lambda op: op["inputs"][0].update(core_ndim=-1), "core_ndim'] is -1"),
+        (lambda op: op.update(candidate_params=[3]), r"candidate_params\[0\] must be str"),
+        (lambda op: op["output"].update(name=7), r"output\['name'\] must be str"),
+    ]:
+        m = json.loads(json.dumps(good))
+        change(m["operators"]["linear_solve"])
+        _write_manifest(export_copy, m)
+        with pytest.raises(VectorsError, match=message):
+            vectors.load(export_copy)
+    # a 5000-digit integer: Python's int parser refuses it with a ValueError
+    _write_manifest(export_copy, good)
+    _manifest_text_with(export_copy, '"schema_version": 2', '"schema_version": ' + "9" * 5000)
+    with pytest.raises(VectorsError, match="is not valid JSON"):
+        vectors.load(export_copy)
 
 
 # --------------------------------------------------------------------------
@@ -403,6 +695,21 @@ def test_cli_export(tmp_path, capsys):
     assert "linear_solve: 9 case file(s) (float32, float64)" in out
     assert "read back and verified" in out
     assert len(vectors.load(tmp_path)) == 9
+
+
+def test_cli_export_exclude_case(tmp_path, capsys):
+    rc = cli.main(["export", str(tmp_path), "--op", "linear_solve",
+                   "--exclude-case", "ill_conditioned", "--exclude-case", "batched_scales"])
+    assert rc == 0, capsys.readouterr()
+    ids = {c.id for c in vectors.load(tmp_path)}
+    assert ids == {c.id for c in LINEAR_SOLVE.cases} - {"ill_conditioned", "batched_scales"}
+    capsys.readouterr()
+    assert cli.main(["export", str(tmp_path), "--op", "linear_solve", "--case", "scalar",
+                     "--exclude-case", "scalar"]) == 2
+    assert "every selected case is excluded" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path), "--op", "linear_solve",
+                     "--exclude-case", "nope"]) == 2
+    assert "no case 'nope'" in capsys.readouterr().err
 
 
 def test_cli_export_errors(tmp_path, capsys):
