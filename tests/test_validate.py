@@ -762,8 +762,10 @@ def _rows(out):
     rows = {}
     for line in out.splitlines():
         words = line.split()
-        if words and words[0] in ALL_CASES and words[-1] in ("pass", "FAIL", "ERROR"):
-            rows[words[0]] = words[-1]
+        # the result column; a verdict column may follow it
+        result = next((w for w in words[1:] if w in ("pass", "FAIL", "ERROR")), None)
+        if words and words[0] in ALL_CASES and result is not None:
+            rows[words[0]] = result
     return rows
 
 
