@@ -44,6 +44,7 @@ QUICK_DERIVATIONS = ("deq.check_scalar_deq_gradient", "sinkhorn.check_kappa",
 def _files_under(folder: Path) -> set[str]:
     return {p.relative_to(ROOT).as_posix() for p in folder.rglob("*")
             if p.is_file() and not SKIP_PARTS & set(p.relative_to(ROOT).parts)
+            and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)
             and p.suffix not in (".pyc", ".pyo")}
 
 
