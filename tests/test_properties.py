@@ -46,10 +46,10 @@ from refimpl import sinkhorn as sk
 from refimpl.backend import ConvergenceWarning
 
 #: Deterministic, bounded example counts (the whole module runs in well under a minute).
-FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+FAST = settings(max_examples=50, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(FAST, max_examples=12)
-INVALID = settings(FAST, max_examples=20)
+SLOW = settings(FAST, max_examples=20)
+INVALID = settings(FAST, max_examples=25)
 
 DTYPES = st.sampled_from(["float64", "float32"])
 SEEDS = st.integers(0, 2**32 - 1)
@@ -138,15 +138,34 @@ def plan_adjoint_tol(plan, dtype) -> float:
     The plan's entries carry relative rounding errors of ``u (1 + max|C| /
     eps)`` (log domain, see ``sinkhorn``'s tolerance floor) and the backward
     solve amplifies them by ``cond(S^)``: the bound is the registry's
-    tolerance or ``16 u cond (1 + max|C| / eps)``, whichever is larger.
+    tolerance or ``64 u cond (1 + max|C| / eps)``, whichever is larger.
+    (float32, sorted top-k, x = [9.627369, 8.035555, 11.15187, 11.149981,
+    11.410876], k = 1, eps = 0.3, largest=False: cond = 1, max|C| / eps =
+    16.7, adjoint error 2.7e-5 = 450 u, the JVP itself ~1e-4 relative off
+    its float64 value: rounding of the ``P dC / eps`` terms, which cancel to
+    a Jacobian 100x smaller.)
     """
     cond = float(np.max(plan.conditioning.cond))
     ratio = float(np.max(np.abs(plan.C))) / plan.eps
-    return max(ADJ[dtype], 16.0 * U[dtype] * cond * (1.0 + ratio))
+    return max(ADJ[dtype], 64.0 * U[dtype] * cond * (1.0 + ratio))
 
 
 def _cast(dtype, *arrays):
     return tuple(np.asarray(x, dtype=dtype) for x in arrays)
+
+
+def _ot_directions(seed, dtype, C, a, b, eps):
+    """Tangents ``(dC, da, db)`` and a cotangent ``P_bar`` at the problem's
+    own scales: ``dC ~ eps N(0, 1)``, ``da ~ a N(0, 1)``, ``db ~ b N(0, 1)``,
+    ``P_bar ~ N(0, 1) / mass``.  The identity holds for any directions; at
+    these scales the terms ``P * dC / eps`` and ``eps da`` of the solve are
+    of the size of ``dP`` itself, so rounding is not amplified by a
+    cancellation the scaling introduced (``dC ~ N(0, 1)`` with ``eps =
+    0.02`` and ``P ~ 30`` gives terms 1e3 times ``dP``)."""
+    rng = np.random.default_rng(seed)
+    mass = float(np.max(np.sum(a, axis=-1)))
+    return _cast(dtype, eps * rng.standard_normal(C.shape), a * rng.standard_normal(a.shape),
+                 b * rng.standard_normal(b.shape), rng.standard_normal(C.shape) / mass)
 
 
 def _marginal_error(P, a, b):
@@ -190,10 +209,8 @@ def test_sinkhorn_plan_marginals_and_gibbs_form(problem):
 def test_sinkhorn_adjoint_identity_and_gauge(problem, method, seed):
     dtype, C, a, b, eps = problem
     C, a, b = _cast(dtype, C, a, b)
-    res = sk.sinkhorn(C, a, b, eps=eps, tol=1e-12)
-    rng = np.random.default_rng(seed)
-    dC, da, db, P_bar = _cast(dtype, rng.standard_normal(C.shape), rng.standard_normal(a.shape),
-                              rng.standard_normal(b.shape), rng.standard_normal(C.shape))
+    res = sk.sinkhorn(C, a, b, eps=eps)
+    dC, da, db, P_bar = _ot_directions(seed, dtype, C, a, b, eps)
     # Arbitrary (also infeasible, 1^T da != 1^T db) tangents: the JVP projects
     # them, and that projection is the adjoint of the VJP's gauge fixing.
     dP = sk.sinkhorn_jvp(res, dC, da, db, method=method)
@@ -230,16 +247,24 @@ def test_sinkhorn_batch_equals_loop(problem, seed):
 @given(ot_problems(balanced=False), st.floats(-1, 1), st.floats(-1, 1), st.booleans(), SEEDS)
 def test_sinkhorn_unbalanced_stationarity_and_adjoint(problem, la, lb, hard_rows, seed):
     dtype, C, a, b, eps = problem
+    # Non-negative costs: the relaxed problem is not shift invariant, and a
+    # negative cost inflates the plan's mass far above sum(b) (1e6 times for
+    # C ~ -4.5, eps = 0.032, rho ~ 0.1-0.2), where the error, measured
+    # relative to sum(b), cannot reach the float32 floor (reported as not
+    # converged, error 4.8) and float64 needs more than max_iter sweeps.
+    C = C - C.min()
     C, a, b = _cast(dtype, C, a, b)
-    scale = float(np.abs(C).max())
+    # rho / eps in [0.1, 100]: the relaxed iteration contracts by ~tau =
+    # rho / (rho + eps) per step, so rho / eps = 1000 needs ~2e4 iterations
+    # (over max_iter; reported as non-convergence, which is correct).
     if dtype == "float32":
         # float32 is restricted to rho >= eps: with eps / rho ~ 10 the solver
         # stalls at ~2x its own rounding floor (which has no eps / rho term) and
         # reports non-convergence after max_iter, e.g. C = [[0.637]],
         # a = b = [0.01], eps = 1, rho_a = rho_b = 0.1.
         la, lb = abs(la), abs(lb)
-    rho_a = None if hard_rows else 10.0 ** la * max(scale, eps)
-    rho_b = 10.0 ** lb * max(scale, eps)
+    rho_a = None if hard_rows else 10.0 ** (1.5 * la + 0.5) * eps
+    rho_b = 10.0 ** (1.5 * lb + 0.5) * eps
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         res = sk.sinkhorn(C, a, b, eps=eps, rho_a=rho_a, rho_b=rho_b, tol=1e-10)
@@ -254,9 +279,7 @@ def test_sinkhorn_unbalanced_stationarity_and_adjoint(problem, la, lb, hard_rows
     row = row * np.abs(b_eff).sum(-1) / np.abs(b).sum(-1)
     tol = float(np.max(res.tol))
     assert float(np.max(col)) <= 2.0 * tol and float(np.max(row)) <= 2.0 * tol, (row, col, tol)
-    rng = np.random.default_rng(seed)
-    dC, da, db, P_bar = _cast(dtype, rng.standard_normal(C.shape), rng.standard_normal(a.shape),
-                              rng.standard_normal(b.shape), rng.standard_normal(C.shape))
+    dC, da, db, P_bar = _ot_directions(seed, dtype, C, a, b, eps)
     dP = sk.sinkhorn_jvp(res, dC, da, db)
     bars = sk.sinkhorn_vjp(res, P_bar)
     err = adjoint_error([dP], [P_bar], [dC, da, db], bars)
@@ -344,22 +367,20 @@ def test_sinkhorn_derivatives_reject_bad_cotangents(problem, defect):
 # ==========================================================================
 
 @st.composite
-def topk_problems(draw, *, batch: int = 0, min_n: int = 1, sinkhorn: bool = False):
+def topk_problems(draw, *, batch: int = 0, min_n: int = 1):
     """Scores, ``k`` in [0, n], ``eps`` and ``largest`` in the documented range.
 
     Scores are ``scale * N(0, 1) + offset`` or, half of the time, small
     integers times ``scale`` (ties, including across the top-k boundary).
-    ``eps`` is drawn relative to the score scale: [1e-3, 10] for the closed
-    form, [0.05, 10] for the Sinkhorn path (whose iteration count grows like
-    scale / eps).
+    ``eps`` is drawn relative to the score scale in [1e-3, 10] (tests of the
+    Sinkhorn path raise it to ``SINKHORN_PATH_EPS`` times the spread).
     """
     dtype = draw(DTYPES)
     n = draw(st.integers(min_n, 8))
     k = draw(st.integers(0, n))
     scale = 10.0 ** draw(st.floats(-2, 2))
     offset = draw(st.floats(-5, 5)) * scale
-    low = math.log10(0.05) if sinkhorn else -3.0
-    eps = 10.0 ** draw(st.floats(low, 1)) * scale
+    eps = 10.0 ** draw(st.floats(-3, 1)) * scale
     rng = np.random.default_rng(draw(SEEDS))
     shape = ((batch,) if batch else ()) + (n,)
     if draw(st.booleans()):
@@ -367,6 +388,13 @@ def topk_problems(draw, *, batch: int = 0, min_n: int = 1, sinkhorn: bool = Fals
     else:
         x = scale * rng.integers(-2, 3, shape) + offset
     return np.asarray(x, dtype), k, eps, draw(st.booleans())
+
+
+#: The Sinkhorn path is run with eps >= this times the score spread: two
+#: anchors 1 apart see cost gaps up to 2 ptp(x), and Sinkhorn's rate degrades
+#: like exp(-gap / (2 eps)) (x = [103.39, 57.91], k = 1, eps = 3.73 is not
+#: converged after 100000 sweeps; it is reported as such).
+SINKHORN_PATH_EPS = 0.2
 
 
 def _sum_tol(res, dtype, n) -> float:
@@ -384,7 +412,7 @@ def test_soft_topk_sum_bounds_and_monotonicity(problem, method):
     x, k, eps, largest = problem
     dtype, n = x.dtype.name, x.shape[-1]
     if method == "sinkhorn":
-        eps = max(eps, 0.05 * float(np.ptp(x)))               # the Sinkhorn path's range
+        eps = max(eps, SINKHORN_PATH_EPS * float(np.ptp(x)))               # the Sinkhorn path's range
     x0 = x.copy()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
@@ -409,7 +437,7 @@ def test_soft_topk_sum_bounds_and_monotonicity(problem, method):
 @given(topk_problems(min_n=2))
 def test_soft_topk_closed_form_agrees_with_sinkhorn_path(problem):
     x, k, eps, largest = problem
-    eps = max(eps, 0.05 * float(np.ptp(x)))
+    eps = max(eps, SINKHORN_PATH_EPS * float(np.ptp(x)))
     cf = topk.soft_topk(x, k, eps=eps, largest=largest)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
@@ -424,7 +452,7 @@ def test_soft_topk_closed_form_agrees_with_sinkhorn_path(problem):
 def test_soft_topk_adjoint_identity(problem, method, seed):
     x, k, eps, largest = problem
     if method == "sinkhorn":
-        eps = max(eps, 0.05 * float(np.ptp(x)))
+        eps = max(eps, SINKHORN_PATH_EPS * float(np.ptp(x)))
     dtype = x.dtype.name
     res = topk.soft_topk(x, k, eps=eps, largest=largest, method=method)
     rng = np.random.default_rng(seed)
@@ -740,7 +768,7 @@ def test_identity_vjp_equals_defining_formula(problem, sense):
     axes = tuple(range(-core_ndim, 0))
     got64 = np.asarray(got, np.float64)
     size = math.prod(w.shape[-core_ndim:])
-    lim = 64.0 * U[dtype] * size * float(np.max(np.abs(got64)))
+    lim = 64.0 * U[dtype] * size * scale
     if projection in ("mean", "std"):
         assert np.max(np.abs(got64.sum(axis=axes))) <= lim
     if projection in ("norm", "std"):
@@ -757,14 +785,18 @@ def test_identity_vjp_invariances(problem, c, shift):
     base = np.asarray(comb.identity_vjp(w, g, projection=projection, core_ndim=core_ndim), np.float64)
     scaled = comb.identity_vjp(np.asarray(c * w, dtype), g, projection=projection, core_ndim=core_ndim)
     factor = 1.0 / c if projection in ("norm", "std") else 1.0
-    assert rel_err(scaled, factor * base) <= 256.0 * U[dtype]
+    # Absolute scale max|g| / r (the result may vanish by cancellation).
+    scale = float(np.max(np.abs(g))) / _projection_radius(w, projection, core_ndim)
+    diff = np.abs(np.asarray(scaled, np.float64) - factor * base)
+    assert float(np.max(diff)) <= 256.0 * U[dtype] * factor * scale
     if projection in ("mean", "std", "none"):
-        t = shift * float(np.std(np.asarray(w, np.float64)))
+        spread = float(np.std(np.asarray(w, np.float64)))
+        t = shift * spread
         shifted = comb.identity_vjp(np.asarray(w + t, dtype), g, projection=projection,
                                     core_ndim=core_ndim)
         # Shifting w moves it by |t|: the rounding of w + t is relative to that.
-        rel = (1.0 + abs(t) / float(np.std(np.asarray(w, np.float64)))) * 256.0 * U[dtype]
-        assert rel_err(shifted, base) <= rel
+        rel = (1.0 + abs(t) / spread) * 256.0 * U[dtype] * scale
+        assert float(np.max(np.abs(np.asarray(shifted, np.float64) - base))) <= rel
 
 
 @FAST
