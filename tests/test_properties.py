@@ -493,14 +493,16 @@ def test_soft_topk_adjoint_identity(problem, method, seed):
 @st.composite
 def sorted_topk_problems(draw):
     """Scores and parameters of the sorted variant: its anchors are spaced by 1,
-    which sets the scale of the costs, so ``eps`` is drawn in [0.3, 2] and the
-    score spread in [0.3, 3] (offsets up to 20 are absorbed by the centring)."""
+    which sets the scale of the costs, so ``eps`` is drawn in [0.3, 2] (and
+    raised to ``SINKHORN_PATH_EPS`` times the spread) and the score spread in
+    [0.3, 3] (offsets up to 20 are absorbed by the centring)."""
     dtype = draw(DTYPES)
     n = draw(st.integers(2, 7))
     k = draw(st.integers(1, min(n, 4)))
     rng = np.random.default_rng(draw(SEEDS))
     x = 10.0 ** draw(st.floats(-0.5, 0.5)) * rng.standard_normal(n) + draw(st.floats(-20, 20))
-    return np.asarray(x, dtype), k, draw(st.floats(0.3, 2.0)), draw(st.booleans())
+    eps = max(draw(st.floats(0.3, 2.0)), SINKHORN_PATH_EPS * float(np.ptp(x)))
+    return np.asarray(x, dtype), k, eps, draw(st.booleans())
 
 
 @SLOW
