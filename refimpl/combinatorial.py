@@ -432,10 +432,7 @@ def top_k(w, k):
     """
     xp = _check_cost(w, "w", 1)
     n = w.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"argument 'k' must be an integer, got {type(k).__name__}")
-    if not 1 <= k <= n:
-        raise ValueError(f"argument 'k' must satisfy 1 <= k <= n = {n}, got {k}")
+    k = backend.check_int(k, "k", min=1, max=n)
     order = xp.argsort(w, axis=-1, stable=True)       # w[order] ascending
     position = xp.argsort(order, axis=-1)             # inverse permutation
     return xp.astype(position < int(k), w.dtype)

@@ -1109,6 +1109,7 @@ def tanh_deq_jacobians(res: TanhDEQResult):
     Per member: with shared parameters the layer's parameter gradient is the
     sum over members of ``F_i^T u_i``.
     """
+    backend.check_result(res, "res", TanhDEQResult, producer="tanh_deq()")
     xp = array_api_compat.array_namespace(res.z)
     z, x, W, U = res.z, res.x, res.W, res.U
     D = 1.0 - res.solve.fz * res.solve.fz
