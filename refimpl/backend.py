@@ -11,6 +11,15 @@ Conventions
 -----------
 * float64 is the reference dtype; float32 is supported.  No other dtype is
   accepted by an operator (``TypeError`` naming the argument).
+* Mixed precision: the float arrays of one call share one dtype; float32
+  beside float64 is a ``TypeError`` naming both arguments (no silent
+  promotion), raised by :func:`namespace` (:func:`check_same_dtype`).
+* Empty input: an array with a zero-length axis -- a batch of size 0
+  included -- is a ``ValueError`` naming the argument (:func:`check_array`);
+  no operator returns an empty result.
+* Scalar and option arguments go through one vocabulary:
+  :func:`check_int`, :func:`check_choice`, :func:`check_flag`,
+  :func:`check_positive`, :func:`check_result`.
 * Outputs live in the namespace and on the device of the inputs.
 * Nothing here mutates its arguments.
 * Host-side work (SciPy, random numbers for tests) uses NumPy explicitly via

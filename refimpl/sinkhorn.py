@@ -510,7 +510,8 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
     Raises
     ------
     TypeError : non-array input, unsupported or mixed dtypes.
-    ValueError : NaN/Inf, shape mismatch, ``eps <= 0``, non-positive
+    ValueError : NaN/Inf, empty arrays, shape mismatch, ``eps <= 0``,
+        ``max|C| / eps`` beyond the dtype's largest number, non-positive
         marginals, unequal masses (balanced), bad ``rho``/``tol``/``max_iter``.
 
     Examples
@@ -1338,7 +1339,8 @@ def sinkhorn_vjp_eps(res: SinkhornResult, P_bar, *, method: str = "schur", cg_to
     ``-<C_bar, C> / eps``.
 
     Returns an array with the batch shape (one derivative per member; for the
-    single ``eps`` shared by a batch, ``dL/deps`` is its sum).
+    single ``eps`` shared by a batch, ``dL/deps`` is its sum).  Accuracy in
+    float32 and its ConditioningWarning: as :func:`sinkhorn_vjp`.
     """
     C_bar, _, _ = _reverse(res, P_bar, method, cg_tol, cg_max_iter, warn, "eps-derivative")
     return backend.namespace(P=res.P).sum(C_bar * res.log_P, axis=(-2, -1))
@@ -1370,6 +1372,7 @@ def sinkhorn_jvp(res: SinkhornResult, dC=None, da=None, db=None, *, method: str 
     ``dP = P * (df 1^T + 1 dg^T - dC) / eps``.  For balanced problems an
     infeasible tangent is first projected to
     ``(da + 1 (1^T db - 1^T da) / n, db)`` (adjoint of the VJP's gauge).
+    Accuracy in float32 and its ConditioningWarning: as :func:`sinkhorn_vjp`.
 
     Examples
     --------

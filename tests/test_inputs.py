@@ -469,6 +469,17 @@ def test_fixed_point_reg_zero_is_a_value_error():
     np.testing.assert_allclose(res.z, 2.0, rtol=1e-10)
 
 
+def test_solve_vjp_extreme_matrix_is_a_value_error():
+    # The forward's LU of A succeeds, LAPACK's LU of A^T meets an exact zero
+    # pivot (1e-300 * 1e-300 underflows): before, a raw LinAlgError.
+    A = np.array([[1e-300, 1e300], [0.0, 1e300]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = linsolve.solve(A, np.ones(2))
+        with pytest.raises(ValueError, match="'res.A'"):
+            linsolve.solve_vjp(res, np.ones(2))
+
+
 def test_solve_vjp_singular_adjoint_is_a_value_error(monkeypatch):
     # A library that raises LinAlgError on the adjoint solve (as NumPy does for
     # an exactly singular A^T) surfaces as a ValueError naming 'res.A'.
