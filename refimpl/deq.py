@@ -742,6 +742,8 @@ def implicit_vjp(f_vjp: Callable, z, z_bar, *, method: str = "exact", k: int | N
     """
     if not callable(f_vjp):
         raise TypeError(f"argument 'f_vjp' must be callable, got {type(f_vjp).__name__}")
+    warn = backend.check_flag(warn, "warn")
+    stackable = backend.check_flag(stackable, "stackable")
     forward = None
     if isinstance(z, FixedPointResult):
         forward, z = z, z.z

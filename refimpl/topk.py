@@ -267,6 +267,14 @@ def _check_anchor_range(xp, xs, y, eps: float) -> None:
                          f"{cmax:.3e} / {eps:.3e}, beyond float64; rescale x or raise eps")
 
 
+def _check_backward_method(method: Any) -> str:
+    """A method of :func:`refimpl.sinkhorn.sinkhorn_vjp`, checked whatever the
+    forward (the closed form ignores it, but a typo is still a typo)."""
+    from .sinkhorn import METHODS as BACKWARD_METHODS
+
+    return backend.check_choice(method, "method", BACKWARD_METHODS)
+
+
 def _wide(xp, v):
     """``v`` in float64, the working dtype of the Sinkhorn path (a no-op in float64)."""
     return v if backend.dtype_name(v.dtype) == "float64" else xp.astype(v, xp.float64)
@@ -573,6 +581,7 @@ def soft_topk_vjp(res: SoftTopkResult, A_bar, *, method: str = "schur"):
     Returns ``x_bar`` with the shape of ``x``; exactly 0 for ``k = 0, n``.
     """
     backend.check_result(res, "res", SoftTopkResult, producer="soft_topk()")
+    _check_backward_method(method)
     xp = backend.namespace(A=res.A, A_bar=A_bar)
     _check_cotangent(xp, A_bar, res.A, "A_bar")
     _warn_unconverged(res, "soft_topk_vjp")
@@ -731,6 +740,7 @@ def soft_sorted_topk_vjp(res: SortedTopkResult, A_bar, *, method: str = "schur")
     Returns ``x_bar`` with the shape of ``x``.
     """
     backend.check_result(res, "res", SortedTopkResult, producer="soft_sorted_topk()")
+    _check_backward_method(method)
     xp = backend.namespace(A=res.A, A_bar=A_bar)
     _check_cotangent(xp, A_bar, res.A, "A_bar")
     if res.k == 0:
