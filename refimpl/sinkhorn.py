@@ -1069,7 +1069,8 @@ def _warn_resolution(res: SinkhornResult, cond_max: float, what: str) -> None:
             f"sinkhorn {what}: at eps={res.eps:.3g} in {backend.dtype_name(res.P.dtype)} the plan is "
             f"resolved to a relative marginal error {err:.1e} and the backward amplifies it by up to "
             f"cond(S^) = {cond_max:.1e}: the gradient may be off by ~{est:.1e} (relative); use "
-            f"float64 or a larger eps",
+            + ("float64 or a larger eps" if backend.dtype_name(res.P.dtype) == "float32"
+               else "a larger eps or a smaller tol"),
             ConditioningWarning, stacklevel=3)
 
 
@@ -1089,8 +1090,8 @@ def _warn_backward(res: SinkhornResult, info: dict, method: str, what: str) -> N
             f"sinkhorn {what}: the forward did not converge (error {err:.2e} > tol); the implicit "
             f"gradient is exact for the problem with P's own marginals, not for (C, a, b){est}",
             ConvergenceWarning, stacklevel=3)
-    if cond_max is not None and res.all_converged:
-        _warn_resolution(res, cond_max, what)
+    if cond_max is not None and res.all_converged and cond_max <= _cond_threshold(res.P.dtype):
+        _warn_resolution(res, cond_max, what)     # beyond the threshold: the warning below
     if cond_max is not None:
         thr = _cond_threshold(res.P.dtype)
         dropped = info.get("n_dropped")
@@ -1302,7 +1303,9 @@ def sinkhorn_vjp(res: SinkhornResult, P_bar, *, method: str = "schur", cg_tol: f
     few hundredths of ``max|C|`` and below the float32 gradient can be off
     by 1e-3 to 1e-1 relative.  Whenever ``cond(S^) x max(error)`` exceeds
     ``GRADIENT_RESOLUTION_WARN`` (1e-3) a ConditioningWarning naming ``eps``
-    and the dtype is issued; float64 or a larger ``eps`` avoids it.
+    and the dtype is issued (when ``cond(S^) > 1/sqrt(u)`` the
+    ill-conditioning warning above is issued instead); float64 or a larger
+    ``eps`` avoids it.
 
     Returns
     -------
