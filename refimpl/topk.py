@@ -135,6 +135,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -283,6 +284,22 @@ def _wide(xp, v):
 def _narrow(xp, v, like):
     """``v`` rounded to ``like``'s dtype."""
     return v if v.dtype == like.dtype else xp.astype(v, like.dtype)
+
+
+_PLAN_ARRAYS = ("P", "f", "g", "C", "a", "b", "tol", "error")
+
+
+def _plan_as(xp, plan, dtype):
+    """The Sinkhorn result ``plan`` with its float arrays cast to ``dtype``.
+
+    The plan is solved in float64 and stored in the scores' dtype (a float32
+    caller gets float32 arrays throughout); the derivatives cast it back to
+    float64.  Rounding the converged float64 plan to float32 moves each
+    entry by one float32 ulp, far below the float32 iteration's own floor.
+    """
+    if backend.dtype_name(plan.P.dtype) == backend.dtype_name(dtype):
+        return plan
+    return dataclasses.replace(plan, **{k: xp.astype(getattr(plan, k), dtype) for k in _PLAN_ARRAYS})
 
 
 def _check_eps(xp, eps: Any, dtype) -> float:
@@ -465,7 +482,7 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
         derivatives to ``x``'s dtype: a float32 plan is resolved only to
         ``~32 u max|C| / eps`` (``u = 6e-8``) and its gradient can then be
         off by more than 100% at ``eps = 0.01`` with ``converged=True``.
-        ``result.plan`` is that float64 plan.
+        ``result.plan`` is that plan, rounded to ``x``'s dtype.
     tol : closed form: stop when ``|sum(A) - k| <= tol S`` (``S = sum A(1-A)``),
         which bounds the relative error of every ``A_i`` by ``tol`` to first
         order (default ``16 u (1 + log2 n)``, ``u`` the unit round-off: the
@@ -531,6 +548,7 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
     A = _narrow(xp, float(n) * plan.P[..., 1], x)
     theta = (xp.mean(xs, axis=-1) + 0.5 * (y1 + y2)
              - _narrow(xp, (plan.g[..., 1] - plan.g[..., 0]) / (2.0 * (y2 - y1)), x))
+    plan = _plan_as(xp, plan, x.dtype)
     n_iter, err, conv = _plan_diagnostics(xp, plan)
     return SoftTopkResult(A=A, theta=sign * theta, plan=plan, s=None, x=x, k=k, eps=eps,
                           largest=largest, method=method, t=t, n_iter=n_iter, error=err,
@@ -565,7 +583,8 @@ def soft_topk_jvp(res: SoftTopkResult, dx):
     dxs = sign * dx                                      # A is a function of sign * x
     if res.method == "closed_form":
         return _closed_form_jvp(xp, res, dxs)
-    dP = _anchor_jvp(xp, res.plan, _wide(xp, sign * res.x), ANCHORS, _wide(xp, dxs))
+    dP = _anchor_jvp(xp, _plan_as(xp, res.plan, xp.float64), _wide(xp, sign * res.x), ANCHORS,
+                     _wide(xp, dxs))
     return _narrow(xp, float(res.x.shape[-1]) * dP[..., 1], res.x)
 
 
@@ -593,7 +612,8 @@ def soft_topk_vjp(res: SoftTopkResult, A_bar, *, method: str = "schur"):
     n = res.x.shape[-1]
     zero = xp.zeros_like(A_bar)
     P_bar = float(n) * xp.stack((zero, A_bar), axis=-1)
-    x_bar = _anchor_vjp(xp, res.plan, _wide(xp, sign * res.x), ANCHORS, _wide(xp, P_bar), method)
+    x_bar = _anchor_vjp(xp, _plan_as(xp, res.plan, xp.float64), _wide(xp, sign * res.x), ANCHORS,
+                        _wide(xp, P_bar), method)
     return sign * _narrow(xp, x_bar, res.x)
 
 
@@ -720,6 +740,7 @@ def soft_sorted_topk(x, k, *, eps, largest: bool = True, tol: float | None = Non
     _check_anchor_range(xp, _wide(xp, xs), y, eps)
     plan = _anchor_transport(xp, _wide(xp, xs), y, nu, eps, tol, max_iter)   # float64, as soft_topk
     A = _narrow(xp, float(n) * xp.flip(plan.P[..., len(y) - k:], axis=-1), x)
+    plan = _plan_as(xp, plan, x.dtype)
     n_iter, err, conv = _plan_diagnostics(xp, plan)
     return SortedTopkResult(A=A, plan=plan, y=y, x=x, k=k, eps=eps, largest=largest,
                             n_iter=n_iter, error=err, converged=conv)
@@ -747,7 +768,7 @@ def soft_sorted_topk_vjp(res: SortedTopkResult, A_bar, *, method: str = "schur")
         return xp.zeros_like(res.x)
     _warn_unconverged(res, "soft_sorted_topk_vjp")
     sign = 1.0 if res.largest else -1.0
-    x_bar = _anchor_vjp(xp, res.plan, _wide(xp, sign * res.x), res.y,
+    x_bar = _anchor_vjp(xp, _plan_as(xp, res.plan, xp.float64), _wide(xp, sign * res.x), res.y,
                         _wide(xp, _sorted_P_bar(xp, res, A_bar)), method)
     return sign * _narrow(xp, x_bar, res.x)
 
@@ -761,7 +782,8 @@ def soft_sorted_topk_jvp(res: SortedTopkResult, dx):
         return xp.zeros_like(res.A)
     _warn_unconverged(res, "soft_sorted_topk_jvp")
     sign = 1.0 if res.largest else -1.0
-    dP = _anchor_jvp(xp, res.plan, _wide(xp, sign * res.x), res.y, _wide(xp, sign * dx))
+    dP = _anchor_jvp(xp, _plan_as(xp, res.plan, xp.float64), _wide(xp, sign * res.x), res.y,
+                     _wide(xp, sign * dx))
     return _narrow(xp, float(res.x.shape[-1]) * xp.flip(dP[..., len(res.y) - res.k:], axis=-1), res.x)
 
 
