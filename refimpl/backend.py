@@ -11,6 +11,15 @@ Conventions
 -----------
 * float64 is the reference dtype; float32 is supported.  No other dtype is
   accepted by an operator (``TypeError`` naming the argument).
+* Mixed precision: the float arrays of one call share one dtype; float32
+  beside float64 is a ``TypeError`` naming both arguments (no silent
+  promotion), raised by :func:`namespace` (:func:`check_same_dtype`).
+* Empty input: an array with a zero-length axis -- a batch of size 0
+  included -- is a ``ValueError`` naming the argument (:func:`check_array`);
+  no operator returns an empty result.
+* Scalar and option arguments go through one vocabulary:
+  :func:`check_int`, :func:`check_choice`, :func:`check_flag`,
+  :func:`check_positive`, :func:`check_result`.
 * Outputs live in the namespace and on the device of the inputs.
 * Nothing here mutates its arguments.
 * Host-side work (SciPy, random numbers for tests) uses NumPy explicitly via
@@ -36,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +67,12 @@ __all__ = [
     "backend_status",
     "broadcast_shapes",
     "check_array",
+    "check_choice",
+    "check_flag",
+    "check_int",
     "check_positive",
+    "check_result",
+    "check_same_dtype",
     "device",
     "device_policy",
     "diag_embed",
@@ -133,6 +148,9 @@ def namespace(**named: Any):
         the arrays come from different libraries.
     ValueError
         If the arrays live on different devices.
+    TypeError
+        If two of the float arrays have different dtypes (float32 beside
+        float64): :func:`check_same_dtype`, the one mixed-precision rule.
     """
     arrays = {k: v for k, v in named.items() if v is not None}
     if not arrays:
@@ -157,6 +175,7 @@ def namespace(**named: Any):
                 f"argument {name!r} is on device {dev!r} but {first_name!r} "
                 f"is on {first_dev!r}"
             )
+    check_same_dtype(**arrays)
     return xp
 
 
@@ -183,13 +202,19 @@ def dtype_name(dtype) -> str:
 
 
 def check_array(x: Any, name: str, *, ndim: int | None = None,
-                min_ndim: int | None = None, finite: bool = True):
+                min_ndim: int | None = None, finite: bool = True,
+                allow_empty: bool = False):
     """Validate an operator input and return it unchanged.
 
     Checks, in this order: it is an array (``TypeError``), its dtype is
     float32 or float64 (``TypeError``), its number of dimensions
-    (``ValueError``), and that it holds no NaN/Inf (``ValueError``).
-    Every message names ``name``.
+    (``ValueError``), that it is not empty (``ValueError``; a leading batch
+    dimension of size 0 included, unless ``allow_empty``) and that it holds
+    no NaN/Inf (``ValueError``).  Every message names ``name``.
+
+    The empty-batch rule: operators refuse an input with a zero-length axis
+    rather than return an empty result, so that every result carries
+    meaningful diagnostics (iterations, errors, conditioning).
     """
     if not _is_array(x):
         raise TypeError(
@@ -208,6 +233,9 @@ def check_array(x: Any, name: str, *, ndim: int | None = None,
         raise ValueError(
             f"argument {name!r} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}"
         )
+    if not allow_empty and math.prod(tuple(x.shape)) == 0:
+        raise ValueError(f"argument {name!r} is empty (shape {tuple(x.shape)}); refimpl operators "
+                         "refuse a zero-length axis, a batch of size 0 included")
     if finite and x.size != 0 and not bool(xp.all(xp.isfinite(x))):
         raise ValueError(f"argument {name!r} contains NaN or Inf")
     return x
@@ -233,6 +261,107 @@ def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"argument {name!r} must be finite and {bound}, got {value!r}")
     return v
+
+
+# --------------------------------------------------------------------------
+# Argument vocabulary: integers, choices, flags, result objects, dtypes
+# --------------------------------------------------------------------------
+#
+# One rule per kind of argument, shared by every operator module:
+#
+# * a count or an order (``max_iter``, ``k``, ``degree``) is a Python or
+#   NumPy integer -- bool, float and str are a ``TypeError`` -- within its
+#   range (``ValueError``): :func:`check_int`;
+# * a mode (``method``, ``sense``) is one of a listed set of strings
+#   (``ValueError``): :func:`check_choice`;
+# * a switch (``largest``) is a bool (``TypeError``): :func:`check_flag`;
+# * a positive scalar (``eps``, ``tol``, ``lam``, ``reg``) goes through
+#   :func:`check_positive`;
+# * the result handed to a JVP/VJP is the forward's result class
+#   (``TypeError``): :func:`check_result`;
+# * the float arrays of one call share one dtype: float32 and float64 are
+#   never mixed silently (``TypeError`` naming both arguments, raised by
+#   :func:`namespace` through :func:`check_same_dtype`);
+# * an empty array -- a batch of size 0 included -- is refused
+#   (``ValueError`` naming the argument, raised by :func:`check_array`):
+#   there is no iteration, conditioning or error estimate to report for it.
+
+def check_int(value: Any, name: str, *, min: int | None = None, max: int | None = None) -> int:
+    """A Python or NumPy integer within ``[min, max]``, returned as a Python int.
+
+    ``bool`` (``True`` is not a count), ``float`` (``2.5`` or ``2.0``), ``str``
+    and anything else without ``__index__`` are a ``TypeError`` naming the
+    argument; an integer outside the range is a ``ValueError``.
+    """
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, (float, np.floating, str)):
+        raise TypeError(f"argument {name!r} must be an integer, got {type(value).__name__} {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"argument {name!r} must be an integer, got {type(value).__name__}") from None
+    if (min is not None and v < min) or (max is not None and v > max):
+        if max is None:
+            bound = f">= {min}"
+        elif min is None:
+            bound = f"<= {max}"
+        else:
+            bound = f"satisfy {min} <= {name} <= {max}"
+        raise ValueError(f"argument {name!r} must {'be ' if max is None or min is None else ''}{bound}, "
+                         f"got {v}")
+    return v
+
+
+def check_choice(value: Any, name: str, choices) -> str:
+    """``value`` if it is one of the strings ``choices``; else a ``ValueError``
+    naming the argument and listing the choices."""
+    if not isinstance(value, str) or value not in tuple(choices):
+        raise ValueError(f"argument {name!r} must be one of {', '.join(map(repr, choices))}, "
+                         f"got {value!r}")
+    return value
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """A Python bool (or NumPy ``bool_``) as a bool; anything else is a
+    ``TypeError`` naming the argument (``bool("False")`` is True, so a silent
+    conversion would do the opposite of what was asked)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"argument {name!r} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_result(res: Any, name: str, cls: type, *, producer: str | None = None) -> Any:
+    """``res`` if it is an instance of ``cls`` (the forward's result class);
+    else a ``TypeError`` naming the argument and the expected type, rather
+    than an ``AttributeError`` from deep inside the derivative."""
+    if not isinstance(res, cls):
+        source = f" (the result of {producer})" if producer else ""
+        raise TypeError(f"argument {name!r} must be a {cls.__name__}{source}, "
+                        f"got {type(res).__name__}")
+    return res
+
+
+def check_same_dtype(**named: Any) -> None:
+    """Refuse float arrays of different dtypes among ``name=array`` pairs.
+
+    The rule for mixed precision: operators never promote.  A float32 array
+    beside a float64 one is a ``TypeError`` naming both arguments -- promoting
+    would silently compute a float64 answer for a caller who asked for float32
+    (or the reverse).  ``None`` values and non-float arrays are skipped (the
+    latter are refused by :func:`check_array` with their own message).
+    """
+    first: tuple[str, str] | None = None
+    for name, x in named.items():
+        dt = getattr(x, "dtype", None)
+        if x is None or dt is None:
+            continue
+        dname = dtype_name(dt)
+        if dname not in SUPPORTED_DTYPES:
+            continue
+        if first is None:
+            first = (name, dname)
+        elif dname != first[1]:
+            raise TypeError(f"argument {name!r} has dtype {dname} but {first[0]!r} has {first[1]}; "
+                            "refimpl does not mix float32 and float64 -- convert one of them")
 
 
 # --------------------------------------------------------------------------

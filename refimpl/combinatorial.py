@@ -237,6 +237,8 @@ def declare(*, core_ndim: int, sense: str, projections, host: bool = False,
     >>> argmax_onehot.spec.sense
     'max'
     """
+    core_ndim = backend.check_int(core_ndim, "core_ndim", min=0)
+    host = backend.check_flag(host, "host")
     sense = _check_choice(sense, "sense", _SENSES)
     projections = tuple(_check_choice(p, "projections", PROJECTIONS) for p in projections)
     if "none" not in projections:
@@ -328,9 +330,7 @@ class CountingSolver:
 # --------------------------------------------------------------------------
 
 def _check_choice(value, name: str, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"argument {name!r} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
+    return backend.check_choice(value, name, choices)
 
 
 def _projection_name(projection) -> str:
@@ -432,10 +432,7 @@ def top_k(w, k):
     """
     xp = _check_cost(w, "w", 1)
     n = w.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"argument 'k' must be an integer, got {type(k).__name__}")
-    if not 1 <= k <= n:
-        raise ValueError(f"argument 'k' must satisfy 1 <= k <= n = {n}, got {k}")
+    k = backend.check_int(k, "k", min=1, max=n)
     order = xp.argsort(w, axis=-1, stable=True)       # w[order] ascending
     position = xp.argsort(order, axis=-1)             # inverse permutation
     return xp.astype(position < int(k), w.dtype)
@@ -734,6 +731,7 @@ def project_jvp(res: ProjectionResult, dw):
     std: ``(M dw - u_hat <u_hat, M dw>) / r`` (differentiate v = M w, then
     u = v / ||v||).
     """
+    backend.check_result(res, "res", ProjectionResult, producer="project()")
     _check_like(dw, "dw", res.w, "w")
     xp = backend.namespace(w=res.w, dw=dw)
     c = res.core_ndim
@@ -752,6 +750,7 @@ def project_vjp(res: ProjectionResult, u_bar):
     std: ``M^T (u_bar - u_hat <u_hat, u_bar>) / r
     = (M u_bar - u_hat <u_hat, u_bar>) / r`` because ``M u_hat = u_hat``.
     """
+    backend.check_result(res, "res", ProjectionResult, producer="project()")
     _check_like(u_bar, "u_bar", res.w, "w")
     xp = backend.namespace(w=res.w, u_bar=u_bar)
     c = res.core_ndim
@@ -794,6 +793,8 @@ def identity_vjp(w, y_bar, *, projection=None, sense: str = "min", core_ndim: in
     array([-0.5,  2. , -1. ])
     """
     sense = _check_choice(sense, "sense", _SENSES)
+    core_ndim = backend.check_int(core_ndim, "core_ndim", min=0)
+    _check_cost(w, "w", core_ndim)
     _check_like(y_bar, "y_bar", w, "w")
     return _sign(sense) * project_vjp(project(w, projection=projection, core_ndim=core_ndim),
                                       y_bar)
@@ -806,8 +807,9 @@ def noise_margin(w, *, alpha: float, rng):
     backend sees the same numbers, and placed on w's device in w's dtype.
     """
     alpha = backend.check_positive(alpha, "alpha", allow_zero=True)
-    gen = _rng(rng)
     xp = backend.namespace(w=w)
+    backend.check_array(w, "w")          # an integer w would round the +-alpha/2 draws to 0
+    gen = _rng(rng)
     signs = 2.0 * gen.integers(0, 2, size=tuple(w.shape)) - 1.0
     return backend.from_host(0.5 * alpha * signs, xp, device=backend.device(w), dtype=w.dtype)
 
@@ -901,6 +903,7 @@ def identity_layer_vjp(res: IdentityResult, y_bar):
     the noise before the projection); the noise itself passes gradients
     unchanged.  Zero solver calls.
     """
+    backend.check_result(res, "res", IdentityResult, producer="identity_layer()")
     _check_like(y_bar, "y_bar", res.w, "w")
     return _sign(res.spec.sense) * project_vjp(res.proj, y_bar)
 
@@ -938,7 +941,15 @@ def blackbox_vjp(solver, w, y_bar, *, lam: float, y=None):
     _check_like(y_bar, "y_bar", w, "w")
     y = solver(w) if y is None else _check_like(y, "y", w, "w")
     s = _sign(spec.sense)
-    y_shift = solver(w - (s * lam) * y_bar)
+    try:
+        y_shift = solver(w - (s * lam) * y_bar)
+    except ValueError as exc:
+        # The solver's message names its own arguments, which the caller of
+        # blackbox_vjp did not pass: restate it in terms of lam and y_bar.
+        raise ValueError(
+            f"arguments 'lam' and 'y_bar': solver {spec.name!r} refused the shifted cost "
+            f"w {'-' if s > 0 else '+'} lam * y_bar (lam = {lam:g}) that blackbox-backprop solves; "
+            f"a smaller lam keeps the shifted cost closer to w (the solver said: {exc})") from exc
     return (-s / lam) * (y_shift - y)
 
 
@@ -1005,8 +1016,7 @@ def perturbed(solver, w, *, sigma: float, n_samples: int, rng=None,
     spec = solver_spec(solver)
     sigma = backend.check_positive(sigma, "sigma")
     _check_choice(noise, "noise", _NOISES)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
-        raise ValueError(f"argument 'n_samples' must be an integer >= 1, got {n_samples!r}")
+    n_samples = backend.check_int(n_samples, "n_samples", min=1)
     xp = _check_cost(w, "w", spec.core_ndim)
     shape = (int(n_samples),) + tuple(w.shape)
     if Z is None:
@@ -1036,6 +1046,7 @@ def perturbed_vjp(res: PerturbedResult, y_bar):
     unbiased Monte-Carlo estimate of the Jacobian-transpose product of the
     smoothed solver ``E[y(w + s sigma Z)]``.  Zero solver calls.
     """
+    backend.check_result(res, "res", PerturbedResult, producer="perturbed()")
     _check_like(y_bar, "y_bar", res.w, "w")
     xp = backend.namespace(w=res.w, y_bar=y_bar)
     c = res.spec.core_ndim
@@ -1054,12 +1065,14 @@ def straight_through(x) -> IdentityResult:
     It is :func:`identity_layer` on the max-form ``hard_threshold`` without
     projection, so its backward is the identity ``x_bar = y_bar``.
     """
+    _check_cost(x, "x", 1)                  # errors name this function's argument, not 'w'
     return identity_layer(hard_threshold, x)
 
 
 def straight_through_vjp(res: IdentityResult, y_bar, *, clip: float | None = None):
     """Straight-through backward: ``x_bar = y_bar``, or, with ``clip``,
     ``x_bar = y_bar * 1[|x| <= clip]`` (the saturating variant)."""
+    backend.check_result(res, "res", IdentityResult, producer="straight_through()")
     if res.spec.name != "hard_threshold":
         raise ValueError("argument 'res' must come from straight_through (hard_threshold), "
                          f"got a result of solver {res.spec.name!r}")

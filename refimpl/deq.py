@@ -163,7 +163,6 @@ True
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
@@ -227,29 +226,20 @@ def _cond_limit(dtype) -> float:
 
 
 def _check_lam(lam) -> float:
-    """Damping in (0, 1] as a Python float, or ValueError/TypeError naming 'lam'."""
-    if isinstance(lam, bool):
-        raise TypeError("argument 'lam' must be a real number in (0, 1], got bool")
+    """Damping in (0, 1] as a Python float (:func:`refimpl.backend.check_positive`,
+    then the upper bound), naming 'lam'."""
     try:
-        v = float(lam)
-    except (TypeError, ValueError):
-        raise TypeError(f"argument 'lam' must be a real number in (0, 1], got {type(lam).__name__}") from None
-    if not (math.isfinite(v) and 0.0 < v <= 1.0):
+        v = backend.check_positive(lam, "lam")
+    except ValueError:
+        v = math.nan
+    if not v <= 1.0:
         raise ValueError(f"argument 'lam' (damping, weight on f) must lie in (0, 1], got {lam!r}")
     return v
 
 
 def _check_int(value, name: str, *, minimum: int) -> int:
-    """An integer >= minimum (bools and floats rejected), naming the argument."""
-    if isinstance(value, bool):
-        raise TypeError(f"argument {name!r} must be an integer, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"argument {name!r} must be an integer, got {type(value).__name__}") from None
-    if v < minimum:
-        raise ValueError(f"argument {name!r} must be >= {minimum}, got {v}")
-    return v
+    """An integer >= minimum (:func:`refimpl.backend.check_int`)."""
+    return backend.check_int(value, name, min=minimum)
 
 
 def _rows_matvec(W, z):
@@ -402,8 +392,9 @@ def fixed_point(f: Callable, z0, *, method: str = "anderson", tol: float | None 
     """
     backend.check_array(z0, "z0", min_ndim=1)
     xp = array_api_compat.array_namespace(z0)
-    if method not in SOLVERS:
-        raise ValueError(f"argument 'method' must be one of {SOLVERS}, got {method!r}")
+    backend.check_choice(method, "method", SOLVERS)
+    warn = backend.check_flag(warn, "warn")
+    record_history = backend.check_flag(record_history, "record_history")
     tol = _default_tol(z0.dtype) if tol is None else backend.check_positive(tol, "tol", allow_zero=True)
     atol = backend.check_positive(atol, "atol", allow_zero=True)
     if tol == 0.0 and atol == 0.0:
@@ -413,7 +404,7 @@ def fixed_point(f: Callable, z0, *, method: str = "anderson", tol: float | None 
     if method == "picard" and (m is not None or reg is not None):
         raise ValueError("arguments 'm' and 'reg' apply only to method='anderson'")
     m = 5 if m is None else _check_int(m, "m", minimum=1)
-    reg = 1e-10 if reg is None else backend.check_positive(reg, "reg", allow_zero=True)
+    reg = 1e-10 if reg is None else backend.check_positive(reg, "reg")
     if check_every is None:
         check_every = backend.policy_of(z0).sync_cadence(8)
     check_every = _check_int(check_every, "check_every", minimum=1)
@@ -579,8 +570,7 @@ def _add_bars(a: tuple | None, b: tuple) -> tuple:
 def _resolve_method_args(method, k, lam, solver, solver_opts: dict):
     """Validate the backward's options; reject options the method ignores
     (an option that is silently ignored is a bug report waiting to happen)."""
-    if method not in METHODS:
-        raise ValueError(f"argument 'method' must be one of {METHODS}, got {method!r}")
+    backend.check_choice(method, "method", METHODS)
     if method != "exact":
         for name, val in dict(solver_opts, solver=solver).items():
             if val is not None:
@@ -600,10 +590,7 @@ def _resolve_method_args(method, k, lam, solver, solver_opts: dict):
 
 
 def _check_solver(solver: str) -> str:
-    if solver not in ("auto", "dense") + SOLVERS:
-        raise ValueError(f"argument 'solver' must be 'auto', 'dense', 'anderson' or "
-                         f"'picard', got {solver!r}")
-    return solver
+    return backend.check_choice(solver, "solver", ("auto", "dense") + SOLVERS)
 
 
 # --- the linear system (I - K) v = r of the exact VJP (K = J^T) and the JVP (K = J)
@@ -755,6 +742,8 @@ def implicit_vjp(f_vjp: Callable, z, z_bar, *, method: str = "exact", k: int | N
     """
     if not callable(f_vjp):
         raise TypeError(f"argument 'f_vjp' must be callable, got {type(f_vjp).__name__}")
+    warn = backend.check_flag(warn, "warn")
+    stackable = backend.check_flag(stackable, "stackable")
     forward = None
     if isinstance(z, FixedPointResult):
         forward, z = z, z.z
@@ -1022,8 +1011,7 @@ def deq_backward(res: TanhDEQResult, z_bar, *, method: str = "exact", k: int | N
     The layer is linearised at ``res.z``; a VJP of an unconverged forward
     warns (ConvergenceWarning).
     """
-    if not isinstance(res, TanhDEQResult):
-        raise TypeError(f"argument 'res' must be a TanhDEQResult from tanh_deq, got {type(res).__name__}")
+    backend.check_result(res, "res", TanhDEQResult, producer="tanh_deq()")
     f_vjp = _tanh_linearization(res.x, res.W, res.U, res.b)
     # The forward's last evaluation f(z) linearises the layer at z: no new f evaluation.
     # With a shared (2-D) W, UPG's k products s_t h_t^T for W_bar are one GEMM over the
@@ -1076,8 +1064,7 @@ def deq_jvp(res: TanhDEQResult, dx=None, dW=None, dU=None, db=None, *, solver: s
     ValueError when it is singular; an iterative one that does not converge
     warns (ConvergenceWarning).
     """
-    if not isinstance(res, TanhDEQResult):
-        raise TypeError(f"argument 'res' must be a TanhDEQResult from tanh_deq, got {type(res).__name__}")
+    backend.check_result(res, "res", TanhDEQResult, producer="tanh_deq()")
     xp = backend.namespace(z=res.z, dx=dx, dW=dW, dU=dU, db=db)
     for name, t, ref in (("dx", dx, res.x), ("dW", dW, res.W), ("dU", dU, res.U), ("db", db, res.b)):
         if t is not None:
@@ -1124,6 +1111,7 @@ def tanh_deq_jacobians(res: TanhDEQResult):
     Per member: with shared parameters the layer's parameter gradient is the
     sum over members of ``F_i^T u_i``.
     """
+    backend.check_result(res, "res", TanhDEQResult, producer="tanh_deq()")
     xp = array_api_compat.array_namespace(res.z)
     z, x, W, U = res.z, res.x, res.W, res.U
     D = 1.0 - res.solve.fz * res.solve.fz
@@ -1150,12 +1138,33 @@ def phantom_matrix(J, F, *, method: str, k: int | None = None, lam: float | None
     ``F^T lam sum_{i<k} (B^T)^i``; jfb: ``F^T``.
     """
     xp = backend.namespace(J=J, F=F)
-    k, lam, _ = _resolve_method_args(method, k, lam, None, {})
+    backend.check_array(J, "J", min_ndim=2)
+    backend.check_array(F, "F", min_ndim=2)
     n = J.shape[-1]
+    if J.shape[-2] != n:
+        raise ValueError(f"argument 'J' must be square (..., d, d), got shape {tuple(J.shape)}")
+    if F.shape[-2] != n:
+        raise ValueError(f"argument 'F' must have d = {n} rows like 'J' (shape (..., d, P)), "
+                         f"got shape {tuple(F.shape)}")
+    try:
+        backend.broadcast_shapes(tuple(J.shape[:-2]), tuple(F.shape[:-2]))
+    except ValueError:
+        raise ValueError(f"batch shapes of 'J' {tuple(J.shape[:-2])} and 'F' "
+                         f"{tuple(F.shape[:-2])} do not broadcast") from None
+    k, lam, _ = _resolve_method_args(method, k, lam, None, {})
     eye = backend.eye_like(J, n)
     Ft = mT(F)
     if method == "exact":
-        return mT(xp.linalg.solve(eye - J, F))                # ((I - J)^{-1} F)^T
+        try:
+            A = mT(backend.solve(eye - J, F))                 # ((I - J)^{-1} F)^T
+        except Exception as exc:                              # a library's LinAlgError
+            if "LinAlgError" not in type(exc).__name__:
+                raise
+            A = None
+        if A is None or not bool(xp.all(xp.isfinite(A))):
+            raise ValueError("argument 'J': I - J is singular to working precision, the exact "
+                             "implicit gradient does not exist")
+        return A
     if method == "jfb":
         return Ft
     Bt = mT(lam * J + (1.0 - lam) * eye)
@@ -1180,13 +1189,27 @@ def gradient_agreement(phantom, exact) -> GradientAgreement:
     """Cosine, norm ratio and relative error of ``phantom`` against ``exact``.
 
     Both are arrays or tuples of arrays (None = zero), e.g. the outputs of
-    :func:`deq_vjp`; they are compared as one long vector.  Cosine and ratio
-    are NaN when a norm is zero.
+    :func:`deq_vjp`; they are compared as one long vector.
+
+    Raises
+    ------
+    TypeError : an entry is not a float32/float64 array (or None), or the
+        two mix dtypes.
+    ValueError : the tuples differ in length or shapes, an entry holds NaN
+        or Inf, or ``exact`` is zero (every measure is relative to it).
+        A zero ``phantom`` has cosine 0 (no alignment), ratio 0, error 1.
     """
     ps = phantom if isinstance(phantom, tuple) else (phantom,)
     es = exact if isinstance(exact, tuple) else (exact,)
     if len(ps) != len(es):
         raise ValueError(f"'phantom' has {len(ps)} arrays but 'exact' has {len(es)}")
+    for i, (p, e) in enumerate(zip(ps, es)):
+        named = {f"phantom[{i}]": p, f"exact[{i}]": e}
+        if p is not None or e is not None:
+            backend.namespace(**named)                   # one library, one device, one dtype
+        for name, a in named.items():
+            if a is not None:
+                backend.check_array(a, name, allow_empty=True)
     pp = ee = pe = dd = 0.0
     for i, (p, e) in enumerate(zip(ps, es)):
         if p is None and e is None:
@@ -1202,10 +1225,11 @@ def gradient_agreement(phantom, exact) -> GradientAgreement:
         pe += _as_float(xp.sum(p * e))
         dd += _as_float(xp.sum((p - e) * (p - e)))
     npn, nen = math.sqrt(pp), math.sqrt(ee)
-    cos = pe / (npn * nen) if npn > 0 and nen > 0 else math.nan
-    ratio = npn / nen if nen > 0 else math.nan
-    rel = math.sqrt(dd) / nen if nen > 0 else math.nan
-    return GradientAgreement(cos, ratio, rel)
+    if not nen > 0:
+        raise ValueError("argument 'exact' is zero: cosine, norm ratio and relative error "
+                         "against it are undefined")
+    cos = pe / (npn * nen) if npn > 0 else 0.0
+    return GradientAgreement(cos, npn / nen, math.sqrt(dd) / nen)
 
 
 # --------------------------------------------------------------------------

@@ -44,6 +44,7 @@ True
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,25 +92,45 @@ def _check_inputs(A, b):
     return xp
 
 
+def _solve_or_raise(xp, A, rhs, what: str):
+    """``A^{-1} rhs``, turning a library's LinAlgError (or a non-finite result,
+    CuPy's way of failing) into a ``ValueError`` saying what was singular."""
+    try:
+        x = solve_vec(A, rhs)
+    except Exception as exc:  # numpy/strict/torch raise a LinAlgError; CuPy returns non-finite values
+        if "LinAlgError" in type(exc).__name__:              # torch's is _LinAlgError
+            raise ValueError(what) from exc
+        raise
+    if not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(what)
+    return x
+
+
+def _check_result(res) -> None:
+    backend.check_result(res, "res", SolveResult, producer="solve()")
+
+
+def _check_tangent(t, name: str, shape: tuple, like_name: str) -> None:
+    if t is None:
+        return
+    backend.check_array(t, name)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"argument {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)} "
+                         f"like {like_name!r}")
+
+
 def solve(A, b) -> SolveResult:
     """Solve ``A x = b`` for ``x`` (batched, broadcasting batch dimensions).
 
     Raises
     ------
-    TypeError : ``A`` or ``b`` is not a float32/float64 array.
-    ValueError : non-finite entries, shape mismatch, or ``A`` singular to
-        working precision (the solution is not finite).
+    TypeError : ``A`` or ``b`` is not a float32/float64 array, or they have
+        different dtypes.
+    ValueError : non-finite entries, empty arrays, shape mismatch, or ``A``
+        singular to working precision (the solution is not finite).
     """
     xp = _check_inputs(A, b)
-    singular = "argument 'A' is singular to working precision"
-    try:
-        x = solve_vec(A, b)
-    except Exception as exc:  # numpy/strict/torch raise a LinAlgError; CuPy returns non-finite values
-        if "LinAlgError" in type(exc).__name__:              # torch's is _LinAlgError
-            raise ValueError(singular) from exc
-        raise
-    if not bool(xp.all(xp.isfinite(x))):
-        raise ValueError(singular)
+    x = _solve_or_raise(xp, A, b, "argument 'A' is singular to working precision")
     r = matvec(A, x) - b
     norm = xp.linalg.vector_norm
     rel = norm(r, axis=-1) / (xp.linalg.matrix_norm(A) * norm(x, axis=-1) + norm(b, axis=-1))
@@ -117,25 +138,48 @@ def solve(A, b) -> SolveResult:
 
 
 def solve_jvp(res: SolveResult, dA, db):
-    """Forward mode: ``dx = A^{-1} (db - dA x)``.  ``dA``/``db`` may be None (zero)."""
+    """Forward mode: ``dx = A^{-1} (db - dA x)``.  ``dA``/``db`` may be None (zero).
+
+    ``dA`` and ``db`` must be finite arrays with the shapes and dtype of
+    ``res.A`` and ``res.b``.
+    """
+    _check_result(res)
     xp = backend.namespace(x=res.x, dA=dA, db=db)
+    _check_tangent(dA, "dA", tuple(res.A.shape), "A")
+    _check_tangent(db, "db", tuple(res.b.shape), "b")
     rhs = xp.zeros_like(res.x)
     if db is not None:
         rhs = rhs + db
     if dA is not None:
         rhs = rhs - matvec(dA, res.x)
-    return solve_vec(res.A, rhs)
+    # The map is linear in (dA, db): solve for the rescaled right-hand side so
+    # that a huge tangent cannot overflow inside the solve, then scale back.
+    scale = float(xp.max(xp.abs(rhs))) if rhs.ndim else abs(float(rhs))
+    if scale == 0.0 or not math.isfinite(scale):
+        scale = 1.0
+    return _solve_or_raise(xp, res.A, rhs / scale,
+                           "the tangent solve with 'res.A' failed (A singular to working precision)") * scale
 
 
 def solve_vjp(res: SolveResult, x_bar):
     """Reverse mode: ``b_bar = A^{-T} x_bar``, ``A_bar = -b_bar x^T``.
 
     Returns ``(A_bar, b_bar)`` with the shapes of ``A`` and ``b``.
+
+    Raises
+    ------
+    TypeError : ``res`` is not a :class:`SolveResult`, ``x_bar`` not a float
+        array of ``res.x``'s dtype.
+    ValueError : ``x_bar`` has the wrong shape or non-finite entries, or the
+        transposed solve fails (``A^T`` singular to working precision).
     """
-    backend.namespace(x=res.x, x_bar=x_bar)
+    _check_result(res)
+    xp = backend.namespace(x=res.x, x_bar=x_bar)
     backend.check_array(x_bar, "x_bar")
     if tuple(x_bar.shape) != tuple(res.x.shape):
         raise ValueError(f"argument 'x_bar' has shape {tuple(x_bar.shape)}, expected {tuple(res.x.shape)}")
-    g = solve_vec(mT(res.A), x_bar)                 # A^T g = x_bar
+    g = _solve_or_raise(xp, mT(res.A), x_bar,          # A^T g = x_bar
+                        "the adjoint solve A^T g = x_bar failed: 'res.A' is singular to working "
+                        "precision in transposed form")
     A_bar = -(g[..., :, None] * res.x[..., None, :])  # -g x^T
     return sum_to_shape(A_bar, tuple(res.A.shape)), sum_to_shape(g, tuple(res.b.shape))

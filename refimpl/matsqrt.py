@@ -343,11 +343,7 @@ def pade_coefficients(order: int, basis: str = "z") -> tuple[tuple[Fraction, ...
 
 
 def _check_int(value, name: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"argument {name!r} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"argument {name!r} must be >= {minimum}, got {value}")
-    return value
+    return backend.check_int(value, name, min=minimum)
 
 
 # --------------------------------------------------------------------------
@@ -1256,10 +1252,8 @@ def _forward_ns(As, c, *, iters, tol, max_iter):
 
 def _method_options(method, order, degree, iters, tol, max_iter, basis):
     """The validated order (mpa) or degree (mtp) of a method; None otherwise."""
-    if method not in SQRT_METHODS:
-        raise ValueError(f"argument 'method' must be one of {SQRT_METHODS}, got {method!r}")
-    if basis not in ("z", "x"):
-        raise ValueError(f"argument 'basis' must be 'z' or 'x', got {basis!r}")
+    backend.check_choice(method, "method", SQRT_METHODS)
+    backend.check_choice(basis, "basis", ("z", "x"))
     if basis != "z" and method != "mpa":
         raise ValueError(f"argument 'basis' applies to method 'mpa' only (method={method!r})")
     if order is not None and method != "mpa":
@@ -1434,7 +1428,7 @@ def _eig_of(res):
     return _Eig(l=lam, U=U, s=xp.sqrt(lam))
 
 
-def _exact(res, E, inverse: bool):
+def _exact(res, E, inverse: bool, *, via_approximant: bool = False):
     """``U [(U^T sym(E) U) o K] U^T`` with K the divided differences of sqrt
     (``1/(s_i + s_j)``) or of 1/sqrt (``-1/(s_i s_j (s_i + s_j))``).
 
@@ -1445,9 +1439,13 @@ def _exact(res, E, inverse: bool):
     s = eig.s
     s_min, s_max = s[..., 0], s[..., -1]
     if not bool(xp.all(s_min > 0)):
+        hint = ("the 'eig' forward computes the true root, so its 'approximant' derivative is "
+                "this one; compute the forward with method='mpa', 'mtp' or 'ns' to get the "
+                "derivative of an approximant, defined there" if via_approximant else
+                "use method='approximant' with an MPA/MTP/NS forward for the derivative of "
+                "the approximant, defined there")
         raise ValueError("the matrix square root is not differentiable at a singular A "
-                         "(a zero eigenvalue); use method='approximant' for the derivative "
-                         "of the MPA/MTP/NS forward")
+                         f"(a zero eigenvalue); {hint}")
     if not bool(xp.all(s_min >= math.sqrt(_eps(res.A)) * s_max)):
         warnings.warn("A is ill-conditioned: the Lyapunov operator S X + X S has condition "
                       f"number {float(xp.max(s_max / s_min)):.1e}; the gradient is large "
@@ -1669,7 +1667,7 @@ def _ns_vjp(res, G, inverse: bool):
 
 def _approximant(res, E, inverse: bool, mode: str):
     if res.method == "eig":
-        return _exact(res, E, inverse)     # the eig forward is exact: same derivative
+        return _exact(res, E, inverse, via_approximant=True)   # the eig forward is exact
     if res.method == "ns":
         return _ns_jvp(res, E, inverse) if mode == "jvp" else _ns_vjp(res, E, inverse)
     return _rational_jvp(res, E) if mode == "jvp" else _rational_vjp(res, E)
@@ -1681,17 +1679,15 @@ def _approximant(res, E, inverse: bool, mode: str):
 
 def _check_derivative_args(res, E, inverse: bool, name: str, method: str, fn: str):
     cls = InvSqrtmResult if inverse else SqrtmResult
-    if not isinstance(res, cls):
-        raise TypeError(f"argument 'res' of {fn} must be a {cls.__name__} (the result of "
-                        f"{'inv_sqrtm' if inverse else 'sqrtm'}), got {type(res).__name__}")
+    backend.check_result(res, "res", cls, producer=f"{'inv_sqrtm' if inverse else 'sqrtm'}(), "
+                                                   f"as {fn} needs")
     out = res.S_inv if isinstance(res, InvSqrtmResult) else res.S
     backend.namespace(out=out, **{name: E})
     backend.check_array(E, name)
     if tuple(E.shape) != tuple(out.shape):
         raise ValueError(f"argument {name!r} has shape {tuple(E.shape)}, expected "
                          f"{tuple(out.shape)}")
-    if method not in VJP_METHODS:
-        raise ValueError(f"argument 'method' must be one of {VJP_METHODS}, got {method!r}")
+    backend.check_choice(method, "method", VJP_METHODS)
     xp = array_api_compat.array_namespace(E)
     if not bool(xp.all(res.converged)):
         warnings.warn(f"the {res.method!r} forward did not converge; its {method!r} "
@@ -1699,6 +1695,7 @@ def _check_derivative_args(res, E, inverse: bool, name: str, method: str, fn: st
 
 
 def _derivative(res, E, *, inverse, method, mode, iters, tol, max_iter, full_output):
+    full_output = backend.check_flag(full_output, "full_output")
     if method != "lyapunov_sign" and (iters is not None or tol is not None):
         raise ValueError("arguments 'iters'/'tol' apply to method 'lyapunov_sign' only")
     if method == "exact":
@@ -1783,8 +1780,7 @@ def inv_sqrtm_jvp(res: InvSqrtmResult, dA, *, method: str = "exact",
 # --------------------------------------------------------------------------
 
 def _approx_params(method, order, degree, iters):
-    if method not in SQRT_METHODS:
-        raise ValueError(f"argument 'method' must be one of {SQRT_METHODS}, got {method!r}")
+    backend.check_choice(method, "method", SQRT_METHODS)
     if method == "mpa":
         return _check_int(DEFAULT_MPA_ORDER if order is None else order, "order", minimum=1)
     if method == "mtp":
@@ -1793,8 +1789,22 @@ def _approx_params(method, order, degree, iters):
         if iters is None:
             raise ValueError("method 'ns' needs 'iters' (the number of steps taken, "
                              "e.g. res.n_iter)")
-        return iters
+        if backend._is_array(iters):
+            xp = array_api_compat.array_namespace(iters)
+            if not xp.isdtype(iters.dtype, "integral") or bool(xp.any(iters < 0)):
+                raise TypeError("argument 'iters' must be a non-negative integer or an integer "
+                                f"array, got an array of dtype {backend.dtype_name(iters.dtype)}")
+            return iters
+        return _check_int(iters, "iters", minimum=0)
     return None
+
+
+def _check_eigenvalues(x, name: str):
+    """A finite float32/float64 array of (normalised) eigenvalues: NaN, Inf or
+    complex values are refused (``max|.|`` would ignore a NaN)."""
+    xp = backend.namespace(**{name: x})
+    backend.check_array(x, name, min_ndim=1 if name == "l" else None)
+    return xp
 
 
 def _horner(coeffs, x):
@@ -1844,8 +1854,12 @@ def scalar_map(x, *, method: str, order: int | None = None, degree: int | None =
 
     This is the "method oracle": the matrix result must agree with it to
     round-off, which separates implementation bugs from approximation error.
+
+    ``x`` must be a finite float32/float64 array (``TypeError`` /
+    ``ValueError`` naming it otherwise).
     """
-    xp = backend.namespace(x=x)
+    xp = _check_eigenvalues(x, "x")
+    inverse = backend.check_flag(inverse, "inverse")
     k = _approx_params(method, order, degree, iters)
     if method == "eig":
         return 1.0 / xp.sqrt(x) if inverse else xp.sqrt(x)
@@ -1875,7 +1889,8 @@ def relative_error(x, *, method: str, order: int | None = None, degree: int | No
     ``x = 0`` gives ``inf`` for mpa/mtp (sqrtm) — a relative error at a zero
     eigenvalue is unbounded — and -1 for ns.
     """
-    xp = backend.namespace(x=x)
+    xp = _check_eigenvalues(x, "x")
+    inverse = backend.check_flag(inverse, "inverse")
     k = _approx_params(method, order, degree, iters)
     if method == "eig":
         return xp.zeros_like(x)
@@ -1913,12 +1928,15 @@ def error_bound(l, *, method: str, order: int | None = None, degree: int | None 
     In exact arithmetic the computed root then satisfies
     ``||S_method - A^{1/2}||_2 <= beta ||A^{1/2}||_2`` (likewise for
     ``A^{-1/2}``), and every eigenvalue is off by at most the factor beta.
+
+    ``l`` must be a finite float32/float64 array of at least one dimension:
+    a NaN would otherwise vanish in the max and give a bound of 0.
     """
-    xp = backend.namespace(l=l)
+    xp = _check_eigenvalues(l, "l")
     l = xp.maximum(l, xp.zeros_like(l))
     if method == "ns":
         c = xp.sum(l, axis=-1, keepdims=True)
-        if iters is not None and not isinstance(iters, int):
+        if iters is not None and backend._is_array(iters):
             iters = iters[..., None]
     else:
         c = xp.sqrt(xp.sum(l * l, axis=-1, keepdims=True))

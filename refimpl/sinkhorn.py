@@ -417,6 +417,7 @@ def _check_inputs(C, a, b, eps, rho_a, rho_b):
         raise ValueError(f"batch shapes of 'C' {tuple(C.shape[:-2])}, 'a' {tuple(a.shape[:-1])} and "
                          f"'b' {tuple(b.shape[:-1])} do not broadcast") from None
     eps = backend.check_positive(eps, "eps")
+    _check_kernel_range(xp, C, eps)
     rho_a = _check_rho(rho_a, "rho_a")
     rho_b = _check_rho(rho_b, "rho_b")
     for name, x in (("a", a), ("b", b)):
@@ -439,9 +440,19 @@ def _check_inputs(C, a, b, eps, rho_a, rho_b):
     return xp, batch, n, m, eps, rho_a, rho_b
 
 
+def _check_kernel_range(xp, C, eps: float) -> None:
+    """Refuse a log kernel ``-C / eps`` that overflows the dtype of ``C``
+    (``max|C| / eps`` above its largest finite number): every entry of the
+    plan would then be NaN or 0, with no digit to report."""
+    cmax = float(xp.max(xp.abs(C)))
+    big = float(xp.finfo(C.dtype).max)
+    if cmax / eps > big:
+        raise ValueError(f"arguments 'C' and 'eps': max|C| / eps = {cmax:.3e} / {eps:.3e} overflows "
+                         f"{backend.dtype_name(C.dtype)} (largest {big:.2e}); rescale C or raise eps")
+
+
 def _check_result(res, name: str = "res"):
-    if not isinstance(res, SinkhornResult):
-        raise TypeError(f"argument {name!r} must be a SinkhornResult from sinkhorn(), got {type(res).__name__}")
+    backend.check_result(res, name, SinkhornResult, producer="sinkhorn()")
 
 
 # --------------------------------------------------------------------------
@@ -499,7 +510,8 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
     Raises
     ------
     TypeError : non-array input, unsupported or mixed dtypes.
-    ValueError : NaN/Inf, shape mismatch, ``eps <= 0``, non-positive
+    ValueError : NaN/Inf, empty arrays, shape mismatch, ``eps <= 0``,
+        ``max|C| / eps`` beyond the dtype's largest number, non-positive
         marginals, unequal masses (balanced), bad ``rho``/``tol``/``max_iter``.
 
     Examples
@@ -513,10 +525,9 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
     """
     xp, batch, n, m, eps, rho_a, rho_b = _check_inputs(C, a, b, eps, rho_a, rho_b)
     tol = backend.check_positive(tol, "tol", allow_zero=True)
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"argument 'max_iter' must be a positive int, got {max_iter!r}")
-    if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
-        raise ValueError(f"argument 'check_every' must be a positive int, got {check_every!r}")
+    max_iter = backend.check_int(max_iter, "max_iter", min=1)
+    check_every = backend.check_int(check_every, "check_every", min=1)
+    warn = backend.check_flag(warn, "warn")
     dev = backend.device(C)
     dt = C.dtype
     balanced = rho_a is None and rho_b is None
@@ -801,7 +812,7 @@ def _solve_cg(sys: _System, t_a, t_b, *, cg_tol=None, cg_max_iter=None, check_ev
     P = sys.P
     k = sys.m
     tol = _default_cg_tol(P.dtype) if cg_tol is None else backend.check_positive(cg_tol, "cg_tol")
-    max_it = max(1000, 10 * k) if cg_max_iter is None else int(cg_max_iter)
+    max_it = max(1000, 10 * k) if cg_max_iter is None else backend.check_int(cg_max_iter, "cg_max_iter", min=1)
     ra = sys.r * (1.0 + sys.alpha)
     cb = sys.c * (1.0 + sys.beta)
 
@@ -1014,9 +1025,17 @@ def _solve(sys: _System, t_a, t_b, method: str, **cg_options):
 
 
 def _check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"argument 'method' must be one of {METHODS}, got {method!r}")
-    return method
+    return backend.check_choice(method, "method", METHODS)
+
+
+def _check_cg_options(method: str, cg_tol, cg_max_iter) -> dict:
+    """The CG options as keyword arguments of :func:`_solve_cg` (checked
+    whatever the method, so a bad value is never silently ignored)."""
+    if cg_tol is not None:
+        cg_tol = backend.check_positive(cg_tol, "cg_tol")
+    if cg_max_iter is not None:
+        cg_max_iter = backend.check_int(cg_max_iter, "cg_max_iter", min=1)
+    return {"cg_tol": cg_tol, "cg_max_iter": cg_max_iter} if method == "cg" else {}
 
 
 # --------------------------------------------------------------------------
@@ -1025,6 +1044,34 @@ def _check_method(method: str) -> str:
 
 def _cond_threshold(dtype) -> float:
     return 1.0 / math.sqrt(backend.unit_roundoff(dtype))
+
+
+#: Relative gradient error, estimated as ``cond(S^) x error`` (the backward's
+#: condition number times the forward's reached marginal error), above which
+#: a derivative of a converged plan warns (:class:`ConditioningWarning`).
+GRADIENT_RESOLUTION_WARN = 1e-3
+
+
+def _warn_resolution(res: SinkhornResult, cond_max: float, what: str) -> None:
+    """ConditioningWarning when the plan's resolution limits the gradient.
+
+    A converged plan satisfies its marginals only to ``error`` (at least the
+    dtype's floor ``32 u (1 + max|C|/eps + log nm)``); the implicit
+    derivative amplifies that by up to ``cond(S^)``.  In float32 at
+    ``eps <~ 0.01 max|C|`` the product reaches 1e-3 to 1e-1: warn, naming
+    ``eps`` and the dtype, rather than return the gradient silently.
+    """
+    xp = backend.namespace(P=res.P)
+    err = float(xp.max(res.error))
+    est = cond_max * err
+    if est > GRADIENT_RESOLUTION_WARN:
+        warnings.warn(
+            f"sinkhorn {what}: at eps={res.eps:.3g} in {backend.dtype_name(res.P.dtype)} the plan is "
+            f"resolved to a relative marginal error {err:.1e} and the backward amplifies it by up to "
+            f"cond(S^) = {cond_max:.1e}: the gradient may be off by ~{est:.1e} (relative); use "
+            + ("float64 or a larger eps" if backend.dtype_name(res.P.dtype) == "float32"
+               else "a larger eps or a smaller tol"),
+            ConditioningWarning, stacklevel=3)
 
 
 def _warn_backward(res: SinkhornResult, info: dict, method: str, what: str) -> None:
@@ -1043,6 +1090,8 @@ def _warn_backward(res: SinkhornResult, info: dict, method: str, what: str) -> N
             f"sinkhorn {what}: the forward did not converge (error {err:.2e} > tol); the implicit "
             f"gradient is exact for the problem with P's own marginals, not for (C, a, b){est}",
             ConvergenceWarning, stacklevel=3)
+    if cond_max is not None and res.all_converged and cond_max <= _cond_threshold(res.P.dtype):
+        _warn_resolution(res, cond_max, what)     # beyond the threshold: the warning below
     if cond_max is not None:
         thr = _cond_threshold(res.P.dtype)
         dropped = info.get("n_dropped")
@@ -1081,6 +1130,13 @@ def gauge_fix(a_bar, b_bar):
     ``canonicalize``.
     """
     xp = backend.namespace(a_bar=a_bar, b_bar=b_bar)
+    backend.check_array(a_bar, "a_bar", min_ndim=1)
+    backend.check_array(b_bar, "b_bar", min_ndim=1)
+    try:
+        backend.broadcast_shapes(tuple(a_bar.shape[:-1]), tuple(b_bar.shape[:-1]))
+    except ValueError:
+        raise ValueError(f"batch shapes of 'a_bar' {tuple(a_bar.shape[:-1])} and 'b_bar' "
+                         f"{tuple(b_bar.shape[:-1])} do not broadcast") from None
     shift = xp.mean(a_bar, axis=-1, keepdims=True)
     out_b = b_bar + shift
     if tuple(out_b.shape) != tuple(b_bar.shape):
@@ -1157,8 +1213,20 @@ def _isolated_jvp(res: SinkhornResult, sys: _System, wa, wb):
 
 
 def _implicit_vjp(res: SinkhornResult, G, method: str, **cg_options):
-    """Full-batch ``(C_bar, u, v, info)`` before gauge fixing and reduction."""
+    """Full-batch ``(C_bar, u, v, info)`` before gauge fixing and reduction.
+
+    Every output is linear in ``G``: when ``max|G|`` lies outside
+    ``[2^-100, 2^100]`` the solve runs on ``G / s``, ``s`` the power of two
+    nearest ``max|G|`` (an exact scaling), and its outputs are multiplied by
+    ``s``, so that a cotangent near the overflow (or underflow) threshold
+    cannot overflow inside the solver (CG's inner products square it).
+    """
     xp = backend.namespace(P=res.P)
+    gmax = float(xp.max(xp.abs(G)))
+    if 0.0 < gmax < math.inf and not 2.0 ** -100 <= gmax <= 2.0 ** 100:
+        scale = 2.0 ** math.frexp(gmax)[1]
+        C_bar, u, v, info = _implicit_vjp(res, G / scale, method, **cg_options)
+        return C_bar * scale, u * scale, v * scale, info
     sys = _system(res)
     P = res.P
     T = P * G
@@ -1192,7 +1260,8 @@ def _reverse(res: SinkhornResult, P_bar, method: str, cg_tol, cg_max_iter, warn:
     _check_result(res)
     _check_method(method)
     _check_cotangent(res, P_bar, "P_bar")
-    cg_options = {"cg_tol": cg_tol, "cg_max_iter": cg_max_iter} if method == "cg" else {}
+    cg_options = _check_cg_options(method, cg_tol, cg_max_iter)
+    warn = backend.check_flag(warn, "warn")
     C_bar, u, v, info = _implicit_vjp(res, P_bar, method, **cg_options)
     if warn:
         _warn_backward(res, _info_for_warning(res, info, method), method, what)
@@ -1223,7 +1292,20 @@ def sinkhorn_vjp(res: SinkhornResult, P_bar, *, method: str = "schur", cg_tol: f
         float64, 1e-5 in float32) and iteration limit (default
         ``max(1000, 10 min(n, m))``).
     warn : issue ConvergenceWarning (unconverged forward or CG) and
-        ConditioningWarning (cond(S^) > 1/sqrt(u), or truncated directions).
+        ConditioningWarning (cond(S^) > 1/sqrt(u), or truncated directions,
+        or a converged plan too coarse for its gradient, below).
+
+    Accuracy in float32
+    -------------------
+    The gradient inherits the plan's marginal error amplified by up to
+    ``cond(S^)``.  A float32 plan is resolved only to its rounding floor
+    ``32 u (1 + max|C|/eps + log nm)`` (``u = 6e-8``), so at ``eps`` of a
+    few hundredths of ``max|C|`` and below the float32 gradient can be off
+    by 1e-3 to 1e-1 relative.  Whenever ``cond(S^) x max(error)`` exceeds
+    ``GRADIENT_RESOLUTION_WARN`` (1e-3) a ConditioningWarning naming ``eps``
+    and the dtype is issued (when ``cond(S^) > 1/sqrt(u)`` the
+    ill-conditioning warning above is issued instead); float64 or a larger
+    ``eps`` avoids it.
 
     Returns
     -------
@@ -1260,7 +1342,8 @@ def sinkhorn_vjp_eps(res: SinkhornResult, P_bar, *, method: str = "schur", cg_to
     ``-<C_bar, C> / eps``.
 
     Returns an array with the batch shape (one derivative per member; for the
-    single ``eps`` shared by a batch, ``dL/deps`` is its sum).
+    single ``eps`` shared by a batch, ``dL/deps`` is its sum).  Accuracy in
+    float32 and its ConditioningWarning: as :func:`sinkhorn_vjp`.
     """
     C_bar, _, _ = _reverse(res, P_bar, method, cg_tol, cg_max_iter, warn, "eps-derivative")
     return backend.namespace(P=res.P).sum(C_bar * res.log_P, axis=(-2, -1))
@@ -1292,6 +1375,7 @@ def sinkhorn_jvp(res: SinkhornResult, dC=None, da=None, db=None, *, method: str 
     ``dP = P * (df 1^T + 1 dg^T - dC) / eps``.  For balanced problems an
     infeasible tangent is first projected to
     ``(da + 1 (1^T db - 1^T da) / n, db)`` (adjoint of the VJP's gauge).
+    Accuracy in float32 and its ConditioningWarning: as :func:`sinkhorn_vjp`.
 
     Examples
     --------
@@ -1305,6 +1389,8 @@ def sinkhorn_jvp(res: SinkhornResult, dC=None, da=None, db=None, *, method: str 
     """
     _check_result(res)
     _check_method(method)
+    opts = _check_cg_options(method, cg_tol, cg_max_iter)
+    warn = backend.check_flag(warn, "warn")
     xp = backend.namespace(P=res.P)
     n, m = res.P.shape[-2], res.P.shape[-1]
     dC_ = _full_tangent(res, dC, "dC", (n, m))
@@ -1328,7 +1414,6 @@ def sinkhorn_jvp(res: SinkhornResult, dC=None, da=None, db=None, *, method: str 
         # M [df; dg] = [(P * dC) 1 + eps (r/a') da; (P * dC)^T 1 + eps (c/b') db]
         rhs_a = xp.sum(PdC, axis=-1) + res.eps * wa
         rhs_b = xp.sum(PdC, axis=-2) + res.eps * wb
-        opts = {"cg_tol": cg_tol, "cg_max_iter": cg_max_iter} if method == "cg" else {}
         (df, dg), info = _solve(sys, rhs_a, rhs_b, method, **opts)
         dP = P * (df[..., :, None] + dg[..., None, :] - dC_) / res.eps
     if dP_iso is not None:
@@ -1505,8 +1590,7 @@ def sinkhorn_unrolled(C, a, b, *, eps, n_iter: int, rho_a: float | None = None,
     ``S_col_k = exp(K + phi_k - LSE_col)``: ``(2 n_iter - 1) n m`` numbers.
     """
     xp, batch, n, m, eps, rho_a, rho_b = _check_inputs(C, a, b, eps, rho_a, rho_b)
-    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
-        raise ValueError(f"argument 'n_iter' must be a positive int, got {n_iter!r}")
+    n_iter = backend.check_int(n_iter, "n_iter", min=1)
     tau_a, tau_b = _damping(rho_a, eps), _damping(rho_b, eps)
     K = -C / eps
     log_a = xp.log(a)

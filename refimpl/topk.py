@@ -135,8 +135,8 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -245,29 +245,61 @@ class SortedTopkResult:
 # --------------------------------------------------------------------------
 
 def _check_k(k: Any, n: int) -> int:
-    """``k`` as a Python int in ``[0, n]`` (``ValueError`` naming 'k' otherwise)."""
-    if isinstance(k, bool) or isinstance(k, float):
-        raise ValueError(f"argument 'k' must be an integer, got {k!r}")
-    try:
-        k = operator.index(k)
-    except TypeError:
-        raise ValueError(f"argument 'k' must be an integer, got {type(k).__name__}") from None
-    if not 0 <= k <= n:
-        raise ValueError(f"argument 'k' must satisfy 0 <= k <= n = {n}, got {k}")
-    return k
+    """``k`` as a Python int in ``[0, n]`` (:func:`refimpl.backend.check_int`:
+    ``TypeError`` for a non-integer, ``ValueError`` outside the range)."""
+    return backend.check_int(k, "k", min=0, max=n)
 
 
 def _check_flag(value: Any, name: str) -> bool:
-    """A Python bool (or a 0-d boolean array such as NumPy's ``bool_``) as a bool.
+    """A bool (:func:`refimpl.backend.check_flag`): ``bool("False")`` is True,
+    so a silent conversion would select the wrong end."""
+    return backend.check_flag(value, name)
 
-    Anything else is a ``TypeError`` naming the argument: ``bool("False")`` is
-    True, so a silent conversion would select the wrong end.
+
+def _check_anchor_range(xp, xs, y, eps: float) -> None:
+    """Refuse scores whose anchor costs ``(x_i - mean x - y_j)^2`` overflow,
+    or overflow once divided by ``eps``, in float64 (the Sinkhorn path's
+    working dtype): the error names the caller's ``x`` and ``eps``."""
+    xc = _centred(xp, xs)
+    spread = float(xp.max(xp.abs(xc))) + max(abs(v) for v in y)
+    cmax = spread * spread if spread < 1e154 else math.inf
+    if not cmax / eps < float(xp.finfo(xp.float64).max):
+        raise ValueError(f"arguments 'x' and 'eps': the anchor costs (x - mean x - y)^2 / eps reach "
+                         f"{cmax:.3e} / {eps:.3e}, beyond float64; rescale x or raise eps")
+
+
+def _check_backward_method(method: Any) -> str:
+    """A method of :func:`refimpl.sinkhorn.sinkhorn_vjp`, checked whatever the
+    forward (the closed form ignores it, but a typo is still a typo)."""
+    from .sinkhorn import METHODS as BACKWARD_METHODS
+
+    return backend.check_choice(method, "method", BACKWARD_METHODS)
+
+
+def _wide(xp, v):
+    """``v`` in float64, the working dtype of the Sinkhorn path (a no-op in float64)."""
+    return v if backend.dtype_name(v.dtype) == "float64" else xp.astype(v, xp.float64)
+
+
+def _narrow(xp, v, like):
+    """``v`` rounded to ``like``'s dtype."""
+    return v if v.dtype == like.dtype else xp.astype(v, like.dtype)
+
+
+_PLAN_ARRAYS = ("P", "f", "g", "C", "a", "b", "tol", "error")
+
+
+def _plan_as(xp, plan, dtype):
+    """The Sinkhorn result ``plan`` with its float arrays cast to ``dtype``.
+
+    The plan is solved in float64 and stored in the scores' dtype (a float32
+    caller gets float32 arrays throughout); the derivatives cast it back to
+    float64.  Rounding the converged float64 plan to float32 moves each
+    entry by one float32 ulp, far below the float32 iteration's own floor.
     """
-    if isinstance(value, bool):
-        return value
-    if getattr(value, "shape", None) == () and "bool" in str(getattr(value, "dtype", "")):
-        return bool(value)
-    raise TypeError(f"argument {name!r} must be a bool, got {value!r}")
+    if backend.dtype_name(plan.P.dtype) == backend.dtype_name(dtype):
+        return plan
+    return dataclasses.replace(plan, **{k: xp.astype(getattr(plan, k), dtype) for k in _PLAN_ARRAYS})
 
 
 def _check_eps(xp, eps: Any, dtype) -> float:
@@ -302,7 +334,7 @@ def _check_scores(x):
 
 def _check_cotangent(xp, bar, like, name: str):
     backend.namespace(**{name: bar, "result": like})
-    backend.check_array(bar, name)
+    backend.check_array(bar, name, allow_empty=True)     # shaped like a result (k = 0: (..., n, 0))
     if tuple(bar.shape) != tuple(like.shape):
         raise ValueError(f"argument {name!r} has shape {tuple(bar.shape)}, expected {tuple(like.shape)}")
     if bar.dtype != like.dtype:
@@ -444,13 +476,18 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
     largest : select the k largest (default) or the k smallest scores.
     method : ``"closed_form"`` (sigmoid with a Newton-solved threshold, O(n)
         per step) or ``"sinkhorn"`` (the entropic plan from
-        :func:`refimpl.sinkhorn.sinkhorn`).
+        :func:`refimpl.sinkhorn.sinkhorn`).  The Sinkhorn path always
+        solves its plan, and :func:`soft_topk_vjp` / :func:`soft_topk_jvp`
+        their linear systems, in float64 and rounds ``A``, ``theta`` and the
+        derivatives to ``x``'s dtype: a float32 plan is resolved only to
+        ``~32 u max|C| / eps`` (``u = 6e-8``) and its gradient can then be
+        off by more than 100% at ``eps = 0.01`` with ``converged=True``.
+        ``result.plan`` is that plan, rounded to ``x``'s dtype.
     tol : closed form: stop when ``|sum(A) - k| <= tol S`` (``S = sum A(1-A)``),
         which bounds the relative error of every ``A_i`` by ``tol`` to first
         order (default ``16 u (1 + log2 n)``, ``u`` the unit round-off: the
         rounding floor of that test);
-        Sinkhorn: passed to the solver (default 1e-12 in float64, 1e-6 in
-        float32).
+        Sinkhorn: passed to the solver (default 1e-12).
     max_iter : iteration cap (default 100 Newton steps; 100000 Sinkhorn sweeps).
     check_every : closed form: synchronise the batch's convergence test
         every this many Newton steps (default 1 on the host, 3 on CuPy,
@@ -482,8 +519,7 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
     n = x.shape[-1]
     k = _check_k(k, n)
     eps = _check_eps(xp, eps, x.dtype)
-    if method not in METHODS:
-        raise ValueError(f"argument 'method' must be one of {METHODS}, got {method!r}")
+    method = backend.check_choice(method, "method", METHODS)
     largest = _check_flag(largest, "largest")
     y1, y2 = ANCHORS
     t = eps / (2.0 * (y2 - y1))
@@ -507,10 +543,12 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
                               converged=conv)
     y = (y1, y2)
     nu = ((n - k) / n, k / n)
-    plan = _anchor_transport(xp, xs, y, nu, eps, tol, max_iter)
-    A = float(n) * plan.P[..., 1]
+    _check_anchor_range(xp, _wide(xp, xs), y, eps)
+    plan = _anchor_transport(xp, _wide(xp, xs), y, nu, eps, tol, max_iter)   # float64, see docstring
+    A = _narrow(xp, float(n) * plan.P[..., 1], x)
     theta = (xp.mean(xs, axis=-1) + 0.5 * (y1 + y2)
-             - (plan.g[..., 1] - plan.g[..., 0]) / (2.0 * (y2 - y1)))
+             - _narrow(xp, (plan.g[..., 1] - plan.g[..., 0]) / (2.0 * (y2 - y1)), x))
+    plan = _plan_as(xp, plan, x.dtype)
     n_iter, err, conv = _plan_diagnostics(xp, plan)
     return SoftTopkResult(A=A, theta=sign * theta, plan=plan, s=None, x=x, k=k, eps=eps,
                           largest=largest, method=method, t=t, n_iter=n_iter, error=err,
@@ -518,15 +556,7 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
 
 
 def _check_count(value, name: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"argument {name!r} must be a positive integer, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise ValueError(f"argument {name!r} must be a positive integer, got {value!r}") from None
-    if v < 1:
-        raise ValueError(f"argument {name!r} must be a positive integer, got {v}")
-    return v
+    return backend.check_int(value, name, min=1)
 
 
 def _closed_form_jvp(xp, res: SoftTopkResult, dxs):
@@ -543,6 +573,7 @@ def soft_topk_jvp(res: SoftTopkResult, dx):
     Closed form: ``dA = +-s (dx - <s, dx>/S) / t`` (O(n)).  Sinkhorn path:
     :func:`refimpl.sinkhorn.sinkhorn_jvp` with ``dC_ij = 2 (x_i - y_j) dx_i``.
     """
+    backend.check_result(res, "res", SoftTopkResult, producer="soft_topk()")
     xp = backend.namespace(x=res.x, dx=dx)
     _check_cotangent(xp, dx, res.x, "dx")
     _warn_unconverged(res, "soft_topk_jvp")
@@ -552,8 +583,9 @@ def soft_topk_jvp(res: SoftTopkResult, dx):
     dxs = sign * dx                                      # A is a function of sign * x
     if res.method == "closed_form":
         return _closed_form_jvp(xp, res, dxs)
-    dP = _anchor_jvp(xp, res.plan, sign * res.x, ANCHORS, dxs)
-    return float(res.x.shape[-1]) * dP[..., 1]
+    dP = _anchor_jvp(xp, _plan_as(xp, res.plan, xp.float64), _wide(xp, sign * res.x), ANCHORS,
+                     _wide(xp, dxs))
+    return _narrow(xp, float(res.x.shape[-1]) * dP[..., 1], res.x)
 
 
 def soft_topk_vjp(res: SoftTopkResult, A_bar, *, method: str = "schur"):
@@ -567,6 +599,8 @@ def soft_topk_vjp(res: SoftTopkResult, A_bar, *, method: str = "schur"):
 
     Returns ``x_bar`` with the shape of ``x``; exactly 0 for ``k = 0, n``.
     """
+    backend.check_result(res, "res", SoftTopkResult, producer="soft_topk()")
+    _check_backward_method(method)
     xp = backend.namespace(A=res.A, A_bar=A_bar)
     _check_cotangent(xp, A_bar, res.A, "A_bar")
     _warn_unconverged(res, "soft_topk_vjp")
@@ -578,7 +612,9 @@ def soft_topk_vjp(res: SoftTopkResult, A_bar, *, method: str = "schur"):
     n = res.x.shape[-1]
     zero = xp.zeros_like(A_bar)
     P_bar = float(n) * xp.stack((zero, A_bar), axis=-1)
-    return sign * _anchor_vjp(xp, res.plan, sign * res.x, ANCHORS, P_bar, method)
+    x_bar = _anchor_vjp(xp, _plan_as(xp, res.plan, xp.float64), _wide(xp, sign * res.x), ANCHORS,
+                        _wide(xp, P_bar), method)
+    return sign * _narrow(xp, x_bar, res.x)
 
 
 # --------------------------------------------------------------------------
@@ -701,8 +737,10 @@ def soft_sorted_topk(x, k, *, eps, largest: bool = True, tol: float | None = Non
         return SortedTopkResult(A=A, plan=None, y=y, x=x, k=k, eps=eps, largest=largest,
                                 n_iter=0, error=0.0, converged=True)
     xs = x if largest else -x
-    plan = _anchor_transport(xp, xs, y, nu, eps, tol, max_iter)
-    A = float(n) * xp.flip(plan.P[..., len(y) - k:], axis=-1)
+    _check_anchor_range(xp, _wide(xp, xs), y, eps)
+    plan = _anchor_transport(xp, _wide(xp, xs), y, nu, eps, tol, max_iter)   # float64, as soft_topk
+    A = _narrow(xp, float(n) * xp.flip(plan.P[..., len(y) - k:], axis=-1), x)
+    plan = _plan_as(xp, plan, x.dtype)
     n_iter, err, conv = _plan_diagnostics(xp, plan)
     return SortedTopkResult(A=A, plan=plan, y=y, x=x, k=k, eps=eps, largest=largest,
                             n_iter=n_iter, error=err, converged=conv)
@@ -722,26 +760,31 @@ def soft_sorted_topk_vjp(res: SortedTopkResult, A_bar, *, method: str = "schur")
 
     Returns ``x_bar`` with the shape of ``x``.
     """
+    backend.check_result(res, "res", SortedTopkResult, producer="soft_sorted_topk()")
+    _check_backward_method(method)
     xp = backend.namespace(A=res.A, A_bar=A_bar)
     _check_cotangent(xp, A_bar, res.A, "A_bar")
     if res.k == 0:
         return xp.zeros_like(res.x)
     _warn_unconverged(res, "soft_sorted_topk_vjp")
     sign = 1.0 if res.largest else -1.0
-    return sign * _anchor_vjp(xp, res.plan, sign * res.x, res.y, _sorted_P_bar(xp, res, A_bar),
-                              method)
+    x_bar = _anchor_vjp(xp, _plan_as(xp, res.plan, xp.float64), _wide(xp, sign * res.x), res.y,
+                        _wide(xp, _sorted_P_bar(xp, res, A_bar)), method)
+    return sign * _narrow(xp, x_bar, res.x)
 
 
 def soft_sorted_topk_jvp(res: SortedTopkResult, dx):
     """Forward mode of :func:`soft_sorted_topk`: ``dA`` of shape (..., n, k)."""
+    backend.check_result(res, "res", SortedTopkResult, producer="soft_sorted_topk()")
     xp = backend.namespace(x=res.x, dx=dx)
     _check_cotangent(xp, dx, res.x, "dx")
     if res.k == 0:
         return xp.zeros_like(res.A)
     _warn_unconverged(res, "soft_sorted_topk_jvp")
     sign = 1.0 if res.largest else -1.0
-    dP = _anchor_jvp(xp, res.plan, sign * res.x, res.y, sign * dx)
-    return float(res.x.shape[-1]) * xp.flip(dP[..., len(res.y) - res.k:], axis=-1)
+    dP = _anchor_jvp(xp, _plan_as(xp, res.plan, xp.float64), _wide(xp, sign * res.x), res.y,
+                     _wide(xp, sign * dx))
+    return _narrow(xp, float(res.x.shape[-1]) * xp.flip(dP[..., len(res.y) - res.k:], axis=-1), res.x)
 
 
 # --------------------------------------------------------------------------
@@ -806,12 +849,12 @@ def soft_topk_error_bound(eps: float, delta: float, k: int, n: int, *,
     eps = backend.check_positive(eps, "eps")
     n = _check_count(n, "n")
     k = _check_k(k, n)
+    # +inf (the gap for k = 0 or n, from boundary_gap) is allowed
     try:
-        delta = float(delta)
+        is_inf = not isinstance(delta, (bool, str)) and float(delta) == math.inf
     except (TypeError, ValueError):
-        raise TypeError(f"argument 'delta' must be a real number, got {type(delta).__name__}") from None
-    if math.isnan(delta) or delta < 0:                   # +inf (k = 0 or n) is allowed
-        raise ValueError(f"argument 'delta' must be >= 0, got {delta!r}")
+        is_inf = False
+    delta = math.inf if is_inf else backend.check_positive(delta, "delta", allow_zero=True)
     y1, y2 = (float(a) for a in anchors)
     if not y2 > y1:
         raise ValueError(f"argument 'anchors' must be increasing, got {anchors!r}")

@@ -462,7 +462,10 @@ def test_gradient_agreement_against_numpy(backend, rng):
     np.testing.assert_allclose(ag.cosine, fa @ fe / np.linalg.norm(fa) / np.linalg.norm(fe), rtol=1e-13)
     np.testing.assert_allclose(ag.norm_ratio, np.linalg.norm(fa) / np.linalg.norm(fe), rtol=1e-13)
     np.testing.assert_allclose(ag.rel_error, np.linalg.norm(fa - fe) / np.linalg.norm(fe), rtol=1e-13)
-    assert math.isnan(deq.gradient_agreement(np.zeros(3), np.zeros(3)).cosine)
+    with pytest.raises(ValueError, match="'exact' is zero"):       # every measure is relative to it
+        deq.gradient_agreement(np.zeros(3), np.zeros(3))
+    zero = deq.gradient_agreement(np.zeros(3), np.ones(3))          # a zero phantom: no alignment
+    assert (zero.cosine, zero.norm_ratio, zero.rel_error) == (0.0, 0.0, 1.0)
 
 
 def test_cosine_lower_bound_values():
@@ -740,7 +743,7 @@ def test_wrong_start_shape(backend, small):
 def test_type_errors(small):
     with pytest.raises(TypeError, match="'x' must be an array"):
         deq.tanh_deq(list(small["x"]), small["W"], small["U"], small["b"])
-    with pytest.raises(TypeError, match="share one dtype"):
+    with pytest.raises(TypeError, match="'W' has dtype float64 but 'x' has float32"):
         deq.tanh_deq(small["x"].astype(np.float32), small["W"], small["U"], small["b"])
     with pytest.raises(TypeError, match="'W' has dtype int64"):
         deq.tanh_deq(small["x"], np.ones((3, 3), dtype=np.int64), small["U"], small["b"])

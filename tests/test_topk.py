@@ -162,8 +162,8 @@ def test_error_bound_function_edges():
         topk.soft_topk_error_bound(0.1, None, 1, 3)
     with pytest.raises(ValueError, match="'delta'"):
         topk.soft_topk_error_bound(0.1, math.nan, 1, 3)
-    for bad_n in (0, -3, 4.0, "4"):
-        with pytest.raises(ValueError, match="'n'"):
+    for bad_n, exc in ((0, ValueError), (-3, ValueError), (4.0, TypeError), ("4", TypeError)):
+        with pytest.raises(exc, match="'n'"):
             topk.soft_topk_error_bound(0.1, 1.0, 1, bad_n)
 
 
@@ -413,11 +413,14 @@ def test_check_every_gives_the_same_answer(rng):
     assert np.max(np.abs(a.A - b.A)) <= 1e-14 and b.n_iter % 3 == 0
 
 
-@pytest.mark.parametrize("bad_k", [-1, 6, 1.5, 2.0, True, "2", None])
-def test_bad_k(bad_k):
-    with pytest.raises(ValueError, match="'k'"):
+@pytest.mark.parametrize("bad_k, exc", [(-1, ValueError), (6, ValueError), (1.5, TypeError),
+                                        (2.0, TypeError), (True, TypeError), ("2", TypeError),
+                                        (None, TypeError)])
+def test_bad_k(bad_k, exc):
+    # backend.check_int: a non-integer is a TypeError, an integer out of [0, n] a ValueError
+    with pytest.raises(exc, match="'k'"):
         topk.soft_topk(np.zeros(5), bad_k, eps=0.1)
-    with pytest.raises(ValueError, match="'k'"):
+    with pytest.raises(exc, match="'k'"):
         topk.soft_sorted_topk(np.zeros(5), bad_k, eps=0.1)
 
 
