@@ -19,6 +19,7 @@ Conventions
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ __all__ = [
     "diagonal",
     "dtype_name",
     "eye_like",
+    "serial_dense",
     "frobenius",
     "from_host",
     "get_backend",
@@ -345,6 +347,38 @@ def solve_vec(A, b):
 #: forward took 1.7x longer.  NumPy's own ``linalg`` (one pool with its
 #: products) is used there instead.
 SMALL_LAPACK_N = 64
+
+
+#: Largest dense system (order k) whose NumPy factorizations :func:`serial_dense`
+#: holds to one BLAS/LAPACK thread.  Threaded ``syevd``/``getrf`` gain at most
+#: the core count at these sizes, but on a loaded machine their threads wait
+#: for each other: on a 2-core machine with the other core busy, the Sinkhorn
+#: ``schur`` backward at k = 500 took a median 3.9x its single-threaded time
+#: (and up to 27x), while at k = 1000 the one-thread median was already the
+#: lower one.  Above this size the library's own threading is kept.
+SERIAL_DENSE_N = 1024
+
+
+@contextlib.contextmanager
+def serial_dense(like, k: int):
+    """Context in which NumPy's BLAS/LAPACK run on one thread, for dense
+    factorizations of order ``k <= SERIAL_DENSE_N`` of arrays like ``like``.
+
+    A no-op for other namespaces (CuPy, ``array_api_strict``, torch), for
+    ``k > SERIAL_DENSE_N``, and when ``threadpoolctl`` (an optional
+    dependency) is not installed.  The limit is set on entry and the previous
+    thread counts restored on exit; results do not depend on it.
+    """
+    if not array_api_compat.is_numpy_array(like) or k > SERIAL_DENSE_N:
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def _scipy_lapack_loop(*arrays) -> bool:

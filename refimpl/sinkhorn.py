@@ -1005,11 +1005,14 @@ def _kkt_solve(sys: _System, eps: float, rhs_p, rhs_a, rhs_b):
 
 def _solve(sys: _System, t_a, t_b, method: str, **cg_options):
     if method == "schur":
-        return _solve_schur(sys, t_a, t_b)
+        # Dense factorizations of order min(n, m): kept on one thread (small).
+        with backend.serial_dense(sys.P, min(sys.n, sys.m)):
+            return _solve_schur(sys, t_a, t_b)
     if method == "cg":
         return _solve_cg(sys, t_a, t_b, **cg_options)
     if method == "reduced":
-        return _solve_reduced(sys, t_a, t_b)
+        with backend.serial_dense(sys.P, sys.n + sys.m):
+            return _solve_reduced(sys, t_a, t_b)
     raise ValueError(f"argument 'method' must be one of {METHODS}, got {method!r}")
 
 
@@ -1605,7 +1608,8 @@ def sinkhorn_conditioning(res: SinkhornResult) -> Conditioning:
     if sys.n < sys.m:
         sys = sys.transposed()
         side = "rows"
-    gap, lam_max = _spectrum(sys, _schur_operator(sys))
+    with backend.serial_dense(sys.P, sys.m):
+        gap, lam_max = _spectrum(sys, _schur_operator(sys))
     return Conditioning(spectral_gap=gap, lambda_max=lam_max, cond=_cond_from(xp, gap, lam_max),
                         side=side, threshold=_cond_threshold(res.P.dtype))
 
