@@ -469,6 +469,32 @@ def _tolerance_floor(xp, C, a, b, batch, eps: float, balanced: bool):
     return xp.broadcast_to(floor, batch)
 
 
+def _lse_pair(xp, p, q):
+    """``log(exp(p) + exp(q))`` elementwise for finite ``p``, ``q``:
+    ``max(p, q) + log1p(exp(-|p - q|))`` (the argument of ``exp`` is <= 0)."""
+    return xp.maximum(p, q) + xp.log1p(xp.exp(-xp.abs(p - q)))
+
+
+def _lse_rows(xp, K, psi):
+    """``LSE_j(K_ij + psi_j)`` (..., n).  Two columns (the top-k anchors) are
+    combined elementwise by :func:`_lse_pair` instead of reduced over a
+    length-2 axis."""
+    if K.shape[-1] == 2:
+        return _lse_pair(xp, K[..., 0] + psi[..., 0:1], K[..., 1] + psi[..., 1:2])
+    return logsumexp(K + psi[..., None, :], -1)
+
+
+def _lse_cols(xp, K, phi):
+    """``LSE_i(K_ij + phi_i)`` (..., m); two rows combined by :func:`_lse_pair`."""
+    if K.shape[-2] == 2:
+        return _lse_pair(xp, K[..., 0, :] + phi[..., 0:1], K[..., 1, :] + phi[..., 1:2])
+    if K.shape[-1] == 2:
+        # One contiguous reduction per column (a reduction over axis -2 of an
+        # (n, 2) array strides through memory).
+        return xp.stack([logsumexp(K[..., :, j] + phi, -1) for j in range(2)], axis=-1)
+    return logsumexp(K + phi[..., :, None], -2)
+
+
 def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
              rho_a: float | None = None, rho_b: float | None = None,
              check_every: int = 10, warn: bool = True) -> SinkhornResult:
@@ -539,8 +565,8 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
     for it in range(1, max_iter + 1):
         # Row update: phi = tau_a (log a - LSE_j(K_ij + psi_j)); afterwards P 1 = a
         # (balanced) or P 1 = a exp(-f / rho_a) (unbalanced), to round-off.
-        phi = xp.where(active[..., None], tau_a * (log_a - logsumexp(K + psi[..., None, :], -1)), phi)
-        lse_col = logsumexp(K + phi[..., :, None], -2)          # log(P^T 1) - psi
+        phi = xp.where(active[..., None], tau_a * (log_a - _lse_rows(xp, K, psi)), phi)
+        lse_col = _lse_cols(xp, K, phi)                          # log(P^T 1) - psi
         if it % check_every == 0 or it == max_iter:
             # c = P^T 1 = exp(psi + LSE_i(K_ij + phi_i)); target b exp(-g / rho_b).
             target = b_full if rho_b is None else b_full * xp.exp(-(eps / rho_b) * psi)

@@ -98,6 +98,26 @@ def test_forward_matches_pot_and_marginals(backend, dtype, rng):
     assert rel(P, np.exp((f[:, None] + g[None, :] - C) / eps)) <= (1e-12 if dtype == F64 else 1e-4)
 
 
+@pytest.mark.parametrize("shape", [(3, 9, 2), (3, 2, 9), (2, 2), (4, 7, 5)])
+def test_row_and_column_log_sum_exps_match_logaddexp(backend, dtype, rng, shape):
+    # Two entries are combined elementwise (the top-k anchors), more are reduced;
+    # reference: NumPy's logaddexp folded over the axis in float64.  Offsets of
+    # +-700 and spreads of 1e3 would overflow a naive exp.
+    K = rng.standard_normal(shape) * 1e3 - 700.0
+    phi = rng.standard_normal(shape[:-1]) * 50.0
+    psi = rng.standard_normal(shape[:-2] + shape[-1:]) * 50.0
+    Kx, phix, psix = put(backend, dtype, K, phi, psi)
+    xp = backend.xp
+    rows = host(sk._lse_rows(xp, Kx, psix))[0]
+    cols = host(sk._lse_cols(xp, Kx, phix))[0]
+    Kh, phih, psih = host(Kx, phix, psix)
+    ref_rows = np.logaddexp.reduce(Kh + psih[..., None, :], axis=-1)
+    ref_cols = np.logaddexp.reduce(Kh + phih[..., :, None], axis=-2)
+    tol = 1e-13 if dtype == F64 else 1e-6
+    assert np.max(np.abs(rows - ref_rows) / (1.0 + np.abs(ref_rows))) <= tol
+    assert np.max(np.abs(cols - ref_cols) / (1.0 + np.abs(ref_cols))) <= tol
+
+
 def test_stopping_rule_checks_every_few_iterations(rng):
     C, a, b = problem(rng, 6, 6)
     res = sk.sinkhorn(C, a, b, eps=0.1, tol=1e-12, check_every=7)
