@@ -164,6 +164,70 @@ def test_stable_at_small_eps_and_tiny_marginals(backend):
         assert ConvergenceWarning in kinds
 
 
+def _tiny_marginal_problem(rng, n, m):
+    """Random O(1) costs; a few marginal entries of 1e-12 on both sides."""
+    C = rng.random((n, m))
+    a, b = rng.dirichlet(np.ones(n)), rng.dirichlet(np.ones(m))
+    a[::7] = 1e-12
+    b[::5] = 1e-12
+    return C, a / a.sum(), b / b.sum()
+
+
+@pytest.mark.parametrize("case", ["tiny_eps", "sqdist", "unbalanced"])
+def test_scaling_domain_gives_the_log_domain_plan(backend, dtype, rng, monkeypatch, case):
+    # Reference: the log-domain iteration (two full log-sum-exps per step),
+    # an independent evaluation of the same fixed-point map.  Same stopping
+    # rule, so the same iteration count, and the same plan to round-off.
+    if case == "tiny_eps":
+        C, a, b = _tiny_marginal_problem(rng, 40, 30)
+        params = dict(eps=1e-3 if dtype == F64 else 0.05, tol=1e-9, max_iter=20_000)
+    elif case == "sqdist":
+        C, a, b = problem(rng, 60, 50, eps_cost="sqdist")
+        params = dict(eps=0.01, tol=1e-11, max_iter=20_000)
+    else:
+        C, a, b = problem(rng, 30, 45)
+        a = 2.0 * a
+        params = dict(eps=0.02, tol=1e-11, max_iter=20_000, rho_a=0.5, rho_b=5.0)
+    args = put(backend, dtype, C, a, b)
+    res = sk.sinkhorn(*args, warn=False, **params)
+    monkeypatch.setattr(sk, "_use_scaling", lambda n, m: False)
+    ref = sk.sinkhorn(*args, warn=False, **params)
+    assert bool(to_host(ref.converged)) and bool(to_host(res.converged))
+    assert int(to_host(res.n_iter)) == int(to_host(ref.n_iter))
+    P, f, g = host(res.P, res.f, res.g)
+    P0, f0, g0 = host(ref.P, ref.f, ref.g)
+    # log P = (f + g - C) / eps carries absolute errors ~ u max|C| / eps.
+    u = 2.0 ** -53 if dtype == F64 else 2.0 ** -24
+    tol = 64 * u * (1.0 + np.abs(C).max() / params["eps"]) * math.sqrt(float(to_host(ref.n_iter)))
+    assert np.max(np.abs(P - P0) / np.maximum(P0, 1e-300)) <= tol
+    assert np.max(np.abs(f - f0)) / params["eps"] <= tol
+    assert np.max(np.abs(g - g0)) / params["eps"] <= tol
+    # the measured error itself carries the rounding floor the tolerance is raised to
+    slack = 1e-3 if dtype == F64 else 0.5
+    assert abs(float(to_host(res.error)) - float(to_host(ref.error))) <= slack * float(to_host(ref.tol))
+
+
+def test_scaling_domain_absorbs_per_member(backend, rng):
+    # eps = 1e-3 with tiny marginals: the column potentials reach |g| / eps far
+    # beyond the scalings' range exp(+-lim), so they were absorbed (K~ rebuilt),
+    # at different iterations for members of different scales; a batch still
+    # gives what a loop gives.
+    probs = [_tiny_marginal_problem(rng, 20, 15) for _ in range(3)]
+    scale = np.array([1.0, 3.0, 1.5])
+    C = np.stack([p[0] for p in probs]) * scale[:, None, None]
+    a = np.stack([p[1] for p in probs])
+    b = np.stack([p[2] for p in probs])
+    params = dict(eps=1e-3, tol=1e-9, max_iter=20_000, warn=False)
+    res = sk.sinkhorn(*put(backend, F64, C, a, b), **params)
+    lim = math.log(np.finfo(np.float64).max) / 4.0
+    assert np.all(np.max(np.abs(host(res.g)[0]), axis=-1) / params["eps"] > lim)
+    for k in range(3):
+        rk = sk.sinkhorn(*put(backend, F64, C[k], a[k], b[k]), **params)
+        assert int(to_host(rk.n_iter)) == int(to_host(res.n_iter)[k])
+        assert rel(host(res.P)[0][k], host(rk.P)[0]) <= 1e-13
+        assert rel(host(res.f)[0][k], host(rk.f)[0]) <= 1e-13
+
+
 def test_non_convergence_is_reported_and_warned(backend, rng):
     C, a, b = problem(rng, 5, 5)
     arrays = put(backend, F64, np.stack([C, C[::-1]]), a, b)       # a batch: both members stopped
