@@ -596,19 +596,32 @@ def _iterate_scaling(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b,
     psi_t = xp.zeros(batch + (m,), dtype=dt, device=dev)
     lu = xp.zeros(batch + (n,), dtype=dt, device=dev)        # log u, log v
     lv = xp.zeros(batch + (m,), dtype=dt, device=dev)
+    v = xp.ones(batch + (m,), dtype=dt, device=dev)          # v = exp(lv)
     # The first row update in the log domain, absorbed: K~ = exp(K + phi), whose
     # rows hold the row marginals (no row has underflowed whatever eps is).
     phi_t = tau_a * (log_a - _lse_rows(xp, K, psi_t))
-    Kt = xp.exp(K + phi_t[..., :, None] + psi_t[..., None, :])
+    Kt = xp.exp(K + phi_t[..., :, None])
     active = xp.ones(batch, dtype=xp.bool, device=dev)
+    all_active = True                                        # host copy, refreshed at each check
     error = xp.full(batch, math.inf, dtype=dt, device=dev)
     n_iter = xp.zeros(batch, dtype=xp.int64, device=dev)
-    big = float(xp.finfo(dt).max)
+    # Sums are clamped at their floor before the log (finite, no warning); a
+    # member with a clamped sum is redone in the log domain.  An overflowed
+    # sum (inf) gives |log u| = inf > lim and is redone too.
+    row_lo = xp.asarray(row_floor, dtype=dt, device=dev)
+    col_lo = xp.asarray(col_floor, dtype=dt, device=dev)
 
-    def safe_log(s, floor):
-        """``(log s, member not ok)``: not ok where some sum leaves the accurate range."""
-        ok = (s >= floor) & (s <= big)
-        return xp.log(xp.where(ok, s, xp.ones_like(s))), ~xp.all(ok, axis=-1)
+    def log_scaling(log_target, log_sum, tau, absorbed):
+        """``tau (log target - log sum) + (tau - 1) absorbed`` (balanced: tau = 1)."""
+        if tau == 1.0:
+            return log_target - log_sum
+        return tau * (log_target - log_sum) + (tau - 1.0) * absorbed
+
+    def only_active(mask):
+        return mask if all_active else mask & active
+
+    def keep_frozen(new, old):
+        return new if all_active else xp.where(active[..., None], new, old)
 
     def absorb(need, phi_t, psi_t, lu, lv, Kt):
         """Fold the scalings of the members ``need`` into ``phi~, psi~, K~``."""
@@ -622,38 +635,48 @@ def _iterate_scaling(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b,
 
     for it in range(1, max_iter + 1):
         # Row update: log u = tau_a (log a - log(K~ v)) + (tau_a - 1) phi~.
-        log_s, bad = safe_log(matvec(Kt, xp.exp(lv)), row_floor)
-        lu_new = tau_a * (log_a - log_s) + (tau_a - 1.0) * phi_t
-        bad = active & bad
-        need = bad | (active & (xp.max(xp.abs(lu_new), axis=-1) > lim))
+        s = matvec(Kt, v)
+        lu_new = log_scaling(log_a, xp.log(xp.maximum(s, row_lo)), tau_a, phi_t)
+        bad = only_active(xp.min(s, axis=-1) < row_lo)
+        need = bad | only_active(xp.max(xp.abs(lu_new), axis=-1) > lim)
         if bool(xp.any(need)):
+            bad = bad | only_active(xp.logical_not(xp.all(xp.isfinite(lu_new), axis=-1)))
             if bool(xp.any(bad)):              # log domain: phi = tau_a (log a - LSE_j(K_ij + psi_j))
                 phi_log = tau_a * (log_a - _lse_rows(xp, K, psi_t + lv))
                 lu_new = xp.where(bad[..., None], phi_log - phi_t, lu_new)
-            lu = xp.where(active[..., None], lu_new, lu)
+            lu = keep_frozen(lu_new, lu)
             phi_t, psi_t, lu, lv, Kt = absorb(need, phi_t, psi_t, lu, lv, Kt)
+            v = xp.exp(lv)
         else:
-            lu = xp.where(active[..., None], lu_new, lu)
-        # Column sums: K~^T u = exp(psi~ + LSE_i(K_ij + phi_i)).
-        log_sc, bad_c = safe_log(_rmatvec(Kt, xp.exp(lu)), col_floor)
-        bad_c = active & bad_c
-        if bool(xp.any(bad_c)):                # log domain: log(K~^T u) = psi~ + LSE_i(K_ij + phi_i)
-            log_sc = xp.where(bad_c[..., None], psi_t + _lse_cols(xp, K, phi_t + lu), log_sc)
+            lu = keep_frozen(lu_new, lu)
+        # Column sums: K~^T u = exp(psi~ + LSE_i(K_ij + phi_i)); the column update
+        # log v = tau_b (log b - log(K~^T u)) + (tau_b - 1) psi~ follows the check.
+        sc = _rmatvec(Kt, xp.exp(lu))
+        log_sc = xp.log(xp.maximum(sc, col_lo))
+        lv_new = log_scaling(log_b, log_sc, tau_b, psi_t)
+        bad = only_active(xp.min(sc, axis=-1) < col_lo)
+        need = bad | only_active(xp.max(xp.abs(lv_new), axis=-1) > lim)
+        any_need = bool(xp.any(need))
+        if any_need:
+            bad = bad | only_active(xp.logical_not(xp.all(xp.isfinite(lv_new), axis=-1)))
+            if bool(xp.any(bad)):              # log domain: log(K~^T u) = psi~ + LSE_i(K_ij + phi_i)
+                log_sc = xp.where(bad[..., None], psi_t + _lse_cols(xp, K, phi_t + lu), log_sc)
+                lv_new = log_scaling(log_b, log_sc, tau_b, psi_t)
         if it % check_every == 0 or it == max_iter:
             # c = P^T 1 = v * (K~^T u); target b exp(-g / rho_b).
-            psi = psi_t + lv
-            target = b_full if rho_b is None else b_full * xp.exp(-(eps / rho_b) * psi)
+            target = b_full if rho_b is None else b_full * xp.exp(-(eps / rho_b) * (psi_t + lv))
             err = xp.sum(xp.abs(xp.exp(lv + log_sc) - target), axis=-1) / mass_b
             error = xp.where(active, err, error)
             n_iter = xp.where(active, xp.full_like(n_iter, it), n_iter)
             active = active & (err > tol_eff)
             if it == max_iter or not bool(xp.any(active)):
                 break                                      # P is the plan the error was measured on
-        # Column update: log v = tau_b (log b - log(K~^T u)) + (tau_b - 1) psi~.
-        lv = xp.where(active[..., None], tau_b * (log_b - log_sc) + (tau_b - 1.0) * psi_t, lv)
-        need = active & (bad_c | (xp.max(xp.abs(lv), axis=-1) > lim))
-        if bool(xp.any(need)):
+            all_active = bool(xp.all(active))
+            need = need & active
+        lv = keep_frozen(lv_new, lv)
+        if any_need:
             phi_t, psi_t, lu, lv, Kt = absorb(need, phi_t, psi_t, lu, lv, Kt)
+        v = xp.exp(lv)
     return phi_t + lu, psi_t + lv, error, n_iter
 
 
