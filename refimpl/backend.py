@@ -44,6 +44,7 @@ __all__ = [
     "dtype_name",
     "eye_like",
     "serial_dense",
+    "single_threaded_blas",
     "frobenius",
     "from_host",
     "get_backend",
@@ -358,18 +359,25 @@ SMALL_LAPACK_N = 64
 #: lower one.  Above this size the library's own threading is kept.
 SERIAL_DENSE_N = 1024
 
+#: Largest matrix (entries) whose NumPy matrix-vector products
+#: :func:`serial_dense` callers such as the Sinkhorn forward keep on one
+#: thread (32 MiB in float64).  The products are bound by memory traffic;
+#: on the same loaded machine two threads made the n = 2000 forward 1.9x
+#: slower (median) than one.
+SERIAL_MATVEC_ENTRIES = 1 << 22
+
 
 @contextlib.contextmanager
-def serial_dense(like, k: int):
-    """Context in which NumPy's BLAS/LAPACK run on one thread, for dense
-    factorizations of order ``k <= SERIAL_DENSE_N`` of arrays like ``like``.
+def single_threaded_blas(like, when: bool = True):
+    """Context in which NumPy's BLAS/LAPACK run on one thread.
 
-    A no-op for other namespaces (CuPy, ``array_api_strict``, torch), for
-    ``k > SERIAL_DENSE_N``, and when ``threadpoolctl`` (an optional
-    dependency) is not installed.  The limit is set on entry and the previous
-    thread counts restored on exit; results do not depend on it.
+    A no-op when ``when`` is False, for namespaces other than NumPy (CuPy,
+    ``array_api_strict``), and when ``threadpoolctl`` (an optional
+    dependency) is not installed.  The limit is process-wide while the
+    context is open and the previous thread counts are restored on exit;
+    results do not depend on it.
     """
-    if not array_api_compat.is_numpy_array(like) or k > SERIAL_DENSE_N:
+    if not when or not array_api_compat.is_numpy_array(like):
         yield
         return
     try:
@@ -379,6 +387,12 @@ def serial_dense(like, k: int):
         return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+def serial_dense(like, k: int):
+    """:func:`single_threaded_blas` for dense factorizations of order
+    ``k <= SERIAL_DENSE_N`` of arrays like ``like``."""
+    return single_threaded_blas(like, k <= SERIAL_DENSE_N)
 
 
 def _scipy_lapack_loop(*arrays) -> bool:

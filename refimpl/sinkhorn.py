@@ -742,8 +742,10 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
                          xp.full(batch, tol, dtype=dt, device=dev))
 
     iterate = _iterate_scaling if _use_scaling(n, m) else _iterate_log
-    phi, psi, error, n_iter = iterate(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b,
-                                      eps, rho_b, max_iter, check_every, batch)
+    # Matrix-vector products of a matrix up to 32 MiB: memory-bound, one thread.
+    with backend.single_threaded_blas(C, n * m <= backend.SERIAL_MATVEC_ENTRIES):
+        phi, psi, error, n_iter = iterate(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b,
+                                          eps, rho_b, max_iter, check_every, batch)
 
     P = xp.exp(K + phi[..., :, None] + psi[..., None, :])
     # Batch-shaped diagnostics as arrays (NumPy reductions to 0-d give scalars).
