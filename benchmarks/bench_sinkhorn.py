@@ -1,4 +1,4 @@
-"""Sinkhorn: implicit vs unrolled backward, and the forward against POT.
+"""Sinkhorn: implicit vs unrolled backward, and the forward against POT and OTT-JAX.
 
 Run as ``refimpl bench sinkhorn`` (or ``python benchmarks/bench_sinkhorn.py``).
 
@@ -28,7 +28,21 @@ POT on the 2-norm of the column marginal error (<= the L1 norm for probability
 marginals, so POT's rule is the weaker one); both check every 10 iterations.
 The final L1 marginal error of both plans is recomputed identically.
 
-Part 3 (``--backend cupy``) - forward and implicit backward on the GPU, the
+Part 3 - forward against POT and OTT-JAX (``--peer-n``, ``--peer-eps``;
+``--only-peers`` runs just this part): float64, n in {200, 500, 2000}, eps in
+{0.05, 0.01}, every solver's stopping rule at least as strict as refimpl's on
+the L1 column error (see :func:`bench_peers`), the achieved L1 marginal error
+of every plan recomputed identically, OTT compiled before timing.  Each
+row prints the time ratios from that one run and each solver's per-iteration
+cost against the measured floor of the work its method must do: two
+matrix-vector products with an n x n matrix (refimpl's scaling domain) or two
+elementwise exponentials of an n x n array (log domain: POT, OTT).  Then the
+forward + gradient of ``<P, G>`` at n = 500 against ``jax.grad`` through
+OTT's solver (implicit differentiation), with each gradient's error against
+refimpl's at tol 1e-13 (``--grad-n``).  OTT-JAX is optional (``pip install
+ott-jax``): without it those columns are left out.
+
+Part 4 (``--backend cupy``) - forward and implicit backward on the GPU, the
 device synchronised before every clock reading; errors against the NumPy
 gradient.  ``--backend cupy_semantics`` runs the same on the CPU double of
 CuPy (a test of the path; its timings mean nothing).
@@ -213,6 +227,175 @@ def bench_forward(n: int, eps_list, tol: float, repeat: int) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------
+# Part 3 - forward against POT and OTT-JAX, per-iteration cost against a floor
+# --------------------------------------------------------------------------
+
+def l1_marginal_error(P, a, b) -> float:
+    """``(||P 1 - a||_1 + ||P^T 1 - b||_1) / ||b||_1``, computed the same way for every solver."""
+    P = np.asarray(P)
+    return float((np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - b).sum()) / b.sum())
+
+
+def repeated_best(fn, repeat: int, inner: int = 20) -> float:
+    """Best over ``repeat`` rounds of the mean time of ``inner`` calls (short kernels)."""
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
+
+
+def iteration_floors(C, eps: float, repeat: int) -> dict:
+    """Measured floors of one Sinkhorn iteration on an n x m float64 array.
+
+    ``exp2_s``: two elementwise exponentials written into a preallocated
+    array, the least a log-domain iteration (two full-size log-sum-exps)
+    does; ``matvec2_s``: ``K v`` and ``K^T u``, the least a scaling-domain
+    iteration does, with BLAS threads as refimpl's forward sets them
+    (:func:`refimpl.backend.single_threaded_blas`).
+    """
+    from refimpl import backend
+
+    X = -C / eps
+    out = np.empty_like(X)
+    K = np.exp(X)
+    u, v = np.ones(C.shape[0]), np.ones(C.shape[1])
+    exp2 = repeated_best(lambda: (np.exp(X, out=out), np.exp(X, out=out)), repeat)
+    with backend.single_threaded_blas(K, K.size <= backend.SERIAL_MATVEC_ENTRIES):
+        mv2 = repeated_best(lambda: (K @ v, u @ K), repeat)
+    return dict(exp2_s=exp2, matvec2_s=mv2)
+
+
+def ott_solver(eps: float, tol: float, max_iter: int):
+    """A jitted OTT-JAX Sinkhorn (float64, log domain, L1 column-error rule
+    checked every 10 iterations, as refimpl's), or None when not installed."""
+    try:
+        with warnings.catch_warnings():               # OTT's dependencies announce deprecations
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import jax
+            jax.config.update("jax_enable_x64", True)
+            from ott.geometry import geometry
+            from ott.problems.linear import linear_problem
+            from ott.solvers.linear import sinkhorn as ott_sinkhorn
+    except ImportError:
+        return None
+    solver = ott_sinkhorn.Sinkhorn(threshold=tol, norm_error=1, inner_iterations=10,
+                                   max_iterations=max_iter)
+
+    @jax.jit
+    def solve(C, a, b):
+        out = solver(linear_problem.LinearProblem(geometry.Geometry(cost_matrix=C, epsilon=eps), a=a, b=b))
+        return out.matrix, out.n_iters
+
+    def run(C, a, b):
+        P, it = jax.block_until_ready(solve(C, a, b))
+        return np.asarray(P), int(it)
+    return run
+
+
+def bench_peers(ns, eps_list, tol: float, repeat: int, pot_max_n: int) -> list[dict]:
+    """refimpl, POT's ``sinkhorn_log`` and OTT-JAX side by side in one run.
+
+    Every solver stops on its own rule made at least as strict as refimpl's
+    ``tol`` on the relative L1 column error: OTT with the L1 norm and ``tol``;
+    POT (2-norm of the column error) with ``tol / sqrt(m)``, since
+    ``||x||_1 <= sqrt(m) ||x||_2``.  The achieved L1 marginal error of every
+    plan is recomputed identically and reported next to its time; the
+    per-iteration cost is compared with the floors of :func:`iteration_floors`
+    (refimpl, scaling domain: two matrix-vector products; POT and OTT, log
+    domain: two exponentials).  OTT is compiled before timing.  POT runs only
+    up to ``n = pot_max_n`` (above it its log-domain iterations take minutes).
+    """
+    try:
+        import ot
+    except ImportError:
+        ot = None
+    rows = []
+    for n in ns:
+        C, a, b, _ = problem(n, seed=1)
+        for eps in eps_list:
+            floors = iteration_floors(C, eps, repeat)
+            row = dict(n=n, eps=eps, tol=tol, **floors)
+            t, res = best_time(lambda: sk.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=100_000, warn=False),
+                               repeat)
+            it = int(res.n_iter)
+            row.update(refimpl_s=t, refimpl_iter=it, refimpl_l1=l1_marginal_error(res.P, a, b),
+                       refimpl_floor_ratio=t / it / floors["matvec2_s"])
+            ott = ott_solver(eps, tol, 100_000)
+            if ott is not None:
+                import jax.numpy as jnp
+                args = tuple(jnp.asarray(x) for x in (C, a, b))
+                ott(*args)                                           # compile
+                t_o, (P_o, it_o) = best_time(lambda: ott(*args), repeat)
+                row.update(ott_s=t_o, ott_iter=it_o, ott_l1=l1_marginal_error(P_o, a, b),
+                           ott_floor_ratio=t_o / it_o / floors["exp2_s"], refimpl_over_ott=t / t_o,
+                           refimpl_over_ott_per_iter=(t / it) / (t_o / it_o))
+            if ot is not None and n <= pot_max_n:
+                t_p, (P_p, log) = best_time(lambda: ot.bregman.sinkhorn_log(
+                    a, b, C, eps, numItermax=100_000, stopThr=tol / math.sqrt(n), log=True, warn=False),
+                    max(1, repeat - 1))
+                it_p = int(log["niter"]) + 1
+                row.update(pot_s=t_p, pot_iter=it_p, pot_l1=l1_marginal_error(P_p, a, b),
+                           pot_floor_ratio=t_p / it_p / floors["exp2_s"], pot_over_refimpl=t_p / t)
+            rows.append(row)
+            print(fmt_peer_row(row), flush=True)
+    return rows
+
+
+def fmt_peer_row(r: dict) -> str:
+    out = (f"n={r['n']:5d} eps={r['eps']:<5g} floors: 2 exp {r['exp2_s'] * 1e3:7.2f} ms, 2 matvec "
+           f"{r['matvec2_s'] * 1e3:7.2f} ms | refimpl {r['refimpl_s']:7.3f} s {r['refimpl_iter']:5d} it "
+           f"L1 {r['refimpl_l1']:.1e} ({r['refimpl_floor_ratio']:.2f}x floor/it)")
+    if "ott_s" in r:
+        out += (f" | OTT {r['ott_s']:7.3f} s {r['ott_iter']:5d} it L1 {r['ott_l1']:.1e} "
+                f"({r['ott_floor_ratio']:.2f}x floor/it) | refimpl/OTT time x{r['refimpl_over_ott']:.2f} "
+                f"(per it x{r['refimpl_over_ott_per_iter']:.2f})")
+    if "pot_s" in r:
+        out += (f" | POT {r['pot_s']:7.3f} s {r['pot_iter']:5d} it L1 {r['pot_l1']:.1e} "
+                f"({r['pot_floor_ratio']:.2f}x floor/it) | POT/refimpl x{r['pot_over_refimpl']:.2f}")
+    return out
+
+
+def bench_gradient_vs_ott(n: int, eps: float, tol: float, repeat: int) -> dict:
+    """Forward + gradient of ``L = <P, G>`` w.r.t. ``C``: refimpl's
+    ``sinkhorn`` + ``sinkhorn_vjp`` (schur) against ``jax.grad`` through
+    OTT-JAX's solver (its default implicit differentiation), both at ``tol``;
+    each gradient's normwise error against refimpl's at tol 1e-13."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        jax.config.update("jax_enable_x64", True)
+        from ott.geometry import geometry
+        from ott.problems.linear import linear_problem
+        from ott.solvers.linear import sinkhorn as ott_sinkhorn
+    except ImportError:
+        return dict(skipped="OTT-JAX not installed (pip install ott-jax)")
+    C, a, b, G = problem(n, seed=2)
+    ref = sk.sinkhorn_vjp(sk.sinkhorn(C, a, b, eps=eps, tol=1e-13, max_iter=100_000), G)[0]
+
+    def ours():
+        return sk.sinkhorn_vjp(sk.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=100_000, warn=False), G,
+                               warn=False)[0]
+
+    solver = ott_sinkhorn.Sinkhorn(threshold=tol, norm_error=1, inner_iterations=10, max_iterations=100_000)
+    aj, bj, Gj = (jnp.asarray(x) for x in (a, b, G))
+
+    def loss(Cj):
+        out = solver(linear_problem.LinearProblem(geometry.Geometry(cost_matrix=Cj, epsilon=eps), a=aj, b=bj))
+        return jnp.sum(out.matrix * Gj)
+
+    grad = jax.jit(jax.grad(loss))
+    Cj = jnp.asarray(C)
+    jax.block_until_ready(grad(Cj))                                  # compile
+    t_r, g_r = best_time(ours, repeat)
+    t_o, g_o = best_time(lambda: np.asarray(jax.block_until_ready(grad(Cj))), repeat)
+    return dict(n=n, eps=eps, tol=tol, refimpl_s=t_r, ott_s=t_o, refimpl_over_ott=t_r / t_o,
+                refimpl_err=rel_err(g_r, ref), ott_err=rel_err(g_o, ref))
+
+
 def fmt_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     head = [c[1] for c in cols]
     body = []
@@ -260,6 +443,13 @@ def main(argv=None) -> int:
     p.add_argument("--forward-eps", type=str, default="0.05,0.02", help="temperatures of the POT comparison")
     p.add_argument("--tol", type=float, default=1e-9, help="forward tolerance of the POT comparison")
     p.add_argument("--repeat", type=int, default=3, help="timing repeats (best is kept)")
+    p.add_argument("--peer-n", type=str, default="200,500,2000",
+                   help="sizes of the forward comparison with POT and OTT-JAX ('' = skip it)")
+    p.add_argument("--peer-eps", type=str, default="0.05,0.01", help="temperatures of that comparison")
+    p.add_argument("--pot-max-n", type=int, default=2000, help="largest n POT is timed at")
+    p.add_argument("--grad-n", type=int, default=500,
+                   help="n of the gradient comparison with OTT-JAX (0 = skip it)")
+    p.add_argument("--only-peers", action="store_true", help="run only the comparisons with POT and OTT-JAX")
     p.add_argument("--quick", action="store_true", help="smoke run: n=60, taus 5,20,50, one repeat")
     p.add_argument("--out", type=str, default="bench-results/sinkhorn.json", help="JSON output path ('' = none)")
     p.add_argument("--backend", choices=("numpy", "cupy", "cupy_semantics"), default="numpy",
@@ -268,6 +458,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.taus, args.repeat, args.forward_eps = 60, "5,20,50", 1, "0.1"
+        args.peer_n, args.peer_eps, args.grad_n = "60", "0.1", 0
     taus = [int(t) for t in args.taus.split(",")]
     feps = [float(e) for e in args.forward_eps.split(",")]
     if args.backend != "numpy":
@@ -277,27 +468,33 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", ConditioningWarning)
         threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
-        print(f"Sinkhorn backward: n = m = {args.n}, eps = {args.eps}, float64, NumPy on CPU "
-              f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, BLAS threads: {threads})",
-              flush=True)
-        back = bench_backward(args.n, args.eps, taus, args.repeat)
-        print(fmt_table(back, [("tau", "tau", "d"), ("method", "method", "s"), ("bwd_s", "backward s", ".4f"),
-                               ("fwd_s", "forward s", ".4f"), ("peak_mb", "peak MB", ".1f"),
-                               ("err_C", "err C_bar", ".1e"), ("err_ab", "err (a,b)_bar", ".1e"),
-                               ("forward_error", "fwd L1 err", ".1e")]))
-        print(f"\nSinkhorn forward vs POT ot.bregman.sinkhorn_log: n = m = {args.n}, tol = {args.tol}", flush=True)
-        fwd = bench_forward(args.n, feps, args.tol, max(1, args.repeat - 1))
-        print(fmt_table(fwd, [("eps", "eps", "g"), ("ours_s", "refimpl s", ".3f"), ("pot_s", "POT s", ".3f"),
-                              ("ratio_pot_over_ours", "POT/refimpl", ".2f"), ("ours_iter", "iters", "d"),
-                              ("pot_iter", "POT iters", "d"), ("ours_l1_error", "L1 err", ".1e"),
-                              ("pot_l1_error", "POT L1 err", ".1e")]))
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, BLAS threads: {threads}"
+        back, fwd, peers, grad = [], [], [], {}
+        if not args.only_peers:
+            print(f"Sinkhorn backward: n = m = {args.n}, eps = {args.eps}, float64, NumPy on CPU ({machine})",
+                  flush=True)
+            back, fwd = run_backward_and_pot(args, taus, feps)
+        else:
+            print(f"NumPy on CPU ({machine})", flush=True)
+        if args.peer_n:
+            print(f"\nSinkhorn forward against POT and OTT-JAX (float64, tol = {args.tol}, best of "
+                  f"{args.repeat}); floors: two exponentials / two matrix-vector products of one n x n array",
+                  flush=True)
+            peers = bench_peers([int(x) for x in args.peer_n.split(",")],
+                                [float(x) for x in args.peer_eps.split(",")], args.tol, args.repeat, args.pot_max_n)
+        if args.grad_n:
+            grad = bench_gradient_vs_ott(args.grad_n, 0.05, args.tol, args.repeat)
+            print("\nforward + gradient of <P, G> against OTT-JAX (jax.grad, implicit diff): "
+                  + json.dumps(grad), flush=True)
+
     lines = summarize(back, fwd)
     print("\n" + "\n".join(lines))
     if args.out:
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(n=args.n, eps=args.eps, backward=back, forward=fwd, summary=lines,
-                                        numpy=np.__version__, python=sys.version.split()[0]), indent=2))
+        path.write_text(json.dumps(dict(n=args.n, eps=args.eps, backward=back, forward=fwd, peers=peers,
+                                        gradient_vs_ott=grad, summary=lines, numpy=np.__version__,
+                                        python=sys.version.split()[0]), indent=2))
         print(f"wrote {path}")
     return 0
 
@@ -324,6 +521,22 @@ def main_device(args, taus) -> int:
                                         rows=rows, numpy=np.__version__), indent=2))
         print(f"wrote {path}")
     return 0 if all("skipped" not in r for r in rows) else 1
+
+
+def run_backward_and_pot(args, taus, feps):
+    """Parts 1 and 2 (printed); returns their rows."""
+    back = bench_backward(args.n, args.eps, taus, args.repeat)
+    print(fmt_table(back, [("tau", "tau", "d"), ("method", "method", "s"), ("bwd_s", "backward s", ".4f"),
+                           ("fwd_s", "forward s", ".4f"), ("peak_mb", "peak MB", ".1f"),
+                           ("err_C", "err C_bar", ".1e"), ("err_ab", "err (a,b)_bar", ".1e"),
+                           ("forward_error", "fwd L1 err", ".1e")]))
+    print(f"\nSinkhorn forward vs POT ot.bregman.sinkhorn_log: n = m = {args.n}, tol = {args.tol}", flush=True)
+    fwd = bench_forward(args.n, feps, args.tol, max(1, args.repeat - 1))
+    print(fmt_table(fwd, [("eps", "eps", "g"), ("ours_s", "refimpl s", ".3f"), ("pot_s", "POT s", ".3f"),
+                          ("ratio_pot_over_ours", "POT/refimpl", ".2f"), ("ours_iter", "iters", "d"),
+                          ("pot_iter", "POT iters", "d"), ("ours_l1_error", "L1 err", ".1e"),
+                          ("pot_l1_error", "POT L1 err", ".1e")]))
+    return back, fwd
 
 
 if __name__ == "__main__":

@@ -79,6 +79,8 @@ __all__ = [
     "diagonal",
     "dtype_name",
     "eye_like",
+    "serial_dense",
+    "single_threaded_blas",
     "frobenius",
     "from_host",
     "get_backend",
@@ -740,6 +742,51 @@ def solve_vec(A, b):
 #: forward took 1.7x longer.  NumPy's own ``linalg`` (one pool with its
 #: products) is used there instead.
 SMALL_LAPACK_N = 64
+
+
+#: Largest dense system (order k) whose NumPy factorizations :func:`serial_dense`
+#: holds to one BLAS/LAPACK thread.  Threaded ``syevd``/``getrf`` gain at most
+#: the core count at these sizes, but on a loaded machine their threads wait
+#: for each other: on a 2-core machine with the other core busy, the Sinkhorn
+#: ``schur`` backward at k = 500 took a median 3.9x its single-threaded time
+#: (and up to 27x), while at k = 1000 the one-thread median was already the
+#: lower one.  Above this size the library's own threading is kept.
+SERIAL_DENSE_N = 1024
+
+#: Largest matrix (entries) whose NumPy matrix-vector products
+#: :func:`serial_dense` callers such as the Sinkhorn forward keep on one
+#: thread (32 MiB in float64).  The products are bound by memory traffic;
+#: on the same loaded machine two threads made the n = 2000 forward 1.9x
+#: slower (median) than one.
+SERIAL_MATVEC_ENTRIES = 1 << 22
+
+
+@contextlib.contextmanager
+def single_threaded_blas(like, when: bool = True):
+    """Context in which NumPy's BLAS/LAPACK run on one thread.
+
+    A no-op when ``when`` is False, for namespaces other than NumPy (CuPy,
+    ``array_api_strict``), and when ``threadpoolctl`` (an optional
+    dependency) is not installed.  The limit is process-wide while the
+    context is open and the previous thread counts are restored on exit;
+    results do not depend on it.
+    """
+    if not when or not array_api_compat.is_numpy_array(like):
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def serial_dense(like, k: int):
+    """:func:`single_threaded_blas` for dense factorizations of order
+    ``k <= SERIAL_DENSE_N`` of arrays like ``like``."""
+    return single_threaded_blas(like, k <= SERIAL_DENSE_N)
 
 
 def _scipy_lapack_loop(*arrays) -> bool:

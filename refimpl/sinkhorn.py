@@ -44,6 +44,13 @@ is measured from the column log-sum-exp the next ``psi`` update needs anyway.
 A batch member stops (and is frozen, so a batch gives what a loop gives) once
 ``error <= tol``; the returned ``P`` is the plan at that check.
 
+The iterations run in the stabilised scaling domain (Schmitzer 2019): with
+``phi = phi~ + log u`` and ``K~ = exp(K + phi~ 1^T + 1 psi~^T)`` the
+log-sum-exps become matrix-vector products ``K~ v``, ``K~^T u``, and the
+scalings are absorbed into ``phi~, psi~`` before they leave a safe range
+(see :func:`_iterate_scaling`).  In exact arithmetic the iterates are those
+above, so the stopping rule and the plan are the log domain's.
+
 Adjoint (balanced, Eisenberger et al. 2022, Thm. 3 / Alg. 1)
 -----------------------------------------------------------
 Any ``P`` of the Gibbs form above is the *exact* optimum of the problem with
@@ -480,10 +487,214 @@ def _tolerance_floor(xp, C, a, b, batch, eps: float, balanced: bool):
     return xp.broadcast_to(floor, batch)
 
 
+def _lse_pair(xp, p, q):
+    """``log(exp(p) + exp(q))`` elementwise for finite ``p``, ``q``:
+    ``max(p, q) + log1p(exp(-|p - q|))`` (the argument of ``exp`` is <= 0)."""
+    return xp.maximum(p, q) + xp.log1p(xp.exp(-xp.abs(p - q)))
+
+
+def _lse_rows(xp, K, psi):
+    """``LSE_j(K_ij + psi_j)`` (..., n).  Two columns (the top-k anchors) are
+    combined elementwise by :func:`_lse_pair` instead of reduced over a
+    length-2 axis."""
+    if K.shape[-1] == 2:
+        return _lse_pair(xp, K[..., 0] + psi[..., 0:1], K[..., 1] + psi[..., 1:2])
+    return logsumexp(K + psi[..., None, :], -1)
+
+
+def _lse_cols(xp, K, phi):
+    """``LSE_i(K_ij + phi_i)`` (..., m); two rows combined by :func:`_lse_pair`."""
+    if K.shape[-2] == 2:
+        return _lse_pair(xp, K[..., 0, :] + phi[..., 0:1], K[..., 1, :] + phi[..., 1:2])
+    if K.shape[-1] == 2:
+        # One contiguous reduction per column (a reduction over axis -2 of an
+        # (n, 2) array strides through memory).
+        return xp.stack([logsumexp(K[..., :, j] + phi, -1) for j in range(2)], axis=-1)
+    return logsumexp(K + phi[..., :, None], -2)
+
+
+def _iterate_log(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b, eps, rho_b,
+                 max_iter, check_every, batch):
+    """Log-domain iterations (module docstring): two log-sum-exps over the full
+    ``n x m`` array per iteration.  Returns ``(phi, psi, error, n_iter)``,
+    ``phi = f / eps``, ``psi = g / eps``."""
+    n, m = K.shape[-2], K.shape[-1]
+    dt, dev = K.dtype, backend.device(K)
+    phi = xp.zeros(batch + (n,), dtype=dt, device=dev)    # f / eps
+    psi = xp.zeros(batch + (m,), dtype=dt, device=dev)    # g / eps
+    active = xp.ones(batch, dtype=xp.bool, device=dev)
+    error = xp.full(batch, math.inf, dtype=dt, device=dev)
+    n_iter = xp.zeros(batch, dtype=xp.int64, device=dev)
+
+    for it in range(1, max_iter + 1):
+        # Row update: phi = tau_a (log a - LSE_j(K_ij + psi_j)); afterwards P 1 = a
+        # (balanced) or P 1 = a exp(-f / rho_a) (unbalanced), to round-off.
+        phi = xp.where(active[..., None], tau_a * (log_a - _lse_rows(xp, K, psi)), phi)
+        lse_col = _lse_cols(xp, K, phi)                          # log(P^T 1) - psi
+        if it % check_every == 0 or it == max_iter:
+            # c = P^T 1 = exp(psi + LSE_i(K_ij + phi_i)); target b exp(-g / rho_b).
+            target = b_full if rho_b is None else b_full * xp.exp(-(eps / rho_b) * psi)
+            err = xp.sum(xp.abs(xp.exp(psi + lse_col) - target), axis=-1) / mass_b
+            error = xp.where(active, err, error)
+            n_iter = xp.where(active, xp.full_like(n_iter, it), n_iter)
+            active = active & (err > tol_eff)
+            if it == max_iter or not bool(xp.any(active)):
+                break                                      # P is the plan the error was measured on
+        # Column update: psi = tau_b (log b - LSE_i(K_ij + phi_i)).
+        psi = xp.where(active[..., None], tau_b * (log_b - lse_col), psi)
+    return phi, psi, error, n_iter
+
+
+def _use_scaling(n: int, m: int) -> bool:
+    """Whether the forward iterates in the scaling domain
+    (:func:`_iterate_scaling`) rather than the log domain
+    (:func:`_iterate_log`, kept as the reference it is tested against).  It
+    does for every size: its two matrix-vector products cost less than the
+    log domain's two full-size log-sum-exps even at n = m = 10, where the
+    per-iteration overhead of either dominates."""
+    return True
+
+
+def _scaling_limits(xp, dtype, n: int, m: int):
+    """``(lim, row_floor, col_floor)`` of the scaling domain.
+
+    ``lim = log(max finite) / 4``: scalings stay within ``exp(+-lim)``, so
+    ``K~ v`` cannot overflow.  An entry of ``K~`` that underflowed when it was
+    formed (below the smallest normal ``t``) is lost; weighted by a scaling
+    ``<= exp(lim)`` it is below ``t exp(lim)``, so a row sum of ``m`` such
+    terms is accurate to the unit round-off ``u`` when it is at least
+    ``row_floor = m t exp(lim) / u`` (``col_floor`` likewise with ``n``).
+    """
+    fi = xp.finfo(dtype)
+    lim = math.log(float(fi.max)) / 4.0
+    base = float(fi.smallest_normal) * math.exp(lim) / backend.unit_roundoff(dtype)
+    return lim, m * base, n * base
+
+
+def _iterate_scaling(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b, eps, rho_b,
+                     max_iter, check_every, batch):
+    r"""Sinkhorn iterations in the stabilised scaling domain (Schmitzer 2019).
+
+    The potentials are split as ``phi = phi~ + log u``, ``psi = psi~ + log v``
+    with the absorbed parts ``phi~, psi~`` folded into the kernel
+
+        K~_ij = exp(K_ij + phi~_i + psi~_j),
+
+    so that ``LSE_j(K_ij + psi_j) = log((K~ v)_i) - phi~_i`` and
+    ``LSE_i(K_ij + phi_i) = log((K~^T u)_j) - psi~_j``.  An iteration of the
+    module docstring's log-domain scheme then reads
+
+        log u = tau_a (log a - log(K~ v)) + (tau_a - 1) phi~,
+        log v = tau_b (log b - log(K~^T u)) + (tau_b - 1) psi~,
+
+    two matrix-vector products per iteration instead of two full-size
+    log-sum-exps; the marginal ``c = P^T 1 = v * (K~^T u)`` for the stopping
+    rule comes from the product the column update needs.  Exact arithmetic
+    gives the log-domain iterates, hence the same stopping rule and plan.
+
+    Absorption: when a member's ``|log u|`` or ``|log v|`` exceeds ``lim``
+    (:func:`_scaling_limits`), its scalings are folded into ``phi~, psi~``
+    and its ``K~`` recomputed (one exponential pass).  A half-step whose sums
+    leave the accurate range (below the floors of :func:`_scaling_limits`,
+    e.g. rows that underflowed at a small ``eps``) is redone in the log
+    domain for that member and then absorbed.  Members are absorbed
+    independently, so a batch gives what a loop gives.
+    """
+    n, m = K.shape[-2], K.shape[-1]
+    dt, dev = K.dtype, backend.device(K)
+    lim, row_floor, col_floor = _scaling_limits(xp, dt, n, m)
+    phi_t = xp.zeros(batch + (n,), dtype=dt, device=dev)     # absorbed potentials phi~, psi~
+    psi_t = xp.zeros(batch + (m,), dtype=dt, device=dev)
+    lu = xp.zeros(batch + (n,), dtype=dt, device=dev)        # log u, log v
+    lv = xp.zeros(batch + (m,), dtype=dt, device=dev)
+    v = xp.ones(batch + (m,), dtype=dt, device=dev)          # v = exp(lv)
+    # The first row update in the log domain, absorbed: K~ = exp(K + phi), whose
+    # rows hold the row marginals (no row has underflowed whatever eps is).
+    phi_t = tau_a * (log_a - _lse_rows(xp, K, psi_t))
+    Kt = xp.exp(K + phi_t[..., :, None])
+    active = xp.ones(batch, dtype=xp.bool, device=dev)
+    all_active = True                                        # host copy, refreshed at each check
+    error = xp.full(batch, math.inf, dtype=dt, device=dev)
+    n_iter = xp.zeros(batch, dtype=xp.int64, device=dev)
+    # Sums are clamped at their floor before the log (finite, no warning); a
+    # member with a clamped sum is redone in the log domain.  An overflowed
+    # sum (inf) gives |log u| = inf > lim and is redone too.
+    row_lo = xp.asarray(row_floor, dtype=dt, device=dev)
+    col_lo = xp.asarray(col_floor, dtype=dt, device=dev)
+
+    def log_scaling(log_target, log_sum, tau, absorbed):
+        """``tau (log target - log sum) + (tau - 1) absorbed`` (balanced: tau = 1)."""
+        if tau == 1.0:
+            return log_target - log_sum
+        return tau * (log_target - log_sum) + (tau - 1.0) * absorbed
+
+    def only_active(mask):
+        return mask if all_active else mask & active
+
+    def keep_frozen(new, old):
+        return new if all_active else xp.where(active[..., None], new, old)
+
+    def absorb(need, phi_t, psi_t, lu, lv, Kt):
+        """Fold the scalings of the members ``need`` into ``phi~, psi~, K~``."""
+        nd = need[..., None]
+        phi_t = xp.where(nd, phi_t + lu, phi_t)
+        psi_t = xp.where(nd, psi_t + lv, psi_t)
+        lu = xp.where(nd, xp.zeros_like(lu), lu)
+        lv = xp.where(nd, xp.zeros_like(lv), lv)
+        Kt = xp.where(nd[..., None], xp.exp(K + phi_t[..., :, None] + psi_t[..., None, :]), Kt)
+        return phi_t, psi_t, lu, lv, Kt
+
+    for it in range(1, max_iter + 1):
+        # Row update: log u = tau_a (log a - log(K~ v)) + (tau_a - 1) phi~.
+        s = matvec(Kt, v)
+        lu_new = log_scaling(log_a, xp.log(xp.maximum(s, row_lo)), tau_a, phi_t)
+        bad = only_active(xp.min(s, axis=-1) < row_lo)
+        need = bad | only_active(xp.max(xp.abs(lu_new), axis=-1) > lim)
+        if bool(xp.any(need)):
+            bad = bad | only_active(xp.logical_not(xp.all(xp.isfinite(lu_new), axis=-1)))
+            if bool(xp.any(bad)):              # log domain: phi = tau_a (log a - LSE_j(K_ij + psi_j))
+                phi_log = tau_a * (log_a - _lse_rows(xp, K, psi_t + lv))
+                lu_new = xp.where(bad[..., None], phi_log - phi_t, lu_new)
+            lu = keep_frozen(lu_new, lu)
+            phi_t, psi_t, lu, lv, Kt = absorb(need, phi_t, psi_t, lu, lv, Kt)
+            v = xp.exp(lv)
+        else:
+            lu = keep_frozen(lu_new, lu)
+        # Column sums: K~^T u = exp(psi~ + LSE_i(K_ij + phi_i)); the column update
+        # log v = tau_b (log b - log(K~^T u)) + (tau_b - 1) psi~ follows the check.
+        sc = _rmatvec(Kt, xp.exp(lu))
+        log_sc = xp.log(xp.maximum(sc, col_lo))
+        lv_new = log_scaling(log_b, log_sc, tau_b, psi_t)
+        bad = only_active(xp.min(sc, axis=-1) < col_lo)
+        need = bad | only_active(xp.max(xp.abs(lv_new), axis=-1) > lim)
+        any_need = bool(xp.any(need))
+        if any_need:
+            bad = bad | only_active(xp.logical_not(xp.all(xp.isfinite(lv_new), axis=-1)))
+            if bool(xp.any(bad)):              # log domain: log(K~^T u) = psi~ + LSE_i(K_ij + phi_i)
+                log_sc = xp.where(bad[..., None], psi_t + _lse_cols(xp, K, phi_t + lu), log_sc)
+                lv_new = log_scaling(log_b, log_sc, tau_b, psi_t)
+        if it % check_every == 0 or it == max_iter:
+            # c = P^T 1 = v * (K~^T u); target b exp(-g / rho_b).
+            target = b_full if rho_b is None else b_full * xp.exp(-(eps / rho_b) * (psi_t + lv))
+            err = xp.sum(xp.abs(xp.exp(lv + log_sc) - target), axis=-1) / mass_b
+            error = xp.where(active, err, error)
+            n_iter = xp.where(active, xp.full_like(n_iter, it), n_iter)
+            active = active & (err > tol_eff)
+            if it == max_iter or not bool(xp.any(active)):
+                break                                      # P is the plan the error was measured on
+            all_active = bool(xp.all(active))
+            need = need & active
+        lv = keep_frozen(lv_new, lv)
+        if any_need:
+            phi_t, psi_t, lu, lv, Kt = absorb(need, phi_t, psi_t, lu, lv, Kt)
+        v = xp.exp(lv)
+    return phi_t + lu, psi_t + lv, error, n_iter
+
+
 def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
              rho_a: float | None = None, rho_b: float | None = None,
              check_every: int = 10, warn: bool = True) -> SinkhornResult:
-    r"""Entropic OT plan by log-domain Sinkhorn iterations (batched).
+    r"""Entropic OT plan by stabilised Sinkhorn iterations (batched).
 
     Parameters
     ----------
@@ -541,28 +752,11 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
     tol_eff = xp.maximum(_tolerance_floor(xp, C, a, b, batch, eps, balanced),
                          xp.full(batch, tol, dtype=dt, device=dev))
 
-    phi = xp.zeros(batch + (n,), dtype=dt, device=dev)    # f / eps
-    psi = xp.zeros(batch + (m,), dtype=dt, device=dev)    # g / eps
-    active = xp.ones(batch, dtype=xp.bool, device=dev)
-    error = xp.full(batch, math.inf, dtype=dt, device=dev)
-    n_iter = xp.zeros(batch, dtype=xp.int64, device=dev)
-
-    for it in range(1, max_iter + 1):
-        # Row update: phi = tau_a (log a - LSE_j(K_ij + psi_j)); afterwards P 1 = a
-        # (balanced) or P 1 = a exp(-f / rho_a) (unbalanced), to round-off.
-        phi = xp.where(active[..., None], tau_a * (log_a - logsumexp(K + psi[..., None, :], -1)), phi)
-        lse_col = logsumexp(K + phi[..., :, None], -2)          # log(P^T 1) - psi
-        if it % check_every == 0 or it == max_iter:
-            # c = P^T 1 = exp(psi + LSE_i(K_ij + phi_i)); target b exp(-g / rho_b).
-            target = b_full if rho_b is None else b_full * xp.exp(-(eps / rho_b) * psi)
-            err = xp.sum(xp.abs(xp.exp(psi + lse_col) - target), axis=-1) / mass_b
-            error = xp.where(active, err, error)
-            n_iter = xp.where(active, xp.full_like(n_iter, it), n_iter)
-            active = active & (err > tol_eff)
-            if it == max_iter or not bool(xp.any(active)):
-                break                                      # P is the plan the error was measured on
-        # Column update: psi = tau_b (log b - LSE_i(K_ij + phi_i)).
-        psi = xp.where(active[..., None], tau_b * (log_b - lse_col), psi)
+    iterate = _iterate_scaling if _use_scaling(n, m) else _iterate_log
+    # Matrix-vector products of a matrix up to 32 MiB: memory-bound, one thread.
+    with backend.single_threaded_blas(C, n * m <= backend.SERIAL_MATVEC_ENTRIES):
+        phi, psi, error, n_iter = iterate(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b,
+                                          eps, rho_b, max_iter, check_every, batch)
 
     P = xp.exp(K + phi[..., :, None] + psi[..., None, :])
     # Batch-shaped diagnostics as arrays (NumPy reductions to 0-d give scalars).
@@ -1016,11 +1210,14 @@ def _kkt_solve(sys: _System, eps: float, rhs_p, rhs_a, rhs_b):
 
 def _solve(sys: _System, t_a, t_b, method: str, **cg_options):
     if method == "schur":
-        return _solve_schur(sys, t_a, t_b)
+        # Dense factorizations of order min(n, m): kept on one thread (small).
+        with backend.serial_dense(sys.P, min(sys.n, sys.m)):
+            return _solve_schur(sys, t_a, t_b)
     if method == "cg":
         return _solve_cg(sys, t_a, t_b, **cg_options)
     if method == "reduced":
-        return _solve_reduced(sys, t_a, t_b)
+        with backend.serial_dense(sys.P, sys.n + sys.m):
+            return _solve_reduced(sys, t_a, t_b)
     raise ValueError(f"argument 'method' must be one of {METHODS}, got {method!r}")
 
 
@@ -1689,7 +1886,8 @@ def sinkhorn_conditioning(res: SinkhornResult) -> Conditioning:
     if sys.n < sys.m:
         sys = sys.transposed()
         side = "rows"
-    gap, lam_max = _spectrum(sys, _schur_operator(sys))
+    with backend.serial_dense(sys.P, sys.m):
+        gap, lam_max = _spectrum(sys, _schur_operator(sys))
     return Conditioning(spectral_gap=gap, lambda_max=lam_max, cond=_cond_from(xp, gap, lam_max),
                         side=side, threshold=_cond_threshold(res.P.dtype))
 

@@ -98,6 +98,26 @@ def test_forward_matches_pot_and_marginals(backend, dtype, rng):
     assert rel(P, np.exp((f[:, None] + g[None, :] - C) / eps)) <= (1e-12 if dtype == F64 else 1e-4)
 
 
+@pytest.mark.parametrize("shape", [(3, 9, 2), (3, 2, 9), (2, 2), (4, 7, 5)])
+def test_row_and_column_log_sum_exps_match_logaddexp(backend, dtype, rng, shape):
+    # Two entries are combined elementwise (the top-k anchors), more are reduced;
+    # reference: NumPy's logaddexp folded over the axis in float64.  Offsets of
+    # +-700 and spreads of 1e3 would overflow a naive exp.
+    K = rng.standard_normal(shape) * 1e3 - 700.0
+    phi = rng.standard_normal(shape[:-1]) * 50.0
+    psi = rng.standard_normal(shape[:-2] + shape[-1:]) * 50.0
+    Kx, phix, psix = put(backend, dtype, K, phi, psi)
+    xp = backend.xp
+    rows = host(sk._lse_rows(xp, Kx, psix))[0]
+    cols = host(sk._lse_cols(xp, Kx, phix))[0]
+    Kh, phih, psih = host(Kx, phix, psix)
+    ref_rows = np.logaddexp.reduce(Kh + psih[..., None, :], axis=-1)
+    ref_cols = np.logaddexp.reduce(Kh + phih[..., :, None], axis=-2)
+    tol = 1e-13 if dtype == F64 else 1e-6
+    assert np.max(np.abs(rows - ref_rows) / (1.0 + np.abs(ref_rows))) <= tol
+    assert np.max(np.abs(cols - ref_cols) / (1.0 + np.abs(ref_cols))) <= tol
+
+
 def test_stopping_rule_checks_every_few_iterations(rng):
     C, a, b = problem(rng, 6, 6)
     res = sk.sinkhorn(C, a, b, eps=0.1, tol=1e-12, check_every=7)
@@ -142,6 +162,70 @@ def test_stable_at_small_eps_and_tiny_marginals(backend):
     assert kinds <= {ConvergenceWarning, ConditioningWarning}
     if not res.all_converged:
         assert ConvergenceWarning in kinds
+
+
+def _tiny_marginal_problem(rng, n, m):
+    """Random O(1) costs; a few marginal entries of 1e-12 on both sides."""
+    C = rng.random((n, m))
+    a, b = rng.dirichlet(np.ones(n)), rng.dirichlet(np.ones(m))
+    a[::7] = 1e-12
+    b[::5] = 1e-12
+    return C, a / a.sum(), b / b.sum()
+
+
+@pytest.mark.parametrize("case", ["tiny_eps", "sqdist", "unbalanced"])
+def test_scaling_domain_gives_the_log_domain_plan(backend, dtype, rng, monkeypatch, case):
+    # Reference: the log-domain iteration (two full log-sum-exps per step),
+    # an independent evaluation of the same fixed-point map.  Same stopping
+    # rule, so the same iteration count, and the same plan to round-off.
+    if case == "tiny_eps":
+        C, a, b = _tiny_marginal_problem(rng, 40, 30)
+        params = dict(eps=1e-3 if dtype == F64 else 0.05, tol=1e-9, max_iter=20_000)
+    elif case == "sqdist":
+        C, a, b = problem(rng, 60, 50, eps_cost="sqdist")
+        params = dict(eps=0.01, tol=1e-11, max_iter=20_000)
+    else:
+        C, a, b = problem(rng, 30, 45)
+        a = 2.0 * a
+        params = dict(eps=0.02, tol=1e-11, max_iter=20_000, rho_a=0.5, rho_b=5.0)
+    args = put(backend, dtype, C, a, b)
+    res = sk.sinkhorn(*args, warn=False, **params)
+    monkeypatch.setattr(sk, "_use_scaling", lambda n, m: False)
+    ref = sk.sinkhorn(*args, warn=False, **params)
+    assert bool(to_host(ref.converged)) and bool(to_host(res.converged))
+    assert int(to_host(res.n_iter)) == int(to_host(ref.n_iter))
+    P, f, g = host(res.P, res.f, res.g)
+    P0, f0, g0 = host(ref.P, ref.f, ref.g)
+    # log P = (f + g - C) / eps carries absolute errors ~ u max|C| / eps.
+    u = 2.0 ** -53 if dtype == F64 else 2.0 ** -24
+    tol = 64 * u * (1.0 + np.abs(C).max() / params["eps"]) * math.sqrt(float(to_host(ref.n_iter)))
+    assert np.max(np.abs(P - P0) / np.maximum(P0, 1e-300)) <= tol
+    assert np.max(np.abs(f - f0)) / params["eps"] <= tol
+    assert np.max(np.abs(g - g0)) / params["eps"] <= tol
+    # the measured error itself carries the rounding floor the tolerance is raised to
+    slack = 1e-3 if dtype == F64 else 0.5
+    assert abs(float(to_host(res.error)) - float(to_host(ref.error))) <= slack * float(to_host(ref.tol))
+
+
+def test_scaling_domain_absorbs_per_member(backend, rng):
+    # eps = 1e-3 with tiny marginals: the column potentials reach |g| / eps far
+    # beyond the scalings' range exp(+-lim), so they were absorbed (K~ rebuilt),
+    # at different iterations for members of different scales; a batch still
+    # gives what a loop gives.
+    probs = [_tiny_marginal_problem(rng, 20, 15) for _ in range(3)]
+    scale = np.array([1.0, 3.0, 1.5])
+    C = np.stack([p[0] for p in probs]) * scale[:, None, None]
+    a = np.stack([p[1] for p in probs])
+    b = np.stack([p[2] for p in probs])
+    params = dict(eps=1e-3, tol=1e-9, max_iter=20_000, warn=False)
+    res = sk.sinkhorn(*put(backend, F64, C, a, b), **params)
+    lim = math.log(np.finfo(np.float64).max) / 4.0
+    assert np.all(np.max(np.abs(host(res.g)[0]), axis=-1) / params["eps"] > lim)
+    for k in range(3):
+        rk = sk.sinkhorn(*put(backend, F64, C[k], a[k], b[k]), **params)
+        assert int(to_host(rk.n_iter)) == int(to_host(res.n_iter)[k])
+        assert rel(host(res.P)[0][k], host(rk.P)[0]) <= 1e-13
+        assert rel(host(res.f)[0][k], host(rk.f)[0]) <= 1e-13
 
 
 def test_non_convergence_is_reported_and_warned(backend, rng):
