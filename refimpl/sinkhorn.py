@@ -545,14 +545,19 @@ def _iterate_log(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b, eps
     return phi, psi, error, n_iter
 
 
-def _use_scaling(n: int, m: int) -> bool:
+def _use_scaling(n: int, m: int, policy: backend.DevicePolicy) -> bool:
     """Whether the forward iterates in the scaling domain
     (:func:`_iterate_scaling`) rather than the log domain
-    (:func:`_iterate_log`, kept as the reference it is tested against).  It
-    does for every size: its two matrix-vector products cost less than the
-    log domain's two full-size log-sum-exps even at n = m = 10, where the
-    per-iteration overhead of either dominates."""
-    return True
+    (:func:`_iterate_log`, kept as the reference it is tested against).
+
+    On the host it does for every size: its two matrix-vector products cost
+    less than the log domain's two full-size log-sum-exps even at
+    n = m = 10, where the per-iteration overhead of either dominates.  Where
+    reading a value on the host waits for the device
+    (``policy.deferred_sync``: CuPy, torch on CUDA) it does not: the scaling
+    domain decides absorptions on the host twice per iteration, while the log
+    domain reads the device only at the convergence checks."""
+    return not policy.deferred_sync
 
 
 def _scaling_limits(xp, dtype, n: int, m: int):
@@ -752,7 +757,7 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
     tol_eff = xp.maximum(_tolerance_floor(xp, C, a, b, batch, eps, balanced),
                          xp.full(batch, tol, dtype=dt, device=dev))
 
-    iterate = _iterate_scaling if _use_scaling(n, m) else _iterate_log
+    iterate = _iterate_scaling if _use_scaling(n, m, backend.policy_of(C)) else _iterate_log
     # Matrix-vector products of a matrix up to 32 MiB: memory-bound, one thread.
     with backend.single_threaded_blas(C, n * m <= backend.SERIAL_MATVEC_ENTRIES):
         phi, psi, error, n_iter = iterate(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b,

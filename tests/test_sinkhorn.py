@@ -16,9 +16,9 @@ import warnings
 import numpy as np
 import pytest
 
-from refimpl import check
+from refimpl import backend, check
 from refimpl import sinkhorn as sk
-from refimpl.backend import ConditioningWarning, ConvergenceWarning, to_host
+from refimpl.backend import ConditioningWarning, ConvergenceWarning, get_backend, to_host
 
 F64 = "float64"
 RTOL = {"float64": 1e-9, "float32": 2e-3}       # gradients vs references (normwise)
@@ -190,7 +190,7 @@ def test_scaling_domain_gives_the_log_domain_plan(backend, dtype, rng, monkeypat
         params = dict(eps=0.02, tol=1e-11, max_iter=20_000, rho_a=0.5, rho_b=5.0)
     args = put(backend, dtype, C, a, b)
     res = sk.sinkhorn(*args, warn=False, **params)
-    monkeypatch.setattr(sk, "_use_scaling", lambda n, m: False)
+    monkeypatch.setattr(sk, "_use_scaling", lambda n, m, policy: False)
     ref = sk.sinkhorn(*args, warn=False, **params)
     assert bool(to_host(ref.converged)) and bool(to_host(res.converged))
     assert int(to_host(res.n_iter)) == int(to_host(ref.n_iter))
@@ -221,11 +221,14 @@ def test_scaling_domain_absorbs_per_member(backend, rng):
     res = sk.sinkhorn(*put(backend, F64, C, a, b), **params)
     lim = math.log(np.finfo(np.float64).max) / 4.0
     assert np.all(np.max(np.abs(host(res.g)[0]), axis=-1) / params["eps"] > lim)
+    # torch/CuPy pick other matrix-vector kernels for a stack than for one
+    # member: round-off u amplified by |C|/eps ~ 1e3 (backend.member_exact_batches)
+    tol = 1e-13 if backend.member_exact_batches else 1e-12
     for k in range(3):
         rk = sk.sinkhorn(*put(backend, F64, C[k], a[k], b[k]), **params)
         assert int(to_host(rk.n_iter)) == int(to_host(res.n_iter)[k])
-        assert rel(host(res.P)[0][k], host(rk.P)[0]) <= 1e-13
-        assert rel(host(res.f)[0][k], host(rk.f)[0]) <= 1e-13
+        assert rel(host(res.P)[0][k], host(rk.P)[0]) <= tol
+        assert rel(host(res.f)[0][k], host(rk.f)[0]) <= tol
 
 
 def test_non_convergence_is_reported_and_warned(backend, rng):
@@ -1033,3 +1036,13 @@ def test_eps_below_the_dtype_floor_is_never_converged():
     Cb = np.stack([C, C])
     res = sk.sinkhorn(Cb, a, b, eps=0.1)
     assert res.all_converged and np.all(res.tol < 1e-6)
+
+
+def test_forward_reads_the_device_only_at_checks_where_syncs_are_deferred():
+    """Where a host read waits for the device (CuPy, torch on CUDA), the forward
+    takes the log domain, which reads back only at the convergence checks; the
+    scaling domain decides absorptions on the host twice per iteration."""
+    host = get_backend("numpy")
+    device_like = get_backend("cupy_semantics")
+    assert sk._use_scaling(4, 4, backend.policy_of(host.asarray(np.zeros((4, 4)))))
+    assert not sk._use_scaling(4, 4, backend.policy_of(device_like.asarray(np.zeros((4, 4)))))
