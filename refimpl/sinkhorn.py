@@ -534,15 +534,26 @@ def _iterate_log(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b, eps
         if it % check_every == 0 or it == max_iter:
             # c = P^T 1 = exp(psi + LSE_i(K_ij + phi_i)); target b exp(-g / rho_b).
             target = b_full if rho_b is None else b_full * xp.exp(-(eps / rho_b) * psi)
-            err = xp.sum(xp.abs(xp.exp(psi + lse_col) - target), axis=-1) / mass_b
-            error = xp.where(active, err, error)
-            n_iter = xp.where(active, xp.full_like(n_iter, it), n_iter)
-            active = active & (err > tol_eff)
+            error, n_iter, active = _record_error(xp, xp.exp(psi + lse_col), target, mass_b,
+                                                  it, active, error, n_iter, tol_eff)
             if it == max_iter or not bool(xp.any(active)):
                 break                                      # P is the plan the error was measured on
         # Column update: psi = tau_b (log b - LSE_i(K_ij + phi_i)).
         psi = xp.where(active[..., None], tau_b * (log_b - lse_col), psi)
     return phi, psi, error, n_iter
+
+
+def _record_error(xp, c, target, mass_b, it: int, active, error, n_iter, tol_eff):
+    """One convergence check: the relative L1 column error
+    ``||c - target||_1 / sum(b)`` (``c = P^T 1``) of the still active members
+    is recorded with the iteration count, and members at ``tol_eff`` stop.
+
+    Returns ``(error, n_iter, active)``.
+    """
+    err = xp.sum(xp.abs(c - target), axis=-1) / mass_b
+    error = xp.where(active, err, error)
+    n_iter = xp.where(active, xp.full_like(n_iter, it), n_iter)
+    return error, n_iter, active & (err > tol_eff)
 
 
 def _use_scaling(n: int, m: int, policy: backend.DevicePolicy) -> bool:
@@ -681,10 +692,8 @@ def _iterate_scaling(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b,
         if it % check_every == 0 or it == max_iter:
             # c = P^T 1 = v * (K~^T u); target b exp(-g / rho_b).
             target = b_full if rho_b is None else b_full * xp.exp(-(eps / rho_b) * (psi_t + lv))
-            err = xp.sum(xp.abs(xp.exp(lv + log_sc) - target), axis=-1) / mass_b
-            error = xp.where(active, err, error)
-            n_iter = xp.where(active, xp.full_like(n_iter, it), n_iter)
-            active = active & (err > tol_eff)
+            error, n_iter, active = _record_error(xp, xp.exp(lv + log_sc), target, mass_b,
+                                                  it, active, error, n_iter, tol_eff)
             if it == max_iter or not bool(xp.any(active)):
                 break                                      # P is the plan the error was measured on
             all_active = bool(xp.all(active))

@@ -806,6 +806,24 @@ def _candidate_frame(exc: BaseException) -> str:
     return f" (at {f.filename}:{f.lineno} in {f.name})"
 
 
+def _call_forward(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
+                  fw: _Framework, vjp: Callable | None, host_in: Sequence[np.ndarray]):
+    """The candidate's forward on the case's inputs, after checking both
+    signatures: ``(params, args, out, ctx, out_h)`` with the keyword
+    parameters and inputs in the framework's arrays, its output, the
+    framework's autodiff context and the output on the host.  Exceptions
+    of the candidate propagate (:func:`_call`)."""
+    params = {k: fw.inputs([v], requires_grad=False)[0] if isinstance(v, np.ndarray) else v
+              for k, v in dict(gc.candidate_kwargs).items()}
+    _check_signature(fn, len(host_in), params, _signature_text(spec), "candidate")
+    if vjp is not None:
+        _check_signature(vjp, len(host_in) + 1, params, _vjp_signature_text(spec), "vjp")
+    args = fw.inputs(host_in, requires_grad=vjp is None)
+    out, ctx = _call(fw.forward, fn, args, params)
+    out_h = _to_host(fw, out, f"the output {spec.output!r}", gc.output.shape)
+    return params, args, out, ctx, out_h
+
+
 def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
               fw: _Framework, vjp: Callable | None, ftol: float, gtol: float,
               keep: dict | None = None) -> CaseReport:
@@ -817,14 +835,7 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
     stage = "forward"
     fwd_err = None
     try:
-        params = {k: fw.inputs([v], requires_grad=False)[0] if isinstance(v, np.ndarray) else v
-                  for k, v in params.items()}
-        _check_signature(fn, len(host_in), params, _signature_text(spec), "candidate")
-        if vjp is not None:
-            _check_signature(vjp, len(host_in) + 1, params, _vjp_signature_text(spec), "vjp")
-        args = fw.inputs(host_in, requires_grad=vjp is None)
-        out, ctx = _call(fw.forward, fn, args, params)
-        out_h = _to_host(fw, out, f"the output {spec.output!r}", gc.output.shape)
+        params, args, out, ctx, out_h = _call_forward(spec, gc, fn, fw, vjp, host_in)
         if keep is not None:
             keep[f"candidate.output.{spec.output}"] = out_h
         fwd_err, fwd_member = member_error(out_h, gc.output, spec.output_core_ndim, ftol)
@@ -1174,14 +1185,7 @@ def _run_case_self(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
     host_in = [gc.inputs[k] for k in spec.inputs]
     stage = "forward"
     try:
-        params = {k: fw.inputs([v], requires_grad=False)[0] if isinstance(v, np.ndarray) else v
-                  for k, v in dict(gc.candidate_kwargs).items()}
-        _check_signature(fn, len(host_in), params, _signature_text(spec), "candidate")
-        if vjp is not None:
-            _check_signature(vjp, len(host_in) + 1, params, _vjp_signature_text(spec), "vjp")
-        args = fw.inputs(host_in, requires_grad=vjp is None)
-        out, ctx = _call(fw.forward, fn, args, params)
-        out_h = _to_host(fw, out, f"the output {spec.output!r}", gc.output.shape)
+        params, args, out, ctx, out_h = _call_forward(spec, gc, fn, fw, vjp, host_in)
         stage = "vjp" if vjp is not None else f"{fw.name} autodiff"
         vargs = fw.inputs(host_in, requires_grad=False) if vjp is not None else []
         if vjp is not None:
