@@ -466,7 +466,8 @@ def _check_result(res, name: str = "res"):
 # Forward
 # --------------------------------------------------------------------------
 
-def _tolerance_floor(xp, C, a, b, batch, eps: float, balanced: bool):
+def _tolerance_floor(xp, C, a, b, batch, eps: float, balanced: bool,
+                     rho_b: float | None = None):
     """Per-member relative L1 error the dtype can resolve.
 
     Entries of ``log P = (f + g - C) / eps`` carry absolute rounding errors of
@@ -474,11 +475,24 @@ def _tolerance_floor(xp, C, a, b, batch, eps: float, balanced: bool):
     ``P``: ``floor = 32 u (1 + max|C| / eps + log(n m))``.  A balanced problem
     whose masses differ by ``delta`` (accepted up to 1e-9 relative) cannot get
     below ``delta`` either.
+
+    A relaxed column side (``rho_b`` given) is measured against the target
+    ``t = b exp(-g / rho_b)``.  At the fixed point
+    ``g / rho_b = beta_b (log b - LSE_i(K_ij + phi_i))`` with
+    ``beta_b = eps / (eps + rho_b) = 1 - tau_b``, so ``log t`` carries the
+    absolute rounding ``u beta_b (|log b| + |LSE|)`` of that difference; the
+    ``|LSE|`` part is covered above, the ``|log b|`` part adds
+    ``32 u beta_b max_j |log b_j|`` to the floor.
     """
     u = backend.unit_roundoff(C.dtype)
     n, m = C.shape[-2], C.shape[-1]
     cmax = xp.max(xp.abs(C), axis=(-2, -1))
     floor = 32.0 * u * (1.0 + cmax / eps + math.log(n * m + 1.0))
+    if rho_b is not None:
+        # Rounding of the relaxed target b exp(-g / rho_b): u beta_b |log b|.
+        beta_b = eps / (eps + rho_b)
+        log_b_max = xp.max(xp.abs(xp.log(b)), axis=-1)
+        floor = floor + 32.0 * u * beta_b * log_b_max
     if balanced:
         mass_a = xp.sum(a, axis=-1)
         mass_b = xp.sum(b, axis=-1)
@@ -763,7 +777,7 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
     log_b = xp.broadcast_to(xp.log(b), batch + (m,))
     b_full = xp.broadcast_to(b, batch + (m,))
     mass_b = xp.sum(b_full, axis=-1)
-    tol_eff = xp.maximum(_tolerance_floor(xp, C, a, b, batch, eps, balanced),
+    tol_eff = xp.maximum(_tolerance_floor(xp, C, a, b, batch, eps, balanced, rho_b),
                          xp.full(batch, tol, dtype=dt, device=dev))
 
     iterate = _iterate_scaling if _use_scaling(n, m, backend.policy_of(C)) else _iterate_log

@@ -660,6 +660,22 @@ def test_unbalanced_tends_to_balanced_as_rho_grows(rng):
     assert sk.sinkhorn(C, a, b, eps=0.1, rho_a=math.inf, rho_b=math.inf, **TIGHT).balanced
 
 
+@pytest.mark.parametrize("C, a, b, params", [
+    ([[0.63696169]], [0.01], [0.01], dict(eps=1.0, rho_a=0.1, rho_b=0.1)),
+    ([[0.0], [0.14798256], [0.25033298]], [0.39414044, 0.19938655, 0.406473], [0.31622777],
+     dict(eps=0.1298119586232298, rho_b=3.801014511373048)),
+])
+def test_float32_unbalanced_reaches_its_floor(C, a, b, params):
+    # The relaxed target b exp(-g / rho_b) rounds with |log b|: the floor must
+    # include it, or float32 stalls just above the floor until max_iter.
+    C, a, b = (np.array(v, np.float32) for v in (C, a, b))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = sk.sinkhorn(C, a, b, **params)
+    ref = sk.sinkhorn(*(v.astype(np.float64) for v in (C, a, b)), **params)
+    assert bool(res.converged) and int(res.n_iter) < 1000
+    assert rel(res.P, ref.P) <= 1e-4
+
 # --------------------------------------------------------------------------
 # Values and envelope gradients; peers
 # --------------------------------------------------------------------------
