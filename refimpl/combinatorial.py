@@ -667,14 +667,29 @@ def _scaled_norm(xp, v, core_ndim: int):
     return m * xp.linalg.vector_norm(v / safe_m, axis=_axes(core_ndim), keepdims=True), m
 
 
+def _degenerate_radius(xp, w, core_ndim: int):
+    """The largest ``||M w||`` that round-off alone can produce from a constant
+    core of ``n`` entries: the computed mean carries an error up to
+    ``n u max|w|``, so each entry of ``v = w - mean(w) 1`` carries up to
+    ``(n + 1) u max|w|`` and ``||v|| <= sqrt(n) (n + 1) u max|w|``.  Twice
+    that is the threshold below which ``w`` counts as constant."""
+    n = math.prod(tuple(w.shape)[w.ndim - core_ndim:])
+    u = float(xp.finfo(w.dtype).eps) / 2.0
+    _, wmax = _scaled_norm(xp, w, core_ndim)
+    return 2.0 * math.sqrt(n) * (n + 1) * u * wmax
+
+
 def _safe_norm(xp, v, w, core_ndim: int, what: str):
-    """||v|| over the core axes; ValueError where it is 0, ConditioningWarning
-    where cancellation in v = M w leaves fewer than half the digits."""
+    """||v|| over the core axes; ValueError where it is 0 (for ``v = M w``:
+    at most the round-off of a constant ``w``, :func:`_degenerate_radius`),
+    ConditioningWarning where cancellation in v = M w leaves fewer than half
+    the digits."""
     r, _ = _scaled_norm(xp, v, core_ndim)
-    if bool(xp.any(r == 0.0)):
+    zero = r == 0.0 if v is w else r <= _degenerate_radius(xp, w, core_ndim)
+    if bool(xp.any(zero)):
         raise ValueError(
-            f"argument 'w' has {what} equal to 0 in some batch member; the projection "
-            "is undefined there (w / ||w|| needs w != 0)")
+            f"argument 'w' has {what} equal to 0 (up to round-off) in some batch member; the "
+            "projection is undefined there (v / ||v|| needs v != 0)")
     if v is not w:
         scale, _ = _scaled_norm(xp, w, core_ndim)
         eps = float(xp.finfo(w.dtype).eps)

@@ -714,6 +714,21 @@ def test_nearly_constant_costs_warn_for_std():
         comb.identity_vjp(w, np.ones(4), projection="std")
 
 
+
+@pytest.mark.parametrize("w", [np.full(3, 0.1), np.full(7, 0.1, np.float32),
+                               np.stack([np.arange(5.0), np.full(5, 1.0 / 3.0)])])
+def test_constant_costs_whose_mean_rounds_are_refused_for_std(w):
+    # mean(w) need not round to the constant (0.1: ||w - mean 1|| = 2.4e-17);
+    # a constant core is still degenerate for the std projection.
+    with pytest.raises(ValueError, match="'w'"):
+        comb.project(w, projection="std")
+    # A spread well above round-off is accepted, even where it is tiny.
+    ok = np.array([1.0, 1.0 + 1e-12, 1.0], w.dtype) if w.dtype == np.float64 else \
+        np.array([1.0, 1.0 + 1e-4, 1.0], w.dtype)
+    with pytest.warns(ConditioningWarning):
+        u = comb.project(ok, projection="std").u
+    assert abs(float(np.linalg.norm(u)) - 1.0) < 1e-3
+
 def test_shortest_path_clip_mode(rng):
     W = rng.standard_normal((4, 4))
     np.testing.assert_array_equal(comb.shortest_path(W, negative="clip"),

@@ -916,11 +916,9 @@ def test_identity_vjp_rejects_bad_cotangent(problem, defect):
 def test_projection_rejects_degenerate_costs(problem, projection):
     """norm at w = 0 and std at a constant w are undefined: ValueError naming 'w'."""
     w, g, _, core_ndim = problem
-    # The constant is an integer: its mean is exact.  A constant such as 0.1
-    # (np.full(3, 0.1)) has a mean that rounds away from it, so
-    # ||w - mean(w) 1|| ~ 1e-17 is not 0 and std returns a meaningless
-    # u = +-1/sqrt(n) with only a ConditioningWarning, not this ValueError.
-    const = float(np.round(10 * w.flat[0]))
+    # Any constant, also one whose mean rounds away from it (np.full(3, 0.1):
+    # ||w - mean(w) 1|| = 2.4e-17, below the round-off of a constant core).
+    const = float(w.flat[0])
     degenerate = np.zeros_like(w) if projection == "norm" else np.full_like(w, const)
     with pytest.raises(ValueError, match="'w'"):
         comb.identity_vjp(degenerate, g, projection=projection, core_ndim=core_ndim)
