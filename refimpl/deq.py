@@ -329,20 +329,57 @@ def _anderson_step(z, g, dZ, dG, lam: float, reg: float):
 
     Solves ``min_gamma ||g - dG^T gamma||^2 + delta ||gamma||^2`` through
     the normal equations ``(dG dG^T + delta I) gamma = dG g`` with
-    ``delta = reg * trace(dG dG^T) / n + smallest_normal`` (the floor keeps a
-    frozen member, whose differences are exactly zero, finite), then
+
+        delta = max(reg, 4 n u) trace(dG dG^T) / n + smallest_normal
+
+    (``n`` the history length, ``u`` the unit round-off).  The entries of the
+    Gram matrix ``dG dG^T`` carry rounding errors up to about
+    ``n u trace(dG dG^T) / n``; a shift below that (``reg = 1e-10`` in
+    float32) leaves a rank-deficient Gram matrix singular in floating point.
+    The floor keeps a frozen member, whose differences are exactly zero,
+    finite.  Then
 
         z_new = z + lam g - (dZ + lam dG)^T gamma.
+
+    A member whose system still fails (a LinAlgError, or a non-finite
+    ``gamma``) takes the Picard step ``gamma = 0``.
     """
     xp = array_api_compat.array_namespace(z, dG)
     n = dG.shape[-2]
     M = dG @ mT(dG)                                            # (..., n, n)
     rhs = matvec(dG, g)                                        # (..., n)
-    tiny = float(_finfo(z.dtype).smallest_normal)
-    delta = reg * xp.sum(dG * dG, axis=(-2, -1)) / float(n) + tiny
+    fi = _finfo(z.dtype)
+    tiny = float(fi.smallest_normal)
+    shift = max(reg, 4.0 * n * float(fi.eps) / 2.0)
+    delta = shift * xp.sum(dG * dG, axis=(-2, -1)) / float(n) + tiny
     eye = xp.eye(n, dtype=z.dtype, device=backend.device(z))
-    gamma = solve_vec(M + delta[..., None, None] * eye, rhs)
-    return z + lam * g - matvec(mT(dZ + lam * dG), gamma)
+    gamma = _solve_members(xp, M + delta[..., None, None] * eye, rhs)
+    picard = z + lam * g
+    z_new = picard - matvec(mT(dZ + lam * dG), gamma)
+    ok = xp.all(xp.isfinite(z_new), axis=-1)[..., None]
+    return xp.where(ok, z_new, picard)                         # Picard step where it failed
+
+
+def _solve_members(xp, A, rhs):
+    """``A^{-1} rhs`` (..., n); where the library raises a LinAlgError for the
+    batch, member by member, with NaN for a member that fails on its own."""
+    try:
+        return solve_vec(A, rhs)
+    except Exception as exc:  # numpy/strict/torch raise a LinAlgError; CuPy returns non-finite values
+        if "LinAlgError" not in type(exc).__name__:          # torch's is _LinAlgError
+            raise
+    n = A.shape[-1]
+    flat_A = xp.reshape(A, (-1, n, n))
+    flat_b = xp.reshape(rhs, (-1, n))
+    rows = []
+    for k in range(flat_A.shape[0]):
+        try:
+            rows.append(solve_vec(flat_A[k, ...], flat_b[k, ...]))
+        except Exception as exc:
+            if "LinAlgError" not in type(exc).__name__:
+                raise
+            rows.append(xp.full_like(flat_b[k, ...], math.nan))
+    return xp.reshape(xp.stack(rows, axis=0), tuple(rhs.shape))
 
 
 def fixed_point(f: Callable, z0, *, method: str = "anderson", tol: float | None = None,

@@ -136,6 +136,30 @@ def test_check_every_changes_only_the_evaluation_count(rng):
     assert r8.n_f_evals % 8 == 0 and r1.n_f_evals <= r8.n_f_evals < r1.n_f_evals + 8
 
 
+def test_float32_anderson_with_one_state_dimension():
+    """d = 1: the Gram matrix of the differences has rank 1; its shift must
+    exceed float32's round-off or the batched solve is singular."""
+    x = np.array([[0.6315567], [-1.4793808], [-1.3048428]], np.float32)
+    W, U = np.array([[-0.8208158]], np.float32), np.array([[-1.3432862]], np.float32)
+    b = np.array([-0.18154433], np.float32)
+    res = deq.tanh_deq(x, W, U, b)
+    assert res.converged
+    # Independent route: Picard in float64 (a contraction, |W| < 1).
+    z = np.zeros((3, 1))
+    for _ in range(2000):
+        z = np.tanh(z @ W.T.astype(np.float64) + x.astype(np.float64) @ U.T.astype(np.float64) + b)
+    np.testing.assert_allclose(np.asarray(res.z, np.float64), z, rtol=0, atol=1e-4)
+
+
+def test_anderson_step_falls_back_to_picard_where_its_system_fails():
+    z, g = np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[0.5, -0.5], [0.25, 0.25]])
+    dZ = np.ones((2, 1, 2))
+    dG = np.array([[[np.inf, 1.0]], [[1.0, 2.0]]])            # member 0 cannot be solved
+    out = deq._anderson_step(z, g, dZ, dG, 0.5, 1e-10)
+    np.testing.assert_array_equal(out[0], z[0] + 0.5 * g[0])
+    assert np.all(np.isfinite(out[1]))
+
+
 @pytest.mark.parametrize("lam, m", [(1.0, 5), (0.5, 3), (0.8, 1)])
 def test_anderson_iterates_follow_their_definition(backend, rng, lam, m):
     """The first iterates equal a host transcription of type-II Anderson
