@@ -644,6 +644,50 @@ def _lyapunov_sign_core(B0, C0, *, iters, tol, max_iter, symmetric: bool = False
     return 0.5 * state[1], n_iter, err, conv
 
 
+def _lyapunov_newton_sign(B0, C0, *, tol, max_iter):
+    """Scaled Newton iteration on sign([[B0, C0], [0, -B0^T]]) (identity (3)).
+
+    The block matrix's inverse is ``[[B^{-1}, B^{-1} C B^{-T}], [0, -B^{-T}]]``,
+    so ``Z <- (mu Z + Z^{-1} / mu) / 2`` keeps the structure:
+
+        B_{k+1} = (mu B + B^{-1} / mu) / 2,
+        C_{k+1} = (mu C + B^{-1} C B^{-T} / mu) / 2,
+
+    with the determinantal scaling ``mu = |det B|^{-1/n}`` while
+    ``||B^{-1} - B||_F > 1e-2`` (then ``mu = 1``, quadratic convergence).  It
+    converges for every ``B`` without eigenvalues on the imaginary axis,
+    complex spectra far from the real axis included (where the Newton-Schulz
+    step of :func:`_lyapunov_sign_core` diverges).  A member stops after the
+    first step whose incoming ``||B_k^{-1} - B_k||_F = ||B_k^{-1}(I - B_k^2)||_F``
+    is ``<= tol``.  Returns ``(X, n_iter, error, converged)``, ``X = C_T / 2``.
+    """
+    xp = array_api_compat.array_namespace(B0, C0)
+    n = B0.shape[-1]
+    batch = tuple(B0.shape[:-2])
+    dev = backend.device(B0)
+    B, C = B0, C0
+    active = xp.ones(batch, dtype=xp.bool, device=dev)
+    conv = xp.zeros(batch, dtype=xp.bool, device=dev)
+    err = xp.full(batch, math.inf, dtype=B0.dtype, device=dev)
+    n_iter = xp.zeros(batch, dtype=xp.int64, device=dev)
+    for k in range(1, max_iter + 1):
+        Bi = xp.linalg.inv(B)
+        e = backend.frobenius(Bi - B)
+        _, logdet = xp.linalg.slogdet(B)
+        mu = xp.where(e > 1e-2, xp.exp(-logdet / n), xp.ones_like(e))[..., None, None]
+        upd = active[..., None, None]
+        C = xp.where(upd, 0.5 * (mu * C + (Bi @ C @ mT(Bi)) / mu), C)
+        B = xp.where(upd, 0.5 * (mu * B + Bi / mu), B)
+        err = xp.where(active, e, err)
+        n_iter = xp.where(active, xp.full_like(n_iter, k), n_iter)
+        done = e <= tol
+        conv = conv | (active & done)
+        active = active & ~done & xp.isfinite(e)
+        if not bool(xp.any(active)):
+            break
+    return 0.5 * C, n_iter, err, conv
+
+
 def _finish_terms(a, b, target):
     """Per member, the least ``j >= 0`` with ``q^{j+1} b / a <= target``, ``q =
     (b - a) / (b + a)``: the terms after which :func:`_finish` on the interval
@@ -996,8 +1040,11 @@ def lyapunov(B, C, *, method: str = "sign", iters: int | None = None,
     ----------
     B, C : (..., n, n) float arrays (batch dimensions broadcast).
     method : ``"sign"`` — Newton–Schulz on the block sign function (3) after
-        scaling by ``||B||_F``; needs the spectrum of ``B`` in the open right
-        half-plane (e.g. B SPD), non-convergence is reported and warned about.
+        scaling by ``||B||_F``; members it leaves unconverged (a spectrum far
+        from the real axis, e.g. eigenvalues ``1 +- 1.5i``) are solved by the
+        scaled Newton iteration on the same block matrix.  Needs the spectrum
+        of ``B`` in the open right half-plane (e.g. B SPD); non-convergence is
+        reported and warned about.
         ``"eig"`` — ``B`` symmetric (up to ``sym_tol``): ``X = U [(U^T C U) /
         (b_i + b_j)] U^T`` from ``eigh(B)``; ValueError when some
         ``b_i + b_j`` is zero to working precision.
@@ -1031,8 +1078,21 @@ def lyapunov(B, C, *, method: str = "sign", iters: int | None = None,
         sigma = _fro(B_b)
         if not bool(xp.all(sigma > 0)):
             raise ValueError("argument 'B' has a zero member: B X + X B^T = C is singular")
-        X, n_iter, err, conv = _lyapunov_sign_core(B_b / _mm(sigma), C_b / _mm(sigma),
-                                                   iters=iters, tol=tol, max_iter=max_iter)
+        B0, C0 = B_b / _mm(sigma), C_b / _mm(sigma)
+        with warnings.catch_warnings():
+            # A diverging member overflows (it is redone below, or reported).
+            warnings.simplefilter("ignore", RuntimeWarning)
+            X, n_iter, err, conv = _lyapunov_sign_core(B0, C0, iters=iters, tol=tol,
+                                                       max_iter=max_iter)
+        if iters is None and not bool(xp.all(conv)):
+            # Newton-Schulz converges only for spectra near the real axis; the
+            # scaled Newton iteration solves the members it left unconverged.
+            Xn, n_n, err_n, conv_n = _lyapunov_newton_sign(B0, C0, tol=tol, max_iter=max_iter)
+            redo = ~conv
+            X = xp.where(redo[..., None, None], Xn, X)
+            n_iter = xp.where(redo, n_n, n_iter)
+            err = xp.where(redo, err_n, err)
+            conv = xp.where(redo, conv_n, conv)
         residual = _lyapunov_residual(B_b, C_b, X)
         # A converged sign iteration with a large residual means B was not
         # positive stable (the iteration found the sign of another matrix).

@@ -860,6 +860,23 @@ def test_lyapunov_sign_reports_a_wrong_equation(rng):
     assert not bool(res.converged) and float(res.residual) > 1e-3
 
 
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-13), (np.float32, 1e-5)])
+def test_lyapunov_sign_with_a_spectrum_far_from_the_real_axis(dtype, tol):
+    """Eigenvalues 1 +- 1.5i (and a batch member with 1 +- 10i) lie in the
+    right half-plane but outside Newton-Schulz's region of convergence."""
+    B = np.array([[[1.0, 1.5], [-1.5, 1.0]], [[1.0, 10.0], [-10.0, 1.0]],
+                  [[3.0, 1.0], [0.5, 2.0]]], dtype)
+    C = np.stack([np.eye(2), [[1.0, 2.0], [0.0, -1.0]], [[1.0, 0.0], [2.0, 1.0]]]).astype(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = matsqrt.lyapunov(B, C, method="sign")
+    assert bool(np.all(res.converged))
+    for i in range(3):
+        want = scipy.linalg.solve_continuous_lyapunov(B[i].astype(np.float64), C[i].astype(np.float64))
+        got = np.asarray(res.X[i], np.float64)
+        assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want)
+
 def test_block_sign_identity(backend, dtype, rng):
     """sign([[B, C], [0, -B^T]]) = [[I, 2X], [0, -I]] with B X + X B^T = C:
     refimpl.matrix_sign on the block, the structured lyapunov(), and scipy."""
