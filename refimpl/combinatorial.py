@@ -712,8 +712,8 @@ def project(w, *, projection, core_ndim: int = 1) -> ProjectionResult:
 
     Raises
     ------
-    ValueError : zero norm for "norm", constant ``w`` for "std", or a
-        single-entry core for "std".
+    ValueError : zero norm for "norm", constant ``w`` for "std", a
+        single-entry core for "std", or ``core_ndim = 0`` with a projection.
 
     Examples
     --------
@@ -723,6 +723,10 @@ def project(w, *, projection, core_ndim: int = 1) -> ProjectionResult:
     True
     """
     name = _projection_name(projection)
+    core_ndim = backend.check_int(core_ndim, "core_ndim", min=0)
+    if name != "none" and core_ndim < 1:
+        raise ValueError(f"argument 'core_ndim' must be >= 1 for the {name!r} projection "
+                         "(it acts on the last core_ndim axes), got 0")
     xp = _check_cost(w, "w", core_ndim)
     if name == "none":
         return ProjectionResult(u=w, w=w, projection=name, core_ndim=core_ndim)

@@ -1742,7 +1742,7 @@ def _check_derivative_args(res, E, inverse: bool, name: str, method: str, fn: st
     backend.check_result(res, "res", cls, producer=f"{'inv_sqrtm' if inverse else 'sqrtm'}(), "
                                                    f"as {fn} needs")
     out = res.S_inv if isinstance(res, InvSqrtmResult) else res.S
-    backend.namespace(out=out, **{name: E})
+    backend.namespace(**{"res.S_inv" if inverse else "res.S": out, name: E})
     backend.check_array(E, name)
     if tuple(E.shape) != tuple(out.shape):
         raise ValueError(f"argument {name!r} has shape {tuple(E.shape)}, expected "

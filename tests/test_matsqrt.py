@@ -977,6 +977,10 @@ def test_bad_derivative_arguments():
         matsqrt.sqrtm_vjp(res, np.ones((2, 2)), method="exact", iters=3)
     with pytest.raises(TypeError, match="must be an array"):
         matsqrt.sqrtm_vjp(res, [[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(TypeError, match="'S_bar' has dtype float32 but 'res.S' has float64"):
+        matsqrt.sqrtm_vjp(res, np.ones((2, 2), np.float32))
+    with pytest.raises(TypeError, match="'S_inv_bar' has dtype float32 but 'res.S_inv'"):
+        matsqrt.inv_sqrtm_vjp(ires, np.ones((2, 2), np.float32))
     with pytest.raises(ValueError, match="'C' has shape"):
         matsqrt.lyapunov(GOOD, np.ones((3, 3)))
     with pytest.raises(ValueError, match="'method'"):
