@@ -145,11 +145,6 @@ def plan_adjoint_tol(plan, dtype) -> float:
     eps)`` (log domain, see ``sinkhorn``'s tolerance floor) and the backward
     solve amplifies them by ``cond(S^)``: the bound is the registry's
     tolerance or ``64 u cond (1 + max|C| / eps)``, whichever is larger.
-    (float32, sorted top-k, x = [9.627369, 8.035555, 11.15187, 11.149981,
-    11.410876], k = 1, eps = 0.3, largest=False: cond = 1, max|C| / eps =
-    16.7, adjoint error 2.7e-5 = 450 u, the JVP itself ~1e-4 relative off
-    its float64 value: rounding of the ``P dC / eps`` terms, which cancel to
-    a Jacobian 100x smaller.)
     """
     cond = float(np.max(plan.conditioning.cond))
     ratio = float(np.max(np.abs(plan.C))) / plan.eps
@@ -481,8 +476,9 @@ def test_soft_topk_adjoint_identity(problem, method, seed):
     dx, A_bar = (np.asarray(rng.standard_normal(x.shape), dtype) for _ in range(2))
     dA = topk.soft_topk_jvp(res, dx)
     x_bar = topk.soft_topk_vjp(res, A_bar)
-    tol = ADJ[dtype] if res.plan is None else plan_adjoint_tol(res.plan, dtype)
-    assert adjoint_error([dA], [A_bar], [dx], [x_bar]) <= tol
+    # The Sinkhorn path differentiates in float64 (the plan cast back): the
+    # registry's adjoint tolerance holds without a conditioning allowance.
+    assert adjoint_error([dA], [A_bar], [dx], [x_bar]) <= ADJ[dtype]
     # Translation invariance: J 1 = 0 (relative to the Jacobian's scale 1 / t).
     ones = topk.soft_topk_jvp(res, np.ones_like(x))
     assert float(np.max(np.abs(ones))) <= 64.0 * U[dtype] * x.shape[-1] / res.t
@@ -525,7 +521,11 @@ def test_soft_sorted_topk_structure_and_adjoint(problem, seed):
     A_bar = np.asarray(rng.standard_normal(A.shape), dtype)
     dA = topk.soft_sorted_topk_jvp(res, dx)
     x_bar = topk.soft_sorted_topk_vjp(res, A_bar)
-    assert adjoint_error([dA], [A_bar], [dx], [x_bar]) <= plan_adjoint_tol(res.plan, dtype)
+    # Differentiated in float64 as soft_topk's Sinkhorn path: the registry's
+    # adjoint tolerance (float32, x = [9.627369, 8.035555, 11.15187,
+    # 11.149981, 11.410876], k = 1, eps = 0.3, largest=False gave 2.7e-5 with
+    # a float32 backward solve).
+    assert adjoint_error([dA], [A_bar], [dx], [x_bar]) <= ADJ[dtype]
 
 
 @SLOW
