@@ -293,7 +293,7 @@ MIXED = [
     ("gauge_fix", lambda c: sinkhorn.gauge_fix(c["a"], _f32(c["bm"])), ("b_bar", "a_bar")),
     ("soft_topk_vjp", lambda c: topk.soft_topk_vjp(c["tk"], _f32(c["x"])), ("A_bar", "A")),
     ("soft_topk_jvp", lambda c: topk.soft_topk_jvp(c["tk"], _f32(c["x"])), ("dx", "x")),
-    ("sqrtm_vjp", lambda c: matsqrt.sqrtm_vjp(c["sq"], _f32(c["S"])), ("S_bar", "out")),
+    ("sqrtm_vjp", lambda c: matsqrt.sqrtm_vjp(c["sq"], _f32(c["S"])), ("S_bar", "res.S")),
     ("lyapunov", lambda c: matsqrt.lyapunov(c["S"], _f32(c["S"])), ("C", "B")),
     ("tanh_deq", lambda c: deq.tanh_deq(_f32(c["dx"]), c["dW"], c["dU"], c["db"]), ("W", "x")),
     ("deq_vjp", lambda c: deq.deq_vjp(c["deq"], _f32(c["db"])), ("z_bar", "z")),
