@@ -291,3 +291,118 @@ def test_gradient_cli(tmp_path, capsys):
     assert cli.main(argv + ["--gradient", "bogus"]) == 2
     err = capsys.readouterr().err
     assert "exact" in err and "neumann" in err and "jfb" in err
+
+
+# --------------------------------------------------------------------------
+# sinkhorn_unbalanced for candidates: fn(C, a, b, *, eps, rho_a, rho_b) -> P
+# --------------------------------------------------------------------------
+
+def _torch_unbalanced(torch, swap=False):
+    """Log-domain Sinkhorn with KL-relaxed marginals, differentiated by
+    autograd through the (converged) iterations:
+    f = tau_a eps (log a - LSE_j((g_j - C_ij) / eps)), tau = rho / (rho + eps)
+    on a relaxed side, 1 on a hard one (rho None); likewise g."""
+    def sinkhorn_unbalanced(C, a, b, *, eps, rho_a, rho_b):
+        if swap:
+            rho_a, rho_b = rho_b, rho_a
+        ta = 1.0 if rho_a is None else rho_a / (rho_a + eps)
+        tb = 1.0 if rho_b is None else rho_b / (rho_b + eps)
+        f = torch.zeros(C.shape[:-1], dtype=C.dtype)
+        g = torch.zeros(C.shape[:-2] + C.shape[-1:], dtype=C.dtype)
+        la, lb = torch.log(a), torch.log(b)
+        for _ in range(3000):
+            f = ta * eps * (la - torch.logsumexp((g[..., None, :] - C) / eps, dim=-1))
+            g = tb * eps * (lb - torch.logsumexp((f[..., :, None] - C) / eps, dim=-2))
+        return torch.exp((f[..., :, None] + g[..., None, :] - C) / eps)
+    return sinkhorn_unbalanced
+
+
+UNBALANCED = registry.get_spec("sinkhorn_unbalanced")
+
+
+def test_unbalanced_cases_are_for_candidates():
+    assert UNBALANCED.candidate_params == ("eps", "rho_a", "rho_b")
+    assert [c.id for c in UNBALANCED.cases if c.for_candidates] == [c.id for c in
+                                                                   UNBALANCED.cases]
+    from refimpl import vectors
+    kw = vectors.reference_case(UNBALANCED, UNBALANCED.case("semi_unbalanced")).candidate_kwargs
+    assert kw["rho_a"] is None and kw["rho_b"] == 0.2     # a hard row marginal
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_unbalanced_candidate_passes_and_wrong_ones_fail():
+    import torch
+    report = validate("sinkhorn_unbalanced", _torch_unbalanced(torch), framework="torch")
+    assert report.passed, report.table()
+    assert [c.case for c in report.cases] == [c.id for c in UNBALANCED.cases]
+    swapped = validate("sinkhorn_unbalanced", _torch_unbalanced(torch, swap=True),
+                       framework="torch")
+    # rho_a and rho_b reach the candidate as named: swapping them fails every
+    # case where they differ, and only those
+    status = {c.case: c.status for c in swapped.cases}
+    assert status == {"unbalanced": "pass", "semi_unbalanced": "FAIL",
+                      "vjp_cg_batch_unbalanced": "FAIL"}
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_unbalanced_gradients_have_no_gauge():
+    # (a_bar + c, b_bar - c) is the balanced problem's gauge freedom; with a
+    # relaxed marginal it is an error, and nothing canonicalises it away
+    import torch
+    fwd = _torch_unbalanced(torch)
+
+    def fn(C, a, b, **kw):
+        return fwd(*(torch.tensor(x) for x in (C, a, b)), **kw).numpy()
+
+    def vjp(C, a, b, P_bar, *, shift=0.0, **kw):
+        xs = [torch.tensor(x, requires_grad=True) for x in (C, a, b)]
+        bars = torch.autograd.grad(fwd(*xs, **kw), xs, grad_outputs=torch.tensor(P_bar))
+        C_bar, a_bar, b_bar = (t.numpy() for t in bars)
+        c = shift * np.max(np.abs(a_bar))
+        return C_bar, a_bar + c, b_bar - c
+
+    ok = validate("sinkhorn_unbalanced", fn, framework="numpy", vjp=vjp,
+                  cases=["unbalanced"])
+    assert ok.passed, ok.table()
+    shifted = validate("sinkhorn_unbalanced", fn, framework="numpy",
+                       vjp=lambda *a, **k: vjp(*a, shift=1e-3, **k), cases=["unbalanced"])
+    assert shifted.cases[0].status == "FAIL"
+
+
+# --------------------------------------------------------------------------
+# SOFT top-k conventions (docs/validate.md): the mappings, checked
+# --------------------------------------------------------------------------
+
+def _threshold_topk(x, k, tau):
+    """sigma((x - theta) / tau) with sum = k, theta by bisection (host)."""
+    lo, hi = x.min() - 50 * tau, x.max() + 50 * tau
+    for _ in range(200):
+        theta = 0.5 * (lo + hi)
+        if np.sum(1.0 / (1.0 + np.exp(-(x - theta) / tau))) > k:
+            lo = theta
+        else:
+            hi = theta
+    return 1.0 / (1.0 + np.exp(-(x - 0.5 * (lo + hi)) / tau))
+
+
+def test_sigmoid_threshold_convention_is_eps_twice_tau():
+    from refimpl import topk
+    x = np.random.default_rng(5).standard_normal(9)
+    for tau in (0.05, 0.3):
+        A = np.asarray(topk.soft_topk(x, 3, eps=2 * tau).A)
+        np.testing.assert_allclose(A, _threshold_topk(x, 3, tau), rtol=0, atol=1e-9)
+        A_small = np.asarray(topk.soft_topk(x, 3, eps=2 * tau, largest=False).A)
+        np.testing.assert_allclose(A_small, _threshold_topk(-x, 3, tau), rtol=0, atol=1e-9)
+
+
+def test_scaled_cost_and_anchors_map_onto_eps():
+    # entropic OT onto anchors (y1, y2) with cost (x - y)^2 / c and eps' is
+    # soft_topk with eps = c eps' / (y2 - y1), by refimpl's Sinkhorn
+    from refimpl import sinkhorn as sk
+    from refimpl import topk
+    x = np.random.default_rng(6).standard_normal(7)
+    n, k, y, c, eps_prime = 7, 2, np.array([-1.0, 2.0]), 4.0, 0.1
+    plan = sk.sinkhorn((x[:, None] - y[None, :]) ** 2 / c, np.full(n, 1.0 / n),
+                       np.array([(n - k) / n, k / n]), eps=eps_prime, tol=1e-13).P
+    A = np.asarray(topk.soft_topk(x, k, eps=c * eps_prime / (y[1] - y[0])).A)
+    np.testing.assert_allclose(n * np.asarray(plan)[:, 1], A, rtol=0, atol=1e-9)
