@@ -285,7 +285,8 @@ class _Child:
 
 
 def run(op: str, jobs: Sequence[Job], *, candidate: str, vjp: str | None, framework: str,
-        timeout: float, keep_arrays: bool = False, against: str = "reference") -> RunResult:
+        timeout: float, keep_arrays: bool = False, against: str = "reference",
+        unbatched: bool = False) -> RunResult:
     """Run ``jobs`` in child processes; see the module docstring.
 
     Raises
@@ -306,7 +307,8 @@ def run(op: str, jobs: Sequence[Job], *, candidate: str, vjp: str | None, framew
                 job_file.write_bytes(pickle.dumps({
                     "op": op, "candidate": candidate, "vjp": vjp, "framework": framework,
                     "jobs": pending, "sys_path": list(sys.path), "tmp": tmp,
-                    "keep_arrays": keep_arrays, "against": against}, protocol=pickle.HIGHEST_PROTOCOL))
+                    "keep_arrays": keep_arrays, "against": against,
+                    "unbatched": unbatched}, protocol=pickle.HIGHEST_PROTOCOL))
                 child = _Child(job_file)
                 current = None
                 loaded = child.event(time.monotonic() + _STARTUP)
@@ -476,7 +478,8 @@ def _child_main(argv: Sequence[str]) -> None:
             if not os.read(ack_fd, 1):      # the parent is gone
                 os._exit(70)
             keep: dict | None = {} if job["keep_arrays"] else None
-            report = v._run_one(spec, j.case, fn, fw, vjp, j.ftol, j.gtol, job["against"], keep)
+            report = v._run_one(spec, j.case, fn, fw, vjp, j.ftol, j.gtol, job["against"], keep,
+                                job.get("unbatched", False))
             saved = False
             if keep and not report.passed:
                 try:

@@ -330,7 +330,8 @@ def cmd_validate(args) -> int:
             args.op, args.target, framework=args.framework, vjp=args.vjp,
             cases=args.case, rtol=args.rtol, forward_rtol=args.forward_rtol,
             vectors_dir=args.vectors, exclude=args.exclude_case, isolate=True,
-            timeout=args.timeout, dump_dir=args.dump, against=args.against)
+            timeout=args.timeout, dump_dir=args.dump, against=args.against,
+            unbatched=args.unbatched, gradient=args.gradient)
     except _validate.Interrupted as stop:
         report, interrupted = stop.report, True
     except KeyboardInterrupt:
@@ -555,6 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="judge the gradient against the reference (default) or, with "
                          "'self', against finite differences of TARGET's own forward "
                          "(for approximate-by-design forwards; the forward is not compared)")
+    va.add_argument("--unbatched", action="store_true",
+                    help="call TARGET (and --vjp) once per batch member, inputs sliced "
+                         "along their batch dimensions, and stack the outputs (for code "
+                         "written for one problem at a time)")
+    va.add_argument("--gradient", metavar="NAME[:k=v,...]",
+                    help="compare with one of the operator's named gradients instead of "
+                         "its default (tanh_deq: exact, jfb, unroll[:k=..,lam=..], "
+                         "neumann[:k=..,lam=..])")
     va.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     va.add_argument("--traceback", action="store_true",
                     help="print the full traceback of exceptions raised by the candidate")

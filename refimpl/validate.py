@@ -143,6 +143,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -171,6 +172,7 @@ __all__ = [
     "TargetError",
     "ValidationReport",
     "load_target",
+    "parse_gradient",
     "self_consistency",
     "validate",
 ]
@@ -374,6 +376,11 @@ class _Framework:
     def pullback(self, ctx, args, out, v_host) -> Sequence:
         raise CandidateError(f"framework {self.name!r} has no autodiff: supply a vjp")
 
+    def stack(self, xs: Sequence, shape: tuple) -> Any:
+        """The arrays ``xs`` (one per batch member, in C order) stacked and
+        reshaped to ``shape``, differentiably where the framework differentiates."""
+        return np.stack([np.asarray(x) for x in xs]).reshape(shape)
+
 
 class _Torch(_Framework):
     name, array_type = "torch", "torch.Tensor"
@@ -408,6 +415,11 @@ class _Torch(_Framework):
                 "candidate detach, call .numpy()/.item(), or run under torch.no_grad()?)")
         return self.torch.autograd.grad(out, args, grad_outputs=self.like(v_host, out),
                                         allow_unused=True)
+
+    def stack(self, xs, shape):
+        if not all(isinstance(x, self.torch.Tensor) for x in xs):
+            raise CandidateError("a batch member's output is not a torch.Tensor")
+        return self.torch.stack(list(xs)).reshape(shape)
 
 
 @contextlib.contextmanager
@@ -469,6 +481,9 @@ class _Jax(_Framework):
 
     def pullback(self, ctx, args, out, v_host):
         return ctx(self.like(v_host, out))
+
+    def stack(self, xs, shape):
+        return self.jnp.stack(list(xs)).reshape(shape)
 
 
 class _NumPy(_Framework):
@@ -822,6 +837,83 @@ def _call_forward(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
     out, ctx = _call(fw.forward, fn, args, params)
     out_h = _to_host(fw, out, f"the output {spec.output!r}", gc.output.shape)
     return params, args, out, ctx, out_h
+
+
+# --------------------------------------------------------------------------
+# Unbatched candidates (``unbatched=True``, CLI ``--unbatched``)
+# --------------------------------------------------------------------------
+
+def _batch_shape(shapes: Sequence[tuple], core: Sequence[int]) -> tuple:
+    """The broadcast batch shape of inputs with these shapes and core ranks."""
+    return tuple(np.broadcast_shapes(*[tuple(s)[:len(s) - c] for s, c in zip(shapes, core)]))
+
+
+def _member_index(shape: tuple, core: int, batch: tuple, m: tuple) -> tuple:
+    """The index of batch member ``m`` (an index into ``batch``) in an array of
+    ``shape`` whose leading dimensions broadcast against ``batch``: its batch
+    dimensions align with ``batch``'s trailing ones, and a dimension of size
+    1 is shared (index 0) by every member."""
+    lead = len(shape) - core
+    m = m[len(batch) - lead:]
+    return tuple(0 if shape[j] == 1 else m[j] for j in range(lead))
+
+
+def _unbatched_forward(spec: registry.OpSpec, fw: _Framework, fn: Callable) -> Callable:
+    """``fn`` applied per batch member: ``out[m] = fn(x_1[m], ..., x_n[m], **params)``
+    for every member ``m`` of the inputs' broadcast batch, stacked with the
+    framework's own ``stack`` (so its autodiff differentiates through the
+    loop and sums the cotangents of a broadcast input over the members that
+    share it).  Parameters are passed unchanged."""
+    @functools.wraps(fn)
+    def per_member(*xs, **params):
+        batch = _batch_shape([tuple(x.shape) for x in xs], spec.core_ndim)
+        outs = [fn(*[x[_member_index(tuple(x.shape), c, batch, m)]
+                     for x, c in zip(xs, spec.core_ndim)], **params)
+                for m in np.ndindex(*batch)]
+        if not batch:
+            return outs[0]
+        for o in outs:
+            if isinstance(o, (tuple, list)) or not hasattr(o, "shape"):
+                return o            # _to_host names the convention that was broken
+        core = tuple(outs[0].shape)
+        if any(tuple(o.shape) != core for o in outs):
+            raise CandidateError("the batch members' outputs differ in shape: "
+                                 + ", ".join(str(tuple(o.shape)) for o in outs[:4]))
+        return fw.stack(outs, batch + core)
+    return per_member
+
+
+def _unbatched_vjp(spec: registry.OpSpec, fw: _Framework, vjp: Callable) -> Callable:
+    """``vjp`` applied per batch member, the cotangents of each input summed
+    over the members that share its entries (a broadcast input's cotangent
+    is the sum of its members' cotangents, ``x_bar[i] = sum_{m -> i}
+    vjp_m(...)_x``); returned as the framework's arrays."""
+    @functools.wraps(vjp)
+    def per_member(*xs_and_bar, **params):
+        xs, out_bar = xs_and_bar[:-1], xs_and_bar[-1]
+        shapes = [tuple(x.shape) for x in xs]
+        batch = _batch_shape(shapes, spec.core_ndim)
+        totals = [np.zeros(s) for s in shapes]
+        for m in np.ndindex(*batch):
+            idx = [_member_index(s, c, batch, m) for s, c in zip(shapes, spec.core_ndim)]
+            bars = vjp(*[x[i] for x, i in zip(xs, idx)], out_bar[m], **params)
+            if fw.is_array(bars) and len(xs) == 1:
+                bars = (bars,)
+            if not isinstance(bars, (tuple, list)) or len(bars) != len(xs):
+                return bars         # _cotangents names the convention that was broken
+            for t, b, i, k, s in zip(totals, bars, idx, spec.inputs, shapes):
+                if b is not None:
+                    what = f"the cotangent of {k!r} of batch member {m}"
+                    t[i] += _to_host(fw, b, what, s[len(i):])
+        return tuple(fw.inputs(totals, requires_grad=False))
+    return per_member
+
+
+def _unbatch(spec: registry.OpSpec, fw: _Framework, fn: Callable,
+             vjp: Callable | None) -> tuple[Callable, Callable | None]:
+    """The candidate (and its VJP) called once per batch member."""
+    return (_unbatched_forward(spec, fw, fn),
+            None if vjp is None else _unbatched_vjp(spec, fw, vjp))
 
 
 def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
@@ -1238,7 +1330,8 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
              vjp: Callable | str | None = None, cases: Iterable[str] | None = None,
              rtol: float | None = None, forward_rtol: float | None = None,
              vectors_dir: str | os.PathLike | None = None,
-             against: str = "reference",
+             against: str = "reference", unbatched: bool = False,
+             gradient: str | None = None,
              exclude: Iterable[str] | None = None, isolate: bool | None = None,
              timeout: float | None = None,
              dump_dir: str | os.PathLike | None = None) -> ValidationReport:
@@ -1270,6 +1363,20 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
         used, the forward is not compared, and ``rtol`` (default: the case's
         ``fd`` tolerance) is widened per direction to the differences' own
         error estimate.  Not for surrogate gradients (not derivatives).
+    unbatched : call the candidate once per batch member, for code written
+        for one problem at a time: each input is sliced along its leading
+        (batch) dimensions, a broadcast input (size-1 or missing batch
+        dimensions) giving every member the same slice, the parameters are
+        passed unchanged, and the outputs are stacked to the batch's shape.
+        The VJP is the framework's autodiff through that loop, or ``vjp``
+        called per member with the member's ``out_bar``, the cotangents of a
+        broadcast input summed over the members sharing it.
+    gradient : ``"NAME[:key=value,...]"``, one of the operator's named
+        gradients (``OpSpec.gradients``, e.g. ``"jfb"`` or
+        ``"neumann:k=5,lam=0.5"`` for ``tanh_deq``): the reference gradient
+        the candidate's VJP is compared with (default: the operator's own
+        ``vjp``).  Not with ``vectors_dir`` (golden vectors hold the default
+        gradient) nor ``against="self"``.
     exclude : leave out these case ids.
     isolate : run the candidate in a child process (:mod:`refimpl._isolation`):
         an ``os._exit``, a crash, a hang past ``timeout`` or an output flood
@@ -1329,6 +1436,18 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
                          f"differences of its own forward; use against='reference'")
     _check_tolerance("rtol", rtol)
     _check_tolerance("forward_rtol", forward_rtol)
+    ref_spec = spec
+    if gradient is not None:
+        gname, goptions = parse_gradient(spec, gradient)
+        if vectors_dir is not None:
+            raise ValueError("argument 'gradient' cannot be combined with 'vectors_dir': golden "
+                             "vectors hold the operator's default gradient")
+        if against == "self":
+            raise ValueError("argument 'gradient' selects a reference gradient; against='self' "
+                             "uses none")
+        ref_spec = _gradient_spec(spec, gname, goptions)
+    if not isinstance(unbatched, bool):
+        raise TypeError(f"argument 'unbatched' must be a bool, got {type(unbatched).__name__}")
     if isolate is None:
         isolate = isinstance(candidate, str) and (vjp is None or isinstance(vjp, str))
     timeout = _check_timeout(timeout, isolate)
@@ -1372,7 +1491,7 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
     else:
         selected = [c for c in spec.cases
                     if "float64" in c.dtypes and (wanted is None or c.id in wanted)]
-        golden = [vectors.reference_case(spec, c, "float64") if c.for_candidates else c
+        golden = [vectors.reference_case(ref_spec, c, "float64") if c.for_candidates else c
                   for c in selected]
 
     notes = []
@@ -1406,9 +1525,10 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
     if fw is None:      # isolated: TARGET strings (checked by _check_isolatable)
         assert isinstance(candidate, str) and (vjp is None or isinstance(vjp, str))
         reports, kept, version, interrupted = _run_isolated(
-            spec, jobs, candidate, vjp, fw_name, timeout, keep, against)
+            spec, jobs, candidate, vjp, fw_name, timeout, keep, against, unbatched)
     else:
-        reports, kept, interrupted = _run_in_process(spec, jobs, fn, fw, vjp_fn, keep, against)
+        reports, kept, interrupted = _run_in_process(spec, jobs, fn, fw, vjp_fn, keep, against,
+                                                     unbatched)
         version = fw.version()
     source = f"vjp {_name_of(vjp)}" if vjp_fn is not None else {
         "torch": "torch.autograd.grad", "jax": "jax.vjp"}[fw_name]
@@ -1418,8 +1538,17 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
                      "gradient column is |<out_bar, FD> - <vjp, d>| relative to the size of "
                      "the terms, over random feasible directions d (whole batch and per "
                      "member), and its tol is widened to the differences' own error estimate")
+    if gradient is not None:
+        source += f", compared with the {gradient!r} gradient"
+        notes.append(f"gradient {gradient!r}: the reference gradient is "
+                     f"{spec.gradients[gname].description}")
+    if unbatched:
+        source += ", called once per batch member"
+        notes.append("unbatched: the candidate was called once per batch member and its "
+                     "outputs stacked; a broadcast input's cotangent is the sum over the "
+                     "members sharing it")
     command = _command(op_name, candidate, vjp, fw_name, vectors_dir, rtol, forward_rtol,
-                       timeout if isolate else None, against)
+                       timeout if isolate else None, against, unbatched, gradient)
     if dump_dir is not None:
         notes.extend(_dump(dump_dir, spec, jobs, reports, kept, command))
     report = ValidationReport(op=op_name, framework=fw_name, framework_version=version,
@@ -1512,16 +1641,70 @@ def _check_isolatable(spec: registry.OpSpec, candidate, vjp, framework: str) -> 
                               f"'path/to/file.py:function'")
 
 
+def parse_gradient(spec: registry.OpSpec, text: str) -> tuple[str, dict]:
+    """``"NAME[:key=value,...]"`` -> ``(NAME, {key: value})`` for one of the
+    operator's named gradients (:attr:`refimpl.registry.OpSpec.gradients`);
+    ValueError naming the valid names or keys otherwise."""
+    if not isinstance(text, str):
+        raise TypeError(f"argument 'gradient' must be a str 'NAME[:key=value,...]', got "
+                        f"{type(text).__name__}")
+    named = dict(spec.gradients)
+    if not named:
+        raise ValueError(f"argument 'gradient': {spec.name} has no named gradients (only its "
+                         f"default one); operators that have: "
+                         + ", ".join(s.name for s in registry.all_specs() if s.gradients))
+    name, colon, rest = text.strip().partition(":")
+    if name not in named:
+        raise ValueError(f"argument 'gradient': unknown gradient {name!r} of {spec.name}; "
+                         "valid: " + "; ".join(f"{n} ({g.description})"
+                                               for n, g in named.items()))
+    ng = named[name]
+    options: dict[str, Any] = {}
+    for item in (rest.split(",") if colon and rest.strip() else []):
+        key, eq, value = (w.strip() for w in item.partition("="))
+        if not ng.options:
+            raise ValueError(f"argument 'gradient': {name} takes no options, got {item!r}")
+        if not eq or key not in ng.options or key in options:
+            raise ValueError(f"argument 'gradient': bad option {item!r} of {name}; valid keys: "
+                             + ", ".join(f"{k}=<{t.__name__}>" for k, t in ng.options.items())
+                             + " (each at most once)")
+        try:
+            options[key] = ng.options[key](value)
+        except ValueError:
+            raise ValueError(f"argument 'gradient': option {key} of {name} must be "
+                             f"{'an' if ng.options[key] is int else 'a'} "
+                             f"{ng.options[key].__name__}, got {value!r}") from None
+    if ng.check is not None:
+        try:
+            ng.check(**options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"argument 'gradient' {text!r}: {exc}") from None
+    return name, options
+
+
+def _gradient_spec(spec: registry.OpSpec, name: str, options: Mapping) -> registry.OpSpec:
+    """``spec`` whose ``vjp`` is the named gradient with ``options`` (for the
+    reference numbers only; the candidate still sees ``spec``)."""
+    ng = spec.gradients[name]
+    return replace(spec, vjp=lambda res, out_bar, **vjp_params: ng.vjp(
+        res, out_bar, **vjp_params, **options))
+
+
 def _run_one(spec, gc, fn, fw, vjp_fn, ftol: float, gtol: float, against: str,
-             keep: dict | None):
+             keep: dict | None, unbatched: bool = False):
     """One case, against the reference (:func:`_run_case`) or the candidate's own
-    forward (:func:`_run_case_self`, which keeps no arrays for ``dump_dir``)."""
+    forward (:func:`_run_case_self`, which keeps no arrays for ``dump_dir``);
+    ``unbatched``: the candidate is called once per batch member
+    (:func:`_unbatch`)."""
+    if unbatched:
+        fn, vjp_fn = _unbatch(spec, fw, fn, vjp_fn)
     if against == "self":
         return _run_case_self(spec, gc, fn, fw, vjp_fn, gtol, ftol)
     return _run_case(spec, gc, fn, fw, vjp_fn, ftol, gtol, keep=keep)
 
 
-def _run_in_process(spec, jobs, fn, fw, vjp_fn, keep: bool, against: str = "reference"):
+def _run_in_process(spec, jobs, fn, fw, vjp_fn, keep: bool, against: str = "reference",
+                    unbatched: bool = False):
     """Run every job here; Ctrl-C leaves the rest as ``ERROR``s (``interrupted`` True)."""
     reports: list[CaseReport] = []
     kept: list[dict | None] = []
@@ -1529,7 +1712,8 @@ def _run_in_process(spec, jobs, fn, fw, vjp_fn, keep: bool, against: str = "refe
         with fw.context():
             for gc, ftol, gtol in jobs:
                 arrays: dict | None = {} if keep else None
-                reports.append(_run_one(spec, gc, fn, fw, vjp_fn, ftol, gtol, against, arrays))
+                reports.append(_run_one(spec, gc, fn, fw, vjp_fn, ftol, gtol, against, arrays,
+                                        unbatched))
                 kept.append(arrays)
     except KeyboardInterrupt:
         for gc, ftol, gtol in jobs[len(reports):]:
@@ -1553,7 +1737,8 @@ def _report_from_dict(d: Mapping) -> CaseReport:
 
 
 def _run_isolated(spec, jobs, candidate: str, vjp: str | None, framework: str,
-                  timeout: float, keep: bool, against: str = "reference"):
+                  timeout: float, keep: bool, against: str = "reference",
+                  unbatched: bool = False):
     """Run every job in child processes (:mod:`refimpl._isolation`)."""
     from . import _isolation
     try:
@@ -1561,7 +1746,7 @@ def _run_isolated(spec, jobs, candidate: str, vjp: str | None, framework: str,
             spec.name, [_isolation.Job(i, gc, ftol, gtol) for i, (gc, ftol, gtol)
                         in enumerate(jobs)],
             candidate=candidate, vjp=vjp, framework=framework, timeout=timeout,
-            keep_arrays=keep, against=against)
+            keep_arrays=keep, against=against, unbatched=unbatched)
     except _isolation.LoadError as exc:
         raise TargetError(f"TARGET {candidate!r}: {exc}") from None
     reports = []
@@ -1577,7 +1762,8 @@ def _run_isolated(spec, jobs, candidate: str, vjp: str | None, framework: str,
 
 
 def _command(op: str, candidate, vjp, framework: str, vectors_dir, rtol, forward_rtol,
-             timeout, against: str = "reference") -> str:
+             timeout, against: str = "reference", unbatched: bool = False,
+             gradient: str | None = None) -> str:
     """The ``refimpl validate`` command line of a run with TARGET strings ("" otherwise)."""
     if not isinstance(candidate, str) or (vjp is not None and not isinstance(vjp, str)):
         return ""
@@ -1594,6 +1780,10 @@ def _command(op: str, candidate, vjp, framework: str, vectors_dir, rtol, forward
         words += ["--timeout", f"{timeout:g}"]
     if against != "reference":
         words += ["--against", against]
+    if unbatched:
+        words += ["--unbatched"]
+    if gradient is not None:
+        words += ["--gradient", gradient]
     return " ".join(shlex.quote(w) for w in words)
 
 

@@ -265,9 +265,11 @@ def test_list_op_shows_every_case(capsys):
     assert "eps=0.05" in row and "method=cg" in row and "float64,float32" in row
     assert "vjp(C, a, b, P_bar, *, eps) -> (C_bar, a_bar, b_bar)" in out
     assert cli.main(["list", "sinkhorn_unbalanced"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
-    # unbalanced cases need rho_a/rho_b, which candidates do not receive
-    assert [r[3] for r in rows if r and r[0] == "unbalanced"] == ["no"]
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()]
+    # unbalanced cases are offered to candidates, which receive rho_a/rho_b
+    assert [r[3] for r in rows if r and r[0] == "unbalanced"] == ["yes"]
+    assert "fn(C, a, b, *, eps, rho_a, rho_b)" in out
 
 
 def test_list_json(capsys):

@@ -51,6 +51,7 @@ from ..check import CheckResult, DEFAULT_FD_STEP, adjoint_test, compare, fd_jaco
 __all__ = [
     "Case",
     "CaseRun",
+    "NamedGradient",
     "OpSpec",
     "Tolerance",
     "all_specs",
@@ -108,6 +109,28 @@ class Case:
 
 
 @dataclass(frozen=True)
+class NamedGradient:
+    """A gradient of an operator other than its default ``vjp`` (a phantom
+    gradient of a DEQ, say), which ``validate --gradient NAME[:k=v,...]`` can
+    take as the reference.
+
+    Attributes
+    ----------
+    vjp : ``vjp(result, out_bar, **options) -> tuple of input cotangents``.
+    options : ``{key: type}`` of the options ``NAME:key=value`` may set
+        (``int`` or ``float``); an option left out takes ``vjp``'s default.
+    description : one line for messages and docs.
+    check : ``check(**options)`` raising ValueError for values out of range
+        (default: none).
+    """
+
+    vjp: Callable
+    options: Mapping[str, type] = field(default_factory=dict)
+    description: str = ""
+    check: Callable | None = None
+
+
+@dataclass(frozen=True)
 class OpSpec:
     """One operator: how to call it, check it, and compare its gradients.
 
@@ -152,6 +175,9 @@ class OpSpec:
         phantom): no adjoint or finite-difference check, its extra_checks
         compare against the defining formula instead.
     extra_checks : callables ``check(run: CaseRun) -> list[CheckResult]``.
+    gradients : ``{name: NamedGradient}``, the gradients ``validate``
+        accepts as ``gradient=NAME[:options]`` instead of ``vjp`` (default:
+        none; the default gradient is then ``vjp`` alone).
     """
 
     name: str
@@ -174,6 +200,7 @@ class OpSpec:
     candidate_params: tuple[str, ...] = ()
     conventions: Mapping[str, str] = field(default_factory=dict)
     gradient_scale: Callable | None = None
+    gradients: Mapping[str, NamedGradient] = field(default_factory=dict)
 
     def case(self, case_id: str) -> Case:
         for c in self.cases:

@@ -8,7 +8,7 @@ import numpy as np
 from .. import deq
 from ..backend import to_host
 from ..check import CheckResult, compare
-from . import Case, CaseRun, OpSpec, Tolerance, sum_to_shape_host
+from . import Case, CaseRun, NamedGradient, OpSpec, Tolerance, sum_to_shape_host
 
 
 def _scaled_to_norm(M: np.ndarray, norm2: float) -> np.ndarray:
@@ -158,6 +158,12 @@ def _deq_phantom_closed_forms(run: "CaseRun") -> list[CheckResult]:
     return results
 
 
+def _check_phantom(k=None, lam=None) -> None:
+    """The phantom gradients' options as :func:`refimpl.deq.deq_vjp` checks
+    them: ``k >= 1`` steps, damping ``lam`` in ``(0, 1]``."""
+    deq._resolve_method_args("neumann", k, lam, None, {})
+
+
 def _tanh_deq_spec() -> OpSpec:
 
     def contractive(rng):
@@ -231,6 +237,24 @@ def _tanh_deq_spec() -> OpSpec:
         },
         extra_checks=(_deq_exact_closed_form, _deq_phantom_closed_forms),
         candidate_params=(),
+        gradients={
+            "exact": NamedGradient(
+                lambda res, z_bar: deq.deq_vjp(res, z_bar, method="exact"),
+                description="implicit: u = (I - J^T)^{-1} z_bar (the default)"),
+            "jfb": NamedGradient(
+                lambda res, z_bar: deq.deq_vjp(res, z_bar, method="jfb"),
+                description="Jacobian-free backprop: u = z_bar"),
+            "unroll": NamedGradient(
+                lambda res, z_bar, **kw: deq.deq_vjp(res, z_bar, method="unroll", **kw),
+                {"k": int, "lam": float},
+                "UPG: k damped steps (lam) from the fixed point (defaults k=5, lam=0.5)",
+                _check_phantom),
+            "neumann": NamedGradient(
+                lambda res, z_bar, **kw: deq.deq_vjp(res, z_bar, method="neumann", **kw),
+                {"k": int, "lam": float},
+                "NPG: u = lam sum_{i<k} (B^T)^i z_bar, B = lam J + (1 - lam) I "
+                "(defaults k=5, lam=0.5)", _check_phantom),
+        },
     )
 
 

@@ -390,13 +390,13 @@ def _sinkhorn_cases() -> tuple[tuple[Case, ...], tuple[Case, ...]]:
     unbalanced_cases = (
         Case("unbalanced", "KL-relaxed marginals rho_a = rho_b = 0.5, masses 1.3 vs 0.7", 312,
              unbalanced, params={"eps": 0.1, "rho_a": 0.5, "rho_b": 0.5, **tight},
-             for_candidates=False, flags=("unbalanced",)),
+             flags=("unbalanced",)),
         Case("semi_unbalanced", "hard row constraint, relaxed columns (rho_b = 0.2)", 313,
              lambda rng: {"C": rng.random((4, 5)), "a": dirichlet(rng, 4), "b": 1.5 * dirichlet(rng, 5)},
-             params={"eps": 0.1, "rho_b": 0.2, **tight}, for_candidates=False, flags=("unbalanced",)),
+             params={"eps": 0.1, "rho_b": 0.2, **tight}, flags=("unbalanced",)),
         Case("vjp_cg_batch_unbalanced", "method='cg' on a batch of unbalanced problems", 317, vjp_batch,
              params={"eps": 0.1, "rho_a": 1.0, "rho_b": 2.0, **tight}, vjp_params={"method": "cg"},
-             jvp_params={"method": "cg"}, for_candidates=False, flags=("method", "batched", "unbalanced")),
+             jvp_params={"method": "cg"}, flags=("method", "batched", "unbalanced")),
     )
     return cases, unbalanced_cases
 
@@ -457,9 +457,10 @@ def _sinkhorn_unbalanced_spec() -> OpSpec:
             "gauge": "none: with a relaxed marginal (a_bar, b_bar) are unique and compared as they are",
             "output": "P, the entropic plan exp((f 1^T + 1 g^T - C) / eps) of the problem "
                       "<C,P> - eps h(P) + rho_a KL(P1|a) + rho_b KL(P^T1|b); not a value",
-            "candidates": "not sent to candidates (the calling convention fn(C, a, b, *, eps) "
-                          "carries no rho_a/rho_b)",
+            "candidates": "fn(C, a, b, *, eps, rho_a, rho_b) -> P; rho_a/rho_b None keeps "
+                          "that marginal hard; no gauge (a_bar, b_bar compared as they are)",
         },
+        candidate_params=("eps", "rho_a", "rho_b"),
         extra_checks=(_sk_unbalanced_identity, _sk_methods_agree, _sk_eps_derivative),
     )
 
