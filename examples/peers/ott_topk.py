@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from ott.tools import soft_sort
 
 THRESHOLD = 1e-13
-MAX_ITER = 200000
+MAX_ITER = 20000
 
 
 def _identity(z):
