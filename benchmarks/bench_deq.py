@@ -17,7 +17,7 @@ interleaved within every repetition), the number of VJP products
 (``J^T v`` plus ``F^T v``) and f evaluations, and the cosine and norm ratio
 of the parameter gradient ``(W_bar, U_bar, b_bar)`` to the exact one.
 
-The issue's target (from Geng et al., 2021): at k = 5, lam in [0.5, 1] on a
+The target (from Geng et al., 2021): at k = 5, lam in [0.5, 1] on a
 contractive layer, cosine >= 0.99 and backward >= 1.7x faster than the
 exact implicit backward.  The script prints a PASS/MISS line per (d, method,
 lam) and exits 0 either way (a missed target is a finding, not a crash).

@@ -246,7 +246,7 @@ def test_batch_blocks_cover_the_batch_in_balanced_cache_sized_blocks(backend):
         assert max(sizes) - min(sizes) <= 1
         assert all(size == 1 or size * per_member <= cap for size in sizes)
         assert len(blocks) == math.ceil(batch / max(1, cap // per_member))   # the fewest
-    # the (64, 64) Lyapunov solve: 7 work arrays of 32 KiB per member
+    # the benchmark's (64, 64) Lyapunov solve: 7 work arrays of 32 KiB per member
     if backend.name == "numpy":
         assert [s.stop - s.start for s in B.batch_blocks(64, 7 * 64 * 64 * 8, like)] == [16] * 4
 
