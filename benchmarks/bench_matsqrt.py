@@ -28,7 +28,7 @@ reference ``S = U diag(sqrt l) U^T``, ``A_bar = U [(U^T G U)/(s_i + s_j)]
 U^T`` computed here with NumPy.  The gradient error of an approximate
 forward includes its approximation error: that is the point of the column.
 
-Sizes: the papers' (64, 32), (64, 64), (16, 256), plus (1024, 4) and (256, 8)
+Sizes: the default set (64, 32), (64, 64), (16, 256), plus (1024, 4) and (256, 8)
 where the CPU crossover between eigh and the matmul-only methods shows.
 
 Inputs: covariance matrices ``A = X X^T / (2n) + 1e-3 I`` of ``2n``
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke run)")
     p.add_argument("--repeat", type=int, default=5, help="timed repeats per method (median)")
     p.add_argument("--sizes", default=None,
-                   help="comma-separated bxn list, e.g. 64x32,64x64 (default: the papers' sizes)")
+                   help="comma-separated bxn list, e.g. 64x32,64x64 (default: 64x32,64x64,16x256)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--cupy", choices=("auto", "off", "on", "semantics"), default="auto",
