@@ -78,12 +78,13 @@ import scipy.linalg
 import refimpl
 from refimpl import backend, matsqrt
 
-ISSUE_SIZES = ((64, 32), (64, 64), (16, 256))
+#: The main (batch, n) sizes: batches of mid-size covariance-like matrices.
+MAIN_SIZES = ((64, 32), (64, 64), (16, 256))
 #: Small matrices in large batches, where per-call LAPACK overhead makes eigh
 #: lose to the matmul-only methods on a CPU: they show the crossover.
 CROSSOVER_SIZES = ((1024, 4), (256, 8))
-SIZES = ISSUE_SIZES + CROSSOVER_SIZES
-GPU_SIZES = ISSUE_SIZES + ((256, 256),)
+SIZES = MAIN_SIZES + CROSSOVER_SIZES
+GPU_SIZES = MAIN_SIZES + ((256, 256),)
 QUICK_SIZES = ((8, 8), (4, 32))
 METHODS = ("mpa+lyapunov_sign", "mtp+lyapunov_sign", "ns", "eig+exact", "mpa+approximant",
            "mpa+lyapunov_sign(T=8)", "scipy loop")
@@ -398,7 +399,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke run)")
     p.add_argument("--repeat", type=int, default=5, help="timed repeats per method (median)")
     p.add_argument("--sizes", default=None,
-                   help="comma-separated bxn list, e.g. 64x32,64x64 (default: 64x32,64x64,16x256)")
+                   help="comma-separated bxn list, e.g. 64x32,64x64 (default: 64x32,64x64,16x256,1024x4,256x8)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--cupy", choices=("auto", "off", "on", "semantics"), default="auto",
