@@ -266,3 +266,23 @@ def test_is_positive_definite_per_member(backend, dtype, rng, n):
             Ch = Ah.copy()
             Ch[pos] = bad.astype(dtype)
             assert not B.is_positive_definite(backend.asarray(Ch)), pos
+
+
+def test_single_threaded_blas_limits_every_loaded_blas_and_restores_it():
+    """NumPy's and SciPy's BLAS both run on one thread inside the context (read
+    back through threadpoolctl's own inventory) and get their counts back after."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import scipy.linalg  # noqa: F401  (SciPy's BLAS loaded, as the operators do)
+    from refimpl import backend as B
+
+    def blas_threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"}
+
+    before = blas_threads()
+    with B.single_threaded_blas(np.zeros(3)):
+        inside = blas_threads()
+    assert inside and set(inside.values()) == {1} and inside.keys() == before.keys()
+    assert blas_threads() == before
+    with B.single_threaded_blas(np.zeros(3), when=False):
+        assert blas_threads() == before
