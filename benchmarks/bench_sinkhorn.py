@@ -36,7 +36,10 @@ of every plan recomputed identically, OTT compiled before timing.  Each
 row prints the time ratios from that one run and each solver's per-iteration
 cost against the measured floor of the work its method must do: two
 matrix-vector products with an n x n matrix (refimpl's scaling domain) or two
-elementwise exponentials of an n x n array (log domain: POT, OTT).  Then the
+elementwise exponentials of an n x n array (log domain: POT, OTT); for
+refimpl also the loop alone, ``(t - t_1) / (iterations - 1)`` with ``t_1``
+the time of a call with ``max_iter=1`` (setup, one iteration, one check),
+and that setup time.  Then the
 forward + gradient of ``<P, G>`` at n = 500 against ``jax.grad`` through
 OTT's solver (implicit differentiation), with each gradient's error against
 refimpl's at tol 1e-13 (``--grad-n``).  OTT-JAX is optional (``pip install
@@ -322,8 +325,14 @@ def bench_peers(ns, eps_list, tol: float, repeat: int, pot_max_n: int) -> list[d
             t, res = best_time(lambda: sk.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=100_000, warn=False),
                                repeat)
             it = int(res.n_iter)
+            # Setup (input checks, the first absorbed row update, the final
+            # plan) plus one iteration and its check; the rest is the loop.
+            t1, _ = best_time(lambda: sk.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=1, warn=False),
+                              repeat)
+            loop = max(t - t1, 0.0) / max(it - 1, 1)
             row.update(refimpl_s=t, refimpl_iter=it, refimpl_l1=l1_marginal_error(res.P, a, b),
-                       refimpl_floor_ratio=t / it / floors["matvec2_s"])
+                       refimpl_floor_ratio=t / it / floors["matvec2_s"], refimpl_setup_s=t1,
+                       refimpl_loop_floor_ratio=loop / floors["matvec2_s"])
             ott = ott_solver(eps, tol, 100_000)
             if ott is not None:
                 import jax.numpy as jnp
@@ -348,7 +357,8 @@ def bench_peers(ns, eps_list, tol: float, repeat: int, pot_max_n: int) -> list[d
 def fmt_peer_row(r: dict) -> str:
     out = (f"n={r['n']:5d} eps={r['eps']:<5g} floors: 2 exp {r['exp2_s'] * 1e3:7.2f} ms, 2 matvec "
            f"{r['matvec2_s'] * 1e3:7.2f} ms | refimpl {r['refimpl_s']:7.3f} s {r['refimpl_iter']:5d} it "
-           f"L1 {r['refimpl_l1']:.1e} ({r['refimpl_floor_ratio']:.2f}x floor/it)")
+           f"L1 {r['refimpl_l1']:.1e} ({r['refimpl_floor_ratio']:.2f}x floor/it; loop "
+           f"{r['refimpl_loop_floor_ratio']:.2f}x, setup {r['refimpl_setup_s'] * 1e3:.2f} ms)")
     if "ott_s" in r:
         out += (f" | OTT {r['ott_s']:7.3f} s {r['ott_iter']:5d} it L1 {r['ott_l1']:.1e} "
                 f"({r['ott_floor_ratio']:.2f}x floor/it) | refimpl/OTT time x{r['refimpl_over_ott']:.2f} "

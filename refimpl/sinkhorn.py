@@ -207,6 +207,7 @@ from typing import Any
 
 from . import backend
 from .backend import ConditioningWarning, ConvergenceWarning, logsumexp, matvec, mT, sum_to_shape
+from .iteration import Converging, Schedule, iterate
 
 __all__ = [
     "Conditioning",
@@ -241,8 +242,8 @@ KKT_MAX_UNKNOWNS = 2500
 # --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class SinkhornResult:
-    """Result of :func:`sinkhorn`.
+class SinkhornResult(Converging):
+    """Result of :func:`sinkhorn` (whole-batch summary: :class:`refimpl.iteration.Converging`).
 
     Attributes
     ----------
@@ -279,12 +280,6 @@ class SinkhornResult:
     def balanced(self) -> bool:
         """Both marginals are hard constraints."""
         return self.rho_a is None and self.rho_b is None
-
-    @property
-    def all_converged(self) -> bool:
-        """Every batch member reached its tolerance (a host sync)."""
-        xp = backend.namespace(P=self.P)
-        return bool(xp.all(self.converged))
 
     @functools.cached_property
     def log_P(self):
@@ -424,7 +419,7 @@ def _check_inputs(C, a, b, eps, rho_a, rho_b):
         raise ValueError(f"batch shapes of 'C' {tuple(C.shape[:-2])}, 'a' {tuple(a.shape[:-1])} and "
                          f"'b' {tuple(b.shape[:-1])} do not broadcast") from None
     eps = backend.check_positive(eps, "eps")
-    _check_kernel_range(xp, C, eps)
+    cmax = _check_kernel_range(xp, C, eps)
     rho_a = _check_rho(rho_a, "rho_a")
     rho_b = _check_rho(rho_b, "rho_b")
     for name, x in (("a", a), ("b", b)):
@@ -444,18 +439,21 @@ def _check_inputs(C, a, b, eps, rho_a, rho_b):
                 f"argument 'b' has total mass different from 'a' (relative mismatch {worst:.2e} > "
                 f"{_mass_tolerance(C.dtype):.0e}); the balanced problem needs sum(a) == sum(b) "
                 f"(or pass rho_a/rho_b for unbalanced transport)")
-    return xp, batch, n, m, eps, rho_a, rho_b
+    return xp, batch, n, m, eps, rho_a, rho_b, cmax
 
 
-def _check_kernel_range(xp, C, eps: float) -> None:
+def _check_kernel_range(xp, C, eps: float):
     """Refuse a log kernel ``-C / eps`` that overflows the dtype of ``C``
     (``max|C| / eps`` above its largest finite number): every entry of the
-    plan would then be NaN or 0, with no digit to report."""
-    cmax = float(xp.max(xp.abs(C)))
+    plan would then be NaN or 0, with no digit to report.  Returns
+    ``max|C|`` per member of ``C``'s batch."""
+    cmax = xp.max(xp.abs(C), axis=(-2, -1))
+    worst = float(xp.max(cmax))
     big = float(xp.finfo(C.dtype).max)
-    if cmax / eps > big:
-        raise ValueError(f"arguments 'C' and 'eps': max|C| / eps = {cmax:.3e} / {eps:.3e} overflows "
+    if worst / eps > big:
+        raise ValueError(f"arguments 'C' and 'eps': max|C| / eps = {worst:.3e} / {eps:.3e} overflows "
                          f"{backend.dtype_name(C.dtype)} (largest {big:.2e}); rescale C or raise eps")
+    return cmax
 
 
 def _check_result(res, name: str = "res"):
@@ -466,7 +464,7 @@ def _check_result(res, name: str = "res"):
 # Forward
 # --------------------------------------------------------------------------
 
-def _tolerance_floor(xp, C, a, b, batch, eps: float, balanced: bool,
+def _tolerance_floor(xp, C, cmax, a, b, batch, eps: float, balanced: bool,
                      rho_b: float | None = None):
     """Per-member relative L1 error the dtype can resolve.
 
@@ -474,7 +472,7 @@ def _tolerance_floor(xp, C, a, b, batch, eps: float, balanced: bool,
     about ``u (|C| + |f| + |g|) / eps``, i.e. relative errors of that size in
     ``P``: ``floor = 32 u (1 + max|C| / eps + log(n m))``.  A balanced problem
     whose masses differ by ``delta`` (accepted up to 1e-9 relative) cannot get
-    below ``delta`` either.
+    below ``delta`` either.  ``cmax`` is ``max|C|`` per member of ``C``.
 
     A relaxed column side (``rho_b`` given) is measured against the target
     ``t = b exp(-g / rho_b)``.  At the fixed point
@@ -486,7 +484,6 @@ def _tolerance_floor(xp, C, a, b, batch, eps: float, balanced: bool,
     """
     u = backend.unit_roundoff(C.dtype)
     n, m = C.shape[-2], C.shape[-1]
-    cmax = xp.max(xp.abs(C), axis=(-2, -1))
     floor = 32.0 * u * (1.0 + cmax / eps + math.log(n * m + 1.0))
     if rho_b is not None:
         # Rounding of the relaxed target b exp(-g / rho_b): u beta_b |log b|.
@@ -527,61 +524,297 @@ def _lse_cols(xp, K, phi):
     return logsumexp(K + phi[..., :, None], -2)
 
 
-def _iterate_log(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b, eps, rho_b,
-                 max_iter, check_every, batch):
-    """Log-domain iterations (module docstring): two log-sum-exps over the full
-    ``n x m`` array per iteration.  Returns ``(phi, psi, error, n_iter)``,
-    ``phi = f / eps``, ``psi = g / eps``."""
-    n, m = K.shape[-2], K.shape[-1]
-    dt, dev = K.dtype, backend.device(K)
-    phi = xp.zeros(batch + (n,), dtype=dt, device=dev)    # f / eps
-    psi = xp.zeros(batch + (m,), dtype=dt, device=dev)    # g / eps
-    active = xp.ones(batch, dtype=xp.bool, device=dev)
-    error = xp.full(batch, math.inf, dtype=dt, device=dev)
-    n_iter = xp.zeros(batch, dtype=xp.int64, device=dev)
+@dataclass(frozen=True)
+class _Problem:
+    """The constants of one forward solve (the whole batch).
 
-    for it in range(1, max_iter + 1):
+    ``K = -C / eps`` is the log Gibbs kernel; ``a``, ``b`` and their logs are
+    broadcast to the batch; ``beta = eps / rho_b`` (0 balanced) enters the
+    column target ``b exp(-beta psi)``; ``lim``, ``row_lo``, ``col_lo`` are
+    the scaling domain's limits (:func:`_scaling_limits`) and ``tiny`` the
+    smallest normal number.
+    """
+
+    K: Any
+    a: Any
+    b: Any
+    log_a: Any
+    log_b: Any
+    mass_b: Any
+    tol: Any
+    tau_a: float
+    tau_b: float
+    beta: float
+    lim: float
+    row_lo: Any
+    col_lo: Any
+    tiny: float
+
+
+def _marginal_error(xp, pb: _Problem, log_c, psi):
+    """``(error, done, failed)`` of one convergence check: the relative L1
+    column error ``||c - b exp(-beta psi)||_1 / sum(b)`` of the plan with
+    column marginal ``c = exp(log_c)``; a member stops at ``error <= tol``
+    and fails on a NaN error."""
+    target = pb.b if pb.beta == 0.0 else pb.b * xp.exp(-pb.beta * psi)
+    err = xp.sum(xp.abs(xp.exp(log_c) - target), axis=-1) / pb.mass_b
+    return err, err <= pb.tol, xp.isnan(err)
+
+
+def _keep(xp, keep, new, old):
+    """``new`` where the member is iterating (``keep`` (..., 1) mask or None: all)."""
+    return new if keep is None else xp.where(keep, new, old)
+
+
+# -- log domain ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _LogState:
+    """``phi = f / eps``, ``psi = g / eps`` and ``lse_col = LSE_i(K_ij + phi_i)``
+    of the last row update (None before the first: no column update pending)."""
+
+    phi: Any
+    psi: Any
+    lse_col: Any
+
+
+def _log_advance(xp, pb: _Problem, st: _LogState, active, k: int) -> _LogState:
+    """``k`` log-domain iterations (module docstring) of the active members: two
+    log-sum-exps over the full ``n x m`` array each."""
+    keep = active[..., None]
+    phi, psi, lse_col = st.phi, st.psi, st.lse_col
+    for _ in range(k):
+        if lse_col is not None:
+            # Column update: psi = tau_b (log b - LSE_i(K_ij + phi_i)).
+            psi = xp.where(keep, pb.tau_b * (pb.log_b - lse_col), psi)
         # Row update: phi = tau_a (log a - LSE_j(K_ij + psi_j)); afterwards P 1 = a
         # (balanced) or P 1 = a exp(-f / rho_a) (unbalanced), to round-off.
-        phi = xp.where(active[..., None], tau_a * (log_a - _lse_rows(xp, K, psi)), phi)
-        lse_col = _lse_cols(xp, K, phi)                          # log(P^T 1) - psi
-        if it % check_every == 0 or it == max_iter:
-            # c = P^T 1 = exp(psi + LSE_i(K_ij + phi_i)); target b exp(-g / rho_b).
-            target = b_full if rho_b is None else b_full * xp.exp(-(eps / rho_b) * psi)
-            error, n_iter, active = _record_error(xp, xp.exp(psi + lse_col), target, mass_b,
-                                                  it, active, error, n_iter, tol_eff)
-            if it == max_iter or not bool(xp.any(active)):
-                break                                      # P is the plan the error was measured on
-        # Column update: psi = tau_b (log b - LSE_i(K_ij + phi_i)).
-        psi = xp.where(active[..., None], tau_b * (log_b - lse_col), psi)
-    return phi, psi, error, n_iter
+        phi = xp.where(keep, pb.tau_a * (pb.log_a - _lse_rows(xp, pb.K, psi)), phi)
+        lse_col = _lse_cols(xp, pb.K, phi)                       # log(P^T 1) - psi
+    return _LogState(phi, psi, lse_col)
 
 
-def _record_error(xp, c, target, mass_b, it: int, active, error, n_iter, tol_eff):
-    """One convergence check: the relative L1 column error
-    ``||c - target||_1 / sum(b)`` (``c = P^T 1``) of the still active members
-    is recorded with the iteration count, and members at ``tol_eff`` stop.
+def _log_measure(xp, pb: _Problem, st: _LogState):
+    """The check after a row update: ``c = P^T 1 = exp(psi + LSE_i(K_ij + phi_i))``."""
+    return _marginal_error(xp, pb, st.psi + st.lse_col, st.psi)
 
-    Returns ``(error, n_iter, active)``.
+
+# -- stabilised scaling domain ------------------------------------------------
+
+@dataclass(frozen=True)
+class _ScalingState:
+    """Iterates of the scaling domain (:func:`_scaling_advance`).
+
+    ``phi~ = phi_t``, ``psi~ = psi_t`` the absorbed potentials, ``Kt = K~``,
+    ``lu = log u``, ``lv = log v``; ``lsc = log(K~^T u)`` the column sums of
+    the last row update (None before the first); ``col_bad`` marks members
+    whose last column sums left the accurate range (their next column update
+    is absorbed).
     """
-    err = xp.sum(xp.abs(c - target), axis=-1) / mass_b
-    error = xp.where(active, err, error)
-    n_iter = xp.where(active, xp.full_like(n_iter, it), n_iter)
-    return error, n_iter, active & (err > tol_eff)
+
+    phi_t: Any
+    psi_t: Any
+    Kt: Any
+    lu: Any
+    lv: Any
+    lsc: Any
+    col_bad: Any
+
+
+def _log_scaling(log_target, log_sum, tau: float, absorbed):
+    """``log u = tau (log target - log sum) + (tau - 1) absorbed`` (balanced: tau = 1)."""
+    if tau == 1.0:
+        return log_target - log_sum
+    return tau * (log_target - log_sum) + (tau - 1.0) * absorbed
+
+
+def _scaling(xp, target, log_target, sums, floor, tau: float, absorbed):
+    """``u = target / sums`` (balanced) or ``exp(log u)`` of :func:`_log_scaling`;
+    sums are clamped at their floor (no division by zero; such a member fails
+    the range test after the block)."""
+    sums = xp.maximum(sums, floor)
+    if tau == 1.0:
+        return target / sums
+    return xp.exp(_log_scaling(log_target, xp.log(sums), tau, absorbed))
+
+
+def _fast_block(xp, pb: _Problem, st: _ScalingState, keep, k: int):
+    """``k`` iterations ``u = a / (K~ v)``, ``v = b / (K~^T u)`` with no range
+    test in between: two matrix-vector products and two divisions each.
+
+    Returns the new state and, per member, whether it is valid: the last sums
+    at or above their floors and ``|log u|``, ``|log v| <= lim``.  A valid
+    end state is an accurate iterate whatever happened inside the block (the
+    limit is unique; only the final sums enter the check).
+    """
+    u, v = xp.exp(st.lu), xp.exp(st.lv)
+    if st.lsc is not None:                   # the pending column update, from the log sums
+        v = _keep(xp, keep, xp.exp(_log_scaling(pb.log_b, st.lsc, pb.tau_b, st.psi_t)), v)
+    for j in range(k):
+        s = matvec(st.Kt, v)                                       # K~ v
+        u = _keep(xp, keep, _scaling(xp, pb.a, pb.log_a, s, pb.row_lo, pb.tau_a, st.phi_t), u)
+        sc = _rmatvec(st.Kt, u)                                    # K~^T u
+        if j < k - 1:
+            v = _keep(xp, keep, _scaling(xp, pb.b, pb.log_b, sc, pb.col_lo, pb.tau_b, st.psi_t), v)
+    lu = _keep(xp, keep, xp.log(xp.maximum(u, pb.tiny)), st.lu)
+    lv = _keep(xp, keep, xp.log(xp.maximum(v, pb.tiny)), st.lv)
+    lsc = xp.log(xp.maximum(sc, pb.col_lo))
+    ok = ((xp.min(s, axis=-1) >= pb.row_lo) & (xp.min(sc, axis=-1) >= pb.col_lo)
+          & (xp.max(xp.abs(lu), axis=-1) <= pb.lim) & (xp.max(xp.abs(lv), axis=-1) <= pb.lim))
+    return _ScalingState(st.phi_t, st.psi_t, st.Kt, lu, lv, lsc, st.col_bad), ok
+
+
+def _absorb(xp, pb: _Problem, st: _ScalingState, need) -> _ScalingState:
+    """Fold the scalings of the members ``need`` into ``phi~, psi~`` and
+    recompute their ``K~ = exp(K + phi~ 1^T + 1 psi~^T)`` (one exponential pass)."""
+    nd = need[..., None]
+    phi_t = xp.where(nd, st.phi_t + st.lu, st.phi_t)
+    psi_t = xp.where(nd, st.psi_t + st.lv, st.psi_t)
+    Kt = xp.where(nd[..., None], xp.exp(pb.K + phi_t[..., :, None] + psi_t[..., None, :]), st.Kt)
+    zero = xp.zeros_like
+    return _ScalingState(phi_t, psi_t, Kt, xp.where(nd, zero(st.lu), st.lu),
+                         xp.where(nd, zero(st.lv), st.lv), st.lsc, st.col_bad)
+
+
+def _careful_row(xp, pb: _Problem, st: _ScalingState, m) -> _ScalingState:
+    """Row update of the members ``m`` with range tests: sums below the floor
+    or non-finite scalings are redone in the log domain, ``phi = tau_a (log a
+    - LSE_j(K_ij + psi_j))``, and absorbed; so are scalings beyond ``lim``."""
+    s = matvec(st.Kt, xp.exp(st.lv))
+    lu = _log_scaling(pb.log_a, xp.log(xp.maximum(s, pb.row_lo)), pb.tau_a, st.phi_t)
+    bad = m & ((xp.min(s, axis=-1) < pb.row_lo) | ~xp.all(xp.isfinite(lu), axis=-1))
+    if bool(xp.any(bad)):
+        phi_log = pb.tau_a * (pb.log_a - _lse_rows(xp, pb.K, st.psi_t + st.lv))
+        lu = xp.where(bad[..., None], phi_log - st.phi_t, lu)
+    need = bad | (m & (xp.max(xp.abs(lu), axis=-1) > pb.lim))
+    st = _ScalingState(st.phi_t, st.psi_t, st.Kt, lu, st.lv, st.lsc, st.col_bad)
+    return _absorb(xp, pb, st, need) if bool(xp.any(need)) else st
+
+
+def _careful_col_sums(xp, pb: _Problem, st: _ScalingState, m) -> _ScalingState:
+    """Column sums ``log(K~^T u)``; where they leave the accurate range they
+    are redone in the log domain, ``psi~ + LSE_i(K_ij + phi_i)``, and the
+    member's next column update is absorbed."""
+    sc = _rmatvec(st.Kt, xp.exp(st.lu))
+    lsc = xp.log(xp.maximum(sc, pb.col_lo))
+    bad = m & ((xp.min(sc, axis=-1) < pb.col_lo) | ~xp.all(xp.isfinite(sc), axis=-1))
+    if bool(xp.any(bad)):
+        lsc = xp.where(bad[..., None], st.psi_t + _lse_cols(xp, pb.K, st.phi_t + st.lu), lsc)
+    return _ScalingState(st.phi_t, st.psi_t, st.Kt, st.lu, st.lv, lsc, bad)
+
+
+def _careful_col_update(xp, pb: _Problem, st: _ScalingState, m) -> _ScalingState:
+    """Column update ``log v = tau_b (log b - log(K~^T u)) + (tau_b - 1) psi~``
+    of the members ``m``, absorbed beyond ``lim`` or after inaccurate sums."""
+    lv = _log_scaling(pb.log_b, st.lsc, pb.tau_b, st.psi_t)
+    need = m & (st.col_bad | (xp.max(xp.abs(lv), axis=-1) > pb.lim))
+    st = _ScalingState(st.phi_t, st.psi_t, st.Kt, st.lu, lv, st.lsc, xp.zeros_like(st.col_bad))
+    return _absorb(xp, pb, st, need) if bool(xp.any(need)) else st
+
+
+def _careful_block(xp, pb: _Problem, st: _ScalingState, m, k: int) -> _ScalingState:
+    """``k`` iterations with the range tests after every half-step (members ``m``)."""
+    for j in range(k):
+        if j or st.lsc is not None:
+            st = _careful_col_update(xp, pb, st, m)
+        st = _careful_row(xp, pb, st, m)
+        st = _careful_col_sums(xp, pb, st, m)
+    return st
+
+
+def _select(xp, m, new: _ScalingState, old: _ScalingState) -> _ScalingState:
+    """``new`` for the members ``m``, ``old`` for the others."""
+    vec = m[..., None]
+
+    def pick(x, y):
+        return xp.where(vec, x, y)
+
+    Kt = old.Kt if new.Kt is old.Kt else xp.where(vec[..., None], new.Kt, old.Kt)
+    return _ScalingState(pick(new.phi_t, old.phi_t), pick(new.psi_t, old.psi_t), Kt,
+                         pick(new.lu, old.lu), pick(new.lv, old.lv), pick(new.lsc, old.lsc),
+                         xp.where(m, new.col_bad, old.col_bad))
+
+
+def _scaling_advance(xp, pb: _Problem, st: _ScalingState, active, k: int) -> _ScalingState:
+    r"""``k`` iterations of the stabilised scaling domain (Schmitzer 2019).
+
+    The potentials are split as ``phi = phi~ + log u``, ``psi = psi~ + log v``
+    with the absorbed parts ``phi~, psi~`` folded into the kernel
+
+        K~_ij = exp(K_ij + phi~_i + psi~_j),
+
+    so that ``LSE_j(K_ij + psi_j) = log((K~ v)_i) - phi~_i`` and
+    ``LSE_i(K_ij + phi_i) = log((K~^T u)_j) - psi~_j``.  An iteration of the
+    module docstring's log-domain scheme then reads
+
+        log u = tau_a (log a - log(K~ v)) + (tau_a - 1) phi~,
+        log v = tau_b (log b - log(K~^T u)) + (tau_b - 1) psi~,
+
+    two matrix-vector products (balanced: ``u = a / (K~ v)``,
+    ``v = b / (K~^T u)``); the marginal ``c = P^T 1 = v * (K~^T u)`` for the
+    stopping rule comes from the product the column update needs.  Exact
+    arithmetic gives the log-domain iterates, hence the same stopping rule
+    and plan.
+
+    The block runs without tests (:func:`_fast_block`).  A member whose end
+    state is out of range (scalings beyond ``exp(+-lim)``, sums below the
+    floors of :func:`_scaling_limits`, e.g. rows that underflowed at a small
+    ``eps``) is rerun from the block's start with the tests after every
+    half-step (:func:`_careful_block`): out-of-range scalings are absorbed
+    into ``phi~, psi~`` (``K~`` recomputed) and inaccurate sums redone in the
+    log domain.  Each member's path depends on its own data only, so a batch
+    gives what a loop gives.
+    """
+    keep = None if bool(xp.all(active)) else active[..., None]
+    new, ok = _fast_block(xp, pb, st, keep, k)
+    redo = active & (~ok | st.col_bad)
+    if bool(xp.any(redo)):
+        new = _select(xp, redo, _careful_block(xp, pb, st, redo, k), new)
+    return new
+
+
+def _scaling_measure(xp, pb: _Problem, st: _ScalingState):
+    """The check after a row update: ``c = P^T 1 = v * (K~^T u)``."""
+    return _marginal_error(xp, pb, st.lv + st.lsc, st.psi_t + st.lv)
+
+
+def _scaling_init(xp, pb: _Problem, batch) -> _ScalingState:
+    """The first row update in the log domain, absorbed: ``K~ = exp(K + phi~)``
+    with ``phi~ = tau_a (log a - LSE_j K_ij)``, whose rows hold the row
+    marginals (no row has underflowed whatever ``eps`` is).
+
+    With ``mu_i = max_j K_ij``, ``E = exp(K - mu 1^T)`` and ``sigma = E 1``:
+    ``LSE_j K_ij = mu_i + log sigma_i``, and on a balanced side
+    ``K~ = exp(K + phi~) = D(a / sigma) E`` (one exponential pass).
+    """
+    n, m = pb.K.shape[-2], pb.K.shape[-1]
+    dt, dev = pb.K.dtype, backend.device(pb.K)
+    mu = xp.max(pb.K, axis=-1)
+    E = xp.exp(pb.K - mu[..., None])
+    sigma = xp.sum(E, axis=-1)
+    phi_t = pb.tau_a * (pb.log_a - (mu + xp.log(sigma)))
+    if pb.tau_a == 1.0:
+        Kt = E * (pb.a / sigma)[..., None]
+    else:
+        Kt = xp.exp(pb.K + phi_t[..., :, None])
+    Kt = xp.broadcast_to(Kt, batch + (n, m))
+    zeros = xp.zeros(batch + (m,), dtype=dt, device=dev)
+    return _ScalingState(xp.broadcast_to(phi_t, batch + (n,)), zeros, Kt,
+                         xp.zeros(batch + (n,), dtype=dt, device=dev), xp.zeros_like(zeros), None,
+                         xp.zeros(batch, dtype=xp.bool, device=dev))
 
 
 def _use_scaling(n: int, m: int, policy: backend.DevicePolicy) -> bool:
     """Whether the forward iterates in the scaling domain
-    (:func:`_iterate_scaling`) rather than the log domain
-    (:func:`_iterate_log`, kept as the reference it is tested against).
+    (:func:`_scaling_advance`) rather than the log domain
+    (:func:`_log_advance`, kept as the reference it is tested against).
 
     On the host it does for every size: its two matrix-vector products cost
     less than the log domain's two full-size log-sum-exps even at
-    n = m = 10, where the per-iteration overhead of either dominates.  Where
-    reading a value on the host waits for the device
+    n = m = 10.  Where reading a value on the host waits for the device
     (``policy.deferred_sync``: CuPy, torch on CUDA) it does not: the scaling
-    domain decides absorptions on the host twice per iteration, while the log
-    domain reads the device only at the convergence checks."""
+    domain reads the device once more per block (the range test), which has
+    not been measured against the log domain's cost there."""
     return not policy.deferred_sync
 
 
@@ -601,122 +834,24 @@ def _scaling_limits(xp, dtype, n: int, m: int):
     return lim, m * base, n * base
 
 
-def _iterate_scaling(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b, eps, rho_b,
-                     max_iter, check_every, batch):
-    r"""Sinkhorn iterations in the stabilised scaling domain (Schmitzer 2019).
-
-    The potentials are split as ``phi = phi~ + log u``, ``psi = psi~ + log v``
-    with the absorbed parts ``phi~, psi~`` folded into the kernel
-
-        K~_ij = exp(K_ij + phi~_i + psi~_j),
-
-    so that ``LSE_j(K_ij + psi_j) = log((K~ v)_i) - phi~_i`` and
-    ``LSE_i(K_ij + phi_i) = log((K~^T u)_j) - psi~_j``.  An iteration of the
-    module docstring's log-domain scheme then reads
-
-        log u = tau_a (log a - log(K~ v)) + (tau_a - 1) phi~,
-        log v = tau_b (log b - log(K~^T u)) + (tau_b - 1) psi~,
-
-    two matrix-vector products per iteration instead of two full-size
-    log-sum-exps; the marginal ``c = P^T 1 = v * (K~^T u)`` for the stopping
-    rule comes from the product the column update needs.  Exact arithmetic
-    gives the log-domain iterates, hence the same stopping rule and plan.
-
-    Absorption: when a member's ``|log u|`` or ``|log v|`` exceeds ``lim``
-    (:func:`_scaling_limits`), its scalings are folded into ``phi~, psi~``
-    and its ``K~`` recomputed (one exponential pass).  A half-step whose sums
-    leave the accurate range (below the floors of :func:`_scaling_limits`,
-    e.g. rows that underflowed at a small ``eps``) is redone in the log
-    domain for that member and then absorbed.  Members are absorbed
-    independently, so a batch gives what a loop gives.
-    """
-    n, m = K.shape[-2], K.shape[-1]
-    dt, dev = K.dtype, backend.device(K)
-    lim, row_floor, col_floor = _scaling_limits(xp, dt, n, m)
-    phi_t = xp.zeros(batch + (n,), dtype=dt, device=dev)     # absorbed potentials phi~, psi~
-    psi_t = xp.zeros(batch + (m,), dtype=dt, device=dev)
-    lu = xp.zeros(batch + (n,), dtype=dt, device=dev)        # log u, log v
-    lv = xp.zeros(batch + (m,), dtype=dt, device=dev)
-    v = xp.ones(batch + (m,), dtype=dt, device=dev)          # v = exp(lv)
-    # The first row update in the log domain, absorbed: K~ = exp(K + phi), whose
-    # rows hold the row marginals (no row has underflowed whatever eps is).
-    phi_t = tau_a * (log_a - _lse_rows(xp, K, psi_t))
-    Kt = xp.exp(K + phi_t[..., :, None])
-    active = xp.ones(batch, dtype=xp.bool, device=dev)
-    all_active = True                                        # host copy, refreshed at each check
-    error = xp.full(batch, math.inf, dtype=dt, device=dev)
-    n_iter = xp.zeros(batch, dtype=xp.int64, device=dev)
-    # Sums are clamped at their floor before the log (finite, no warning); a
-    # member with a clamped sum is redone in the log domain.  An overflowed
-    # sum (inf) gives |log u| = inf > lim and is redone too.
-    row_lo = xp.asarray(row_floor, dtype=dt, device=dev)
-    col_lo = xp.asarray(col_floor, dtype=dt, device=dev)
-
-    def log_scaling(log_target, log_sum, tau, absorbed):
-        """``tau (log target - log sum) + (tau - 1) absorbed`` (balanced: tau = 1)."""
-        if tau == 1.0:
-            return log_target - log_sum
-        return tau * (log_target - log_sum) + (tau - 1.0) * absorbed
-
-    def only_active(mask):
-        return mask if all_active else mask & active
-
-    def keep_frozen(new, old):
-        return new if all_active else xp.where(active[..., None], new, old)
-
-    def absorb(need, phi_t, psi_t, lu, lv, Kt):
-        """Fold the scalings of the members ``need`` into ``phi~, psi~, K~``."""
-        nd = need[..., None]
-        phi_t = xp.where(nd, phi_t + lu, phi_t)
-        psi_t = xp.where(nd, psi_t + lv, psi_t)
-        lu = xp.where(nd, xp.zeros_like(lu), lu)
-        lv = xp.where(nd, xp.zeros_like(lv), lv)
-        Kt = xp.where(nd[..., None], xp.exp(K + phi_t[..., :, None] + psi_t[..., None, :]), Kt)
-        return phi_t, psi_t, lu, lv, Kt
-
-    for it in range(1, max_iter + 1):
-        # Row update: log u = tau_a (log a - log(K~ v)) + (tau_a - 1) phi~.
-        s = matvec(Kt, v)
-        lu_new = log_scaling(log_a, xp.log(xp.maximum(s, row_lo)), tau_a, phi_t)
-        bad = only_active(xp.min(s, axis=-1) < row_lo)
-        need = bad | only_active(xp.max(xp.abs(lu_new), axis=-1) > lim)
-        if bool(xp.any(need)):
-            bad = bad | only_active(xp.logical_not(xp.all(xp.isfinite(lu_new), axis=-1)))
-            if bool(xp.any(bad)):              # log domain: phi = tau_a (log a - LSE_j(K_ij + psi_j))
-                phi_log = tau_a * (log_a - _lse_rows(xp, K, psi_t + lv))
-                lu_new = xp.where(bad[..., None], phi_log - phi_t, lu_new)
-            lu = keep_frozen(lu_new, lu)
-            phi_t, psi_t, lu, lv, Kt = absorb(need, phi_t, psi_t, lu, lv, Kt)
-            v = xp.exp(lv)
-        else:
-            lu = keep_frozen(lu_new, lu)
-        # Column sums: K~^T u = exp(psi~ + LSE_i(K_ij + phi_i)); the column update
-        # log v = tau_b (log b - log(K~^T u)) + (tau_b - 1) psi~ follows the check.
-        sc = _rmatvec(Kt, xp.exp(lu))
-        log_sc = xp.log(xp.maximum(sc, col_lo))
-        lv_new = log_scaling(log_b, log_sc, tau_b, psi_t)
-        bad = only_active(xp.min(sc, axis=-1) < col_lo)
-        need = bad | only_active(xp.max(xp.abs(lv_new), axis=-1) > lim)
-        any_need = bool(xp.any(need))
-        if any_need:
-            bad = bad | only_active(xp.logical_not(xp.all(xp.isfinite(lv_new), axis=-1)))
-            if bool(xp.any(bad)):              # log domain: log(K~^T u) = psi~ + LSE_i(K_ij + phi_i)
-                log_sc = xp.where(bad[..., None], psi_t + _lse_cols(xp, K, phi_t + lu), log_sc)
-                lv_new = log_scaling(log_b, log_sc, tau_b, psi_t)
-        if it % check_every == 0 or it == max_iter:
-            # c = P^T 1 = v * (K~^T u); target b exp(-g / rho_b).
-            target = b_full if rho_b is None else b_full * xp.exp(-(eps / rho_b) * (psi_t + lv))
-            error, n_iter, active = _record_error(xp, xp.exp(lv + log_sc), target, mass_b,
-                                                  it, active, error, n_iter, tol_eff)
-            if it == max_iter or not bool(xp.any(active)):
-                break                                      # P is the plan the error was measured on
-            all_active = bool(xp.all(active))
-            need = need & active
-        lv = keep_frozen(lv_new, lv)
-        if any_need:
-            phi_t, psi_t, lu, lv, Kt = absorb(need, phi_t, psi_t, lu, lv, Kt)
-        v = xp.exp(lv)
-    return phi_t + lu, psi_t + lv, error, n_iter
+def _solve_potentials(xp, pb: _Problem, batch, *, max_iter: int, check_every: int, use_scaling: bool):
+    """Run the iterations (:func:`refimpl.iteration.iterate`); returns
+    ``(phi, psi, Diagnostics)``."""
+    schedule = Schedule(max_iter=max_iter, check_every=check_every)
+    like = pb.K
+    if use_scaling:
+        st, diag = iterate(lambda s, act, k: _scaling_advance(xp, pb, s, act, k),
+                           lambda s: _scaling_measure(xp, pb, s), _scaling_init(xp, pb, batch),
+                           batch=batch, like=like, schedule=schedule)
+        return st.phi_t + st.lu, st.psi_t + st.lv, diag
+    n, m = pb.K.shape[-2], pb.K.shape[-1]
+    dt, dev = pb.K.dtype, backend.device(pb.K)
+    init = _LogState(xp.zeros(batch + (n,), dtype=dt, device=dev),
+                     xp.zeros(batch + (m,), dtype=dt, device=dev), None)
+    st, diag = iterate(lambda s, act, k: _log_advance(xp, pb, s, act, k),
+                       lambda s: _log_measure(xp, pb, s), init,
+                       batch=batch, like=like, schedule=schedule)
+    return st.phi, st.psi, diag
 
 
 def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
@@ -762,7 +897,7 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
     >>> bool(np.abs(res.P.sum(0) - b).sum() <= 1e-12 * b.sum())
     True
     """
-    xp, batch, n, m, eps, rho_a, rho_b = _check_inputs(C, a, b, eps, rho_a, rho_b)
+    xp, batch, n, m, eps, rho_a, rho_b, cmax = _check_inputs(C, a, b, eps, rho_a, rho_b)
     tol = backend.check_positive(tol, "tol", allow_zero=True)
     max_iter = backend.check_int(max_iter, "max_iter", min=1)
     check_every = backend.check_int(check_every, "check_every", min=1)
@@ -773,26 +908,29 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
     tau_a, tau_b = _damping(rho_a, eps), _damping(rho_b, eps)
 
     K = -C / eps                                          # log Gibbs kernel
-    log_a = xp.broadcast_to(xp.log(a), batch + (n,))
-    log_b = xp.broadcast_to(xp.log(b), batch + (m,))
+    lim, row_floor, col_floor = _scaling_limits(xp, dt, n, m)
     b_full = xp.broadcast_to(b, batch + (m,))
-    mass_b = xp.sum(b_full, axis=-1)
-    tol_eff = xp.maximum(_tolerance_floor(xp, C, a, b, batch, eps, balanced, rho_b),
-                         xp.full(batch, tol, dtype=dt, device=dev))
-
-    iterate = _iterate_scaling if _use_scaling(n, m, backend.policy_of(C)) else _iterate_log
+    pb = _Problem(K=K, a=xp.broadcast_to(a, batch + (n,)), b=b_full,
+                  log_a=xp.broadcast_to(xp.log(a), batch + (n,)),
+                  log_b=xp.broadcast_to(xp.log(b), batch + (m,)), mass_b=xp.sum(b_full, axis=-1),
+                  tol=xp.maximum(_tolerance_floor(xp, C, cmax, a, b, batch, eps, balanced, rho_b),
+                                 xp.full(batch, tol, dtype=dt, device=dev)),
+                  tau_a=tau_a, tau_b=tau_b, beta=0.0 if rho_b is None else eps / rho_b, lim=lim,
+                  row_lo=xp.asarray(row_floor, dtype=dt, device=dev),
+                  col_lo=xp.asarray(col_floor, dtype=dt, device=dev),
+                  tiny=float(xp.finfo(dt).smallest_normal))
     # Matrix-vector products of a matrix up to 32 MiB: memory-bound, one thread.
     with backend.single_threaded_blas(C, n * m <= backend.SERIAL_MATVEC_ENTRIES):
-        phi, psi, error, n_iter = iterate(xp, K, log_a, log_b, b_full, mass_b, tol_eff, tau_a, tau_b,
-                                          eps, rho_b, max_iter, check_every, batch)
+        phi, psi, diag = _solve_potentials(xp, pb, batch, max_iter=max_iter, check_every=check_every,
+                                           use_scaling=_use_scaling(n, m, backend.policy_of(C)))
 
     P = xp.exp(K + phi[..., :, None] + psi[..., None, :])
     # Batch-shaped diagnostics as arrays (NumPy reductions to 0-d give scalars).
-    error, tol_eff, n_iter = (xp.asarray(v) for v in (error, tol_eff, n_iter))
+    error, tol_eff, n_iter = (xp.asarray(v) for v in (diag.error, pb.tol, diag.n_iter))
     # A member whose rounding floor reaches 1 has no resolved digit: its
     # relative L1 error (at most 2) says nothing, so it is never "converged".
     resolvable = tol_eff < 1.0
-    converged = xp.asarray((error <= tol_eff) & resolvable)
+    converged = xp.asarray(diag.converged & resolvable)
     res = SinkhornResult(P=P, f=eps * phi, g=eps * psi, C=C, a=a, b=b, eps=eps, rho_a=rho_a,
                          rho_b=rho_b, tol=tol_eff, max_iter=max_iter, check_every=check_every,
                          n_iter=n_iter, error=error, converged=converged)
@@ -1814,7 +1952,7 @@ def sinkhorn_unrolled(C, a, b, *, eps, n_iter: int, rho_a: float | None = None,
     matrices ``S_row_k = exp(K + psi_{k-1} - LSE_row)`` and
     ``S_col_k = exp(K + phi_k - LSE_col)``: ``(2 n_iter - 1) n m`` numbers.
     """
-    xp, batch, n, m, eps, rho_a, rho_b = _check_inputs(C, a, b, eps, rho_a, rho_b)
+    xp, batch, n, m, eps, rho_a, rho_b, cmax = _check_inputs(C, a, b, eps, rho_a, rho_b)
     n_iter = backend.check_int(n_iter, "n_iter", min=1)
     tau_a, tau_b = _damping(rho_a, eps), _damping(rho_b, eps)
     K = -C / eps
