@@ -527,6 +527,18 @@ def device_policy(xp, device=None) -> DevicePolicy:
     return DevicePolicy(library=getattr(xp, "__name__", type(xp).__name__))
 
 
+def ignoring_floating_errors():
+    """A context in which overflow, division by zero and invalid operations
+    give ``inf``/``nan`` without a warning.
+
+    For computations whose results are tested afterwards (an unchecked block
+    of iterations whose end state is range-tested and redone when it fails):
+    NumPy, and the libraries computing with it (``array_api_strict``), warn
+    otherwise; CuPy and torch never warn.
+    """
+    return np.errstate(over="ignore", divide="ignore", invalid="ignore", under="ignore")
+
+
 def policy_of(x) -> DevicePolicy:
     """:func:`device_policy` of an array's namespace and device."""
     return device_policy(array_api_compat.array_namespace(x), array_api_compat.device(x))
@@ -698,6 +710,11 @@ def mT(A):
 def matvec(A, x):
     """Batched matrix-vector product: ``(A @ x[..., None])[..., 0]``."""
     return (A @ x[..., None])[..., 0]
+
+
+def rmatvec(A, y):
+    """Batched ``A^T y`` for a vector ``y`` (..., n): ``(y^T A)^T``."""
+    return (y[..., None, :] @ A)[..., 0, :]
 
 
 def broadcast_shapes(*shapes) -> tuple[int, ...]:

@@ -18,6 +18,9 @@ import pytest
 
 from refimpl import backend, check
 from refimpl import sinkhorn as sk
+from refimpl.sinkhorn import forward as sk_forward
+from refimpl.sinkhorn import iterations as sk_iterations
+from refimpl.sinkhorn import system as sk_system
 from refimpl.backend import ConditioningWarning, ConvergenceWarning, get_backend, to_host
 
 F64 = "float64"
@@ -108,8 +111,8 @@ def test_row_and_column_log_sum_exps_match_logaddexp(backend, dtype, rng, shape)
     psi = rng.standard_normal(shape[:-2] + shape[-1:]) * 50.0
     Kx, phix, psix = put(backend, dtype, K, phi, psi)
     xp = backend.xp
-    rows = host(sk._lse_rows(xp, Kx, psix))[0]
-    cols = host(sk._lse_cols(xp, Kx, phix))[0]
+    rows = host(sk_iterations._lse_rows(xp, Kx, psix))[0]
+    cols = host(sk_iterations._lse_cols(xp, Kx, phix))[0]
     Kh, phih, psih = host(Kx, phix, psix)
     ref_rows = np.logaddexp.reduce(Kh + psih[..., None, :], axis=-1)
     ref_cols = np.logaddexp.reduce(Kh + phih[..., :, None], axis=-2)
@@ -192,7 +195,7 @@ def test_scaling_domain_gives_the_log_domain_plan(backend, dtype, rng, monkeypat
         params = dict(eps=0.02, tol=1e-11, max_iter=20_000, rho_a=0.5, rho_b=5.0)
     args = put(backend, dtype, C, a, b)
     res = sk.sinkhorn(*args, warn=False, **params)
-    monkeypatch.setattr(sk, "_use_scaling", lambda n, m, policy: False)
+    monkeypatch.setattr(sk_forward, "_use_scaling", lambda n, m, policy: False)
     ref = sk.sinkhorn(*args, warn=False, **params)
     assert bool(to_host(ref.converged)) and bool(to_host(res.converged))
     assert int(to_host(res.n_iter)) == int(to_host(ref.n_iter))
@@ -240,13 +243,13 @@ def test_unchecked_blocks_are_redone_per_member(rng, monkeypatch):
     at eps = 1e-3: scalings far beyond exp(+-lim)) and one that never does
     (eps = 0.5) give in a batch exactly what they give alone."""
     redone = []
-    careful = sk._careful_block
+    careful = sk_iterations._careful_block
 
     def spy(xp, pb, st, m, k):
         redone.append(np.asarray(m).copy())
         return careful(xp, pb, st, m, k)
 
-    monkeypatch.setattr(sk, "_careful_block", spy)
+    monkeypatch.setattr(sk_iterations, "_careful_block", spy)
     C0, a0, b0 = _tiny_marginal_problem(rng, 20, 15)
     C = np.stack([C0, C0 * 1e-3 * 0.5])          # the second: C / eps = C0 / 2, well scaled
     params = dict(eps=1e-3, tol=1e-10, max_iter=20_000, warn=False)
@@ -498,11 +501,11 @@ def _with_column_mass(res, j, k):
     scales by exp(-k) (k = 800: exact zeros, an isolated node)."""
     import dataclasses
 
-    xp = sk.backend.namespace(g=res.g)
+    xp = backend.namespace(g=res.g)
     m = res.g.shape[-1]
-    g = res.g - (k * res.eps) * xp.astype(xp.arange(m, device=sk.backend.device(res.g)) == j, res.g.dtype)
+    g = res.g - (k * res.eps) * xp.astype(xp.arange(m, device=backend.device(res.g)) == j, res.g.dtype)
     P = xp.exp((res.f[..., :, None] + g[..., None, :] - res.C) / res.eps)
-    return dataclasses.replace(res, P=P, g=g, converged=xp.asarray(False, device=sk.backend.device(res.g)))
+    return dataclasses.replace(res, P=P, g=g, converged=xp.asarray(False, device=backend.device(res.g)))
 
 
 def test_zero_mass_column_is_the_limit_of_a_tiny_one(backend, rng):
@@ -609,8 +612,8 @@ def test_tall_skinny_uses_the_small_side(rng, monkeypatch):
     b = np.array([0.2, 0.3, 0.5])
     res = sk.sinkhorn(C, a, b, eps=0.05, **TIGHT)
     sizes = []
-    real = sk._schur_operator
-    monkeypatch.setattr(sk, "_schur_operator", lambda sys: sizes.append(sys.m) or real(sys))
+    real = sk_system._schur_operator
+    monkeypatch.setattr(sk_system, "_schur_operator", lambda sys: sizes.append(sys.m) or real(sys))
     G = rng.standard_normal((n, m))
     got = sk.sinkhorn_vjp(res, G)
     assert sizes == [3]
@@ -628,13 +631,13 @@ def test_cg_is_matrix_free(rng, monkeypatch):
         raise AssertionError("method='cg' formed a dense n x n or m x m matrix")
 
     for name in ("_schur_operator", "_spectrum", "_eig_solve", "_kkt_matrix"):
-        monkeypatch.setattr(sk, name, forbidden)
-    monkeypatch.setattr(sk.backend, "solve_vec", forbidden)
-    for name, real in (("matvec", sk.matvec), ("_rmatvec", sk._rmatvec)):
+        monkeypatch.setattr(sk_system, name, forbidden)
+    monkeypatch.setattr(backend, "solve_vec", forbidden)
+    for name, real in (("matvec", sk_system.matvec), ("rmatvec", sk_system.rmatvec)):
         def spy(A, x, real=real):
             assert x.ndim == 1 and A.ndim == 2          # matrix times vector only
             return real(A, x)
-        monkeypatch.setattr(sk, name, spy)
+        monkeypatch.setattr(sk_system, name, spy)
     tracemalloc.start()
     sk.sinkhorn_vjp(res, G, method="cg")
     _, peak = tracemalloc.get_traced_memory()
@@ -1091,5 +1094,5 @@ def test_forward_reads_the_device_only_at_checks_where_syncs_are_deferred():
     scaling domain decides absorptions on the host twice per iteration."""
     host = get_backend("numpy")
     device_like = get_backend("cupy_semantics")
-    assert sk._use_scaling(4, 4, backend.policy_of(host.asarray(np.zeros((4, 4)))))
-    assert not sk._use_scaling(4, 4, backend.policy_of(device_like.asarray(np.zeros((4, 4)))))
+    assert sk_iterations._use_scaling(4, 4, backend.policy_of(host.asarray(np.zeros((4, 4)))))
+    assert not sk_iterations._use_scaling(4, 4, backend.policy_of(device_like.asarray(np.zeros((4, 4)))))

@@ -1,0 +1,368 @@
+"""Sinkhorn iterations: the log-domain reference and the stabilised scaling
+domain, both run by :func:`refimpl.iteration.iterate`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .. import backend
+from ..backend import logsumexp, matvec, rmatvec
+from ..iteration import Schedule, iterate
+
+
+def _lse_pair(xp, p, q):
+    """``log(exp(p) + exp(q))`` elementwise for finite ``p``, ``q``:
+    ``max(p, q) + log1p(exp(-|p - q|))`` (the argument of ``exp`` is <= 0)."""
+    return xp.maximum(p, q) + xp.log1p(xp.exp(-xp.abs(p - q)))
+
+
+def _lse_rows(xp, K, psi):
+    """``LSE_j(K_ij + psi_j)`` (..., n).  Two columns (the top-k anchors) are
+    combined elementwise by :func:`_lse_pair` instead of reduced over a
+    length-2 axis."""
+    if K.shape[-1] == 2:
+        return _lse_pair(xp, K[..., 0] + psi[..., 0:1], K[..., 1] + psi[..., 1:2])
+    return logsumexp(K + psi[..., None, :], -1)
+
+
+def _lse_cols(xp, K, phi):
+    """``LSE_i(K_ij + phi_i)`` (..., m); two rows combined by :func:`_lse_pair`."""
+    if K.shape[-2] == 2:
+        return _lse_pair(xp, K[..., 0, :] + phi[..., 0:1], K[..., 1, :] + phi[..., 1:2])
+    if K.shape[-1] == 2:
+        # One contiguous reduction per column (a reduction over axis -2 of an
+        # (n, 2) array strides through memory).
+        return xp.stack([logsumexp(K[..., :, j] + phi, -1) for j in range(2)], axis=-1)
+    return logsumexp(K + phi[..., :, None], -2)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """The constants of one forward solve (the whole batch).
+
+    ``K = -C / eps`` is the log Gibbs kernel; ``a``, ``b`` and their logs are
+    broadcast to the batch; ``beta = eps / rho_b`` (0 balanced) enters the
+    column target ``b exp(-beta psi)``; ``lim``, ``row_lo``, ``col_lo`` are
+    the scaling domain's limits (:func:`_scaling_limits`).
+    """
+
+    K: Any
+    a: Any
+    b: Any
+    log_a: Any
+    log_b: Any
+    mass_b: Any
+    tol: Any
+    tau_a: float
+    tau_b: float
+    beta: float
+    lim: float
+    row_lo: Any
+    col_lo: Any
+
+
+def _marginal_error(xp, pb: _Problem, log_c, psi):
+    """``(error, done, failed)`` of one convergence check: the relative L1
+    column error ``||c - b exp(-beta psi)||_1 / sum(b)`` of the plan with
+    column marginal ``c = exp(log_c)``; a member stops at ``error <= tol``
+    and fails on a NaN error."""
+    target = pb.b if pb.beta == 0.0 else pb.b * xp.exp(-pb.beta * psi)
+    err = xp.sum(xp.abs(xp.exp(log_c) - target), axis=-1) / pb.mass_b
+    return err, err <= pb.tol, xp.isnan(err)
+
+
+def _keep(xp, keep, new, old):
+    """``new`` where the member is iterating (``keep`` (..., 1) mask or None: all)."""
+    return new if keep is None else xp.where(keep, new, old)
+
+
+# -- log domain ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _LogState:
+    """``phi = f / eps``, ``psi = g / eps`` and ``lse_col = LSE_i(K_ij + phi_i)``
+    of the last row update (None before the first: no column update pending)."""
+
+    phi: Any
+    psi: Any
+    lse_col: Any
+
+
+def _log_advance(xp, pb: _Problem, st: _LogState, active, k: int) -> _LogState:
+    """``k`` log-domain iterations (module docstring) of the active members: two
+    log-sum-exps over the full ``n x m`` array each."""
+    keep = active[..., None]
+    phi, psi, lse_col = st.phi, st.psi, st.lse_col
+    for _ in range(k):
+        if lse_col is not None:
+            # Column update: psi = tau_b (log b - LSE_i(K_ij + phi_i)).
+            psi = xp.where(keep, pb.tau_b * (pb.log_b - lse_col), psi)
+        # Row update: phi = tau_a (log a - LSE_j(K_ij + psi_j)); afterwards P 1 = a
+        # (balanced) or P 1 = a exp(-f / rho_a) (unbalanced), to round-off.
+        phi = xp.where(keep, pb.tau_a * (pb.log_a - _lse_rows(xp, pb.K, psi)), phi)
+        lse_col = _lse_cols(xp, pb.K, phi)                       # log(P^T 1) - psi
+    return _LogState(phi, psi, lse_col)
+
+
+def _log_measure(xp, pb: _Problem, st: _LogState):
+    """The check after a row update: ``c = P^T 1 = exp(psi + LSE_i(K_ij + phi_i))``."""
+    return _marginal_error(xp, pb, st.psi + st.lse_col, st.psi)
+
+
+# -- stabilised scaling domain ------------------------------------------------
+
+@dataclass(frozen=True)
+class _ScalingState:
+    """Iterates of the scaling domain (:func:`_scaling_advance`).
+
+    ``phi~ = phi_t``, ``psi~ = psi_t`` the absorbed potentials, ``Kt = K~``,
+    ``lu = log u``, ``lv = log v``; ``lsc = log(K~^T u)`` the column sums of
+    the last row update (None before the first); ``col_bad`` marks members
+    whose last column sums left the accurate range (their next column update
+    is absorbed).
+    """
+
+    phi_t: Any
+    psi_t: Any
+    Kt: Any
+    lu: Any
+    lv: Any
+    lsc: Any
+    col_bad: Any
+
+
+def _log_scaling(log_target, log_sum, tau: float, absorbed):
+    """``log u = tau (log target - log sum) + (tau - 1) absorbed`` (balanced: tau = 1)."""
+    if tau == 1.0:
+        return log_target - log_sum
+    return tau * (log_target - log_sum) + (tau - 1.0) * absorbed
+
+
+def _scaling(xp, target, log_target, sums, tau: float, absorbed):
+    """``u = target / sums`` (balanced) or ``exp(log u)`` of :func:`_log_scaling`.
+    A zero or infinite sum gives a scaling out of range (the block's end test
+    catches it)."""
+    if tau == 1.0:
+        return target / sums
+    return xp.exp(_log_scaling(log_target, xp.log(sums), tau, absorbed))
+
+
+def _fast_block(xp, pb: _Problem, st: _ScalingState, keep, k: int):
+    """``k`` iterations ``u = a / (K~ v)``, ``v = b / (K~^T u)`` with no range
+    test in between: two matrix-vector products and two divisions each
+    (floating-point exceptions give inf/NaN silently and fail the end test).
+
+    Returns the new state and, per member, whether it is valid: the last sums
+    at or above their floors and ``|log u|``, ``|log v| <= lim``.  A valid
+    end state is an accurate iterate whatever happened inside the block (the
+    limit is unique; only the final sums enter the check).
+    """
+    u, v = xp.exp(st.lu), xp.exp(st.lv)
+    if st.lsc is not None:                   # the pending column update, from the log sums
+        v = _keep(xp, keep, xp.exp(_log_scaling(pb.log_b, st.lsc, pb.tau_b, st.psi_t)), v)
+    with backend.ignoring_floating_errors():
+        for j in range(k):
+            s = matvec(st.Kt, v)                                       # K~ v
+            u = _keep(xp, keep, _scaling(xp, pb.a, pb.log_a, s, pb.tau_a, st.phi_t), u)
+            sc = rmatvec(st.Kt, u)                                    # K~^T u
+            if j < k - 1:
+                v = _keep(xp, keep, _scaling(xp, pb.b, pb.log_b, sc, pb.tau_b, st.psi_t), v)
+        lu = _keep(xp, keep, xp.log(u), st.lu)
+        lv = _keep(xp, keep, xp.log(v), st.lv)
+        lsc = xp.log(sc)
+        # NaN anywhere fails every comparison, hence the test.
+        ok = ((xp.min(s, axis=-1) >= pb.row_lo) & (xp.min(sc, axis=-1) >= pb.col_lo)
+              & (xp.max(xp.abs(lu), axis=-1) <= pb.lim) & (xp.max(xp.abs(lv), axis=-1) <= pb.lim))
+    return _ScalingState(st.phi_t, st.psi_t, st.Kt, lu, lv, lsc, st.col_bad), ok
+
+
+def _absorb(xp, pb: _Problem, st: _ScalingState, need) -> _ScalingState:
+    """Fold the scalings of the members ``need`` into ``phi~, psi~`` and
+    recompute their ``K~ = exp(K + phi~ 1^T + 1 psi~^T)`` (one exponential pass)."""
+    nd = need[..., None]
+    phi_t = xp.where(nd, st.phi_t + st.lu, st.phi_t)
+    psi_t = xp.where(nd, st.psi_t + st.lv, st.psi_t)
+    Kt = xp.where(nd[..., None], xp.exp(pb.K + phi_t[..., :, None] + psi_t[..., None, :]), st.Kt)
+    zero = xp.zeros_like
+    return _ScalingState(phi_t, psi_t, Kt, xp.where(nd, zero(st.lu), st.lu),
+                         xp.where(nd, zero(st.lv), st.lv), st.lsc, st.col_bad)
+
+
+def _careful_row(xp, pb: _Problem, st: _ScalingState, m) -> _ScalingState:
+    """Row update of the members ``m`` with range tests: sums below the floor
+    or non-finite scalings are redone in the log domain, ``phi = tau_a (log a
+    - LSE_j(K_ij + psi_j))``, and absorbed; so are scalings beyond ``lim``."""
+    s = matvec(st.Kt, xp.exp(st.lv))
+    lu = _log_scaling(pb.log_a, xp.log(xp.maximum(s, pb.row_lo)), pb.tau_a, st.phi_t)
+    bad = m & ((xp.min(s, axis=-1) < pb.row_lo) | ~xp.all(xp.isfinite(lu), axis=-1))
+    if bool(xp.any(bad)):
+        phi_log = pb.tau_a * (pb.log_a - _lse_rows(xp, pb.K, st.psi_t + st.lv))
+        lu = xp.where(bad[..., None], phi_log - st.phi_t, lu)
+    need = bad | (m & (xp.max(xp.abs(lu), axis=-1) > pb.lim))
+    st = _ScalingState(st.phi_t, st.psi_t, st.Kt, lu, st.lv, st.lsc, st.col_bad)
+    return _absorb(xp, pb, st, need) if bool(xp.any(need)) else st
+
+
+def _careful_col_sums(xp, pb: _Problem, st: _ScalingState, m) -> _ScalingState:
+    """Column sums ``log(K~^T u)``; where they leave the accurate range they
+    are redone in the log domain, ``psi~ + LSE_i(K_ij + phi_i)``, and the
+    member's next column update is absorbed."""
+    sc = rmatvec(st.Kt, xp.exp(st.lu))
+    lsc = xp.log(xp.maximum(sc, pb.col_lo))
+    bad = m & ((xp.min(sc, axis=-1) < pb.col_lo) | ~xp.all(xp.isfinite(sc), axis=-1))
+    if bool(xp.any(bad)):
+        lsc = xp.where(bad[..., None], st.psi_t + _lse_cols(xp, pb.K, st.phi_t + st.lu), lsc)
+    return _ScalingState(st.phi_t, st.psi_t, st.Kt, st.lu, st.lv, lsc, bad)
+
+
+def _careful_col_update(xp, pb: _Problem, st: _ScalingState, m) -> _ScalingState:
+    """Column update ``log v = tau_b (log b - log(K~^T u)) + (tau_b - 1) psi~``
+    of the members ``m``, absorbed beyond ``lim`` or after inaccurate sums."""
+    lv = _log_scaling(pb.log_b, st.lsc, pb.tau_b, st.psi_t)
+    need = m & (st.col_bad | (xp.max(xp.abs(lv), axis=-1) > pb.lim))
+    st = _ScalingState(st.phi_t, st.psi_t, st.Kt, st.lu, lv, st.lsc, xp.zeros_like(st.col_bad))
+    return _absorb(xp, pb, st, need) if bool(xp.any(need)) else st
+
+
+def _careful_block(xp, pb: _Problem, st: _ScalingState, m, k: int) -> _ScalingState:
+    """``k`` iterations with the range tests after every half-step (members ``m``)."""
+    for j in range(k):
+        if j or st.lsc is not None:
+            st = _careful_col_update(xp, pb, st, m)
+        st = _careful_row(xp, pb, st, m)
+        st = _careful_col_sums(xp, pb, st, m)
+    return st
+
+
+def _select(xp, m, new: _ScalingState, old: _ScalingState) -> _ScalingState:
+    """``new`` for the members ``m``, ``old`` for the others."""
+    vec = m[..., None]
+
+    def pick(x, y):
+        return xp.where(vec, x, y)
+
+    Kt = old.Kt if new.Kt is old.Kt else xp.where(vec[..., None], new.Kt, old.Kt)
+    return _ScalingState(pick(new.phi_t, old.phi_t), pick(new.psi_t, old.psi_t), Kt,
+                         pick(new.lu, old.lu), pick(new.lv, old.lv), pick(new.lsc, old.lsc),
+                         xp.where(m, new.col_bad, old.col_bad))
+
+
+def _scaling_advance(xp, pb: _Problem, st: _ScalingState, active, k: int) -> _ScalingState:
+    r"""``k`` iterations of the stabilised scaling domain (Schmitzer 2019).
+
+    The potentials are split as ``phi = phi~ + log u``, ``psi = psi~ + log v``
+    with the absorbed parts ``phi~, psi~`` folded into the kernel
+
+        K~_ij = exp(K_ij + phi~_i + psi~_j),
+
+    so that ``LSE_j(K_ij + psi_j) = log((K~ v)_i) - phi~_i`` and
+    ``LSE_i(K_ij + phi_i) = log((K~^T u)_j) - psi~_j``.  An iteration of the
+    module docstring's log-domain scheme then reads
+
+        log u = tau_a (log a - log(K~ v)) + (tau_a - 1) phi~,
+        log v = tau_b (log b - log(K~^T u)) + (tau_b - 1) psi~,
+
+    two matrix-vector products (balanced: ``u = a / (K~ v)``,
+    ``v = b / (K~^T u)``); the marginal ``c = P^T 1 = v * (K~^T u)`` for the
+    stopping rule comes from the product the column update needs.  Exact
+    arithmetic gives the log-domain iterates, hence the same stopping rule
+    and plan.
+
+    The block runs without tests (:func:`_fast_block`).  A member whose end
+    state is out of range (scalings beyond ``exp(+-lim)``, sums below the
+    floors of :func:`_scaling_limits`, e.g. rows that underflowed at a small
+    ``eps``) is rerun from the block's start with the tests after every
+    half-step (:func:`_careful_block`): out-of-range scalings are absorbed
+    into ``phi~, psi~`` (``K~`` recomputed) and inaccurate sums redone in the
+    log domain.  Each member's path depends on its own data only, so a batch
+    gives what a loop gives.
+    """
+    keep = None if bool(xp.all(active)) else active[..., None]
+    new, ok = _fast_block(xp, pb, st, keep, k)
+    redo = active & (~ok | st.col_bad)
+    if bool(xp.any(redo)):
+        new = _select(xp, redo, _careful_block(xp, pb, st, redo, k), new)
+    return new
+
+
+def _scaling_measure(xp, pb: _Problem, st: _ScalingState):
+    """The check after a row update: ``c = P^T 1 = v * (K~^T u)``."""
+    return _marginal_error(xp, pb, st.lv + st.lsc, st.psi_t + st.lv)
+
+
+def _scaling_init(xp, pb: _Problem, batch) -> _ScalingState:
+    """The first row update in the log domain, absorbed: ``K~ = exp(K + phi~)``
+    with ``phi~ = tau_a (log a - LSE_j K_ij)``, whose rows hold the row
+    marginals (no row has underflowed whatever ``eps`` is).
+
+    With ``mu_i = max_j K_ij``, ``E = exp(K - mu 1^T)`` and ``sigma = E 1``:
+    ``LSE_j K_ij = mu_i + log sigma_i``, and on a balanced side
+    ``K~ = exp(K + phi~) = D(a / sigma) E`` (one exponential pass).
+    """
+    n, m = pb.K.shape[-2], pb.K.shape[-1]
+    dt, dev = pb.K.dtype, backend.device(pb.K)
+    mu = xp.max(pb.K, axis=-1)
+    E = xp.exp(pb.K - mu[..., None])
+    sigma = xp.sum(E, axis=-1)
+    phi_t = pb.tau_a * (pb.log_a - (mu + xp.log(sigma)))
+    if pb.tau_a == 1.0:
+        Kt = E * (pb.a / sigma)[..., None]
+    else:
+        Kt = xp.exp(pb.K + phi_t[..., :, None])
+    Kt = xp.broadcast_to(Kt, batch + (n, m))
+    zeros = xp.zeros(batch + (m,), dtype=dt, device=dev)
+    return _ScalingState(xp.broadcast_to(phi_t, batch + (n,)), zeros, Kt,
+                         xp.zeros(batch + (n,), dtype=dt, device=dev), xp.zeros_like(zeros), None,
+                         xp.zeros(batch, dtype=xp.bool, device=dev))
+
+
+def _use_scaling(n: int, m: int, policy: backend.DevicePolicy) -> bool:
+    """Whether the forward iterates in the scaling domain
+    (:func:`_scaling_advance`) rather than the log domain
+    (:func:`_log_advance`, kept as the reference it is tested against).
+
+    On the host it does for every size: its two matrix-vector products cost
+    less than the log domain's two full-size log-sum-exps even at
+    n = m = 10.  Where reading a value on the host waits for the device
+    (``policy.deferred_sync``: CuPy, torch on CUDA) it does not: the scaling
+    domain reads the device once more per block (the range test), which has
+    not been measured against the log domain's cost there."""
+    return not policy.deferred_sync
+
+
+def _scaling_limits(xp, dtype, n: int, m: int):
+    """``(lim, row_floor, col_floor)`` of the scaling domain.
+
+    ``lim = log(max finite) / 4``: scalings stay within ``exp(+-lim)``, so
+    ``K~ v`` cannot overflow.  An entry of ``K~`` that underflowed when it was
+    formed (below the smallest normal ``t``) is lost; weighted by a scaling
+    ``<= exp(lim)`` it is below ``t exp(lim)``, so a row sum of ``m`` such
+    terms is accurate to the unit round-off ``u`` when it is at least
+    ``row_floor = m t exp(lim) / u`` (``col_floor`` likewise with ``n``).
+    """
+    fi = xp.finfo(dtype)
+    lim = math.log(float(fi.max)) / 4.0
+    base = float(fi.smallest_normal) * math.exp(lim) / backend.unit_roundoff(dtype)
+    return lim, m * base, n * base
+
+
+def _solve_potentials(xp, pb: _Problem, batch, *, max_iter: int, check_every: int, use_scaling: bool):
+    """Run the iterations (:func:`refimpl.iteration.iterate`); returns
+    ``(phi, psi, Diagnostics)``."""
+    schedule = Schedule(max_iter=max_iter, check_every=check_every)
+    like = pb.K
+    if use_scaling:
+        st, diag = iterate(lambda s, act, k: _scaling_advance(xp, pb, s, act, k),
+                           lambda s: _scaling_measure(xp, pb, s), _scaling_init(xp, pb, batch),
+                           batch=batch, like=like, schedule=schedule)
+        return st.phi_t + st.lu, st.psi_t + st.lv, diag
+    n, m = pb.K.shape[-2], pb.K.shape[-1]
+    dt, dev = pb.K.dtype, backend.device(pb.K)
+    init = _LogState(xp.zeros(batch + (n,), dtype=dt, device=dev),
+                     xp.zeros(batch + (m,), dtype=dt, device=dev), None)
+    st, diag = iterate(lambda s, act, k: _log_advance(xp, pb, s, act, k),
+                       lambda s: _log_measure(xp, pb, s), init,
+                       batch=batch, like=like, schedule=schedule)
+    return st.phi, st.psi, diag
