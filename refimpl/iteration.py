@@ -162,10 +162,10 @@ def iterate(advance: Callable[[Any, Any, int], Any],
     advance : ``advance(state, active, k) -> state``: ``k`` iterations of the
         members where the bool array ``active`` (batch shape) is true; the
         others must come back unchanged.
-    measure : ``measure(state) -> (error, done)`` or ``(error, done,
-        failed)``, arrays of the batch shape: each member's error, whether
-        its test holds, and (optionally) whether it must stop without
-        converging (a non-finite value, say).
+    measure : ``measure(state)`` returns ``(error, done)`` or
+        ``(error, done, failed)``, arrays of the batch shape: each member's
+        error, whether its test holds, and (optionally) whether it must stop
+        without converging (a non-finite value, say).
     state : the initial state (built by the operator).
     batch : the batch shape.
     like : an array whose namespace and device the diagnostics use.

@@ -1096,3 +1096,26 @@ def test_forward_reads_the_device_only_at_checks_where_syncs_are_deferred():
     device_like = get_backend("cupy_semantics")
     assert sk_iterations._use_scaling(4, 4, backend.policy_of(host.asarray(np.zeros((4, 4)))))
     assert not sk_iterations._use_scaling(4, 4, backend.policy_of(device_like.asarray(np.zeros((4, 4)))))
+
+
+def test_cg_reports_per_member_iterations(rng):
+    """CG runs on the iteration driver: each member of a batch stops at its
+    own count (the count it gets alone), and the typed SolveInfo carries the
+    per-member diagnostics and the relative residual it reached."""
+    probs = [problem(rng, 60, 40) for _ in range(2)]
+    C = np.stack([probs[0][0], 10.0 * probs[1][0]])          # the second: a sharper plan
+    a, b = probs[0][1], probs[0][2]
+    res = sk.sinkhorn(C, a, b, eps=0.1, **TIGHT)
+    G = rng.standard_normal((2, 60, 40))
+    sys = sk_system._system(res)
+    T = res.P * G
+    (_, _), info = sk_system._solve_cg(sys, T.sum(-1), T.sum(-2))
+    assert isinstance(info, sk_system.SolveInfo) and info.cg.n_iter.shape == (2,)
+    assert info.cg.all_converged and np.all(info.cg.error <= 1e-10)
+    for k in range(2):
+        alone = sk.sinkhorn(C[k], a, b, eps=0.1, **TIGHT)
+        sys1 = sk_system._system(alone)
+        T1 = alone.P * G[k]
+        (_, _), info1 = sk_system._solve_cg(sys1, T1.sum(-1), T1.sum(-2))
+        assert int(info1.cg.n_iter) == int(info.cg.n_iter[k])
+    assert info.cg.n_iter[0] != info.cg.n_iter[1]

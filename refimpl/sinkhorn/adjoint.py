@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -10,7 +11,7 @@ from .. import backend
 from ..backend import ConditioningWarning, ConvergenceWarning, logsumexp, sum_to_shape
 from .forward import _check_result
 from .results import SinkhornResult
-from .system import (_check_cg_options, _check_method, _cond_threshold, _kkt_solve, _solve, _System,
+from .system import (SolveInfo, _check_cg_options, _check_method, _cond_threshold, _kkt_solve, _solve, _System,
                      _system)
 
 # --------------------------------------------------------------------------
@@ -45,13 +46,13 @@ def _warn_resolution(res: SinkhornResult, cond_max: float, what: str) -> None:
             ConditioningWarning, stacklevel=3)
 
 
-def _warn_backward(res: SinkhornResult, info: dict, method: str, what: str) -> None:
+def _warn_backward(res: SinkhornResult, info: SolveInfo, method: str, what: str) -> None:
     """ConvergenceWarning for an unconverged forward, ConditioningWarning for an
     ill-conditioned (or truncated) solve, ConvergenceWarning for unconverged CG."""
     xp = backend.namespace(P=res.P)
     cond_max = None
-    if info.get("cond") is not None:
-        cond_max = float(xp.max(info["cond"]))
+    if info.cond is not None:
+        cond_max = float(xp.max(info.cond))
     if not res.all_converged:
         err = float(xp.max(res.error))
         est = "" if cond_max is None else (
@@ -65,7 +66,7 @@ def _warn_backward(res: SinkhornResult, info: dict, method: str, what: str) -> N
         _warn_resolution(res, cond_max, what)     # beyond the threshold: the warning below
     if cond_max is not None:
         thr = _cond_threshold(res.P.dtype)
-        dropped = info.get("n_dropped")
+        dropped = info.n_dropped
         n_drop = int(xp.max(dropped)) if dropped is not None else 0
         if cond_max > thr or n_drop > 0:
             extra = (f"; {n_drop} near-null direction(s) truncated: least-squares (minimum-norm) "
@@ -75,14 +76,14 @@ def _warn_backward(res: SinkhornResult, info: dict, method: str, what: str) -> N
             warnings.warn(
                 f"sinkhorn {what} (method={method!r}): the backward system is ill-conditioned: "
                 f"cond(S^) = {cond_max:.2e} > {thr:.1e} (spectral gap "
-                f"{float(xp.min(info['gap'])):.2e}); about {math.log10(max(cond_max, 1.0)):.0f} "
+                f"{float(xp.min(info.gap)):.2e}); about {math.log10(max(cond_max, 1.0)):.0f} "
                 f"digits may be lost{extra}",
                 ConditioningWarning, stacklevel=3)
-    if method == "cg" and not bool(xp.all(info["cg_converged"])):
+    if info.cg is not None and not info.cg.all_converged:
         warnings.warn(
-            f"sinkhorn {what} (method='cg'): conjugate gradients stopped after {info['cg_iter']} "
-            f"iterations at relative residual {float(xp.max(info['cg_rel_residual'])):.2e} > "
-            f"cg_tol={info['cg_tol']:.0e}; raise cg_max_iter or use method='schur'",
+            f"sinkhorn {what} (method='cg'): conjugate gradients stopped after {info.cg.max_n_iter} "
+            f"iterations at relative residual {info.cg.max_error:.2e} > "
+            f"cg_tol={info.cg_tol:.0e}; raise cg_max_iter or use method='schur'",
             ConvergenceWarning, stacklevel=3)
 
 
@@ -184,7 +185,8 @@ def _isolated_jvp(res: SinkhornResult, sys: _System, wa, wb):
 
 
 def _implicit_vjp(res: SinkhornResult, G, method: str, **cg_options):
-    """Full-batch ``(C_bar, u, v, info)`` before gauge fixing and reduction.
+    """Full-batch ``(C_bar, u, v, info)`` (:class:`SolveInfo`) before gauge
+    fixing and reduction.
 
     Every output is linear in ``G``: when ``max|G|`` lies outside
     ``[2^-100, 2^100]`` the solve runs on ``G / s``, ``s`` the power of two
@@ -206,7 +208,7 @@ def _implicit_vjp(res: SinkhornResult, G, method: str, **cg_options):
     if method == "kkt":
         # K z = [G; 0; 0]:  C_bar = -z_p, (u, v) = (z_a, z_b).
         zp, u, v = _kkt_solve(sys, res.eps, G, xp.zeros_like(t_a), xp.zeros_like(t_b))
-        info = {}
+        info = SolveInfo()
         C_bar = -zp
     else:
         (u, v), info = _solve(sys, t_a, t_b, method, **cg_options)
@@ -216,12 +218,12 @@ def _implicit_vjp(res: SinkhornResult, G, method: str, **cg_options):
     return C_bar, u, v, info
 
 
-def _info_for_warning(res: SinkhornResult, info: dict, method: str) -> dict:
+def _info_for_warning(res: SinkhornResult, info: SolveInfo, method: str) -> SolveInfo:
     """Dense methods without their own spectral information borrow the
     conditioning diagnostic (eigenvalues of the scaled Schur complement)."""
-    if info.get("cond") is None and method in ("reduced", "kkt"):
+    if info.cond is None and method in ("reduced", "kkt"):
         cnd = res.conditioning
-        info = dict(info, cond=cnd.cond, gap=cnd.spectral_gap, n_dropped=None)
+        info = dataclasses.replace(info, cond=cnd.cond, gap=cnd.spectral_gap)
     return info
 
 
@@ -381,7 +383,7 @@ def sinkhorn_jvp(res: SinkhornResult, dC=None, da=None, db=None, *, method: str 
     if method == "kkt":
         # K [dP; -df; -dg] = [-dC; (r/a') da; (c/b') db]
         dP, _, _ = _kkt_solve(sys, res.eps, -dC_, wa, wb)
-        info = {}
+        info = SolveInfo()
     else:
         PdC = P * dC_
         # M [df; dg] = [(P * dC) 1 + eps (r/a') da; (P * dC)^T 1 + eps (c/b') db]

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from .. import backend
+from ..iteration import Diagnostics, Schedule, iterate
 from ..backend import matvec, mT, rmatvec
 from .results import SinkhornResult
 
@@ -26,6 +28,34 @@ def _cond_threshold(dtype) -> float:
 # --------------------------------------------------------------------------
 # The backward linear system  M [x; y] = [t_a; t_b]
 # --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """What one solve of the backward system reports.
+
+    Attributes
+    ----------
+    side : ``"cols"`` or ``"rows"``, the side kept after eliminating the
+        other (``None``: ``reduced``/``kkt``, which eliminate nothing).
+    gap, lambda_max, cond : per member, the smallest nonzero and the largest
+        eigenvalue of the scaled Schur complement ``S^`` and their ratio
+        (``None`` where the method does not compute them).
+    n_dropped : per member, near-null directions truncated by the
+        eigendecomposition fallback of ``schur`` (``None`` for other methods).
+    cg : the CG iterations' :class:`refimpl.iteration.Diagnostics` (per
+        member ``n_iter``, ``error`` = relative residual in the ``D_c^{-1}``
+        norm, ``converged``); ``None`` for direct methods.
+    cg_tol : the CG tolerance used (``None`` for direct methods).
+    """
+
+    side: str | None = None
+    gap: Any = None
+    lambda_max: Any = None
+    cond: Any = None
+    n_dropped: Any = None
+    cg: Diagnostics | None = None
+    cg_tol: float | None = None
+
 
 @dataclass(frozen=True)
 class _System:
@@ -187,7 +217,7 @@ def _solve_schur(sys: _System, t_a, t_b):
     """
     if sys.n < sys.m:
         (y, x), info = _solve_schur(sys.transposed(), t_b, t_a)
-        return (x, y), dict(info, side="rows")
+        return (x, y), dataclasses.replace(info, side="rows")
     xp = backend.namespace(P=sys.P)
     P = sys.P
     ra = sys.r * (1.0 + sys.alpha)
@@ -208,14 +238,63 @@ def _solve_schur(sys: _System, t_a, t_b):
     y = y_hat * s
     x = (t_a - matvec(P, y)) / ra                            # x = D_r'^{-1}(t_a - P y)
     x, y = _gauss_seidel_sweep(sys, t_a, t_b, x, y, mask=n_dropped == 0)
-    return (x, y), dict(gap=gap, lambda_max=lam_max, cond=cond, n_dropped=n_dropped, side="cols")
+    return (x, y), SolveInfo(side="cols", gap=gap, lambda_max=lam_max, cond=cond, n_dropped=n_dropped)
 
 
 def _default_cg_tol(dtype) -> float:
     return 1e-12 if backend.dtype_name(dtype) == "float64" else 1e-5
 
 
-def _solve_cg(sys: _System, t_a, t_b, *, cg_tol=None, cg_max_iter=None, check_every: int = 10):
+@dataclass(frozen=True)
+class _CGState:
+    """Conjugate-gradient iterates: solution ``y``, residual ``res``, search
+    direction ``p``, ``rz = res^T D_c^{-1} res``, the members whose last step
+    was taken (``ok``) and the Lanczos history (step sizes, ratios, ``ok``)."""
+
+    y: Any
+    res: Any
+    p: Any
+    rz: Any
+    ok: Any
+    alphas: tuple = ()
+    betas: tuple = ()
+    actives: tuple = ()
+
+
+def _cg_advance(xp, apply_S, project, c, st: _CGState, active, k: int) -> _CGState:
+    """``k`` preconditioned CG steps (preconditioner ``D_c``) of the active members."""
+    y, res_, p, rz = st.y, st.res, st.p, st.rz
+    alphas, betas, actives = list(st.alphas), list(st.betas), list(st.actives)
+    ok = st.ok
+    for _ in range(k):
+        Ap = apply_S(p)
+        pAp = xp.sum(p * Ap, axis=-1)
+        ok = active & (pAp > 0)                       # a step exists (no breakdown)
+        step = xp.where(ok, rz / xp.where(ok, pAp, xp.ones_like(pAp)), xp.zeros_like(pAp))
+        y = y + step[..., None] * p
+        res_ = project(res_ - step[..., None] * Ap)
+        z = res_ / c
+        rz_new = xp.sum(res_ * z, axis=-1)
+        okb = ok & (rz > 0)
+        beta_k = xp.where(okb, rz_new / xp.where(okb, rz, xp.ones_like(rz)), xp.zeros_like(rz))
+        p = xp.where(ok[..., None], z + beta_k[..., None] * p, p)
+        rz = xp.where(ok, rz_new, rz)
+        alphas.append(step)
+        betas.append(beta_k)
+        actives.append(ok)
+        active = ok & active
+    return _CGState(y, res_, p, rz, ok, tuple(alphas), tuple(betas), tuple(actives))
+
+
+def _cg_measure(xp, tol: float, rhs_norm, st: _CGState):
+    """``(||res||_* / ||rhs||_*, done)``: a member is done when its residual
+    reached ``tol`` relative to the right-hand side or its step broke down."""
+    resid = xp.sqrt(st.rz)
+    safe = xp.where(rhs_norm > 0, rhs_norm, xp.ones_like(rhs_norm))
+    return resid / safe, ~(st.ok & (resid > tol * rhs_norm))
+
+
+def _solve_cg(sys: _System, t_a, t_b, *, cg_tol=None, cg_max_iter=None):
     """Preconditioned CG on the Schur complement of the smaller side, matrix-free.
 
     ``S y = D_c (1 + beta) y - P^T ((P y) / (r (1 + alpha)))``, preconditioner
@@ -225,76 +304,50 @@ def _solve_cg(sys: _System, t_a, t_b, *, cg_tol=None, cg_max_iter=None, check_ev
     The stopping test is relative to the right-hand side in that norm, so a
     right-hand side dominated by a nearly isolated node (a JVP putting mass
     on a column that holds < ~1e-30 of it, before convergence) stops before
-    the rest is resolved: use ``"schur"`` there.
+    the rest is resolved: use ``"schur"`` there.  The iterations run on
+    :func:`refimpl.iteration.iterate` (per-member counts in ``SolveInfo.cg``).
     """
     if sys.n < sys.m:
-        (y, x), info = _solve_cg(sys.transposed(), t_b, t_a, cg_tol=cg_tol,
-                                 cg_max_iter=cg_max_iter, check_every=check_every)
-        return (x, y), dict(info, side="rows")
+        (y, x), info = _solve_cg(sys.transposed(), t_b, t_a, cg_tol=cg_tol, cg_max_iter=cg_max_iter)
+        return (x, y), dataclasses.replace(info, side="rows")
     xp = backend.namespace(P=sys.P)
     P = sys.P
-    k = sys.m
     tol = _default_cg_tol(P.dtype) if cg_tol is None else backend.check_positive(cg_tol, "cg_tol")
-    max_it = max(1000, 10 * k) if cg_max_iter is None else backend.check_int(cg_max_iter, "cg_max_iter", min=1)
+    max_it = max(1000, 10 * sys.m) if cg_max_iter is None else backend.check_int(cg_max_iter, "cg_max_iter", min=1)
     ra = sys.r * (1.0 + sys.alpha)
     cb = sys.c * (1.0 + sys.beta)
 
     def apply_S(y):
         return cb * y - rmatvec(P, matvec(P, y) / ra)
 
-    c_true = sys.c_mass
-    c_total = xp.sum(c_true, axis=-1, keepdims=True)
+    c_total = xp.sum(sys.c_mass, axis=-1, keepdims=True)
 
     def project(v):
         # Onto 1^perp along c (the null vector of S^ is sqrt(c)): entries on
         # nodes of tiny mass stay tiny, as a Euclidean projection would not.
-        return v - c_true * (xp.sum(v, axis=-1, keepdims=True) / c_total) if sys.balanced else v
-
-    def dot(u, v):
-        return xp.sum(u * v, axis=-1)
+        return v - sys.c_mass * (xp.sum(v, axis=-1, keepdims=True) / c_total) if sys.balanced else v
 
     rhs = project(t_b - rmatvec(P, t_a / ra))
     # Residuals are measured in the D_c^{-1} norm, ||r||_* = sqrt(r^T D_c^{-1} r)
     # = ||D_c^{-1/2} r||: the norm of the scaled system S^ (the dense path's).
-    rhs_norm = xp.sqrt(dot(rhs, rhs / sys.c))
-    y = xp.zeros_like(rhs)
-    res_ = rhs
-    z = res_ / sys.c
-    p = z
-    rz = dot(res_, z)
-    active = rhs_norm > 0
-    alphas, betas, actives = [], [], []
-    it = 0
-    for it in range(1, max_it + 1):
-        Ap = apply_S(p)
-        pAp = dot(p, Ap)
-        ok = active & (pAp > 0)
-        step = xp.where(ok, rz / xp.where(ok, pAp, xp.ones_like(pAp)), xp.zeros_like(pAp))
-        y = y + step[..., None] * p
-        res_ = project(res_ - step[..., None] * Ap)
-        z = res_ / sys.c
-        rz_new = dot(res_, z)
-        okb = ok & (rz > 0)
-        beta_k = xp.where(okb, rz_new / xp.where(okb, rz, xp.ones_like(rz)), xp.zeros_like(rz))
-        p = xp.where(ok[..., None], z + beta_k[..., None] * p, p)
-        rz = xp.where(ok, rz_new, rz)
-        alphas.append(step)
-        betas.append(beta_k)
-        actives.append(ok)
-        active = ok & (xp.sqrt(rz) > tol * rhs_norm)
-        if it % check_every == 0 and not bool(xp.any(active)):
-            break
-    converged = ~active
+    rhs_norm = xp.asarray(xp.sqrt(xp.sum(rhs * (rhs / sys.c), axis=-1)))   # 0-d array unbatched
+    st0 = _CGState(xp.zeros_like(rhs), rhs, rhs / sys.c, xp.sum(rhs * (rhs / sys.c), axis=-1),
+                   rhs_norm > 0)
+    st, diag = iterate(lambda s, act, k: _cg_advance(xp, apply_S, project, sys.c, s, act & (rhs_norm > 0), k),
+                       lambda s: _cg_measure(xp, tol, rhs_norm, s), st0,
+                       batch=tuple(rhs_norm.shape), like=rhs_norm,
+                       schedule=Schedule.for_policy(backend.policy_of(P), max_iter=max_it, on_device=10))
+    y = st.y
     x = (t_a - matvec(P, y)) / ra
     x, y = _gauss_seidel_sweep(sys, t_a, t_b, x, y)
-    gap, lam_max = _lanczos_extremes(xp, alphas, betas, actives, rhs_norm)
-    cond = _cond_from(xp, gap, lam_max)
+    gap, lam_max = _lanczos_extremes(xp, list(st.alphas), list(st.betas), list(st.actives), rhs_norm)
     r_true = rhs - apply_S(y)
-    true_res = xp.sqrt(dot(r_true, r_true / sys.c))
+    true_res = xp.sqrt(xp.sum(r_true * (r_true / sys.c), axis=-1))
     rel_res = xp.where(rhs_norm > 0, true_res / xp.where(rhs_norm > 0, rhs_norm, xp.ones_like(rhs_norm)),
                        xp.zeros_like(rhs_norm))
-    return (x, y), dict(gap=gap, lambda_max=lam_max, cond=cond, n_dropped=None, side="cols",
-                        cg_converged=converged, cg_iter=it, cg_rel_residual=rel_res, cg_tol=tol)
+    cg = Diagnostics(n_iter=diag.n_iter, error=rel_res, converged=diag.converged)
+    return (x, y), SolveInfo(side="cols", gap=gap, lambda_max=lam_max, cond=_cond_from(xp, gap, lam_max),
+                             cg=cg, cg_tol=tol)
 
 
 def _lanczos_extremes(xp, alphas, betas, actives, like):
@@ -386,7 +439,7 @@ def _solve_reduced(sys: _System, t_a, t_b):
     M_hat, rhs = _decouple(s[..., :, None] * M * s[..., None, :],
                            xp.concat([t_a, t_b], axis=-1) * s, _kept_constraints(sys))
     z = backend.solve_vec(M_hat, rhs) * s
-    return (z[..., :sys.n], z[..., sys.n:]), {}
+    return (z[..., :sys.n], z[..., sys.n:]), SolveInfo()
 
 
 def _kkt_matrix(sys: _System, eps: float):
