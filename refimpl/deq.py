@@ -801,8 +801,9 @@ def _iterative_solve(apply, r, *, solver, tol, atol, max_iter, m, warn, who) -> 
         warnings.warn(
             f"{who} ({solver}) did not converge for {sol.size - sol.n_converged} of "
             f"{sol.size} member(s) after at most {sol.max_n_iter} iterations (largest relative "
-            f"residual {sol.max_error:.3e}); the returned derivative is inaccurate there. If J has an eigenvalue near or beyond 1, use "
-            f"solver='anderson' or 'dense'", ConvergenceWarning, stacklevel=3)
+            f"residual {sol.max_error:.3e}); the returned derivative is inaccurate there. If J "
+            f"has an eigenvalue near or beyond 1, use solver='anderson' or 'dense'",
+            ConvergenceWarning, stacklevel=3)
     return sol
 
 
