@@ -104,8 +104,8 @@ def run(d_list, *, batch, p, ks, lams, norm, tol, repeat, backend_name, dtype, s
                 "speedup": t_exact / t,
                 "n_vjp": out.n_vjp, "n_vjp_z": out.n_vjp_z, "n_vjp_theta": out.n_vjp_theta,
                 "n_f_evals": out.n_f_evals, "cosine": agree.cosine,
-                "norm_ratio": agree.norm_ratio, "converged": out.converged,
-                "forward_iters": res.n_iter,
+                "norm_ratio": agree.norm_ratio, "converged": out.all_converged,
+                "forward_iters": res.max_n_iter,
             })
     return rows
 

@@ -29,10 +29,14 @@ Forward
 
     ||f(z) - z||_2 <= atol + tol * ||f(z)||_2      (norms over the last axis).
 
-Converged members are frozen, so a batch gives exactly what a loop gives.
-Non-convergence sets ``converged=False``, keeps the residual reached and
-raises a :class:`~refimpl.backend.ConvergenceWarning`; a member whose map
-value becomes non-finite is stopped and reported the same way.
+Converged members are frozen, so a batch gives exactly what a loop gives
+(the iteration is run by :func:`refimpl.iteration.iterate`).  The result
+reports per member ``n_iter``, ``error`` (the relative residual
+``||f(z) - z|| / ||f(z)||``), ``converged`` and ``residual`` (the absolute
+one); a member that does not converge has ``converged=False``, keeps the
+residual reached and raises a :class:`~refimpl.backend.ConvergenceWarning`
+naming how many members failed; a member whose map value becomes non-finite
+is stopped and reported the same way.
 
 Exact gradient (implicit function theorem)
 ------------------------------------------
@@ -172,6 +176,7 @@ import numpy as np
 
 from . import backend
 from .backend import ConditioningWarning, ConvergenceWarning, matvec, mT, solve_vec, sum_to_shape
+from .iteration import Converging, Schedule, iterate
 
 __all__ = [
     "DEFAULT_TOL",
@@ -284,7 +289,7 @@ def _as_float(x) -> float:
 # --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class FixedPointResult:
+class FixedPointResult(Converging):
     """Result of :func:`fixed_point`.
 
     Attributes
@@ -292,36 +297,63 @@ class FixedPointResult:
     z : the final iterate (..., n); converged members are frozen at the first
         iterate that met the tolerance.
     fz : ``f(z)`` at that iterate (the backward linearises ``f`` there).
-    n_iter : int, updates taken by the slowest member.
-    n_f_evals : int, calls of ``f`` on the whole batch (``n_iter + 1`` plus
-        up to ``check_every - 1`` calls made after the last member finished).
-    residual : float, max over members of ``||f(z) - z||_2``.
-    rel_residual : float, max over members of ``||f(z) - z|| / ||f(z)||``
-        (0 where both vanish, inf where only ``f(z)`` does).
-    converged : bool, every member met ``||f(z) - z|| <= atol + tol ||f(z)||``.
-    member_residual, member_converged, member_n_iter : per-member arrays
-        (shape ``z.shape[:-1]``) of the above.
+    n_iter : int64 array (batch shape ``z.shape[:-1]``, 0-d for one member),
+        updates each member took (0 for a member that starts at its fixed
+        point).
+    error : array (batch shape), each member's relative residual
+        ``||f(z) - z||_2 / ||f(z)||_2`` (0 where both vanish, inf where only
+        ``f(z)`` does, inf for a member stopped by a non-finite f value).
+    converged : bool array (batch shape), the member met
+        ``||f(z) - z|| <= atol + tol ||f(z)||``.
+    residual : array (batch shape), the absolute residual ``||f(z) - z||_2``
+        (inf for a member stopped by a non-finite f value).
+    n_f_evals : int, calls of ``f`` on the whole batch (``max n_iter + 1``
+        plus up to ``check_every`` calls made after the last member finished).
     method, lam, tol, atol, m : the settings used.
     history : tuple of floats (max residual after each evaluation) when
         ``record_history=True``, else None.
+
+    The whole-batch summary (``all_converged``, ``n_converged``,
+    ``max_error``, ``max_n_iter``, ``summary()``) comes from
+    :class:`refimpl.iteration.Converging`.
     """
 
     z: Any
     fz: Any
-    n_iter: int
+    n_iter: Any
+    error: Any
+    converged: Any
+    residual: Any
     n_f_evals: int
-    residual: float
-    rel_residual: float
-    converged: bool
-    member_residual: Any
-    member_converged: Any
-    member_n_iter: Any
     method: str
     lam: float
     tol: float
     atol: float
     m: int
     history: tuple | None = None
+
+
+class _FixedPointState(NamedTuple):
+    """State of :func:`fixed_point` (batch shape, or batch + ``(n,)``).
+
+    ``dZ``, ``dG`` hold the last ``m`` differences of iterates and residuals
+    (..., n_hist, n), one history length for the whole batch (a member's rows
+    are its own differences; a frozen member's new ones are zero); ``dZ``,
+    ``dG``, ``z_prev``, ``g_prev`` are None until Anderson needs them.
+    """
+
+    z: Any              # the iterate
+    fz: Any             # f(z), replaced by z where it is not finite
+    g: Any              # the residual f(z) - z
+    r: Any              # ||g||
+    nf: Any             # ||f(z)||
+    converged: Any      # ||g|| <= atol + tol ||f(z)|| held (frozen from then on)
+    failed: Any         # f(z) was not finite (frozen from then on)
+    n_iter: Any         # updates taken
+    dZ: Any = None
+    dG: Any = None
+    z_prev: Any = None
+    g_prev: Any = None
 
 
 def _anderson_step(z, g, dZ, dG, lam: float, reg: float):
@@ -404,9 +436,12 @@ def fixed_point(f: Callable, z0, *, method: str = "anderson", tol: float | None 
     reg : relative Tikhonov regularisation of Anderson's least squares
         (default 1e-10).  ``m`` and ``reg`` are Anderson's only: passing them
         with ``method="picard"`` is an error rather than silently ignored.
-    check_every : synchronise with the device to test "all members done"
-        every this many iterations (default 1 on the host, 8 on a GPU); the
-        per-member freezing itself happens on the device every iteration.
+    check_every : read on the host whether any member is still iterating
+        every this many iterations (default: the device policy's cadence,
+        :meth:`refimpl.backend.DevicePolicy.sync_cadence` with 8 on a device
+        where each read waits for queued work, else 1); each member's test
+        and its freezing happen on the device at every iteration, so only
+        ``n_f_evals`` depends on it.
     warn : raise a ConvergenceWarning when some member did not converge.
     record_history : keep the max residual after every evaluation (one sync
         per iteration).
@@ -414,18 +449,33 @@ def fixed_point(f: Callable, z0, *, method: str = "anderson", tol: float | None 
     Returns
     -------
     FixedPointResult
+        with per-member ``n_iter``, ``error`` (the relative residual
+        ``||f(z) - z|| / ||f(z)||``), ``converged`` and ``residual`` (the
+        absolute one).  Members that did not converge raise one
+        ConvergenceWarning naming how many they are (when ``warn``).
 
     Raises
     ------
     TypeError, ValueError : bad ``z0``, ``method``, tolerances, ``lam``,
         ``m`` or ``max_iter``, or ``f`` returning an array of another shape.
 
+    Notes
+    -----
+    Iteration 0 evaluates ``f(z0)``; each further iteration updates the
+    active members and evaluates ``f`` again (one call on the whole batch),
+    run by :func:`refimpl.iteration.iterate`.  A member stops at the first
+    evaluation that passes its test or is not finite, so a batch gives what
+    a loop over its members gives.
+
     Examples
     --------
     >>> import numpy as np
     >>> res = fixed_point(np.cos, np.zeros(1))
-    >>> bool(abs(np.cos(res.z[0]) - res.z[0]) < 1e-11) and res.converged
-    True
+    >>> bool(abs(np.cos(res.z[0]) - res.z[0]) < 1e-11), bool(res.converged)
+    (True, True)
+    >>> two = fixed_point(np.cos, np.array([[0.0], [0.7390851332151607]]))
+    >>> two.n_iter.tolist(), two.summary()["all_converged"]      # the second starts at the root
+    ([10, 0], True)
     """
     backend.check_array(z0, "z0", min_ndim=1)
     xp = array_api_compat.array_namespace(z0)
@@ -442,90 +492,135 @@ def fixed_point(f: Callable, z0, *, method: str = "anderson", tol: float | None 
         raise ValueError("arguments 'm' and 'reg' apply only to method='anderson'")
     m = 5 if m is None else _check_int(m, "m", minimum=1)
     reg = 1e-10 if reg is None else backend.check_positive(reg, "reg")
-    if check_every is None:
-        check_every = backend.policy_of(z0).sync_cadence(8)
-    check_every = _check_int(check_every, "check_every", minimum=1)
-
-    dev = backend.device(z0)
-    bshape = tuple(z0.shape[:-1])
-    z = z0
-    converged = xp.zeros(bshape, dtype=xp.bool, device=dev)
-    failed = xp.zeros(bshape, dtype=xp.bool, device=dev)
-    n_iter = xp.zeros(bshape, dtype=xp.int64, device=dev)
-    dZ: Any = None                      # Anderson differences (..., n_hist, n)
-    dG: Any = None
-    z_prev = g_prev = None
-    history: list[float] = []           # filled when record_history
-    n_f_evals = 0
-    fz: Any = None                      # set by the first pass (max_iter >= 0)
-    r: Any = None
-    nf: Any = None
-    for it in range(max_iter + 1):
-        fz_raw = f(z)
-        n_f_evals += 1
-        if not array_api_compat.is_array_api_obj(fz_raw) or tuple(fz_raw.shape) != tuple(z.shape):
-            shape = getattr(fz_raw, "shape", None)
-            raise ValueError(f"argument 'f' returned shape {shape}, expected {tuple(z.shape)} like 'z0'")
-        if fz_raw.dtype != z.dtype:
-            raise TypeError(f"argument 'f' returned dtype {backend.dtype_name(fz_raw.dtype)} for "
-                            f"a {backend.dtype_name(z.dtype)} 'z0' (no silent up- or down-cast)")
-        # A member whose f value is not finite is stopped (failed); its f is
-        # replaced by z so that nothing downstream sees NaN/Inf.
-        finite = xp.all(xp.isfinite(fz_raw), axis=-1)
-        fz = xp.where(finite[..., None], fz_raw, z)
-        g = fz - z                                             # residual f(z) - z
-        r = _norm_rows(g)
-        nf = _norm_rows(fz)
-        active = ~(converged | failed)
-        converged = converged | (active & finite & (r <= atol + tol * nf))
-        failed = failed | (active & ~finite)
-        active = ~(converged | failed)
-        if record_history:
-            history.append(_as_float(xp.max(xp.where(finite, r, math.inf))))
-        if it == max_iter or ((it + 1) % check_every == 0 and not bool(xp.any(active))):
-            break
-        # -- one update of every active member -------------------------------
-        if method == "picard":
-            z_new = z + lam * g                                # lam f(z) + (1 - lam) z
-        else:
-            if z_prev is not None:
-                # Append the newest differences, keep the last m (oldest first).
-                new_dz, new_dg = (z - z_prev)[..., None, :], (g - g_prev)[..., None, :]
-                if dZ is None:
-                    dZ, dG = new_dz, new_dg
-                else:
-                    start = 1 if dZ.shape[-2] == m else 0
-                    dZ = xp.concat([dZ[..., start:, :], new_dz], axis=-2)
-                    dG = xp.concat([dG[..., start:, :], new_dg], axis=-2)
-            z_prev, g_prev = z, g
-            z_new = z + lam * g if dG is None else _anderson_step(z, g, dZ, dG, lam, reg)
-        z = xp.where(active[..., None], z_new, z)
-        n_iter = n_iter + xp.astype(active, xp.int64)
-
-    member_residual = xp.where(failed, math.inf, r)
-    safe_nf = xp.where(nf > 0, nf, 1.0)
-    member_rel = xp.where(nf > 0, member_residual / safe_nf,
-                          xp.where(member_residual > 0, xp.full_like(nf, math.inf), 0.0))
-    all_converged = bool(xp.all(converged))
+    sync_every = (backend.policy_of(z0).sync_cadence(8) if check_every is None
+                  else _check_int(check_every, "check_every", minimum=1))
+    st, n_f_evals, history = _solve_fixed_point(f, z0, method=method, tol=tol, atol=atol,
+                                                max_iter=max_iter, lam=lam, m=m, reg=reg,
+                                                sync_every=sync_every,
+                                                record_history=record_history)
+    # The final state holds each member's values at its last evaluation (0-d
+    # NumPy operations return scalars: asarray keeps the arrays of the convention).
+    error, converged, _ = (xp.asarray(v) for v in _fixed_point_error(xp, st))
     res = FixedPointResult(
-        z=z, fz=fz, n_iter=int(xp.max(n_iter)) if n_iter.ndim else int(n_iter),
-        n_f_evals=n_f_evals, residual=_as_float(xp.max(member_residual)),
-        rel_residual=_as_float(xp.max(member_rel)), converged=all_converged,
-        member_residual=member_residual, member_converged=converged, member_n_iter=n_iter,
-        method=method, lam=lam, tol=tol, atol=atol, m=m,
-        history=tuple(history) if record_history else None,
-    )
-    if warn and not all_converged:
-        n_bad = int(xp.sum(xp.astype(~converged, xp.int64)))
-        n_fail = int(xp.sum(xp.astype(failed, xp.int64)))
-        total = max(1, math.prod(bshape))
+        z=st.z, fz=st.fz, n_iter=xp.asarray(st.n_iter), error=error, converged=converged,
+        residual=xp.asarray(xp.where(st.failed, math.inf, st.r)), n_f_evals=n_f_evals,
+        method=method, lam=lam, tol=tol, atol=atol, m=m, history=history)
+    if warn and not res.all_converged:
+        n_fail = int(xp.sum(xp.astype(st.failed, xp.int64)))
         why = f" ({n_fail} with a non-finite f value)" if n_fail else ""
         warnings.warn(
-            f"fixed_point ({method}, lam={lam}) did not converge for {n_bad} of {total} "
-            f"member(s){why} after {res.n_iter} iterations: residual {res.residual:.3e}, "
-            f"relative {res.rel_residual:.3e} > tol {tol:.1e} (atol {atol:.1e})",
-            ConvergenceWarning, stacklevel=2)
+            f"fixed_point ({method}, lam={lam}) did not converge for "
+            f"{res.size - res.n_converged} of {res.size} member(s){why} after at most "
+            f"{res.max_n_iter} iterations: largest relative residual {res.max_error:.3e} > "
+            f"tol {tol:.1e} (atol {atol:.1e})", ConvergenceWarning, stacklevel=2)
     return res
+
+
+def _evaluate(f, st: _FixedPointState, live, tol: float, atol: float) -> _FixedPointState:
+    """``f`` at ``st.z`` and the stopping test of the members ``live``.
+
+    A member whose f value is not finite stops as failed; its ``f`` is
+    replaced by ``z`` so that nothing downstream sees NaN/Inf.  Members not
+    ``live`` keep their values (``f`` is evaluated on the whole batch).
+    """
+    z = st.z
+    xp = array_api_compat.array_namespace(z)
+    fz_raw = f(z)
+    if not array_api_compat.is_array_api_obj(fz_raw) or tuple(fz_raw.shape) != tuple(z.shape):
+        shape = getattr(fz_raw, "shape", None)
+        raise ValueError(f"argument 'f' returned shape {shape}, expected {tuple(z.shape)} like 'z0'")
+    if fz_raw.dtype != z.dtype:
+        raise TypeError(f"argument 'f' returned dtype {backend.dtype_name(fz_raw.dtype)} for "
+                        f"a {backend.dtype_name(z.dtype)} 'z0' (no silent up- or down-cast)")
+    finite = xp.all(xp.isfinite(fz_raw), axis=-1)
+    fz = xp.where(finite[..., None], fz_raw, z)
+    g = fz - z                                                 # residual f(z) - z
+    r, nf = _norm_rows(g), _norm_rows(fz)
+    lv = live[..., None]
+    return st._replace(
+        fz=xp.where(lv, fz, st.fz), g=xp.where(lv, g, st.g), r=xp.where(live, r, st.r),
+        nf=xp.where(live, nf, st.nf),
+        converged=st.converged | (live & finite & (r <= atol + tol * nf)),
+        failed=st.failed | (live & ~finite))
+
+
+def _update(st: _FixedPointState, live, method: str, lam: float, m: int,
+            reg: float) -> _FixedPointState:
+    """One damped Picard (``z <- z + lam g``) or Anderson update of the
+    members ``live``; the Anderson history is appended for every member."""
+    xp = array_api_compat.array_namespace(st.z)
+    z, g, dZ, dG = st.z, st.g, st.dZ, st.dG
+    if method == "picard":
+        z_new = z + lam * g                                    # lam f(z) + (1 - lam) z
+    else:
+        if st.z_prev is not None:
+            # Append the newest differences, keep the last m (oldest first).
+            new_dz, new_dg = (z - st.z_prev)[..., None, :], (g - st.g_prev)[..., None, :]
+            if dZ is None:
+                dZ, dG = new_dz, new_dg
+            else:
+                start = 1 if dZ.shape[-2] == m else 0
+                dZ = xp.concat([dZ[..., start:, :], new_dz], axis=-2)
+                dG = xp.concat([dG[..., start:, :], new_dg], axis=-2)
+        z_new = z + lam * g if dG is None else _anderson_step(z, g, dZ, dG, lam, reg)
+    return st._replace(z=xp.where(live[..., None], z_new, z),
+                       n_iter=st.n_iter + xp.astype(live, xp.int64), dZ=dZ, dG=dG,
+                       z_prev=None if method == "picard" else z,
+                       g_prev=None if method == "picard" else g)
+
+
+def _fixed_point_error(xp, st: _FixedPointState):
+    """``(error, converged, failed)`` per member: the relative residual
+    ``||f(z) - z|| / ||f(z)||`` (0 where both vanish, inf where only ``f(z)``
+    does or ``f`` failed) and the two stopping flags."""
+    res = xp.where(st.failed, math.inf, st.r)
+    safe_nf = xp.where(st.nf > 0, st.nf, 1.0)
+    rel = xp.where(st.nf > 0, res / safe_nf,
+                   xp.where(res > 0, xp.full_like(st.nf, math.inf), 0.0))
+    return rel, st.converged, st.failed
+
+
+def _solve_fixed_point(f, z0, *, method, tol, atol, max_iter, lam, m, reg, sync_every,
+                       record_history):
+    """Run :func:`fixed_point`'s iteration: evaluation 0 at ``z0``, then up to
+    ``max_iter`` (update, evaluation) steps under :func:`refimpl.iteration.iterate`.
+
+    Returns ``(state, n_f_evals, history)``.
+    """
+    xp = array_api_compat.array_namespace(z0)
+    dev = backend.device(z0)
+    bshape = tuple(z0.shape[:-1])
+    no = xp.zeros(bshape, dtype=xp.bool, device=dev)
+    zero = xp.zeros(bshape, dtype=z0.dtype, device=dev)
+    history: list[float] = []                                  # filled when record_history
+    n_f_evals = 0
+
+    def evaluate(st, live):
+        nonlocal n_f_evals
+        st = _evaluate(f, st, live, tol, atol)
+        n_f_evals += 1
+        if record_history:
+            history.append(_as_float(xp.max(xp.where(st.failed, math.inf, st.r))))
+        return st
+
+    def advance(st, active, k):
+        for _ in range(k):
+            live = active & ~(st.converged | st.failed)
+            st = evaluate(_update(st, live, method, lam, m, reg), live)
+        return st
+
+    st = _FixedPointState(z=z0, fz=z0, g=xp.zeros_like(z0), r=zero, nf=zero, converged=no,
+                          failed=no, n_iter=xp.zeros(bshape, dtype=xp.int64, device=dev))
+    st = evaluate(st, ~no)                                     # iteration 0: f(z0)
+    # The driver measures only after an update: members that pass at z0 are
+    # frozen by evaluation 0 and keep n_iter = 0 in the state, whose final
+    # values are each member's diagnostics.  On the host, where the read is
+    # free, a batch done at z0 skips the driver (no further f call).
+    done_at_z0 = sync_every == 1 and not bool(xp.any(~(st.converged | st.failed)))
+    if max_iter > 0 and not done_at_z0:
+        st, _ = iterate(advance, lambda s: _fixed_point_error(xp, s), st, batch=bshape,
+                        like=z0, schedule=Schedule(max_iter=max_iter, sync_every=sync_every))
+    return st, n_f_evals, tuple(history) if record_history else None
 
 
 # --------------------------------------------------------------------------
@@ -548,7 +643,7 @@ class Linearization(NamedTuple):
 
 
 @dataclass(frozen=True)
-class ImplicitVJPResult:
+class ImplicitVJPResult(Converging):
     """Result of :func:`implicit_vjp` / :func:`deq_backward`.
 
     Attributes
@@ -561,8 +656,12 @@ class ImplicitVJPResult:
     method, k, lam, solver : what was computed (k, lam None where unused).
     n_f_evals, n_vjp_z, n_vjp_theta, n_stored_linearizations : the counts of
         the module docstring's table.
-    n_iter, residual, converged : of the backward linear solve (iterative
-        exact), else ``0, 0.0, True``.
+    n_iter, error, converged, residual : per member (arrays of the batch
+        shape ``z.shape[:-1]``), those of the iterative exact backward's
+        linear fixed point ``u = J^T u + g`` (:class:`FixedPointResult`:
+        ``error`` the relative residual, ``residual`` the absolute one);
+        ``0, 0, True, 0`` for the other methods and the dense solve.  The
+        whole-batch summary comes from :class:`refimpl.iteration.Converging`.
     condition : 1-norm condition number ``||I - J||_1 ||(I - J)^{-1}||_1``
         (max over members) for the dense exact solve, else None; within a
         factor ``n`` of the 2-norm one either way.
@@ -578,15 +677,26 @@ class ImplicitVJPResult:
     n_vjp_z: int
     n_vjp_theta: int
     n_stored_linearizations: int
-    n_iter: int = 0
-    residual: float = 0.0
-    converged: bool = True
+    n_iter: Any
+    error: Any
+    converged: Any
+    residual: Any
     condition: float | None = None
 
     @property
     def n_vjp(self) -> int:
         """Total VJP products, ``n_vjp_z + n_vjp_theta``."""
         return self.n_vjp_z + self.n_vjp_theta
+
+
+def _no_solve(g) -> dict:
+    """The diagnostics of a backward without an iterative solve, per member of
+    ``g`` (..., n): ``n_iter = 0``, ``error = residual = 0``, ``converged``."""
+    xp = array_api_compat.array_namespace(g)
+    batch, dev = tuple(g.shape[:-1]), backend.device(g)
+    zero = xp.zeros(batch, dtype=g.dtype, device=dev)
+    return {"n_iter": xp.zeros(batch, dtype=xp.int64, device=dev), "error": zero,
+            "converged": xp.ones(batch, dtype=xp.bool, device=dev), "residual": zero}
 
 
 def _as_linearization(out) -> Linearization:
@@ -689,12 +799,13 @@ def _iterative_solve(apply, r, *, solver, tol, atol, max_iter, m, warn, who) -> 
     sol = fixed_point(lambda v: apply(v) + r, r, method=solver, tol=tol,
                       atol=0.0 if atol is None else atol,
                       max_iter=1000 if max_iter is None else max_iter, m=m, warn=False)
-    if warn and not sol.converged:
+    if warn and not sol.all_converged:
         warnings.warn(
-            f"{who} ({solver}) did not converge after {sol.n_iter} iterations "
-            f"(residual {sol.residual:.3e}, relative {sol.rel_residual:.3e}); the returned "
-            f"derivative is inaccurate. If J has an eigenvalue near or beyond 1, use "
-            f"solver='anderson' or 'dense'", ConvergenceWarning, stacklevel=3)
+            f"{who} ({solver}) did not converge for {sol.size - sol.n_converged} of "
+            f"{sol.size} member(s) after at most {sol.max_n_iter} iterations (largest relative "
+            f"residual {sol.max_error:.3e}); the returned derivative is inaccurate there. If J "
+            f"has an eigenvalue near or beyond 1, use solver='anderson' or 'dense'",
+            ConvergenceWarning, stacklevel=3)
     return sol
 
 
@@ -791,10 +902,11 @@ def implicit_vjp(f_vjp: Callable, z, z_bar, *, method: str = "exact", k: int | N
         raise ValueError(f"argument 'z_bar' has shape {tuple(z_bar.shape)}, expected {tuple(z.shape)} like 'z'")
     k, lam, solver = _resolve_method_args(method, k, lam, solver,
                                           dict(tol=tol, atol=atol, max_iter=max_iter, m=m))
-    if forward is not None and not forward.converged and warn:
+    if forward is not None and not forward.all_converged and warn:
         warnings.warn(
-            f"VJP of an unconverged fixed point (residual {forward.residual:.3e}): the "
-            f"{method} gradient assumes z = f(z) and is unreliable",
+            f"VJP of a fixed point unconverged for {forward.size - forward.n_converged} of "
+            f"{forward.size} member(s) (largest relative residual {forward.max_error:.3e}): the "
+            f"{method} gradient assumes z = f(z) and is unreliable there",
             ConvergenceWarning, stacklevel=2)
     if fz is not None:
         backend.namespace(z=z, fz=fz)
@@ -835,13 +947,13 @@ def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m
                 theta_bar = _add_bars(theta_bar, lins[t].vjp_theta(vs[t]))
         return ImplicitVJPResult(theta_bar, None, method, k, lam, None,
                                  n_f_evals=k - 1 + n_f0, n_vjp_z=k - 1, n_vjp_theta=k,
-                                 n_stored_linearizations=k)
+                                 n_stored_linearizations=k, **_no_solve(g))
 
     lin = lin_z
     if method == "jfb":
         return ImplicitVJPResult(tuple(lin.vjp_theta(g)), g, method, None, None, None,
                                  n_f_evals=n_f0, n_vjp_z=0, n_vjp_theta=1,
-                                 n_stored_linearizations=1)
+                                 n_stored_linearizations=1, **_no_solve(g))
     if method == "neumann":
         # u_k = lam sum_{i<k} (B^T)^i g,  B^T v = lam J^T v + (1 - lam) v.
         v, s = g, g
@@ -851,7 +963,7 @@ def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m
         u = lam * s
         return ImplicitVJPResult(tuple(lin.vjp_theta(u)), u, method, k, lam, None,
                                  n_f_evals=n_f0, n_vjp_z=k - 1, n_vjp_theta=1,
-                                 n_stored_linearizations=1)
+                                 n_stored_linearizations=1, **_no_solve(g))
 
     # -- exact: (I - J^T) u = g -------------------------------------------------
     n = z.shape[-1]
@@ -869,14 +981,14 @@ def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m
         u, cond = _dense_solve(backend.eye_like(g, n) - J, g, transpose=True)
         return ImplicitVJPResult(tuple(lin.vjp_theta(u)), u, method, None, None, "dense",
                                  n_f_evals=n_f0, n_vjp_z=n_vjp_z, n_vjp_theta=1,
-                                 n_stored_linearizations=1, condition=cond)
+                                 n_stored_linearizations=1, condition=cond, **_no_solve(g))
     # Linear fixed point u = J^T u + g, started from u_0 = g.
     sol = _iterative_solve(lin.vjp_z, g, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
                            m=m, warn=warn, who="exact backward")
     return ImplicitVJPResult(tuple(lin.vjp_theta(sol.z)), sol.z, method, None, None, solver,
                              n_f_evals=n_f0, n_vjp_z=sol.n_f_evals, n_vjp_theta=1,
-                             n_stored_linearizations=1, n_iter=sol.n_iter,
-                             residual=sol.residual, converged=sol.converged)
+                             n_stored_linearizations=1, n_iter=sol.n_iter, error=sol.error,
+                             converged=sol.converged, residual=sol.residual)
 
 
 # --------------------------------------------------------------------------
@@ -884,7 +996,7 @@ def _implicit_vjp(f_vjp, z, g, *, method, k, lam, solver, tol, atol, max_iter, m
 # --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class TanhDEQResult:
+class TanhDEQResult(Converging):
     """Result of :func:`tanh_deq`.
 
     Attributes
@@ -893,8 +1005,10 @@ class TanhDEQResult:
     x, W, U, b : the inputs (references, never modified).
     solve : the :class:`FixedPointResult` (``fz``, per-member diagnostics).
 
-    ``n_iter``, ``n_f_evals``, ``residual``, ``rel_residual`` and
-    ``converged`` read through to ``solve``.
+    The per-member ``n_iter``, ``error`` (relative residual), ``converged``
+    and ``residual`` (absolute), and ``n_f_evals``, read through to
+    ``solve``; the whole-batch summary comes from
+    :class:`refimpl.iteration.Converging`.
     """
 
     z: Any
@@ -905,24 +1019,24 @@ class TanhDEQResult:
     solve: FixedPointResult
 
     @property
-    def n_iter(self) -> int:
+    def n_iter(self):
         return self.solve.n_iter
+
+    @property
+    def error(self):
+        return self.solve.error
+
+    @property
+    def converged(self):
+        return self.solve.converged
+
+    @property
+    def residual(self):
+        return self.solve.residual
 
     @property
     def n_f_evals(self) -> int:
         return self.solve.n_f_evals
-
-    @property
-    def residual(self) -> float:
-        return self.solve.residual
-
-    @property
-    def rel_residual(self) -> float:
-        return self.solve.rel_residual
-
-    @property
-    def converged(self) -> bool:
-        return self.solve.converged
 
 
 def _check_layer(x, W, U, b):
@@ -1005,8 +1119,8 @@ def tanh_deq(x, W, U, b, *, method: str = "anderson", tol: float | None = None,
     Returns
     -------
     TanhDEQResult
-        ``converged=False`` plus a ConvergenceWarning when the solver stopped
-        at ``max_iter``.
+        ``converged=False`` for the members the solver stopped at
+        ``max_iter``, plus a ConvergenceWarning naming how many they are.
 
     Raises
     ------
@@ -1028,10 +1142,11 @@ def tanh_deq(x, W, U, b, *, method: str = "anderson", tol: float | None = None,
 
     sol = fixed_point(f, z0, method=method, tol=tol, atol=atol, max_iter=max_iter, lam=lam,
                       m=m, check_every=check_every, warn=False, record_history=record_history)
-    if warn and not sol.converged:
+    if warn and not sol.all_converged:
         warnings.warn(
-            f"tanh_deq: the {method} solver did not converge after {sol.n_iter} iterations "
-            f"(residual {sol.residual:.3e}, relative {sol.rel_residual:.3e} > tol {sol.tol:.1e}); "
+            f"tanh_deq: the {method} solver did not converge for {sol.size - sol.n_converged} "
+            f"of {sol.size} member(s) after at most {sol.max_n_iter} iterations (largest "
+            f"relative residual {sol.max_error:.3e} > tol {sol.tol:.1e}); "
             f"||W||_2 >= 1 may allow no or several fixed points. Try method='anderson', "
             f"damping lam < 1 or a larger max_iter", ConvergenceWarning, stacklevel=2)
     return TanhDEQResult(z=sol.z, x=x, W=W, U=U, b=b, solve=sol)
@@ -1109,9 +1224,11 @@ def deq_jvp(res: TanhDEQResult, dx=None, dW=None, dU=None, db=None, *, solver: s
             if tuple(t.shape) != tuple(ref.shape):
                 raise ValueError(f"argument {name!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
     _check_solver(solver)
-    if not res.converged:
-        warnings.warn(f"JVP of an unconverged fixed point (residual {res.residual:.3e}): the "
-                      f"implicit derivative is unreliable", ConvergenceWarning, stacklevel=2)
+    if not res.all_converged:
+        warnings.warn(f"JVP of a fixed point unconverged for {res.size - res.n_converged} of "
+                      f"{res.size} member(s) (largest relative residual {res.max_error:.3e}): "
+                      f"the implicit derivative is unreliable there", ConvergenceWarning,
+                      stacklevel=2)
     z, fz = res.z, res.solve.fz
     D = 1.0 - fz * fz
     r = xp.zeros_like(z)                                       # dW z + dU x + db + U dx

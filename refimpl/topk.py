@@ -139,10 +139,11 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import backend
 from .backend import ConvergenceWarning
+from .iteration import Converging, Schedule, iterate
 
 __all__ = [
     "SoftTopkResult",
@@ -169,7 +170,7 @@ METHODS = ("closed_form", "sinkhorn")
 # --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class SoftTopkResult:
+class SoftTopkResult(Converging):
     """Result of :func:`soft_topk`.
 
     Attributes
@@ -184,12 +185,19 @@ class SoftTopkResult:
     x : the scores (a reference; never modified).
     k, eps, largest, method : the parameters.
     t : the temperature ``eps / (2 (y_2 - y_1))``.
-    n_iter : iterations taken (Newton or Sinkhorn), the maximum over the batch.
-    error : closed form: the largest ``|sum(A) - k| / S`` over the batch, the
-        last Newton correction of ``theta`` in units of ``t`` (to first order
-        a bound on the relative error of every ``A_i``); Sinkhorn: the
-        solver's error.
-    converged : whether every row reached its tolerance.
+    n_iter : int64 array (batch shape ``x.shape[:-1]``, 0-d for one row),
+        iterations each row took (Newton evaluations, or Sinkhorn sweeps);
+        0 for ``k = 0`` or ``k = n``.
+    error : array (batch shape) of ``x``'s dtype.  Closed form: each row's
+        ``|sum(A) - k| / S``, the last Newton correction of ``theta`` in
+        units of ``t`` (to first order a bound on the relative error of
+        every ``A_i``); Sinkhorn: the solver's relative marginal error
+        (:class:`refimpl.sinkhorn.SinkhornResult`); 0 for ``k = 0, n``.
+    converged : bool array (batch shape), whether each row met its tolerance.
+
+    The whole-batch summary (``all_converged``, ``n_converged``,
+    ``max_error``, ``max_n_iter``, ``summary()``) comes from
+    :class:`refimpl.iteration.Converging`.
     """
 
     A: Any
@@ -202,13 +210,13 @@ class SoftTopkResult:
     largest: bool
     method: str
     t: float
-    n_iter: int
-    error: float
-    converged: bool
+    n_iter: Any
+    error: Any
+    converged: Any
 
 
 @dataclass(frozen=True)
-class SortedTopkResult:
+class SortedTopkResult(Converging):
     """Result of :func:`soft_sorted_topk`.
 
     Attributes
@@ -219,7 +227,9 @@ class SortedTopkResult:
     plan : the :class:`refimpl.sinkhorn` result (None for ``k = 0``).
     y : the anchors used, as a tuple of Python floats.
     x, k, eps, largest : the inputs and parameters.
-    n_iter, error, converged : the Sinkhorn diagnostics.
+    n_iter, error, converged : the Sinkhorn diagnostics per row (arrays of
+        the batch shape ``x.shape[:-1]``; 0, 0 and True for ``k = 0``), with
+        the whole-batch summary of :class:`refimpl.iteration.Converging`.
     """
 
     A: Any
@@ -229,9 +239,9 @@ class SortedTopkResult:
     k: int
     eps: float
     largest: bool
-    n_iter: int
-    error: float
-    converged: bool
+    n_iter: Any
+    error: Any
+    converged: Any
 
     @property
     def indicator(self):
@@ -343,10 +353,12 @@ def _check_cotangent(xp, bar, like, name: str):
 
 
 def _warn_unconverged(res, what: str) -> None:
-    if not res.converged:
-        warnings.warn(f"{what}: the forward did not converge (error {res.error:.2e} after "
-                      f"{res.n_iter} iterations); the implicit gradient assumes the optimality "
-                      "conditions hold and is unreliable", ConvergenceWarning, stacklevel=3)
+    if not res.all_converged:
+        warnings.warn(f"{what}: the forward did not converge for {res.size - res.n_converged} "
+                      f"of {res.size} row(s) (largest error {res.max_error:.2e}, at most "
+                      f"{res.max_n_iter} iterations); the implicit gradient assumes the "
+                      "optimality conditions hold and is unreliable there",
+                      ConvergenceWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------
@@ -387,7 +399,63 @@ def _default_tol(dtype, n: int) -> float:
     return 16.0 * backend.unit_roundoff(dtype) * (1.0 + math.ceil(math.log2(max(n, 2))))
 
 
-def _solve_threshold(xp, x, k: int, t: float, tol: float, max_iter: int, check_every: int):
+class _Newton(NamedTuple):
+    """State of the threshold iteration of :func:`_solve_threshold` (batch
+    shape, ``A`` and ``s`` batch + ``(n,)``): the values at the last
+    evaluated ``delta = theta - theta_0``, and the iterate proposed there."""
+
+    delta: Any      # where F, A, s were last evaluated
+    step: Any       # the next delta: the Newton step, or bisection of [lo, hi]
+    lo: Any         # bracket: F(lo) >= 0 >= F(hi)
+    hi: Any
+    A: Any          # sigmoid(z), z = (d - delta) / t
+    s: Any          # A (1 - A)
+    F: Any          # sum(A) - k
+    S: Any          # sum(s) = -t dF/dtheta
+    done: Any       # the stopping test held at delta
+
+
+def _newton_eval(xp, d, k: int, t: float, tol: float, state: _Newton, live) -> _Newton:
+    """One step of the members ``live``: move to the proposed ``delta``, evaluate
+    ``F``, ``S``, ``A``, ``s`` there, tighten the bracket, propose the next step.
+
+    Members not ``live`` keep their ``delta``; everything else is recomputed
+    from it, which gives the same values again (the bracket update is
+    idempotent at a fixed ``delta``).
+    """
+    u = backend.unit_roundoff(d.dtype)
+    tiny = float(xp.finfo(d.dtype).smallest_normal)
+    zmax = 800.0                                         # exp(-800) underflows to 0
+    delta = xp.where(live, state.step, state.delta)
+    # z = (x - theta)/t, the numerator clipped to +-zmax t first so that no
+    # eps (however small against the scores) overflows; sigmoid(+-zmax) is
+    # exactly 0 or 1 in both dtypes.
+    z = xp.clip(d - delta[..., None], -zmax * t, zmax * t) / t
+    A, s, h, pos = _sigmoid_parts(xp, z)
+    count = xp.astype(xp.sum(xp.astype(pos, xp.int64), axis=-1) - k, d.dtype)
+    F = count + xp.sum(h, axis=-1)                       # sum(A) - k
+    S = xp.sum(s, axis=-1)                               # -t dF/dtheta
+    noise = 4.0 * u * xp.sum(s * xp.abs(z), axis=-1) + tiny   # rounding of z, subnormals
+    lo = xp.where(F > 0, delta, state.lo)
+    hi = xp.where(F < 0, delta, state.hi)
+    newton = delta + t * F / xp.where(S > 0, S, xp.ones_like(S))
+    inside = (S > 0) & (newton > lo) & (newton < hi)
+    step = xp.where(inside, newton, 0.5 * lo + 0.5 * hi)
+    floor = 2.0 * u * (xp.abs(delta) + t)
+    done = state.done | (xp.abs(F) <= tol * S + noise) | (xp.abs(step - delta) <= floor)
+    return _Newton(delta=delta, step=step, lo=lo, hi=hi, A=A, s=s, F=F, S=S, done=done)
+
+
+def _newton_error(xp, state: _Newton):
+    """``|F| / S``, the last Newton correction in units of ``t`` (0 where
+    ``F = 0``, inf where ``S = 0 != F``), and whether the test held."""
+    F, S = state.F, state.S
+    ratio = xp.where(S > 0, xp.abs(F) / xp.where(S > 0, S, xp.ones_like(S)),
+                     xp.where(F == 0, xp.zeros_like(F), xp.full_like(F, math.inf)))
+    return ratio, state.done
+
+
+def _solve_threshold(xp, x, k: int, t: float, tol: float, schedule: Schedule):
     """Root ``theta`` of ``F(theta) = sum_i sigmoid((x_i - theta)/t) - k`` for 0 < k < n.
 
     Safeguarded Newton, ``theta <- theta + t F / S``, on ``delta = theta -
@@ -409,47 +477,34 @@ def _solve_threshold(xp, x, k: int, t: float, tol: float, max_iter: int, check_e
       evaluation tightens it and a Newton step leaving it is replaced by
       bisection.
     * A row also stops when the correction falls below the resolution of
-      ``delta`` (the round-off floor).  Stopped rows are frozen; the batch's
-      convergence is synchronised every ``check_every`` steps.
+      ``delta`` (the round-off floor).
 
-    Returns ``(theta, A, s, n_iter, error, converged)`` with ``error`` the
-    largest ``|F| / S`` (the last correction in units of ``t``).
+    Each iteration of :func:`refimpl.iteration.iterate` is one evaluation
+    (the first at ``delta = 0``); a row stops at the first evaluation that
+    passes its test, with ``theta``, ``A``, ``s`` of that evaluation.
+
+    Returns ``(theta, A, s, diagnostics)``; the diagnostics' ``error`` is
+    ``|F| / S`` per row (the last correction in units of ``t``).
     """
     n = x.shape[-1]
-    u = backend.unit_roundoff(x.dtype)
-    tiny = float(xp.finfo(x.dtype).smallest_normal)
-    zmax = 800.0                                         # exp(-800) underflows to 0
     hi_x, lo_x = _boundary_pair(xp, x, k)
     shift = 0.5 * hi_x + 0.5 * lo_x                      # theta_0 = (x_(k) + x_(k+1))/2
     d = x - shift[..., None]
-    lo = xp.min(d, axis=-1) - t * max(0.0, math.log(k / (n - k)))
-    hi = xp.max(d, axis=-1) + t * max(0.0, math.log((n - k) / k))
-    delta = xp.zeros_like(shift)
-    done = xp.zeros(shift.shape, dtype=xp.bool, device=backend.device(x))
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):
-        # z = (x - theta)/t, the numerator clipped to +-zmax t first so that no
-        # eps (however small against the scores) overflows; sigmoid(+-zmax) is
-        # exactly 0 or 1 in both dtypes.
-        z = xp.clip(d - delta[..., None], -zmax * t, zmax * t) / t
-        A, s, h, pos = _sigmoid_parts(xp, z)
-        count = xp.astype(xp.sum(xp.astype(pos, xp.int64), axis=-1) - k, x.dtype)
-        F = count + xp.sum(h, axis=-1)                   # sum(A) - k
-        S = xp.sum(s, axis=-1)                           # -t dF/dtheta
-        noise = 4.0 * u * xp.sum(s * xp.abs(z), axis=-1) + tiny   # rounding of z, subnormals
-        lo = xp.where(F > 0, delta, lo)
-        hi = xp.where(F < 0, delta, hi)
-        newton = delta + t * F / xp.where(S > 0, S, xp.ones_like(S))
-        inside = (S > 0) & (newton > lo) & (newton < hi)
-        step = xp.where(inside, newton, 0.5 * lo + 0.5 * hi)
-        floor = 2.0 * u * (xp.abs(delta) + t)
-        done = done | (xp.abs(F) <= tol * S + noise) | (xp.abs(step - delta) <= floor)
-        if n_iter == max_iter or (n_iter % check_every == 0 and bool(xp.all(done))):
-            break                                        # theta, A, s and F of one iterate
-        delta = xp.where(done, delta, step)
-    ratio = xp.where(S > 0, xp.abs(F) / xp.where(S > 0, S, xp.ones_like(S)),
-                     xp.where(F == 0, xp.zeros_like(F), xp.full_like(F, math.inf)))
-    return shift + delta, A, s, n_iter, float(xp.max(ratio)), bool(xp.all(done))
+    zero = xp.zeros_like(shift)
+    state = _Newton(delta=zero, step=zero,
+                    lo=xp.min(d, axis=-1) - t * max(0.0, math.log(k / (n - k))),
+                    hi=xp.max(d, axis=-1) + t * max(0.0, math.log((n - k) / k)),
+                    A=xp.zeros_like(d), s=xp.zeros_like(d), F=zero, S=zero,
+                    done=xp.zeros(tuple(shift.shape), dtype=xp.bool, device=backend.device(x)))
+
+    def advance(state: _Newton, active, steps: int) -> _Newton:
+        for _ in range(steps):
+            state = _newton_eval(xp, d, k, t, tol, state, active & ~state.done)
+        return state
+
+    state, diag = iterate(advance, lambda st: _newton_error(xp, st), state,
+                          batch=tuple(shift.shape), like=x, schedule=schedule)
+    return shift + state.delta, state.A, state.s, diag
 
 
 def _constant_result(xp, x, k, eps, largest, method, t) -> SoftTopkResult:
@@ -460,7 +515,16 @@ def _constant_result(xp, x, k, eps, largest, method, t) -> SoftTopkResult:
     theta = xp.full(tuple(x.shape[:-1]), inf, dtype=x.dtype, device=backend.device(x))
     s = xp.zeros_like(x) if method == "closed_form" else None
     return SoftTopkResult(A=A, theta=theta, plan=None, s=s, x=x, k=k, eps=eps, largest=largest,
-                          method=method, t=t, n_iter=0, error=0.0, converged=True)
+                          method=method, t=t, **_exact_diagnostics(xp, x))
+
+
+def _exact_diagnostics(xp, x) -> dict:
+    """``n_iter = 0``, ``error = 0``, ``converged = True`` for every row of
+    ``x`` (..., n): a result known exactly, without iterating."""
+    batch, dev = tuple(x.shape[:-1]), backend.device(x)
+    return {"n_iter": xp.zeros(batch, dtype=xp.int64, device=dev),
+            "error": xp.zeros(batch, dtype=x.dtype, device=dev),
+            "converged": xp.ones(batch, dtype=xp.bool, device=dev)}
 
 
 def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
@@ -489,15 +553,19 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
         rounding floor of that test);
         Sinkhorn: passed to the solver (default 1e-12).
     max_iter : iteration cap (default 100 Newton steps; 100000 Sinkhorn sweeps).
-    check_every : closed form: synchronise the batch's convergence test
-        every this many Newton steps (default 1 on the host, 3 on CuPy,
-        where each test is a device sync; rows that have converged are
-        frozen, so extra steps change nothing).
+    check_every : closed form: read on the host whether any row is still
+        iterating every this many Newton steps (default: the device policy's
+        cadence, :meth:`refimpl.backend.DevicePolicy.sync_cadence` with 3 on
+        a device where each read waits for queued work, else 1).  Each row's
+        test runs on the device at every step and a row stops at the first
+        step that passes it, so the result does not depend on this setting.
 
     Returns
     -------
     SoftTopkResult
-        ``A`` with ``sum(A, -1) == k``; ``theta``; diagnostics.
+        ``A`` with ``sum(A, -1) == k``; ``theta``; per-row diagnostics
+        ``n_iter``, ``error``, ``converged``.  Rows that did not converge
+        raise one ConvergenceWarning naming how many they are.
 
     Raises
     ------
@@ -530,17 +598,19 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
     if method == "closed_form":
         tol = _default_tol(x.dtype, n) if tol is None else backend.check_positive(tol, "tol")
         max_iter = 100 if max_iter is None else _check_count(max_iter, "max_iter")
-        if check_every is None:                          # each test is a device sync on a GPU
-            check_every = backend.policy_of(x).sync_cadence(3)
-        check_every = _check_count(check_every, "check_every")
-        theta, A, s, n_iter, err, conv = _solve_threshold(xp, xs, k, t, tol, max_iter, check_every)
-        if not conv:
-            warnings.warn(f"soft_topk: the threshold iteration stopped after {n_iter} steps "
-                          f"with relative error {err:.2e} > tol {tol:.1e}",
-                          ConvergenceWarning, stacklevel=2)
+        if check_every is None:                          # each host read waits for the device
+            schedule = Schedule.for_policy(backend.policy_of(x), max_iter=max_iter, on_device=3)
+        else:
+            schedule = Schedule(max_iter=max_iter, sync_every=_check_count(check_every, "check_every"))
+        theta, A, s, diag = _solve_threshold(xp, xs, k, t, tol, schedule)
+        if not diag.all_converged:
+            warnings.warn(f"soft_topk: the threshold iteration did not converge for "
+                          f"{diag.size - diag.n_converged} of {diag.size} row(s) in max_iter="
+                          f"{max_iter} steps (largest relative error {diag.max_error:.2e} > tol "
+                          f"{tol:.1e})", ConvergenceWarning, stacklevel=2)
         return SoftTopkResult(A=A, theta=sign * theta, plan=None, s=s, x=x, k=k, eps=eps,
-                              largest=largest, method=method, t=t, n_iter=n_iter, error=err,
-                              converged=conv)
+                              largest=largest, method=method, t=t, n_iter=diag.n_iter,
+                              error=diag.error, converged=diag.converged)
     y = (y1, y2)
     nu = ((n - k) / n, k / n)
     _check_anchor_range(xp, _wide(xp, xs), y, eps)
@@ -549,10 +619,8 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
     theta = (xp.mean(xs, axis=-1) + 0.5 * (y1 + y2)
              - _narrow(xp, (plan.g[..., 1] - plan.g[..., 0]) / (2.0 * (y2 - y1)), x))
     plan = _plan_as(xp, plan, x.dtype)
-    n_iter, err, conv = _plan_diagnostics(xp, plan)
     return SoftTopkResult(A=A, theta=sign * theta, plan=plan, s=None, x=x, k=k, eps=eps,
-                          largest=largest, method=method, t=t, n_iter=n_iter, error=err,
-                          converged=conv)
+                          largest=largest, method=method, t=t, **_plan_diagnostics(plan))
 
 
 def _check_count(value, name: str) -> int:
@@ -653,13 +721,14 @@ def _anchor_transport(xp, x, y, nu, eps, tol, max_iter):
     return sinkhorn(C, a, b, eps=eps, tol=backend.check_positive(tol, "tol"), max_iter=max_iter)
 
 
-def _plan_diagnostics(xp, plan):
-    """(n_iter, error, converged) of a batched Sinkhorn result, as Python scalars.
+def _plan_diagnostics(plan) -> dict:
+    """The per-row ``n_iter``, ``error``, ``converged`` of a batched Sinkhorn
+    result (arrays of the batch shape).
 
     ``converged`` is the solver's own verdict, which is False for members the
     dtype cannot resolve at this ``eps`` (rounding floor >= 1; the solver warns).
     """
-    return int(xp.max(plan.n_iter)), float(xp.max(plan.error)), plan.all_converged
+    return {"n_iter": plan.n_iter, "error": plan.error, "converged": plan.converged}
 
 
 def _anchor_jvp(xp, plan, x, y, dx):
@@ -735,15 +804,14 @@ def soft_sorted_topk(x, k, *, eps, largest: bool = True, tol: float | None = Non
     if k == 0:
         A = xp.zeros(tuple(x.shape) + (0,), dtype=x.dtype, device=backend.device(x))
         return SortedTopkResult(A=A, plan=None, y=y, x=x, k=k, eps=eps, largest=largest,
-                                n_iter=0, error=0.0, converged=True)
+                                **_exact_diagnostics(xp, x))
     xs = x if largest else -x
     _check_anchor_range(xp, _wide(xp, xs), y, eps)
     plan = _anchor_transport(xp, _wide(xp, xs), y, nu, eps, tol, max_iter)   # float64, as soft_topk
     A = _narrow(xp, float(n) * xp.flip(plan.P[..., len(y) - k:], axis=-1), x)
     plan = _plan_as(xp, plan, x.dtype)
-    n_iter, err, conv = _plan_diagnostics(xp, plan)
     return SortedTopkResult(A=A, plan=plan, y=y, x=x, k=k, eps=eps, largest=largest,
-                            n_iter=n_iter, error=err, converged=conv)
+                            **_plan_diagnostics(plan))
 
 
 def _sorted_P_bar(xp, res: SortedTopkResult, A_bar):

@@ -78,13 +78,17 @@ def test_forward_residual_and_host_fixed_point(backend, dtype, rng, method):
     h = _layer(rng)
     res = deq.tanh_deq(*_arrays(backend, h, dtype), method=method)
     z = B.to_host(res.z).astype(np.float64)
-    assert res.converged and res.n_iter > 0
+    assert res.converged and res.n_iter > 0                # one member: 0-d diagnostics
+    assert tuple(res.n_iter.shape) == () and res.size == 1
     hz = {k: v.astype(dtype).astype(np.float64) for k, v in h.items()}
     fz = np.tanh(hz["W"] @ z + hz["U"] @ hz["x"] + hz["b"])
     tol = deq.DEFAULT_TOL[dtype]
     # the stopping rule ||f(z) - z|| <= tol ||f(z)||, recomputed on the host in float64
     assert np.linalg.norm(fz - z) <= 10 * tol * np.linalg.norm(fz)
-    assert res.residual <= tol * np.linalg.norm(fz) * 1.001
+    assert float(res.residual) <= tol * np.linalg.norm(fz) * 1.001
+    # error is the relative residual ||f(z) - z|| / ||f(z)|| of the same iterate
+    fz_res = B.to_host(res.solve.fz).astype(np.float64)
+    assert float(res.error) == pytest.approx(float(res.residual) / np.linalg.norm(fz_res), rel=1e-5)
     zh = _host_fixed_point(hz["x"], hz["W"], hz["U"], hz["b"])
     assert np.max(np.abs(z - zh)) <= {"float64": 1e-11, "float32": 1e-5}[dtype]
 
@@ -100,12 +104,12 @@ def test_linear_fixed_point_closed_form(backend, dtype, rng):
     for method in ("picard", "anderson"):
         res = deq.fixed_point(lambda z: z @ B.mT(Ab) + cb, backend.xp.zeros_like(cb),
                               method=method)
-        assert res.converged
+        assert res.all_converged
         assert check.compare(res.z, backend.asarray(expected, dtype),
                              rtol={"float64": 1e-11, "float32": 1e-4}[dtype]).passed
         # the convergence test is read every sync_cadence(8) calls: 1 on the host
         extra = backend.policy.sync_cadence(8) - 1
-        assert res.n_iter + 1 <= res.n_f_evals <= res.n_iter + 1 + extra
+        assert res.max_n_iter + 1 <= res.n_f_evals <= res.max_n_iter + 1 + extra
 
 
 @pytest.mark.parametrize("method", ["anderson", "picard"])
@@ -115,14 +119,15 @@ def test_batch_equals_loop(backend, dtype, rng, method):
     x, W, U, b = _arrays(backend, h, dtype)
     res = deq.tanh_deq(x, W, U, b, method=method)
     zb = B.to_host(res.z)
-    iters = B.to_host(res.solve.member_n_iter)
+    iters = B.to_host(res.n_iter)
+    assert iters.shape == (5,) and B.to_host(res.converged).shape == (5,)
     for i in range(5):
         ri = deq.tanh_deq(backend.asarray(h["x"][i], dtype), W, U, b, method=method)
         # members are frozen when they converge, so the trajectories coincide
-        assert ri.n_iter == iters[i]
+        assert int(ri.n_iter) == iters[i]
         np.testing.assert_allclose(zb[i], B.to_host(ri.z), rtol=0,
                                    atol={"float64": 1e-15, "float32": 1e-6}[dtype])
-    assert res.n_iter == iters.max() and len(set(iters.tolist())) > 1
+    assert res.max_n_iter == iters.max() and len(set(iters.tolist())) > 1
 
 
 def test_check_every_changes_only_the_evaluation_count(rng):
@@ -131,9 +136,11 @@ def test_check_every_changes_only_the_evaluation_count(rng):
     r1 = deq.tanh_deq(*a, check_every=1)
     r8 = deq.tanh_deq(*a, check_every=8)
     np.testing.assert_array_equal(r1.z, r8.z)
-    assert r1.n_iter == r8.n_iter
-    assert r1.n_f_evals == r1.n_iter + 1
-    assert r8.n_f_evals % 8 == 0 and r1.n_f_evals <= r8.n_f_evals < r1.n_f_evals + 8
+    for name in ("n_iter", "error", "converged", "residual"):
+        np.testing.assert_array_equal(getattr(r1, name), getattr(r8, name))
+    assert r1.n_f_evals == r1.max_n_iter + 1
+    # f(z0), then one evaluation per update; the host reads after every 8th update
+    assert (r8.n_f_evals - 1) % 8 == 0 and r1.n_f_evals <= r8.n_f_evals < r1.n_f_evals + 8
 
 
 def test_float32_anderson_with_one_state_dimension():
@@ -143,7 +150,7 @@ def test_float32_anderson_with_one_state_dimension():
     W, U = np.array([[-0.8208158]], np.float32), np.array([[-1.3432862]], np.float32)
     b = np.array([-0.18154433], np.float32)
     res = deq.tanh_deq(x, W, U, b)
-    assert res.converged
+    assert res.all_converged
     # Independent route: Picard in float64 (a contraction, |W| < 1).
     z = np.zeros((3, 1))
     for _ in range(2000):
@@ -191,7 +198,7 @@ def test_anderson_beats_picard_near_non_contractive(rng):
     ra = deq.tanh_deq(x, W, U, b, method="anderson")
     rp = deq.tanh_deq(x, W, U, b, method="picard", max_iter=5000)
     assert ra.converged and rp.converged
-    assert ra.n_iter < rp.n_iter / 5
+    assert int(ra.n_iter) < int(rp.n_iter) / 5
     np.testing.assert_allclose(ra.z, rp.z, atol=1e-9)
 
 
@@ -252,7 +259,7 @@ def test_exact_iterative_matches_dense_for_large_d(rng):
     auto = deq.deq_backward(res, g)                    # d > DENSE_MAX_D: Anderson
     dense = deq.deq_backward(res, g, solver="dense")
     assert auto.solver == "anderson" and dense.solver == "dense"
-    assert auto.converged and auto.n_vjp_z == auto.n_iter + 1
+    assert auto.all_converged and auto.n_vjp_z == auto.max_n_iter + 1
     assert deq.gradient_agreement(auto.theta_bar, dense.theta_bar).rel_error < 1e-10
 
 
@@ -680,7 +687,7 @@ def test_counts_match_instrumented_calls(rng, method, kw):
     elif kw["solver"] == "dense":
         assert out.n_vjp_z == n                      # J built from n basis VJPs
     else:
-        assert out.n_vjp_z == out.n_iter + 1 and out.n_iter > 3 and out.converged
+        assert out.n_vjp_z == out.max_n_iter + 1 and out.max_n_iter > 3 and out.all_converged
     assert out.n_vjp == out.n_vjp_z + out.n_vjp_theta
 
 
@@ -838,7 +845,7 @@ def test_unconverged_forward_is_flagged_warned_and_its_vjp_warns(backend, rng):
     with pytest.warns(ConvergenceWarning, match="did not converge"):
         res = deq.tanh_deq(*arrays, method="picard", max_iter=3)
     assert not res.converged and res.n_iter == 3 and res.residual > 1e-6
-    assert not bool(res.solve.member_converged)
+    assert not res.all_converged and res.n_converged == 0
     g = backend.asarray(rng.standard_normal(5), "float64")
     for method in ("exact", "neumann", "unroll", "jfb"):
         with pytest.warns(ConvergenceWarning, match="unconverged"):
@@ -858,9 +865,104 @@ def test_non_finite_map_stops_the_member_and_warns():
 
     with pytest.warns(ConvergenceWarning, match="1 with a non-finite f value"):
         res = deq.fixed_point(f, np.zeros((2, 3)), method="picard", lam=0.25, max_iter=200)
-    assert not res.converged
-    assert B.to_host(res.member_converged).tolist() == [False, False]
-    assert math.isinf(res.residual) and np.all(np.isfinite(res.z))
+    assert not res.all_converged
+    assert B.to_host(res.converged).tolist() == [False, False]
+    assert math.isinf(res.max_error) and np.all(np.isfinite(res.z))
+    assert np.isinf(res.residual[1]) and np.isinf(res.error[1]) and np.isfinite(res.residual[0])
+
+
+# --------------------------------------------------------------------------
+# Diagnostics: per-member arrays (refimpl.iteration's convention)
+# --------------------------------------------------------------------------
+
+def _cos_map(c):
+    """``f(z) = 0.5 cos(z) + c``, elementwise (a contraction, Lipschitz 1/2)."""
+    xp = B.namespace(c=c)
+    return lambda z: 0.5 * xp.cos(z) + c
+
+
+@pytest.mark.parametrize("method", ["anderson", "picard"])
+@pytest.mark.parametrize("bshape", [(), (3,), (2, 3)])
+def test_fixed_point_diagnostics_are_per_member_arrays(backend, dtype, rng, method, bshape):
+    c = backend.asarray(rng.standard_normal(bshape + (4,)), dtype)
+    res = deq.fixed_point(_cos_map(c), backend.xp.zeros_like(c), method=method)
+    fields = {f: B.to_host(getattr(res, f)) for f in ("n_iter", "error", "converged", "residual")}
+    assert all(v.shape == bshape for v in fields.values())
+    assert fields["n_iter"].dtype == np.int64 and fields["converged"].dtype == np.bool_
+    assert fields["error"].dtype == np.dtype(dtype) == fields["residual"].dtype
+    # error is the relative residual, residual the absolute one, both of the returned z
+    z, fz = (B.to_host(a).astype(np.float64) for a in (res.z, res.fz))
+    r, nf = np.linalg.norm(fz - z, axis=-1), np.linalg.norm(fz, axis=-1)
+    rt = {"float64": 1e-6, "float32": 1e-2}[dtype]               # r is a difference of near-equals
+    np.testing.assert_allclose(fields["residual"], r, rtol=rt, atol=1e-300)
+    np.testing.assert_allclose(fields["error"], r / nf, rtol=rt, atol=1e-300)
+    size = int(np.prod(bshape))
+    assert res.summary() == {"size": size, "n_converged": int(fields["converged"].sum()),
+                             "all_converged": bool(fields["converged"].all()),
+                             "max_error": float(fields["error"].max()),
+                             "max_n_iter": int(fields["n_iter"].max())}
+    assert res.all_converged and res.n_f_evals >= res.max_n_iter + 1
+
+
+@pytest.mark.parametrize("method", ["anderson", "picard"])
+def test_fixed_point_batch_equals_loop_bitwise(rng, method):
+    """f acts elementwise, so each member's arithmetic is the same alone or in
+    a batch: the iterates, f values and diagnostics coincide bit for bit."""
+    c = rng.standard_normal((5, 3)) * np.array([[1e-3], [0.1], [1.0], [3.0], [10.0]])
+    res = deq.fixed_point(_cos_map(c), np.zeros_like(c), method=method)
+    assert len(set(res.n_iter.tolist())) > 1
+    for i in range(5):
+        one = deq.fixed_point(_cos_map(c[i]), np.zeros(3), method=method)
+        for name in ("z", "fz", "n_iter", "error", "converged", "residual"):
+            assert np.array_equal(getattr(res, name)[i], getattr(one, name)), (i, name)
+
+
+def test_member_at_its_fixed_point_takes_no_update(rng):
+    """A member started from a converged iterate passes its test at iteration
+    0 (the f evaluation of z0) and is reported with n_iter = 0."""
+    c = rng.standard_normal((2, 3))
+    first = deq.fixed_point(_cos_map(c), np.zeros_like(c))
+    z0 = np.stack([first.z[0], np.zeros(3)])
+    res = deq.fixed_point(_cos_map(c), z0)
+    assert res.n_iter.tolist() == [0, first.n_iter[1]] and res.all_converged
+    assert np.array_equal(res.z[0], first.z[0]) and np.array_equal(res.z[1], first.z[1])
+    again = deq.fixed_point(_cos_map(c), first.z)              # the whole batch: no update
+    assert again.n_iter.tolist() == [0, 0] and again.n_f_evals == 1
+    assert deq.fixed_point(_cos_map(c), first.z, max_iter=0).all_converged
+
+
+def test_one_member_not_converging_is_reported_per_member(rng):
+    """Member 0 has ||W||_2 = 0.5 (a contraction); member 1 a W with
+    eigenvalues below -1, on which undamped Picard oscillates.  Only member 1
+    is reported unconverged; member 0 is the host's fixed point."""
+    d, p = 6, 3
+    W_good = 0.5 * np.linalg.qr(rng.standard_normal((d, d)))[0]
+    W_bad = _symmetric(rng, [-2.2, -1.6, -0.8, 0.0, 0.3, 0.5])
+    W = np.stack([W_good, W_bad])
+    x, U, b = rng.standard_normal(p), 0.2 * rng.standard_normal((d, p)), 0.05 * rng.standard_normal(d)
+    with pytest.warns(ConvergenceWarning, match="did not converge for 1 of 2 member"):
+        res = deq.tanh_deq(x, W, U, b, method="picard", max_iter=300)
+    assert res.converged.tolist() == [True, False] and res.n_converged == 1
+    assert res.n_iter[0] < 300 and res.n_iter[1] == 300 and res.error[1] > 1e-3
+    np.testing.assert_allclose(res.z[0], _host_fixed_point(x, W_good, U, b), atol=1e-11)
+    assert res.residual[0] <= deq.DEFAULT_TOL["float64"] * np.linalg.norm(res.solve.fz[0])
+    with pytest.warns(ConvergenceWarning, match="unconverged for 1 of 2 member"):
+        deq.deq_vjp(res, np.ones((2, d)), method="jfb")
+
+
+def test_backward_diagnostics_are_per_member(rng):
+    h = _layer(rng, batch=(3,))
+    res = deq.tanh_deq(h["x"], h["W"], h["U"], h["b"])
+    g = rng.standard_normal((3, 6))
+    it = deq.deq_backward(res, g, solver="picard")
+    one = [deq.deq_backward(deq.tanh_deq(h["x"][i], h["W"], h["U"], h["b"]), g[i], solver="picard")
+           for i in range(3)]
+    assert it.n_iter.shape == (3,) and it.all_converged
+    assert it.n_iter.tolist() == [int(o.n_iter) for o in one]       # batch == loop
+    for method, kw in (("exact", {"solver": "dense"}), ("neumann", {}), ("unroll", {}), ("jfb", {})):
+        out = deq.deq_backward(res, g, method=method, **kw)
+        assert out.n_iter.tolist() == [0, 0, 0] and out.converged.tolist() == [True] * 3
+        assert out.error.tolist() == [0.0] * 3 and out.summary()["max_error"] == 0.0
 
 
 def test_unconverged_backward_warns(rng):
@@ -868,7 +970,7 @@ def test_unconverged_backward_warns(rng):
     res = deq.tanh_deq(h["x"], h["W"], h["U"], h["b"])
     with pytest.warns(ConvergenceWarning, match="exact backward \\(picard\\) did not converge"):
         out = deq.deq_backward(res, rng.standard_normal(5), solver="picard", max_iter=2)
-    assert not out.converged and out.n_iter == 2
+    assert not out.all_converged and out.max_n_iter == 2
 
 
 def test_ill_conditioned_and_singular_backward(rng):

@@ -68,7 +68,7 @@ def test_sum_is_k_and_matches_brentq_sigmoid(backend, dtype, rng, largest):
         for eps in (0.03, 0.3, 3.0):
             res = topk.soft_topk(x, k, eps=eps, largest=largest)
             A = host(res.A)
-            assert res.converged
+            assert res.all_converged
             assert np.max(np.abs(A.sum(-1) - k)) <= TOL[dtype] * k * 10
             t = eps / 2
             sgn = 1.0 if largest else -1.0
@@ -253,7 +253,7 @@ def test_closed_form_equals_converged_sinkhorn(rng, largest):
     for k in (1, 4, 9):
         rc = topk.soft_topk(x, k, eps=0.5, largest=largest)
         rs = topk.soft_topk(x, k, eps=0.5, largest=largest, method="sinkhorn", tol=1e-14)
-        assert rs.converged and rs.plan is not None and rc.plan is None
+        assert rs.all_converged and rs.plan is not None and rc.plan is None
         assert np.max(np.abs(rc.A - rs.A)) <= 1e-11
         assert np.max(np.abs(rc.theta - rs.theta)) <= 1e-10
         v = rng.standard_normal(x.shape)
@@ -304,7 +304,9 @@ def test_k_zero_and_k_n(backend, dtype, rng, method, largest):
     for k, fill in ((0, 0.0), (5, 1.0)):
         res = topk.soft_topk(x, k, eps=0.1, method=method, largest=largest)
         assert np.array_equal(host(res.A), np.full((2, 5), fill))
-        assert res.converged and res.n_iter == 0
+        # exact without iterating: per row n_iter = 0, error = 0, converged
+        assert host(res.n_iter).tolist() == [0, 0] and host(res.error).tolist() == [0.0, 0.0]
+        assert to_host(res.converged).tolist() == [True, True] and res.all_converged
         assert not np.any(host(topk.soft_topk_vjp(res, v)))
         assert not np.any(host(topk.soft_topk_jvp(res, v)))
         # theta = +-inf on the side that makes the closed form A = sigmoid(sgn (x - theta)/t)
@@ -320,7 +322,7 @@ def test_tiny_eps_no_nan_and_zero_gradient(dt, rng):
     x = distinct_scores(rng, (4, 50), min_gap=0.01).astype(dt)
     for eps in (1e-5, 1e-12, 1e-30):
         res = topk.soft_topk(x, 7, eps=eps)
-        assert np.all(np.isfinite(res.A)) and res.converged
+        assert np.all(np.isfinite(res.A)) and res.all_converged
         assert np.array_equal(res.A, hard_by_sort(x.astype(np.float64), 7))
         xb = topk.soft_topk_vjp(res, rng.standard_normal(x.shape).astype(dt))
         assert np.all(np.isfinite(xb)) and not np.any(xb)      # s underflows: the limit 0
@@ -416,7 +418,7 @@ def test_unconverged_forward_is_reported_and_its_vjp_warns(rng):
         again = 1.0 / (1.0 + np.exp(-(x - res.theta) / 0.025))
         assert np.max(np.abs(again - res.A)) <= 1e-14
         s = res.A * (1.0 - res.A)
-        assert abs(res.A.sum() - 10) / s.sum() == pytest.approx(res.error, rel=1e-6)
+        assert abs(res.A.sum() - 10) / s.sum() == pytest.approx(float(res.error), rel=1e-6)
     with pytest.warns(ConvergenceWarning, match="did not converge"):
         topk.soft_topk_vjp(res, np.ones(50))
     with pytest.warns(ConvergenceWarning):
@@ -429,10 +431,75 @@ def test_unconverged_forward_is_reported_and_its_vjp_warns(rng):
 
 
 def test_check_every_gives_the_same_answer(rng):
-    x = rng.standard_normal((3, 40))
+    """check_every only spaces the host reads: every row stops at its own
+    first passing step either way, with the same A, theta and diagnostics."""
+    x = rng.standard_normal((3, 40)) * np.array([[0.1], [1.0], [10.0]])
     a = topk.soft_topk(x, 6, eps=0.5)
     b = topk.soft_topk(x, 6, eps=0.5, check_every=3)
-    assert np.max(np.abs(a.A - b.A)) <= 1e-14 and b.n_iter % 3 == 0
+    for name in ("A", "theta", "s", "n_iter", "error", "converged"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert len(set(a.n_iter.tolist())) > 1                  # the rows stop at different steps
+
+
+# --------------------------------------------------------------------------
+# Diagnostics: per-row arrays (refimpl.iteration's convention)
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["closed_form", "sinkhorn"])
+@pytest.mark.parametrize("bshape", [(), (3,), (2, 3)])
+def test_diagnostics_are_per_row_arrays_of_the_batch_shape(backend, dtype, rng, method, bshape):
+    x = backend.asarray(rng.standard_normal(bshape + (6,)), dtype)
+    for k in (0, 2, 6):
+        res = topk.soft_topk(x, k, eps=0.5, method=method)
+        n_iter, err, conv = (to_host(getattr(res, f)) for f in ("n_iter", "error", "converged"))
+        assert n_iter.shape == err.shape == conv.shape == bshape
+        assert n_iter.dtype == np.int64 and conv.dtype == np.bool_ and err.dtype == np.dtype(dtype)
+        size = int(np.prod(bshape))
+        assert res.summary() == {"size": size, "n_converged": int(conv.sum()),
+                                 "all_converged": bool(conv.all()), "max_error": float(err.max()),
+                                 "max_n_iter": int(n_iter.max())}
+        assert res.all_converged and (np.all(n_iter >= 1) if 0 < k < 6 else np.all(n_iter == 0))
+        if method == "sinkhorn" and 0 < k < 6:              # the solver's own per-member arrays
+            assert np.array_equal(n_iter, to_host(res.plan.n_iter))
+            assert np.array_equal(conv, to_host(res.plan.converged))
+    sorted_res = topk.soft_sorted_topk(x, 0, eps=0.5)
+    assert to_host(sorted_res.n_iter).shape == bshape and sorted_res.all_converged
+
+
+def test_batch_equals_loop_bitwise_with_diagnostics(rng):
+    """Rows of very different scales stop at different Newton steps; each row
+    of the batch is, bit for bit, the row solved alone (values and diagnostics)."""
+    x = rng.standard_normal((4, 30)) * np.array([[1e-3], [0.1], [1.0], [30.0]])
+    for largest in (True, False):
+        res = topk.soft_topk(x, 7, eps=0.2, largest=largest)
+        assert len(set(res.n_iter.tolist())) > 1
+        for i in range(4):
+            one = topk.soft_topk(x[i], 7, eps=0.2, largest=largest)
+            for name in ("A", "theta", "s", "n_iter", "error", "converged"):
+                assert np.array_equal(getattr(res, name)[i], getattr(one, name)), (i, name)
+
+
+def test_one_row_not_converging_is_reported_per_row(rng):
+    """Row 0, ``(-1, 1, -1, 1)`` with k = 2, has its root at the starting point
+    theta_0 = 0 (by symmetry ``sum A = 2`` exactly there): it converges at the
+    first evaluation, while the other rows need several and are cut off."""
+    x = np.concatenate([[[-1.0, 1.0, -1.0, 1.0]], rng.standard_normal((2, 4)) * 0.1])
+    with pytest.warns(ConvergenceWarning, match="did not converge for 2 of 3 row"):
+        res = topk.soft_topk(x, 2, eps=0.1, max_iter=1)
+    assert res.converged.tolist() == [True, False, False] and res.n_converged == 1
+    assert res.n_iter.tolist() == [1, 1, 1] and res.error[0] == 0.0 and res.theta[0] == 0.0
+    assert np.all(res.error[1:] > topk._default_tol(x.dtype, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full = topk.soft_topk(x, 2, eps=0.1)
+    assert full.all_converged and full.n_iter[0] == 1 and np.all(full.n_iter[1:] > 1)
+    # the converged row is the same whether or not the others were cut off
+    assert np.array_equal(res.A[0], full.A[0])
+    # its A is sigmoid(x / t), theta = 0, from scipy
+    from scipy.special import expit
+    np.testing.assert_allclose(full.A[0], expit(x[0] / 0.05), rtol=1e-15)
+    with pytest.warns(ConvergenceWarning, match="2 of 3 row"):
+        topk.soft_topk_vjp(res, np.ones_like(x))
 
 
 @pytest.mark.parametrize("bad_k, exc", [(-1, ValueError), (6, ValueError), (1.5, TypeError),
@@ -573,7 +640,7 @@ def test_sorted_topk_structure_and_hard_limit(backend, dtype, rng, largest):
     # rate degrades as eps / gap -> 0; the sorted variant has no closed form).
     res = topk.soft_sorted_topk(x, 3, eps=0.15, largest=largest)
     A = host(res.A)
-    assert A.shape == (2, 7, 3) and res.converged and res.y == (0.0, 1.0, 2.0, 3.0)
+    assert A.shape == (2, 7, 3) and res.all_converged and res.y == (0.0, 1.0, 2.0, 3.0)
     assert np.allclose(A.sum(-2), 1.0, atol=TOL[dtype] * 100)
     assert np.all(A.sum(-1) <= 1.0 + TOL[dtype] * 100)
     order = np.argsort(-host(x) if largest else host(x), axis=-1)[:, :3]

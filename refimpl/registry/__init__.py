@@ -18,7 +18,7 @@ generator with flags describing the edge it exercises.
 
 ``forward``     the primary output against the oracle (computed on the host
                 in float64 from the same, dtype-rounded, inputs);
-``converged``   the result's own convergence flag, when it has one;
+``converged``   the result's own convergence flags (every member's), when it has them;
 ``adjoint``     the dot-product test of JVP against VJP;
 ``fd_jvp``/``fd_vjp``  JVP/VJP against Richardson-extrapolated central
                 differences of the float64 forward along a feasible direction
@@ -343,6 +343,14 @@ def _check_batch(spec: OpSpec, case: Case, be: Backend, dtype: str, host: dict,
                        f"{int(np.prod(bshape))} members")
 
 
+def _on_host(v):
+    """A diagnostic (array of any backend, or a Python scalar) as a NumPy array;
+    None stays None."""
+    if v is None:
+        return None
+    return np.asarray(v) if isinstance(v, (bool, int, float)) else np.asarray(to_host(v))
+
+
 def verify_case(spec: OpSpec, case: Case, *, backend: str | Backend = "numpy",
                 dtype: str = "float64") -> list[CheckResult]:
     """Run every applicable check of ``case`` and return the results.
@@ -376,9 +384,13 @@ def verify_case(spec: OpSpec, case: Case, *, backend: str | Backend = "numpy",
     elif not np.all(np.isfinite(out_h)):
         results.append(CheckResult("forward", math.inf, 0.0, False, "output not finite"))
     if hasattr(res, "converged"):
-        ok = bool(np.all(to_host(res.converged))) if not isinstance(res.converged, bool) else res.converged
-        results.append(CheckResult("converged", 0.0 if ok else 1.0, 0.0, ok,
-                                   f"n_iter={getattr(res, 'n_iter', '?')}"))
+        # Per-member flags (refimpl.iteration's convention): every member must converge.
+        conv = _on_host(res.converged)
+        iters = _on_host(getattr(res, "n_iter", None))
+        ok = bool(np.all(conv))
+        detail = (f"{int(conv.sum())} of {conv.size} converged, n_iter <= {int(iters.max())}"
+                  if iters is not None and iters.size else "")
+        results.append(CheckResult("converged", 0.0 if ok else 1.0, 0.0, ok, detail))
 
     # -- derivatives -----------------------------------------------------
     u_host, v_host = draw_directions(spec, rng, host, out_h)
