@@ -612,14 +612,10 @@ def _solve_fixed_point(f, z0, *, method, tol, atol, max_iter, lam, m, reg, sync_
     st = _FixedPointState(z=z0, fz=z0, g=xp.zeros_like(z0), r=zero, nf=zero, converged=no,
                           failed=no, n_iter=xp.zeros(bshape, dtype=xp.int64, device=dev))
     st = evaluate(st, ~no)                                     # iteration 0: f(z0)
-    # The driver measures only after an update: members that pass at z0 are
-    # frozen by evaluation 0 and keep n_iter = 0 in the state, whose final
-    # values are each member's diagnostics.  On the host, where the read is
-    # free, a batch done at z0 skips the driver (no further f call).
-    done_at_z0 = sync_every == 1 and not bool(xp.any(~(st.converged | st.failed)))
-    if max_iter > 0 and not done_at_z0:
-        st, _ = iterate(advance, lambda s: _fixed_point_error(xp, s), st, batch=bshape,
-                        like=z0, schedule=Schedule(max_iter=max_iter, sync_every=sync_every))
+    # Check 0 measures evaluation 0: members that pass at z0 keep n_iter = 0
+    # (the state's own counts are each member's diagnostics).
+    st, _ = iterate(advance, lambda s: _fixed_point_error(xp, s), st, batch=bshape, like=z0,
+                    schedule=Schedule(max_iter=max_iter, sync_every=sync_every, measure_initial=True))
     return st, n_f_evals, tuple(history) if record_history else None
 
 

@@ -132,15 +132,18 @@ class Schedule:
 
     Attributes
     ----------
-    max_iter : the iteration limit (>= 1); the state at ``max_iter`` is
-        always measured.
+    max_iter : the iteration limit; the state at ``max_iter`` is always
+        measured.
     check_every : iterations between measurements (device work only).
     sync_every : measurements between host reads of "any member active".
+    measure_initial : also measure the initial state (check 0): members
+        whose test holds there stop with ``n_iter = 0``.
     """
 
     max_iter: int
     check_every: int = 1
     sync_every: int = 1
+    measure_initial: bool = False
 
     @staticmethod
     def for_policy(policy: backend.DevicePolicy, *, max_iter: int, check_every: int = 1,
@@ -199,25 +202,49 @@ def iterate(advance: Callable[[Any, Any, int], Any],
     xp = backend.namespace(like=like)
     dev = backend.device(like)
     dt = like.dtype if error_dtype is None else error_dtype
-    active = xp.ones(batch, dtype=xp.bool, device=dev)
-    error = xp.full(batch, math.inf, dtype=dt, device=dev)
-    n_iter = xp.zeros(batch, dtype=xp.int64, device=dev)
-    converged = xp.zeros(batch, dtype=xp.bool, device=dev)
+    rec = _Record(xp.ones(batch, dtype=xp.bool, device=dev),
+                  xp.full(batch, math.inf, dtype=dt, device=dev),
+                  xp.zeros(batch, dtype=xp.int64, device=dev),
+                  xp.zeros(batch, dtype=xp.bool, device=dev))
     it = checks = 0
+    if schedule.measure_initial:
+        rec = _check(xp, rec, measure(state), 0)
+        if schedule.max_iter == 0 or not bool(xp.any(rec.active)):
+            return state, rec.diagnostics()
     while it < schedule.max_iter:
         k = min(schedule.check_every, schedule.max_iter - it)
-        state = advance(state, active, k)
+        state = advance(state, rec.active, k)
         it += k
         checks += 1
-        measured = tuple(measure(state))
-        err, done = measured[0], measured[1]
-        failed = measured[2] if len(measured) > 2 else None
-        stop = done if failed is None else done | failed
-        # Record the members still running at this check, then retire those stopping.
-        error = xp.where(active, err, error)
-        n_iter = xp.where(active, xp.full_like(n_iter, it), n_iter)
-        converged = xp.where(active, done if failed is None else done & ~failed, converged)
-        active = active & ~stop
-        if it < schedule.max_iter and checks % schedule.sync_every == 0 and not bool(xp.any(active)):
+        rec = _check(xp, rec, measure(state), it)
+        if it < schedule.max_iter and checks % schedule.sync_every == 0 and not bool(xp.any(rec.active)):
             break
-    return state, Diagnostics(n_iter=n_iter, error=error, converged=converged)
+    return state, rec.diagnostics()
+
+
+@dataclass(frozen=True)
+class _Record:
+    """The driver's per-member bookkeeping: who is still running, and the
+    error, iteration count and verdict at each member's last check."""
+
+    active: Any
+    error: Any
+    n_iter: Any
+    converged: Any
+
+    def diagnostics(self) -> Diagnostics:
+        return Diagnostics(n_iter=self.n_iter, error=self.error, converged=self.converged)
+
+
+def _check(xp, rec: _Record, measured, it: int) -> _Record:
+    """Record the members still running at check ``it``, then retire those
+    whose test holds or that failed."""
+    measured = tuple(measured)
+    err, done = measured[0], measured[1]
+    failed = measured[2] if len(measured) > 2 else None
+    stop = done if failed is None else done | failed
+    a = rec.active
+    return _Record(active=a & ~stop,
+                   error=xp.where(a, err, rec.error),
+                   n_iter=xp.where(a, xp.full_like(rec.n_iter, it), rec.n_iter),
+                   converged=xp.where(a, done if failed is None else done & ~failed, rec.converged))

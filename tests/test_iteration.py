@@ -112,3 +112,20 @@ def test_unbatched_diagnostics_are_0d_and_empty_summary():
     empty = Diagnostics(n_iter=np.zeros(0, np.int64), error=np.zeros(0), converged=np.zeros(0, bool))
     assert empty.summary() == {"size": 0, "n_converged": 0, "all_converged": True,
                                "max_error": 0.0, "max_n_iter": 0}
+
+
+def test_measure_initial_stops_members_done_at_the_start():
+    e0 = np.array([0.5, 8.0])
+    advance, calls = _halving(e0)
+    state, diag = iterate(advance, lambda e: (e, e <= 1.0), e0, batch=(2,), like=e0,
+                          schedule=Schedule(max_iter=20, measure_initial=True))
+    np.testing.assert_array_equal(diag.n_iter, [0, 3])
+    np.testing.assert_array_equal(state, [0.5, 1.0])
+    assert not calls[0][1][0]                      # the first member never advanced
+    calls.clear()
+    _, diag = iterate(advance, lambda e: (e, e <= 10.0), e0, batch=(2,), like=e0,
+                      schedule=Schedule(max_iter=20, measure_initial=True))
+    assert calls == [] and diag.all_converged and diag.max_n_iter == 0
+    _, diag = iterate(advance, lambda e: (e, e <= 1.0), e0, batch=(2,), like=e0,
+                      schedule=Schedule(max_iter=0, measure_initial=True))
+    np.testing.assert_array_equal(diag.converged, [True, False])
