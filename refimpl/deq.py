@@ -242,11 +242,6 @@ def _check_lam(lam) -> float:
     return v
 
 
-def _check_int(value, name: str, *, minimum: int) -> int:
-    """An integer >= minimum (:func:`refimpl.backend.check_int`)."""
-    return backend.check_int(value, name, min=minimum)
-
-
 def _rows_matvec(W, z):
     """``W z`` for every row of ``z`` (..., n); one GEMM ``z W^T`` when W is 2-D."""
     return z @ mT(W) if W.ndim == 2 else matvec(W, z)
@@ -486,14 +481,14 @@ def fixed_point(f: Callable, z0, *, method: str = "anderson", tol: float | None 
     atol = backend.check_positive(atol, "atol", allow_zero=True)
     if tol == 0.0 and atol == 0.0:
         raise ValueError("arguments 'tol' and 'atol' are both 0: the solver could never stop")
-    max_iter = _check_int(max_iter, "max_iter", minimum=0)
+    max_iter = backend.check_int(max_iter, "max_iter", min=0)
     lam = _check_lam(lam)
     if method == "picard" and (m is not None or reg is not None):
         raise ValueError("arguments 'm' and 'reg' apply only to method='anderson'")
-    m = 5 if m is None else _check_int(m, "m", minimum=1)
+    m = 5 if m is None else backend.check_int(m, "m", min=1)
     reg = 1e-10 if reg is None else backend.check_positive(reg, "reg")
     sync_every = (backend.policy_of(z0).sync_cadence(8) if check_every is None
-                  else _check_int(check_every, "check_every", minimum=1))
+                  else backend.check_int(check_every, "check_every", min=1))
     st, n_f_evals, history = _solve_fixed_point(f, z0, method=method, tol=tol, atol=atol,
                                                 max_iter=max_iter, lam=lam, m=m, reg=reg,
                                                 sync_every=sync_every,
@@ -720,7 +715,7 @@ def _resolve_method_args(method, k, lam, solver, solver_opts: dict):
                 raise ValueError(f"argument {name!r} applies only to method='exact', "
                                  f"not to method={method!r}")
     if method in ("unroll", "neumann"):
-        k = 5 if k is None else _check_int(k, "k", minimum=1)
+        k = 5 if k is None else backend.check_int(k, "k", min=1)
         lam = 0.5 if lam is None else _check_lam(lam)
         return k, lam, None
     for name, val in (("k", k), ("lam", lam)):
