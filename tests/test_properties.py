@@ -265,12 +265,9 @@ def test_sinkhorn_batch_equals_loop(problem, seed):
 @given(ot_problems(balanced=False), st.floats(-1, 1), st.floats(-1, 1), st.booleans(), SEEDS)
 def test_sinkhorn_unbalanced_stationarity_and_adjoint(problem, la, lb, hard_rows, seed):
     dtype, C, a, b, eps = problem
-    # Non-negative costs: the relaxed problem is not shift invariant, and a
-    # negative cost inflates the plan's mass far above sum(b) (1e6 times for
-    # C ~ -4.5, eps = 0.032, rho ~ 0.1-0.2), where the error, measured
-    # relative to sum(b), cannot reach the float32 floor (reported as not
-    # converged, error 4.8) and float64 needs more than max_iter sweeps.
-    C = C - C.min()
+    # Negative costs inflate the plan's mass far above sum(b) (1e6 times for
+    # C ~ -4.5, eps = 0.032, rho ~ 0.1-0.2); the error is measured relative
+    # to the relaxed target's own mass, so its rounding floor is unchanged.
     C, a, b = _cast(dtype, C, a, b)
     # rho / eps in [0.1, 100]: the relaxed iteration contracts by ~tau =
     # rho / (rho + eps) per step, so rho / eps = 1000 needs ~2e4 iterations
@@ -292,8 +289,6 @@ def test_sinkhorn_unbalanced_stationarity_and_adjoint(problem, la, lb, hard_rows
     a_eff = a if rho_a is None else a * np.exp(-f / rho_a)
     b_eff = b * np.exp(-g / rho_b)
     row, col = _marginal_error(P, a_eff, b_eff)
-    col = col * np.abs(b_eff).sum(-1) / np.abs(b).sum(-1)        # the solver's normalisation
-    row = row * np.abs(b_eff).sum(-1) / np.abs(b).sum(-1)
     tol = float(np.max(res.tol))
     assert float(np.max(col)) <= 2.0 * tol and float(np.max(row)) <= 2.0 * tol, (row, col, tol)
     dC, da, db, P_bar = _ot_directions(seed, dtype, C, a, b, eps)

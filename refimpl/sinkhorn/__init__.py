@@ -43,7 +43,7 @@ condition ``f = -rho_a log(r / a)`` solved for ``f``).  Every ``check_every``
 iterations, right after a ``phi`` update (so the row condition holds to
 round-off), the relative L1 marginal error
 
-    error = || c - b exp(-g / rho_b) ||_1 / ||b||_1     (= ||P^T 1 - b||_1 / ||b||_1 balanced)
+    error = || c - t ||_1 / ||t||_1,   t = b exp(-g / rho_b)     (= ||P^T 1 - b||_1 / ||b||_1 balanced)
 
 is measured from the column log-sum-exp the next ``psi`` update needs anyway.
 A batch member stops (and is frozen, so a batch gives what a loop gives) once

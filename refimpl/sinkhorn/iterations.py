@@ -65,11 +65,17 @@ class _Problem:
 
 def _marginal_error(xp, pb: _Problem, log_c, psi):
     """``(error, done, failed)`` of one convergence check: the relative L1
-    column error ``||c - b exp(-beta psi)||_1 / sum(b)`` of the plan with
-    column marginal ``c = exp(log_c)``; a member stops at ``error <= tol``
-    and fails on a NaN error."""
-    target = pb.b if pb.beta == 0.0 else pb.b * xp.exp(-pb.beta * psi)
-    err = xp.sum(xp.abs(xp.exp(log_c) - target), axis=-1) / pb.mass_b
+    column error ``||c - t||_1 / ||t||_1`` of the plan with column marginal
+    ``c = exp(log_c)`` against its target ``t = b exp(-beta psi)`` (``t = b``
+    balanced); a member stops at ``error <= tol`` and fails on a NaN error.
+    Relative to the target's own mass, the error has the same rounding floor
+    however far a relaxed side moves the mass from ``sum(b)``."""
+    if pb.beta == 0.0:
+        target, mass = pb.b, pb.mass_b
+    else:
+        target = pb.b * xp.exp(-pb.beta * psi)
+        mass = xp.sum(target, axis=-1)
+    err = xp.sum(xp.abs(xp.exp(log_c) - target), axis=-1) / mass
     return err, err <= pb.tol, xp.isnan(err)
 
 
