@@ -800,9 +800,9 @@ def single_threaded_blas(like, when: bool = True):
 @functools.lru_cache(maxsize=1)
 def _blas_controller():
     """threadpoolctl's view of the loaded BLAS libraries (NumPy's and SciPy's),
-    made once: building it scans the process's shared libraries (about 0.6 ms,
-    a sixth of a 10 x 10 Sinkhorn solve), while entering a limit on it is
-    cheap.  None without threadpoolctl."""
+    made once: building it scans the process's shared libraries, which costs
+    more than a small Sinkhorn solve, while entering a limit on it is cheap.
+    None without threadpoolctl."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
