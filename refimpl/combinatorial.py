@@ -239,8 +239,8 @@ def declare(*, core_ndim: int, sense: str, projections, host: bool = False,
     """
     core_ndim = backend.check_int(core_ndim, "core_ndim", min=0)
     host = backend.check_flag(host, "host")
-    sense = _check_choice(sense, "sense", _SENSES)
-    projections = tuple(_check_choice(p, "projections", PROJECTIONS) for p in projections)
+    sense = backend.check_choice(sense, "sense", _SENSES)
+    projections = tuple(backend.check_choice(p, "projections", PROJECTIONS) for p in projections)
     if "none" not in projections:
         projections = ("none",) + projections
 
@@ -329,12 +329,8 @@ class CountingSolver:
 # Input validation
 # --------------------------------------------------------------------------
 
-def _check_choice(value, name: str, choices) -> str:
-    return backend.check_choice(value, name, choices)
-
-
 def _projection_name(projection) -> str:
-    return _check_choice("none" if projection is None else projection, "projection", PROJECTIONS)
+    return backend.check_choice("none" if projection is None else projection, "projection", PROJECTIONS)
 
 
 def _check_cost(w, name: str, core_ndim: int):
@@ -577,7 +573,7 @@ def shortest_path(W, *, neighbourhood: int = 8, negative: str = "raise"):
     xp = _check_cost(W, "W", 2)
     if neighbourhood not in (4, 8):
         raise ValueError(f"argument 'neighbourhood' must be 4 or 8, got {neighbourhood!r}")
-    _check_choice(negative, "negative", ("raise", "clip"))
+    backend.check_choice(negative, "negative", ("raise", "clip"))
     host = backend.to_host(W).astype(np.float64)
     if host.size and host.min() < 0.0:
         if negative == "raise":
@@ -811,7 +807,7 @@ def identity_vjp(w, y_bar, *, projection=None, sense: str = "min", core_ndim: in
     >>> identity_vjp(np.array([3.0, 1.0, 2.0]), g)           # min-form: -g
     array([-0.5,  2. , -1. ])
     """
-    sense = _check_choice(sense, "sense", _SENSES)
+    sense = backend.check_choice(sense, "sense", _SENSES)
     core_ndim = backend.check_int(core_ndim, "core_ndim", min=0)
     _check_cost(w, "w", core_ndim)
     _check_like(y_bar, "y_bar", w, "w")
@@ -894,7 +890,7 @@ def identity_layer(solver, w, *, projection=None, alpha: float = 0.0,
     """
     spec = solver_spec(solver)
     name = check_projection(solver, projection)
-    _check_choice(noise_order, "noise_order", ("after", "before"))
+    backend.check_choice(noise_order, "noise_order", ("after", "before"))
     alpha = backend.check_positive(alpha, "alpha", allow_zero=True)
     _check_cost(w, "w", spec.core_ndim)
     if xi is not None:
@@ -1034,7 +1030,7 @@ def perturbed(solver, w, *, sigma: float, n_samples: int, rng=None,
     """
     spec = solver_spec(solver)
     sigma = backend.check_positive(sigma, "sigma")
-    _check_choice(noise, "noise", _NOISES)
+    backend.check_choice(noise, "noise", _NOISES)
     n_samples = backend.check_int(n_samples, "n_samples", min=1)
     xp = _check_cost(w, "w", spec.core_ndim)
     shape = (int(n_samples),) + tuple(w.shape)

@@ -260,12 +260,6 @@ def _check_k(k: Any, n: int) -> int:
     return backend.check_int(k, "k", min=0, max=n)
 
 
-def _check_flag(value: Any, name: str) -> bool:
-    """A bool (:func:`refimpl.backend.check_flag`): ``bool("False")`` is True,
-    so a silent conversion would select the wrong end."""
-    return backend.check_flag(value, name)
-
-
 def _check_anchor_range(xp, xs, y, eps: float) -> None:
     """Refuse scores whose anchor costs ``(x_i - mean x - y_j)^2`` overflow,
     or overflow once divided by ``eps``, in float64 (the Sinkhorn path's
@@ -588,7 +582,7 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
     k = _check_k(k, n)
     eps = _check_eps(xp, eps, x.dtype)
     method = backend.check_choice(method, "method", METHODS)
-    largest = _check_flag(largest, "largest")
+    largest = backend.check_flag(largest, "largest")
     y1, y2 = ANCHORS
     t = eps / (2.0 * (y2 - y1))
     if k in (0, n):
@@ -597,11 +591,11 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
     xs = x if largest else -x                            # largest=False is largest=True on -x
     if method == "closed_form":
         tol = _default_tol(x.dtype, n) if tol is None else backend.check_positive(tol, "tol")
-        max_iter = 100 if max_iter is None else _check_count(max_iter, "max_iter")
+        max_iter = 100 if max_iter is None else backend.check_int(max_iter, "max_iter", min=1)
         if check_every is None:                          # each host read waits for the device
             schedule = Schedule.for_policy(backend.policy_of(x), max_iter=max_iter, on_device=3)
         else:
-            schedule = Schedule(max_iter=max_iter, sync_every=_check_count(check_every, "check_every"))
+            schedule = Schedule(max_iter=max_iter, sync_every=backend.check_int(check_every, "check_every", min=1))
         theta, A, s, diag = _solve_threshold(xp, xs, k, t, tol, schedule)
         if not diag.all_converged:
             warnings.warn(f"soft_topk: the threshold iteration did not converge for "
@@ -621,10 +615,6 @@ def soft_topk(x, k, *, eps, largest: bool = True, method: str = "closed_form",
     plan = _plan_as(xp, plan, x.dtype)
     return SoftTopkResult(A=A, theta=sign * theta, plan=plan, s=None, x=x, k=k, eps=eps,
                           largest=largest, method=method, t=t, **_plan_diagnostics(plan))
-
-
-def _check_count(value, name: str) -> int:
-    return backend.check_int(value, name, min=1)
 
 
 def _closed_form_jvp(xp, res: SoftTopkResult, dxs):
@@ -717,7 +707,7 @@ def _anchor_transport(xp, x, y, nu, eps, tol, max_iter):
                         tuple(x.shape[:-1]) + (len(nu),))
     if tol is None:
         tol = 1e-12 if backend.dtype_name(x.dtype) == "float64" else 1e-6
-    max_iter = 100000 if max_iter is None else _check_count(max_iter, "max_iter")
+    max_iter = 100000 if max_iter is None else backend.check_int(max_iter, "max_iter", min=1)
     return sinkhorn(C, a, b, eps=eps, tol=backend.check_positive(tol, "tol"), max_iter=max_iter)
 
 
@@ -799,7 +789,7 @@ def soft_sorted_topk(x, k, *, eps, largest: bool = True, tol: float | None = Non
     n = x.shape[-1]
     k = _check_k(k, n)
     eps = _check_eps(xp, eps, x.dtype)
-    largest = _check_flag(largest, "largest")
+    largest = backend.check_flag(largest, "largest")
     y, nu = _sorted_anchors(n, k)
     if k == 0:
         A = xp.zeros(tuple(x.shape) + (0,), dtype=x.dtype, device=backend.device(x))
@@ -871,7 +861,7 @@ def hard_topk(x, k, *, largest: bool = True):
     """
     xp = _check_scores(x)
     k = _check_k(k, x.shape[-1])
-    xs = x if _check_flag(largest, "largest") else -x
+    xs = x if backend.check_flag(largest, "largest") else -x
     xi, xj = xs[..., :, None], xs[..., None, :]
     above = xp.sum(xp.astype(xj > xi, x.dtype), axis=-1)
     tied = xp.sum(xp.astype(xj == xi, x.dtype), axis=-1)
@@ -885,7 +875,7 @@ def boundary_gap(x, k, *, largest: bool = True):
     xp = _check_scores(x)
     n = x.shape[-1]
     k = _check_k(k, n)
-    largest = _check_flag(largest, "largest")
+    largest = backend.check_flag(largest, "largest")
     if k in (0, n):
         return xp.full(tuple(x.shape[:-1]), math.inf, dtype=x.dtype, device=backend.device(x))
     hi, lo = _boundary_pair(xp, x if largest else -x, k)
@@ -915,7 +905,7 @@ def soft_topk_error_bound(eps: float, delta: float, k: int, n: int, *,
     True
     """
     eps = backend.check_positive(eps, "eps")
-    n = _check_count(n, "n")
+    n = backend.check_int(n, "n", min=1)
     k = _check_k(k, n)
     # +inf (the gap for k = 0 or n, from boundary_gap) is allowed
     try:

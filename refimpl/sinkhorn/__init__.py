@@ -206,7 +206,8 @@ import sys
 import types
 
 from .adjoint import gauge_fix, sinkhorn_jvp, sinkhorn_vjp, sinkhorn_vjp_eps
-from .bounds import constraint_pinv_norm, sinkhorn_conditioning, sinkhorn_error_bound
+from .bounds import constraint_pinv_norm as constraint_pinv_norm  # used by the derivations
+from .bounds import sinkhorn_conditioning, sinkhorn_error_bound
 from .forward import sinkhorn
 from .results import Conditioning, ErrorBound, SinkhornResult, UnrolledResult
 from .system import KKT_MAX_UNKNOWNS, METHODS
@@ -227,7 +228,6 @@ __all__ = [
     "ErrorBound",
     "SinkhornResult",
     "UnrolledResult",
-    "constraint_pinv_norm",
     "entropic_value",
     "entropic_value_grad",
     "gauge_fix",
