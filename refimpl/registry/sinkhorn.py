@@ -487,6 +487,12 @@ _VALUES = {
 _VALUE_CASES = ("uniform_4x2", "nonuniform_6x5", "single_row", "tiny_marginals", "batch_scales",
                 "shared_marginals", "additive_cost")
 
+#: Descriptions of the reused cases where the plan's wording does not fit a value.
+_VALUE_CASE_TEXT = {
+    "single_row": "n = 1: P = b^T whatever C; closed-form value and gradient (dC = b^T)",
+    "additive_cost": "C = u 1^T + 1 v^T: P = a b^T, closed-form value and gradient",
+}
+
 
 @dataclass(frozen=True)
 class SinkhornValue:
@@ -724,7 +730,8 @@ def _value_spec(kind: str) -> OpSpec:
         vjp=_value_vjp(kind),
         jvp=_value_jvp(kind),
         oracle=_value_oracle(kind),
-        cases=tuple(balanced[i] for i in _VALUE_CASES),
+        cases=tuple(dataclasses.replace(balanced[i], description=_VALUE_CASE_TEXT.get(
+            i, balanced[i].description)) for i in _VALUE_CASES),
         tol=_TOL,
         tangents=_sinkhorn_tangents,
         cotangent=_value_cotangent,
