@@ -240,3 +240,15 @@ def test_cli_list_value_operator(capsys):
     out = capsys.readouterr().out
     assert "fn(C, a, b, *, eps) -> value" in out
     assert "additive_cost" in out and "batch_scales" in out
+
+
+def test_golden_vectors_round_trip_scalar_outputs(tmp_path):
+    """Exported value vectors keep their 0-d outputs and cotangents (a value per
+    unbatched case), load back, and validate against them as against a recomputation."""
+    from refimpl import vectors
+    vectors.export(tmp_path, ops=["sinkhorn_entropic"])
+    gv = vectors.load(tmp_path)
+    case = gv.case("sinkhorn_entropic", "uniform_4x2")
+    assert case.output.shape == () and case.cotangent.shape == ()
+    report = _run("sinkhorn_entropic", vectors_dir=tmp_path)
+    assert report.passed, report.table()
