@@ -11,7 +11,9 @@ check's row.  Progress lines go to stderr (``--quiet`` silences them).
 ``refimpl list [OP]`` shows what the registry holds: without OP one row per
 operator (number of cases, dtypes, whether a VJP/JVP exists, the calling
 convention a candidate follows in ``validate``); with OP that operator's
-cases (id, dtypes, flags, parameters, description).  ``--json`` prints the
+named gradients (what ``validate --gradient NAME[:key=value,...]`` accepts,
+with each option's type) and its cases (id, dtypes, flags, parameters,
+description).  ``--json`` prints the
 same facts as JSON.
 
 ``refimpl export DIR`` writes the golden test vectors of every registered
@@ -145,6 +147,7 @@ def _operator_facts(spec) -> dict:
     return {
         "name": spec.name,
         "description": spec.description,
+        "gradients": _gradient_facts(spec),
         "inputs": [{"name": k, "core_ndim": n} for k, n in zip(spec.inputs, spec.core_ndim)],
         "output": spec.output,
         "output_core_ndim": spec.output_core_ndim,
@@ -158,6 +161,20 @@ def _operator_facts(spec) -> dict:
         "n_validate_cases": sum(c.for_candidates for c in spec.cases),
         "cases": [case_facts(c) for c in spec.cases],
     }
+
+
+def _gradient_facts(spec) -> list[dict]:
+    """The operator's named gradients (``OpSpec.gradients``), which
+    ``validate --gradient NAME[:key=value,...]`` accepts: name, description,
+    options ``{key: type name}`` and the accepted form, e.g.
+    ``neumann[:k=<int>,lam=<float>]``."""
+    out = []
+    for name, ng in spec.gradients.items():
+        options = {k: t.__name__ for k, t in ng.options.items()}
+        form = ",".join(f"{k}=<{t}>" for k, t in options.items())
+        out.append({"name": name, "description": ng.description, "options": options,
+                    "usage": f"{name}[:{form}]" if form else name})
+    return out
 
 
 def _params_text(case: dict) -> str:
@@ -202,6 +219,10 @@ def cmd_list(args) -> int:
           f"VJP:       {f['vjp']}; JVP: {'yes' if f['jvp'] else 'none'}\n"
           f"validate:  {f['validate_signature']}\n"
           f"   --vjp:  {f['validate_vjp_signature']}\n")
+    if f["gradients"]:
+        print("gradients: the reference gradient 'refimpl validate --gradient' takes:\n"
+              + _format_table([(g["usage"], g["description"]) for g in f["gradients"]],
+                              ("--gradient", "description")) + "\n")
     print(_format_table(
         [(c["id"], ",".join(c["dtypes"]), ",".join(c["flags"]) or "-",
           "yes" if c["for_validate"] else "no", _params_text(c), c["description"])

@@ -378,7 +378,9 @@ def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             member = io.BytesIO()
-            np.lib.format.write_array(member, np.ascontiguousarray(a, dtype="<f8"),
+            # asarray(order="C"), not ascontiguousarray: that one makes a 0-d
+            # array (a scalar value per case) 1-d
+            np.lib.format.write_array(member, np.asarray(a, dtype="<f8", order="C"),
                                       version=(1, 0), allow_pickle=False)
             zf.writestr(info, member.getvalue())
     tmp = path.with_name(path.name + ".tmp")

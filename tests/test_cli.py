@@ -287,6 +287,46 @@ def test_list_json(capsys):
     assert case["dtypes"] == ["float64", "float32"] and case["for_validate"] is True
 
 
+def test_list_shows_named_gradients(capsys):
+    """``refimpl list OP`` tells which ``--gradient NAME[:key=<type>,...]`` OP
+    accepts: every entry of OpSpec.gradients, its options with their types and
+    its description; the JSON form carries the same; an operator without named
+    gradients has no such section."""
+    spec = registry.get_spec("tanh_deq")
+    assert cli.main(["list", "tanh_deq"]) == 0
+    out = capsys.readouterr().out
+    assert "--gradient" in out
+    for name, ng in spec.gradients.items():
+        form = ",".join(f"{k}=<{t.__name__}>" for k, t in ng.options.items())
+        usage = f"{name}[:{form}]" if form else name
+        (row,) = [line for line in out.splitlines() if line.split()[:1] == [usage]]
+        assert ng.description in row
+    assert "neumann[:k=<int>,lam=<float>]" in out and "unroll[:k=<int>,lam=<float>]" in out
+    assert cli.main(["list", "tanh_deq", "--json"]) == 0
+    grads = json.loads(capsys.readouterr().out)["gradients"]
+    assert [g["name"] for g in grads] == list(spec.gradients)
+    (neumann,) = [g for g in grads if g["name"] == "neumann"]
+    assert neumann["options"] == {"k": "int", "lam": "float"}
+    assert neumann["usage"] == "neumann[:k=<int>,lam=<float>]"
+    # every advertised usage is accepted by validate's parser
+    from refimpl.validate import parse_gradient
+    assert parse_gradient(spec, "neumann:k=3,lam=0.25") == ("neumann", {"k": 3, "lam": 0.25})
+    assert cli.main(["list", "sinkhorn"]) == 0
+    assert "--gradient" not in capsys.readouterr().out
+    assert cli.main(["list", "sinkhorn", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gradients"] == []
+
+
+def test_list_value_operator(capsys):
+    """The Sinkhorn values: a scalar per batch member, candidates fn(C, a, b, *, eps)."""
+    for name in ("sinkhorn_linear", "sinkhorn_entropic", "sinkhorn_kl"):
+        assert cli.main(["list", name]) == 0
+        out = capsys.readouterr().out
+        assert "fn(C, a, b, *, eps) -> value" in out and "(0-d core)" in out
+        assert "vjp(C, a, b, value_bar, *, eps) -> (C_bar, a_bar, b_bar)" in out
+        assert "additive_cost" in out
+
+
 def test_verify_exclude_case(capsys):
     ids = [c.id for c in registry.get_spec("linear_solve").cases]
     assert cli.main(["verify", "--op", "linear_solve", "--dtype", "float64", "-q",

@@ -51,6 +51,24 @@ EXPECTED = {
         "single_row": ("pass", None),
         "tiny_marginals": ("pass", None),
     }),
+    "pot_sinkhorn2": ("sinkhorn_linear", "sinkhorn_linear", "torch", ("torch", "ot"), {
+        "uniform_4x2": ("pass", None),
+        "batch_scales": ("pass", None),
+        # autodiff through the single iteration POT needs on an additive cost
+        "additive_cost": ("FAIL", "gradient off"),
+    }),
+    "ott_reg_ot_cost": ("sinkhorn_kl", "sinkhorn_kl", "jax", ("jax", "ott"), {
+        # envelope gradient: no implicit solve, so n = 1 and tiny marginals pass
+        "single_row": ("pass", None),
+        "tiny_marginals": ("pass", None),
+        "shared_marginals": ("pass", None),
+        "additive_cost": ("pass", None),
+    }),
+    "ott_ent_reg_cost": ("sinkhorn_entropic", "sinkhorn_entropic", "jax", ("jax", "ott"), {
+        "uniform_4x2": ("pass", None),
+        # masses 1e-4 .. 1e4: the offset eps sum(a) sum(b), not eps
+        "batch_scales": ("pass", None),
+    }),
     "ott_topk": ("soft_topk", "soft_topk", "jax", ("jax", "ott"), {
         "closed_largest": ("pass", None),
         # target weight k/n = 0: NaN gradient

@@ -6,14 +6,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from scipy import special
 
 from .. import backend as _backend
 from .. import sinkhorn as sk
-from ..backend import to_host
+from ..backend import sum_to_shape, to_host
 from ..check import CheckResult, compare, fd_directional
-from . import Case, CaseRun, OpSpec, Tolerance, scaled_normal
+from . import Case, CaseRun, OpSpec, Tolerance, scaled_normal, sum_to_shape_host
 
 
 def sinkhorn_dual_newton(C, a, b, eps, rho_a, rho_b, max_iter=200):
@@ -465,5 +468,303 @@ def _sinkhorn_unbalanced_spec() -> OpSpec:
     )
 
 
+# --------------------------------------------------------------------------
+# Values: <C, P>, the entropic value and the KL value as operators
+# --------------------------------------------------------------------------
+
+#: The value operators ``sinkhorn_<kind>``: (value of a SinkhornResult, its
+#: gradient ``(C_bar, a_bar, b_bar, eps_bar)``, one-line description).
+_VALUES = {
+    "linear": (sk.linear_value, sk.linear_value_grad,
+               "<C, P> at the balanced entropic plan P (implicit differentiation through P)"),
+    "entropic": (sk.entropic_value, sk.entropic_value_grad,
+                 "entropic OT value <C, P> + eps sum P (log P - 1) (envelope gradient: P, f, g)"),
+    "kl": (sk.kl_value, sk.kl_value_grad,
+           "KL-regularised OT value <C, P> + eps KL(P | a b^T) (envelope gradient)"),
+}
+
+#: The balanced Sinkhorn cases the value operators reuse (same seeds and inputs).
+_VALUE_CASES = ("uniform_4x2", "nonuniform_6x5", "single_row", "tiny_marginals", "batch_scales",
+                "shared_marginals", "additive_cost")
+
+#: Descriptions of the reused cases where the plan's wording does not fit a value.
+_VALUE_CASE_TEXT = {
+    "single_row": "n = 1: P = b^T whatever C; closed-form value and gradient (dC = b^T)",
+    "additive_cost": "C = u 1^T + 1 v^T: P = a b^T, closed-form value and gradient",
+}
+
+
+@dataclass(frozen=True)
+class SinkhornValue:
+    """Result of a value operator: the batch-shaped ``value`` and the plan it is taken at.
+
+    ``plan`` is :func:`refimpl.sinkhorn.sinkhorn` of the inputs broadcast to
+    their common batch shape, so the value gradients come out per batch
+    member and the VJP weights each member by its own cotangent; ``shapes``
+    are the shapes of ``(C, a, b)`` as given, to which the cotangents are
+    summed back.
+    """
+
+    value: Any
+    plan: sk.SinkhornResult
+    kind: str
+    shapes: tuple
+
+    @property
+    def converged(self):
+        """The plan's per-member convergence flags."""
+        return self.plan.converged
+
+    @property
+    def n_iter(self):
+        """The plan's iteration counts."""
+        return self.plan.n_iter
+
+    @property
+    def error(self):
+        """The plan's final marginal errors."""
+        return self.plan.error
+
+
+def _broadcast_problem(C, a, b):
+    """``(C, a, b)`` broadcast to their common batch shape (views).  Inputs whose
+    shapes do not fit are passed on unchanged, for :func:`refimpl.sinkhorn.sinkhorn`
+    to reject with the argument named."""
+    xp = _backend.namespace(C=C, a=a, b=b)
+    if C.ndim < 2 or a.ndim < 1 or b.ndim < 1:
+        return C, a, b
+    try:
+        batch = _backend.broadcast_shapes(C.shape[:-2], a.shape[:-1], b.shape[:-1])
+    except ValueError:
+        return C, a, b
+    return (xp.broadcast_to(C, batch + tuple(C.shape[-2:])),
+            xp.broadcast_to(a, batch + tuple(a.shape[-1:])),
+            xp.broadcast_to(b, batch + tuple(b.shape[-1:])))
+
+
+def _value_forward(kind: str):
+    value_of = _VALUES[kind][0]
+
+    def forward(C, a, b, *, eps, **params) -> SinkhornValue:
+        """``value = refimpl.sinkhorn.<kind>_value(sinkhorn(C, a, b, eps=eps, **params))``,
+        one value per batch member."""
+        shapes = tuple(tuple(x.shape) for x in (C, a, b))
+        plan = sk.sinkhorn(*_broadcast_problem(C, a, b), eps=eps, **params)
+        return SinkhornValue(value_of(plan), plan, kind, shapes)
+
+    forward.__name__ = f"sinkhorn_{kind}_value"
+    return forward
+
+
+def _value_vjp(kind: str):
+    grad_of = _VALUES[kind][1]
+
+    def vjp(vr: SinkhornValue, value_bar, **params):
+        """``x_bar = sum_members value_bar_m dvalue_m/dx`` for x = C, a, b: the
+        per-member gradient of ``refimpl.sinkhorn.<kind>_value_grad`` scaled by
+        the member's cotangent and summed back to the input's shape."""
+        xp = _backend.namespace(value_bar=value_bar, P=vr.plan.P)
+        C_bar, a_bar, b_bar, _ = grad_of(vr.plan, **params)
+        w = xp.reshape(value_bar, tuple(value_bar.shape) + (1,))
+        return (sum_to_shape(w[..., None] * C_bar, vr.shapes[0]),
+                sum_to_shape(w * a_bar, vr.shapes[1]), sum_to_shape(w * b_bar, vr.shapes[2]))
+
+    return vjp
+
+
+def _value_jvp(kind: str):
+    grad_of = _VALUES[kind][1]
+
+    def jvp(vr: SinkhornValue, dC, da, db, **params):
+        """``d value`` along ``(dC, da, db)`` (None = 0).  Linear:
+        ``<dC, P> + <C, dP>`` with ``dP`` from :func:`refimpl.sinkhorn.sinkhorn_jvp`
+        (forward mode, a route independent of the VJP's ``linear_value_grad``);
+        entropic and KL: ``<C_bar, dC> + <a_bar, da> + <b_bar, db>`` with the
+        envelope gradient (gauge fixed, so an infeasible tangent acts as its
+        projection ``(da + 1 (1^T db - 1^T da) / n, db)``, as for ``sinkhorn_jvp``)."""
+        plan = vr.plan
+        xp = _backend.namespace(P=plan.P)
+        if kind == "linear":
+            full = tuple(None if t is None else xp.broadcast_to(t, tuple(x.shape))
+                         for t, x in zip((dC, da, db), (plan.C, plan.a, plan.b)))
+            dC, da, db = full
+            dP = sk.sinkhorn_jvp(plan, dC, da, db, **params)
+            out = xp.sum(plan.C * dP, axis=(-2, -1))
+            return out if dC is None else out + xp.sum(plan.P * dC, axis=(-2, -1))
+        out = xp.zeros(tuple(plan.P.shape[:-2]), dtype=plan.P.dtype,
+                       device=_backend.device(plan.P))
+        for bar, t, axes in zip(grad_of(plan, **params)[:3], (dC, da, db), ((-2, -1), -1, -1)):
+            if t is not None:
+                out = out + xp.sum(bar * t, axis=axes)
+        return out
+
+    return jvp
+
+
+def _value_oracle(kind: str):
+    def oracle(C, a, b, *, eps, **_):
+        """The value from the plan of :func:`_sinkhorn_oracle` (Newton on the dual),
+        by the primal formulas: ``<C, P>``; ``+ eps sum P (log P - 1)``;
+        ``+ eps sum (P log(P / (a b^T)) - P + a b^T)``."""
+        P = _sinkhorn_oracle(C, a, b, eps=eps)
+        C = np.broadcast_to(C, P.shape)
+        ab = (np.broadcast_to(a, P.shape[:-1])[..., :, None]
+              * np.broadcast_to(b, P.shape[:-2] + P.shape[-1:])[..., None, :])
+        linear = np.sum(C * P, axis=(-2, -1))
+        if kind == "linear":
+            return linear
+        if kind == "entropic":
+            return linear + eps * np.sum(special.xlogy(P, P) - P, axis=(-2, -1))
+        return linear + eps * np.sum(special.rel_entr(P, ab) - P + ab, axis=(-2, -1))
+
+    return oracle
+
+
+def _value_cotangent(rng, out, host):
+    """One standard normal weight per batch member (a 0-d array when unbatched)."""
+    return np.asarray(rng.standard_normal(np.shape(out)))
+
+
+def _unit_vjp(run: CaseRun) -> tuple:
+    """The case's VJP for the cotangent 1 on every member, canonicalised, on the host."""
+    ones = run.asarray(np.ones(np.shape(to_host(run.output))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _backend.ConditioningWarning)
+        bars = run.spec.vjp(run.result, ones, **run.case.vjp_params)
+    return _gauge_fix(tuple(to_host(x).astype(np.float64) for x in bars))
+
+
+def _additive_parts(C: np.ndarray, dtype: str):
+    """``(u, v)`` with ``C = u 1^T + 1 v^T`` to round-off of ``dtype``, or None
+    (a single row or column is always additive)."""
+    u, v = C[:, 0], C[0, :] - C[0, 0]
+    resid = float(np.max(np.abs(C - u[:, None] - v[None, :])))
+    ulp = 2.0 ** -52 if dtype == "float64" else 2.0 ** -23
+    return (u, v) if resid <= 64.0 * ulp * max(float(np.max(np.abs(C))), 1.0) else None
+
+
+def _value_closed_form(run: CaseRun) -> list[CheckResult]:
+    """Additive costs ``C = u 1^T + 1 v^T`` (flagged additive cases, and any single
+    row or column) with unit masses: ``P = a b^T`` and
+
+    linear, KL: ``value = <u, a> + <v, b>``, gradient ``(a b^T, u, v)``;
+    entropic: ``value = <u, a> + <v, b> + eps (<a, log a> + <b, log b> - 1)``,
+    gradient ``(a b^T, u + eps log a, v + eps log b)``
+
+    (marginal gradients up to the (c, -c) gauge; KL(a b^T | a b^T) = 0, and
+    ``J^T C = 0`` for the linear value since ``dP`` has zero row and column
+    sums).  Unbatched cases only."""
+    C, a, b = (run.host[k] for k in ("C", "a", "b"))
+    parts = _additive_parts(C, run.dtype) if C.ndim == 2 else None
+    if parts is None or abs(a.sum() - 1.0) > 1e-12 or abs(b.sum() - 1.0) > 1e-12:
+        return []
+    u, v = parts
+    eps = run.case.params["eps"]
+    kind = run.spec.name.removeprefix("sinkhorn_")
+    value = u @ a + v @ b
+    bars = (np.outer(a, b), u, v)
+    if kind == "entropic":
+        value = value + eps * (a @ np.log(a) + b @ np.log(b) - 1.0)
+        bars = (np.outer(a, b), u + eps * np.log(a), v + eps * np.log(b))
+    rtol = 1e-10 if run.dtype == "float64" else 1e-3
+    scale = float(np.max(np.abs(C))) + eps * max(float(np.max(np.abs(np.log(a)))),
+                                                float(np.max(np.abs(np.log(b)))), 1.0)
+    out = to_host(run.output).astype(np.float64)
+    return [compare(out, np.asarray(value), rtol=rtol, atol=rtol * scale,
+                    name="value_closed_form"),
+            compare(_unit_vjp(run), _gauge_fix(bars), rtol=rtol, atol=rtol * scale,
+                    name="gradient_closed_form")]
+
+
+def _potentials_from_plan(P: np.ndarray, C: np.ndarray, a: np.ndarray, b: np.ndarray,
+                          eps: float, sweeps: int = 20):
+    """``(f, g)`` of a near-optimal plan, per member: ``f_i + g_j = eps log P_ij + C_ij``
+    in least squares, then ``sweeps`` exact alternating updates
+    ``f = eps log a - eps logsumexp((g - C) / eps)`` (rows) and likewise ``g``
+    (columns).  The sweeps make every marginal entry exact relative to its
+    own size, which Newton's residual (measured against the total mass) does
+    not for entries of 1e-12; from a start at the optimum they only remove
+    that residual."""
+    S = eps * np.log(P) + C
+    f, g = S.mean(-1) - S.mean(axis=(-2, -1))[..., None], S.mean(-2)
+    for _ in range(sweeps):
+        f = eps * (np.log(a) - special.logsumexp((g[..., None, :] - C) / eps, axis=-1))
+        g = eps * (np.log(b) - special.logsumexp((f[..., :, None] - C) / eps, axis=-2))
+    return f, g
+
+
+def _value_envelope(run: CaseRun) -> list[CheckResult]:
+    """Envelope gradients against the Newton oracle's plan (unit cotangent):
+    entropic ``(P, f, g)``; KL ``(P, f - eps log a - eps + eps sum(b),
+    g - eps log b - eps + eps sum(a))``, with ``f, g`` read off the oracle plan
+    (``log P = (f 1^T + 1 g^T - C) / eps``), summed over broadcast members and
+    compared after the (c, -c) gauge fixing.  ``P`` is the oracle's plan, not
+    the plan of the polished potentials: their difference is round-off."""
+    C, a, b = (run.host[k] for k in ("C", "a", "b"))
+    eps = run.case.params["eps"]
+    P = _sinkhorn_oracle(C, a, b, eps=eps)
+    af = np.broadcast_to(a, P.shape[:-1])
+    bf = np.broadcast_to(b, P.shape[:-2] + P.shape[-1:])
+    f, g = _potentials_from_plan(P, np.broadcast_to(C, P.shape), af, bf, eps)
+    if run.spec.name.removeprefix("sinkhorn_") == "kl":
+        f = f - eps * np.log(af) - eps + eps * bf.sum(-1, keepdims=True)
+        g = g - eps * np.log(bf) - eps + eps * af.sum(-1, keepdims=True)
+    expected = tuple(sum_to_shape_host(x, run.host[k].shape)
+                     for x, k in zip((P, f, g), ("C", "a", "b")))
+    rtol = 1e-9 if run.dtype == "float64" else 1e-3
+    return [compare(_unit_vjp(run), _gauge_fix(expected), rtol=rtol, name="envelope_vs_oracle_plan")]
+
+
+def _value_spec(kind: str) -> OpSpec:
+    balanced = {c.id: c for c in _sinkhorn_cases()[0]}
+    kl_note = ("; KL(P|Q) = sum P log(P/Q) - P + Q, so the value carries eps sum(a) sum(b) "
+               "(= eps for unit masses)")
+    return OpSpec(
+        name=f"sinkhorn_{kind}",
+        description=_VALUES[kind][2],
+        inputs=("C", "a", "b"),
+        core_ndim=(2, 1, 1),
+        output="value",
+        output_core_ndim=0,
+        forward=_value_forward(kind),
+        vjp=_value_vjp(kind),
+        jvp=_value_jvp(kind),
+        oracle=_value_oracle(kind),
+        cases=tuple(dataclasses.replace(balanced[i], description=_VALUE_CASE_TEXT.get(
+            i, balanced[i].description)) for i in _VALUE_CASES),
+        tol=_TOL,
+        tangents=_sinkhorn_tangents,
+        cotangent=_value_cotangent,
+        canonicalize=_gauge_fix,
+        candidate_params=("eps",),
+        conventions={
+            "gauge": "(a_bar, b_bar) are defined up to (c, -c) (only 1^T da = 1^T db is feasible); "
+                     "both sides are compared after a_bar -= mean(a_bar), b_bar += mean(a_bar)",
+            "output": {"linear": "value = <C, P>, P the balanced entropic plan; not the "
+                                 "regularised objective",
+                       "entropic": "value = <C, P> + eps sum P (log P - 1) = <f, a> + <g, b> "
+                                   "- eps sum(P) at the balanced optimum",
+                       "kl": "value = <C, P> + eps KL(P | a b^T)" + kl_note}[kind],
+            "candidates": "fn(C, a, b, *, eps) -> value, one per batch member (shape: the "
+                          "batch shape, () unbatched)",
+        },
+        extra_checks=(_value_closed_form,) if kind == "linear" else (_value_closed_form,
+                                                                     _value_envelope),
+    )
+
+
+def _sinkhorn_linear_spec() -> OpSpec:
+    return _value_spec("linear")
+
+
+def _sinkhorn_entropic_spec() -> OpSpec:
+    return _value_spec("entropic")
+
+
+def _sinkhorn_kl_spec() -> OpSpec:
+    return _value_spec("kl")
+
+
 #: The specs this module registers, in table order.
-BUILDERS = (_sinkhorn_spec, _sinkhorn_unbalanced_spec)
+BUILDERS = (_sinkhorn_spec, _sinkhorn_unbalanced_spec, _sinkhorn_linear_spec,
+            _sinkhorn_entropic_spec, _sinkhorn_kl_spec)
