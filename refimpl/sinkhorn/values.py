@@ -37,9 +37,9 @@ def entropic_value(res: SinkhornResult):
     ``<f, r> + <g, c> - eps sum(P)`` (+ the KL terms); at a balanced optimum it
     equals the dual value ``<f, a> + <g, b> - eps sum(P)``.  Batch-shaped.
 
-    Peers: OTT-JAX's ``ent_reg_cost`` (recent versions) uses the Shannon
-    entropy ``-sum P log P`` and so differs from ``W`` by the constant
-    ``eps sum(P)``; POT's ``ot.sinkhorn2`` returns the linear part instead
+    Peers: OTT-JAX's ``ent_reg_cost`` (0.6.0) is ``W + eps sum(a) sum(b)``
+    (the mapping table of docs/validate.md); POT's ``ot.sinkhorn2`` returns
+    the linear part instead
     (:func:`linear_value`); GeomLoss uses the KL convention
     (:func:`kl_value`).
     """
