@@ -295,7 +295,7 @@ def _scaling_advance(xp, pb: _Problem, st: _ScalingState, active, k: int) -> _Sc
 
 def _scaling_measure(xp, pb: _Problem, st: _ScalingState):
     """The check after a row update: ``c = P^T 1 = v * (K~^T u)``."""
-    return _marginal_error(xp, pb, st.lv + st.lsc, st.psi_t + st.lv)
+    return _marginal_error(xp, pb, st.lv + st.lsc, None if pb.beta == 0.0 else st.psi_t + st.lv)
 
 
 def _scaling_init(xp, pb: _Problem, batch) -> _ScalingState:
