@@ -26,8 +26,8 @@ Conventions
   :func:`to_host` / :func:`from_host`.
 * Whatever differs between array libraries beyond the standard (when an
   iteration reads its convergence test back to the host, whether
-  ``linalg.solve`` broadcasts, whether ``linalg`` failures raise, which
-  functions write into ``out=``) is decided in one place,
+  ``linalg.solve`` broadcasts, whether ``linalg`` failures raise, whether
+  host-NumPy fast paths apply) is decided in one place,
   :func:`device_policy`; operator modules never test for a library.
 
 Backends
@@ -62,8 +62,6 @@ __all__ = [
     "BACKEND_NAMES",
     "Backend",
     "DevicePolicy",
-    "add",
-    "add_to_diagonal",
     "available_backends",
     "backend_status",
     "broadcast_shapes",
@@ -92,20 +90,15 @@ __all__ = [
     "gpu_status",
     "inner",
     "logsumexp",
-    "matmul",
     "matvec",
-    "multiply",
     "mT",
     "namespace",
     "solve",
     "solve_vec",
-    "subtract",
     "sum_to_shape",
     "to_float",
     "to_host",
     "unit_roundoff",
-    "work_arrays",
-    "writes_in_place",
 ]
 
 SUPPORTED_DTYPES = ("float64", "float32")
@@ -446,14 +439,10 @@ class DevicePolicy:
     linalg_raises : ``cholesky``/``inv``/``solve`` raise ``LinAlgError`` on
         a singular or indefinite input.  CuPy returns non-finite values
         unless inside :meth:`raising_linalg`.
-    out_library : a module whose ``matmul``/``add``/``subtract``/
-        ``multiply`` take ``out=`` (NumPy, CuPy), or None: the work-array
-        helpers (:func:`matmul`, ...) then return fresh arrays.  Only
-        whether it is None is a decision (equality ignores which module).
-    host_numpy : the arrays are NumPy arrays in host memory: SciPy's
-        per-member LAPACK loops (:data:`SMALL_LAPACK_N`), cache-sized batch
-        blocks (:func:`batch_blocks`) and NumPy's ``out=`` into strided views
-        apply.
+    host_numpy : the arrays are NumPy arrays in host memory: an operator's
+        host-NumPy fast paths apply (SciPy's per-member LAPACK loops,
+        cache-sized batch blocks, ``out=`` into work arrays; e.g.
+        ``refimpl.matsqrt._kernels``).
     library : the library's name, for messages (not part of equality: two
         libraries with equal decisions have equal policies).
     """
@@ -462,18 +451,17 @@ class DevicePolicy:
         if not isinstance(other, DevicePolicy):
             return NotImplemented
         return ((self.deferred_sync, self.solve_broadcasts, self.linalg_raises,
-                 self.out_library is None, self.host_numpy)
+                 self.host_numpy)
                 == (other.deferred_sync, other.solve_broadcasts, other.linalg_raises,
-                    other.out_library is None, other.host_numpy))
+                    other.host_numpy))
 
     def __hash__(self):
         return hash((self.deferred_sync, self.solve_broadcasts, self.linalg_raises,
-                     self.out_library is None, self.host_numpy))
+                     self.host_numpy))
 
     deferred_sync: bool = False
     solve_broadcasts: bool = True
     linalg_raises: bool = True
-    out_library: Any = None
     host_numpy: bool = False
     library: str = ""
 
@@ -493,15 +481,6 @@ class DevicePolicy:
         return cupyx.errstate(linalg="raise")
 
 
-class _SemanticsOut:
-    """``out=`` functions on :mod:`refimpl._cupy_semantics` arrays."""
-
-    matmul = staticmethod(_cupy_semantics.xp.matmul)
-    add = staticmethod(_cupy_semantics.xp.add)
-    subtract = staticmethod(_cupy_semantics.xp.subtract)
-    multiply = staticmethod(_cupy_semantics.xp.multiply)
-
-
 def _cupy_module():
     import cupy
     return cupy
@@ -515,12 +494,12 @@ def device_policy(xp, device=None) -> DevicePolicy:
     """
     if array_api_compat.is_cupy_namespace(xp):
         return DevicePolicy(deferred_sync=True, solve_broadcasts=False, linalg_raises=False,
-                            out_library=_cupy_module(), library="cupy")
+                            library="cupy")
     if xp is _cupy_semantics.xp:
         return DevicePolicy(deferred_sync=True, solve_broadcasts=False, linalg_raises=False,
-                            out_library=_SemanticsOut, library="cupy_semantics")
+                            library="cupy_semantics")
     if array_api_compat.is_numpy_namespace(xp):
-        return DevicePolicy(out_library=np, host_numpy=True, library="numpy")
+        return DevicePolicy(host_numpy=True, library="numpy")
     if array_api_compat.is_torch_namespace(xp):
         cuda = getattr(device, "type", None) == "cuda"
         return DevicePolicy(deferred_sync=cuda, library="torch")
@@ -752,16 +731,6 @@ def solve_vec(A, b):
     return solve(A, b[..., None])[..., 0]
 
 
-#: Largest n for which the per-member SciPy LAPACK loops below are used on
-#: NumPy.  Up to it OpenBLAS runs ``potrf``/``trtri`` on one thread (measured:
-#: CPU time / wall time 1.00 at n = 64, 1.86 at n = 128); above it SciPy's
-#: OpenBLAS threads them, and its idle threads, a pool of their own, then
-#: compete with NumPy's threaded products: at batch 16, n = 256, the MPA
-#: forward took 1.7x longer.  NumPy's own ``linalg`` (one pool with its
-#: products) is used there instead.
-SMALL_LAPACK_N = 64
-
-
 #: Largest dense system (order k) whose NumPy factorizations :func:`serial_dense`
 #: holds to one BLAS/LAPACK thread.  Threaded ``syevd``/``getrf`` gain at most
 #: the core count at these sizes, but on a loaded machine their threads wait
@@ -815,96 +784,6 @@ def serial_dense(like, k: int):
     """:func:`single_threaded_blas` for dense factorizations of order
     ``k <= SERIAL_DENSE_N`` of arrays like ``like``."""
     return single_threaded_blas(like, k <= SERIAL_DENSE_N)
-
-
-def _scipy_lapack_loop(*arrays) -> bool:
-    """Whether the per-member SciPy LAPACK path applies to ``arrays``."""
-    return (all(type(x) is np.ndarray or policy_of(x).host_numpy for x in arrays)
-            and arrays[0].shape[-1] <= SMALL_LAPACK_N)
-
-
-def _cholesky_members(A, *, invert: bool):
-    """NumPy: LAPACK ``potrf`` (with ``invert`` then ``trtri``) per member of a
-    C-order copy of ``A`` (..., n, n), in place through its Fortran-order
-    views.  Returns ``(work, info)``: ``work`` reads in C order as ``L^T``
-    (``invert``: ``L^{-T}``), upper triangular, where ``A = L L^T`` (only
-    one triangle of ``A`` is read); ``info`` (batch shape) is LAPACK's, > 0
-    where the Cholesky broke down (not positive definite to working precision).
-
-    Plain per-member calls: up to n = :data:`SMALL_LAPACK_N` they stay on one
-    thread.  SciPy's ``posv`` does not: OpenBLAS threads its triangular
-    solves from n = 32 on, and the idle threads then spin for a while; on the
-    2-core machine this was measured on, the spinning slowed the following
-    single-threaded products and LAPACK calls up to 2x.
-    """
-    from scipy.linalg import get_lapack_funcs
-
-    potrf, trtri = get_lapack_funcs(("potrf", "trtri"), (A,))
-    work = np.array(A, order="C", copy=True)
-    flat = work.reshape((-1, *work.shape[-2:]))        # a view: work is contiguous
-    info = np.zeros(flat.shape[0], dtype=np.int64)
-    for i in range(flat.shape[0]):
-        _, info[i] = potrf(flat[i].T, lower=1, clean=1, overwrite_a=1)
-        if invert and info[i] == 0:
-            _, info[i] = trtri(flat[i].T, lower=1, overwrite_c=1)
-    return work, info.reshape(work.shape[:-2])
-
-
-def is_positive_definite(A) -> bool:
-    """True when every member of ``A`` (..., n, n; one triangle read) has a
-    Cholesky factor with a finite, positive diagonal.
-
-    NumPy, n <= :data:`SMALL_LAPACK_N`: LAPACK ``potrf`` per member
-    (:func:`_cholesky_members`), about twice as fast as
-    ``numpy.linalg.cholesky`` at n = 64 (no copies out of Fortran order, no
-    factor returned).  CuPy reports a failed factorisation
-    only inside ``cupyx.errstate(linalg='raise')`` (by default it returns
-    garbage), so that context is entered (:meth:`DevicePolicy.raising_linalg`).
-    Others: the library's LinAlgError.
-    """
-    xp = array_api_compat.array_namespace(A)
-    if _scipy_lapack_loop(A):
-        L_T, info = _cholesky_members(A, invert=False)
-        if bool(np.any(info != 0)):
-            return False
-        d = np.diagonal(L_T, axis1=-2, axis2=-1)
-        return bool(np.all(np.isfinite(d)) and np.all(d > 0))
-    try:
-        with policy_of(A).raising_linalg():
-            L = xp.linalg.cholesky(A)
-    except Exception as exc:  # LinAlgError of whichever library
-        if "LinAlgError" in type(exc).__name__ or "positive" in str(exc).lower():
-            return False
-        raise
-    d = diagonal(L)
-    return bool(xp.all(xp.isfinite(d)) & xp.all(d > 0))
-
-
-def solve_spd_right(B, A, *, overwrite: bool = False):
-    """Batched ``B A^{-1}`` for symmetric positive definite ``A`` (..., n, n)
-    and ``B`` (..., k, n) with the same batch shape; only one triangle of
-    ``A`` is read.
-
-    NumPy, n <= :data:`SMALL_LAPACK_N`: ``A = L L^T`` and ``L^{-1}`` by
-    LAPACK per member (:func:`_cholesky_members`, one thread), then ``B A^{-1} = (B L^{-T})
-    L^{-1}`` by two batched products; a member whose Cholesky breaks down is
-    solved by LU instead.  With ``overwrite`` (``B`` a C-contiguous work
-    array of the caller's) the result is written into ``B``, which is
-    returned.  About 4 ms per 64 members at n = 64 against 5.5 ms for
-    ``numpy.linalg.solve`` (LU).  Elsewhere (and above that size):
-    ``xp.linalg.solve(A, B^T)^T``.
-    """
-    xp = array_api_compat.array_namespace(A, B)
-    if not (_scipy_lapack_loop(A, B) and A.shape[:-2] == B.shape[:-2] and A.dtype == B.dtype):
-        return mT(xp.linalg.solve(A, mT(B)))
-    L_invT, info = _cholesky_members(A, invert=True)
-    bad = info != 0
-    B_bad = B[bad] if bool(np.any(bad)) else None     # a copy, before B is written
-    out = B if overwrite and B.flags.c_contiguous else None
-    out = np.matmul(np.matmul(B, L_invT), mT(L_invT), out=out)     # B L^{-T} L^{-1}
-    if B_bad is not None:
-        out[bad] = mT(np.linalg.solve(A[bad], mT(B_bad)))
-    return out
 
 
 def diagonal(A):
@@ -966,117 +845,6 @@ def sum_to_shape(x, shape: tuple[int, ...]):
     if tuple(x.shape) != shape:
         raise ValueError(f"cannot reduce shape {tuple(x.shape)} to {shape}")
     return x
-
-
-# --------------------------------------------------------------------------
-# Work arrays: results written into arrays the caller owns
-# --------------------------------------------------------------------------
-#
-# An iteration that allocates a fresh result for every product pays for it on
-# NumPy: glibc maps each array of a few MB anew and the kernel zeroes and
-# faults in its pages, which at n = 64, batch 64 (2 MB arrays) costs about as
-# much as the matrix product itself.  Iterations that keep a few work arrays
-# and write into them run 2-3x faster.  The standard has no ``out=``, so these
-# helpers write in place where the library allows it (NumPy, CuPy) and return
-# a fresh array elsewhere; callers always use the returned value, and pass as
-# ``out`` only arrays they allocated themselves (never an input: nothing here
-# may mutate a caller's array).
-
-def _out_library(x):
-    """The module whose functions take ``out=`` for arrays like ``x``
-    (:attr:`DevicePolicy.out_library`: NumPy, CuPy), or None."""
-    if type(x) is np.ndarray:                           # fast path: called per product
-        return np
-    return policy_of(x).out_library
-
-
-def work_arrays(like, count: int) -> list:
-    """``count`` uninitialised arrays shaped like ``like``, cut from one block.
-
-    One block of several MB is mapped once; NumPy asks for transparent huge
-    pages for blocks of 4 MiB and more (where the kernel offers them in
-    ``madvise`` mode), so it is faulted in by one page fault per 2 MB rather
-    than 512.  Fresh pages are zeroed by the kernel either way.
-    """
-    xp = array_api_compat.array_namespace(like)
-    block = xp.empty((count,) + tuple(like.shape), dtype=like.dtype, device=device(like))
-    return [block[i, ...] for i in range(count)]
-
-
-#: The working set, in bytes, that a CPU loop over a batch keeps per block of
-#: members (:func:`batch_blocks`).  A step of an iteration reads and writes
-#: all of its work arrays; when they exceed what the cache holds, every
-#: product waits on memory.  Measured on a 2-core x86-64 VM (1 MiB L2 per
-#: core, 32 MiB shared L3): the Lyapunov sign iteration at batch 64, n = 64
-#: (14 MB of work arrays) runs 20-25% faster in blocks of 16 members (3.6 MB);
-#: blocks of 4 lose it again to per-call overhead.
-CACHE_BLOCK_BYTES = 4 * 2**20
-
-
-def batch_blocks(batch: int, bytes_per_member: int, like) -> list[slice]:
-    """Slices cutting a flattened batch of ``batch`` members into the fewest
-    consecutive blocks whose working set (``bytes_per_member`` each) is at most
-    :data:`CACHE_BLOCK_BYTES` (at least one member a block), their sizes
-    differing by at most one.
-
-    On NumPy only; every other library (a GPU wants the whole batch at once)
-    gets the single block ``slice(0, batch)``.  For loops over independent
-    members, so the result does not depend on the blocking.
-    """
-    if batch <= 1 or not (type(like) is np.ndarray or policy_of(like).host_numpy):
-        return [slice(0, batch)]
-    per = max(1, CACHE_BLOCK_BYTES // max(1, int(bytes_per_member)))
-    count = -(-batch // per)                           # ceil: the fewest blocks that fit
-    base, extra = divmod(batch, count)                 # sizes base + 1 (extra of them) and base
-    stops = [0]
-    for i in range(count):
-        stops.append(stops[-1] + base + (i < extra))
-    return [slice(a, b) for a, b in zip(stops, stops[1:])]
-
-
-def writes_in_place(x) -> bool:
-    """Whether the helpers below write into ``out`` for arrays like ``x``."""
-    return _out_library(x) is not None
-
-
-def matmul(a, b, *, out=None):
-    """``a @ b``, written into ``out`` (which must not overlap ``a`` or ``b``)
-    where the library supports it."""
-    lib = None if out is None else _out_library(out)
-    return a @ b if lib is None else lib.matmul(a, b, out=out)
-
-
-def add(a, b, *, out=None):
-    """``a + b`` (broadcasting to ``out``'s shape), written into ``out`` where
-    the library supports it; ``out`` may be ``a`` or ``b`` itself."""
-    lib = None if out is None else _out_library(out)
-    return a + b if lib is None else lib.add(a, b, out=out)
-
-
-def subtract(a, b, *, out=None):
-    """``a - b``, as :func:`add`."""
-    lib = None if out is None else _out_library(out)
-    return a - b if lib is None else lib.subtract(a, b, out=out)
-
-
-def multiply(a, b, *, out=None):
-    """``a * b``, as :func:`add`."""
-    lib = None if out is None else _out_library(out)
-    return a * b if lib is None else lib.multiply(a, b, out=out)
-
-
-def add_to_diagonal(X, v):
-    """``X + v I`` with ``v`` a scalar or a per-member array (batch shape),
-    in place on a C-contiguous NumPy/CuPy ``X`` (a work array of the caller's)."""
-    lib = _out_library(X)
-    n = X.shape[-1]
-    if lib is None or not X.flags.c_contiguous:
-        if not isinstance(v, (int, float)):
-            v = v[..., None, None]
-        return X + v * eye_like(X)
-    flat = X.reshape(X.shape[:-2] + (n * n,))          # a view: X is contiguous
-    flat[..., :: n + 1] += v if isinstance(v, (int, float)) else v[..., None]
-    return X
 
 
 def frobenius(X):

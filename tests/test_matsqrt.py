@@ -19,6 +19,10 @@ import pytest
 import scipy.linalg
 
 from refimpl import check, matsqrt
+from refimpl.matsqrt import _kernels
+from refimpl.matsqrt import adjoint as msq_adjoint
+from refimpl.matsqrt import forward as msq_forward
+from refimpl.matsqrt import sign as msq_sign
 from refimpl.backend import ConditioningWarning, ConvergenceWarning, to_host
 
 TOL = {"float64": 1e-12, "float32": 2e-5}
@@ -305,7 +309,7 @@ def test_combine_is_tensordot(backend, rng, bshape):
     numpy.tensordot, for any batch shape, and comes back contiguous on NumPy."""
     coef = rng.standard_normal((3, 5))
     block = rng.standard_normal((5,) + bshape + (4, 4))
-    got = matsqrt._combine(backend.asarray(coef), backend.asarray(block))
+    got = msq_forward._combine(backend.asarray(coef), backend.asarray(block))
     np.testing.assert_allclose(to_host(got), np.tensordot(coef, block, axes=1),
                                rtol=1e-13, atol=1e-14)
     if backend.name == "numpy":
@@ -386,11 +390,11 @@ def test_scaled_sign_iteration_any_lower_estimate(rng, l0):
     U, _ = np.linalg.qr(rng.standard_normal((5, 5)))
     B = sym((U * np.array([1e-3, 0.02, 0.3, 0.7, 1.0 + 1e-9])) @ U.T)
     C = sym(rng.standard_normal((5, 5)))
-    X, n_iter, err, conv = matsqrt._lyapunov_sign_core(
+    X, n_iter, err, conv = msq_sign._lyapunov_sign_core(
         B, C, iters=None, tol=1.5e-8, max_iter=100, symmetric=True, l0=np.asarray(l0))
     assert bool(conv) and rel(X, scipy.linalg.solve_continuous_lyapunov(B, C)) < 1e-11
     # from 1e-3, at most 2.6x a step: >= 8 steps; 1.5x a step (plain): 17 + the finish
-    _, n_plain, _, _ = matsqrt._lyapunov_sign_core(B, C, iters=None, tol=1.5e-8, max_iter=100,
+    _, n_plain, _, _ = msq_sign._lyapunov_sign_core(B, C, iters=None, tol=1.5e-8, max_iter=100,
                                                    symmetric=True)
     assert 8 <= int(n_iter) and int(n_plain) >= 18
     if l0 == 1e-3:
@@ -420,7 +424,7 @@ def test_finish_terms_is_the_smallest_sufficient_count():
     a = np.array([1.0, 0.999, 0.9641, 0.7, 0.2, 1e-4, 0.0, -0.5])
     b = np.ones_like(a)
     for target in (2.2e-16, 1e-10, 1e-3):
-        j = to_host(matsqrt._finish_terms(a, b, target))
+        j = to_host(msq_sign.finish_terms(a, b, target))
         for ai, ji in zip(a, j):
             if ai <= 0.0:
                 assert ji == np.inf
@@ -449,21 +453,20 @@ def test_finish_solves_within_its_bound(rng, lo, target):
         Cs.append(sym(rng.standard_normal((n, n))))
     B, C = np.stack(Bs), np.stack(Cs)
     a, b = np.array([lo, 0.5 * (1 + lo), 1.0]), np.ones(3)
-    j = to_host(matsqrt._finish_terms(a, b, target))
+    j = to_host(msq_sign.finish_terms(a, b, target))
     assert j[0] >= j[1] > j[2] == 0
-    work = lambda M: matsqrt.backend.work_arrays(M, 3)     # noqa: E731
-    X = 0.5 * matsqrt._finish(B, C, a, b, j, work(B), None)
+    X = 0.5 * msq_sign.neumann_finish(B, C, a, b, j)
     assert np.array_equal(X, np.swapaxes(X, -1, -2))
     for i in range(3):
         want = scipy.linalg.solve_continuous_lyapunov(B[i], C[i])
         q = (b[i] - a[i]) / (b[i] + a[i])
         assert rel(X[i], want) <= 1.1 * q ** (j[i] + 1) * b[i] / a[i] + 1e-14
-        alone = 0.5 * matsqrt._finish(B[i], C[i], a[i], b[i], j[i], work(B[i]), None)
+        alone = 0.5 * msq_sign.neumann_finish(B[i], C[i], a[i], b[i], j[i])
         assert rel(X[i], alone) <= 1e-15
     # a member with j = 0 and (unused) interval [1, 1] does not change the others
     a1, j1 = a.copy(), j.copy()
     a1[1], j1[1] = 1.0, 0
-    X1 = 0.5 * matsqrt._finish(B, C, a1, b, j1, work(B), None)
+    X1 = 0.5 * msq_sign.neumann_finish(B, C, a1, b, j1)
     assert np.array_equal(X1[0], X[0])
 
 
@@ -492,19 +495,18 @@ def test_sign_iteration_members_finish_on_their_own(rng):
 @pytest.mark.parametrize("iters", [None, 30])
 def test_sign_iteration_in_cache_blocks_equals_one_block(rng, monkeypatch, iters):
     """On NumPy the sign iteration runs over blocks of members sized to the cache
-    (backend.batch_blocks).  With a budget of one byte every member of a (2, 3)
+    (_kernels.batch_blocks).  With a budget of one byte every member of a (2, 3)
     batch is its own block: the gradient and every diagnostic equal the
     one-block run bit for bit (each member's products are the same), and each
     member matches solve_sylvester on the forward's root."""
-    from refimpl import backend
     conds = (3.0, 1e2, 1e4, 1e6, 10.0, 1e3)
     As = np.stack([spd_cond(rng, 5, c) for c in conds]).reshape(2, 3, 5, 5)
     Gs = rng.standard_normal((2, 3, 5, 5))
     res = matsqrt.sqrtm(As, method="eig")       # the true interval: step counts differ
-    assert len(backend.batch_blocks(6, 7 * 5 * 5 * 8, As)) == 1
+    assert len(_kernels.batch_blocks(6, 7 * 5 * 5 * 8)) == 1
     whole, info = matsqrt.sqrtm_vjp(res, Gs, method="lyapunov_sign", iters=iters, full_output=True)
-    monkeypatch.setattr(backend, "CACHE_BLOCK_BYTES", 1)
-    assert len(backend.batch_blocks(6, 7 * 5 * 5 * 8, As)) == 6
+    monkeypatch.setattr(_kernels, "CACHE_BLOCK_BYTES", 1)
+    assert len(_kernels.batch_blocks(6, 7 * 5 * 5 * 8)) == 6
     blocked, info_b = matsqrt.sqrtm_vjp(res, Gs, method="lyapunov_sign", iters=iters,
                                         full_output=True)
     assert blocked.shape == whole.shape and np.array_equal(blocked, whole)
@@ -531,7 +533,7 @@ def test_forward_bounds_enclose_the_spectrum(rng, method, kw, inverse):
         lam = np.linalg.eigvalsh(A)
         x_max = float(res.state.x_max)
         assert lam[-1] / np.linalg.norm(A) <= x_max <= 1.0
-        lo, hi = (float(v) for v in matsqrt._sign_interval(res, inverse))
+        lo, hi = (float(v) for v in msq_adjoint._sign_interval(res, inverse))
         ev = np.linalg.eigvalsh(out_of(res))
         assert lo <= ev[0] * (1 + 1e-12) and ev[-1] <= hi * (1 + 1e-12)
 
