@@ -254,11 +254,13 @@ def test_solve_spd_right_kernel_writes_only_with_overwrite(rng, overwrite):
         np.testing.assert_array_equal(N, N0)
 
 
-@pytest.mark.parametrize("n", [5, _kernels.SMALL_LAPACK_N + 1], ids=["lapack_loop", "linalg"])
+@pytest.mark.parametrize("n", [5, 40, _kernels.SMALL_LAPACK_N + 1],
+                         ids=["small", "lapack_loop", "large"])
 def test_positive_definite_per_member(backend, dtype, rng, n):
     """True for a batch of SPD members; False as soon as one member is indefinite
     or singular (a zero eigenvalue), whichever batch position it holds: the
-    kernel (NumPy, n <= SMALL_LAPACK_N) and the plain test alike."""
+    kernel (NumPy, PD_LOOP_MIN_N <= n <= SMALL_LAPACK_N) and the plain test alike."""
+    assert _kernels.pd_loop_applies(np.ones((n, n))) == (n == 40)
     X = rng.standard_normal((3, n, 2 * n))
     Ah = (X @ np.swapaxes(X, -1, -2) / (2 * n) + 0.1 * np.eye(n)).astype(dtype)
     assert msq_forward._positive_definite(backend.asarray(Ah))

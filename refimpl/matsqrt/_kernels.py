@@ -24,8 +24,8 @@ plain counterparts (``tests/test_matsqrt_kernels.py`` checks it);
 always has, so products formed later from an MPA root above
 :data:`SMALL_LAPACK_N` (a transposed LU solve, Fortran order) round as they
 always did.  Two are different algorithms
-for the same quantity, used for small matrices (``n <=``
-:data:`SMALL_LAPACK_N`): :func:`solve_spd_right` (Cholesky by LAPACK per
+for the same quantity, used for small matrices (``n <=`` :data:`SMALL_LAPACK_N`; the second from
+:data:`PD_LOOP_MIN_N`): :func:`solve_spd_right` (Cholesky by LAPACK per
 member, where the plain path solves by LU) and :func:`is_positive_definite`
 (LAPACK ``potrf`` per member); they agree with the plain path to round-off.
 The measurements behind these choices are in docs/performance.md (matrix
@@ -49,6 +49,11 @@ from ._common import mm
 #: NumPy's own ``linalg`` (one thread pool with its products) is used.
 SMALL_LAPACK_N = 64
 
+#: Smallest matrix order from which the per-member ``potrf`` loop of
+#: :func:`is_positive_definite` beats NumPy's batched ``cholesky`` (below it
+#: the Python loop over members costs more than it saves; docs/performance.md).
+PD_LOOP_MIN_N = 33
+
 #: The working set, in bytes, that a loop over a batch keeps per block of
 #: members (:func:`batch_blocks`): a step of an iteration reads and writes all
 #: of its work arrays, and when they exceed what the cache holds every product
@@ -65,8 +70,15 @@ def applies(x) -> bool:
 
 
 def lapack_loop_applies(*arrays) -> bool:
-    """Whether the per-member SciPy LAPACK path applies to ``arrays``."""
+    """Whether the per-member SciPy LAPACK solve (:func:`solve_spd_right`)
+    applies to ``arrays``."""
     return all(applies(x) for x in arrays) and arrays[0].shape[-1] <= SMALL_LAPACK_N
+
+
+def pd_loop_applies(A) -> bool:
+    """Whether the per-member ``potrf`` test (:func:`is_positive_definite`)
+    applies to ``A``: host NumPy, ``PD_LOOP_MIN_N <= n <= SMALL_LAPACK_N``."""
+    return applies(A) and PD_LOOP_MIN_N <= A.shape[-1] <= SMALL_LAPACK_N
 
 
 # --------------------------------------------------------------------------

@@ -345,9 +345,10 @@ def _residual(out, As, norm, inverse: bool):
 
 
 def _positive_definite(A) -> bool:
-    """:func:`refimpl.matsqrt._common.is_positive_definite`; on host NumPy up
-    to :data:`_kernels.SMALL_LAPACK_N` by LAPACK per member."""
-    if _kernels.lapack_loop_applies(A):
+    """:func:`refimpl.matsqrt._common.is_positive_definite`; on host NumPy
+    from :data:`_kernels.PD_LOOP_MIN_N` to :data:`_kernels.SMALL_LAPACK_N` by
+    LAPACK per member."""
+    if _kernels.pd_loop_applies(A):
         return _kernels.is_positive_definite(A)
     return is_positive_definite(A)
 
