@@ -17,10 +17,11 @@ import refimpl
 
 FLAGS = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
 MODULES = sorted(m.name for m in pkgutil.walk_packages(refimpl.__path__, "refimpl."))
-# The modules whose docstrings carry examples today (each operator module and
-# the harnesses); a module losing all of its examples fails test_examples_exist.
+# The modules whose docstrings carry examples today (each operator module, the
+# matsqrt package's modules, and the harnesses); a module losing all of its examples fails test_examples_exist.
 WITH_EXAMPLES = ["refimpl.check", "refimpl.combinatorial", "refimpl.deq", "refimpl.linsolve",
-                 "refimpl.matsqrt", "refimpl.sinkhorn", "refimpl.topk", "refimpl.validate",
+                 "refimpl.matsqrt", "refimpl.matsqrt.coefficients", "refimpl.matsqrt.forward",
+                 "refimpl.matsqrt.sign", "refimpl.sinkhorn", "refimpl.topk", "refimpl.validate",
                  "refimpl.vectors"]
 
 

@@ -397,7 +397,8 @@ def hand_over(e, l, s: SignSettings):
     ``j_{k+1}`` from ``l_{k+1}`` (``s.l0_is_bound``) or from the plain step's
     error model ``e' = e^2 (3 + e) / 4``.
     """
-    j_now = finish_terms(*spectrum_interval(e, l, s), s.target)
+    lo, hi = spectrum_interval(e, l, s)
+    j_now = finish_terms(lo, hi, s.target)
     if s.l0_is_bound and l is not None:
         xp = array_api_compat.array_namespace(l)
         l_next = chen_chow_step(l, s.u)[2]
@@ -405,7 +406,8 @@ def hand_over(e, l, s: SignSettings):
     else:                                                # the plain step's model
         xp = array_api_compat.array_namespace(e)
         e_next = xp.where(e < 1.0, e * e * (3.0 + e) / 4.0, e)
-        j_next = finish_terms(*spectrum_interval(e_next, None, s), s.target)
+        lo, hi = spectrum_interval(e_next, None, s)
+        j_next = finish_terms(lo, hi, s.target)
     return j_now < 5.0 + j_next, j_now
 
 
