@@ -489,7 +489,7 @@ def sign_step(B, C, R2, l, s: SignSettings):
     return Bn, Cn, l_next
 
 
-def residual_2(B):
+def doubled_residual(B):
     """``(R2, e)``: ``R2 = 2 (I - B^2)`` and ``e = ||I - B^2||_F`` per member."""
     R2 = (B @ B) * -2.0
     R2 = add_to_diagonal(R2, 2.0)                        # 2 (I - B_k^2)
@@ -518,7 +518,7 @@ def symmetric_sign_step(state: tuple, s: SignSettings):
         if bool(xp.all(finished)):
             Z, n_terms = _finished_c(B, C, None, l, j, new, n_terms, s)
             return (B, Z, l, finished, n_terms), bound, None, finished
-    R2, e = residual_2(B)
+    R2, e = doubled_residual(B)
     l_k = l
     if l is not None:
         l = raise_lower_end(l, e)
