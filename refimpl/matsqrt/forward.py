@@ -359,7 +359,8 @@ def _check_psd(As, norm, name: str, *, definite: bool, psd_tol: float | None):
     # nothing: a singular PSD member would pass or fail by the rounding luck of
     # the LAPACK at hand
     tau = max(psd_tolerance(As, psd_tol), As.shape[-1] * eps(As))
-    shifted = As if definite else add_to_diagonal(As, tau * norm)
+    xp = array_api_compat.array_namespace(As)
+    shifted = As if definite else _plus_identity(xp.asarray(As, copy=True), tau * norm)
     if _positive_definite(shifted):
         return
     raise_not_psd(As, norm, name, definite=definite)
