@@ -29,60 +29,65 @@ import array_api_compat
 
 from .. import backend
 from ..backend import eye_like, mT
+from ..iteration import Schedule, iterate
 from ._common import (DEFAULT_MAX_ITER, add_to_diagonal, check_square, eps, fro, iteration_options,
                       mm, symmetric_part, warn_unconverged)
 
 #: Where host syncs are deferred (a GPU; :class:`refimpl.backend.DevicePolicy`),
-#: iterations between convergence tests of the Newton–Schulz loops while the
-#: residual is still >= 1 (each test is a device sync; members are frozen
-#: individually in between).  Below 1 the quadratic model predicts the next
-#: test (see :func:`_steps_to_tol`).  On the host (NumPy) a test costs nothing
-#: and is made after every step.
+#: steps between host reads of "every member stopped" in the Newton–Schulz
+#: loops (members are frozen individually in between).  On the host a read
+#: costs nothing and is made after every step.
 CHECK_EVERY = 2
 
 
-
 # --------------------------------------------------------------------------
-# Newton–Schulz driver shared by matrix_sign, lyapunov and the NS root
+# Newton–Schulz loops on the iteration driver
 # --------------------------------------------------------------------------
 
-def _steps_to_tol(err: float, tol: float) -> int:
-    """Steps the Newton–Schulz error model ``d' = d^2 (3 + d) / 4`` needs to
-    take a residual ``err < 1`` to ``<= tol`` (at least 1): when to test next.
+@dataclass(frozen=True)
+class _NSState:
+    """The iterate, the residual of the incoming state of the last step
+    (a by-product of the step) and the members the step finished itself
+    (None: the step does not finish members)."""
 
-    Every iteration here (sign, coupled root) obeys this recursion on each
-    eigenvalue's ``d = 1 - lambda^2`` (resp. ``1 - w``); the Frobenius residual
-    bounds the largest ``|d|``, so the prediction is never late by more than the
-    model's slack, and a late member is simply tested again.
-    """
-    k, d = 0, err
-    while d > tol and k < 64:
-        d = d * d * (3.0 + d) / 4.0
-        k += 1
-    return max(k, 1)
+    state: tuple
+    err: Any
+    stop: Any = None
+
+
+def _ns_advance(xp, step: Callable, ns: _NSState, active, k: int, *, hold: bool, keep: tuple,
+                history: list | None) -> _NSState:
+    """``k`` steps ``state <- step(state)``; members not ``active`` keep the
+    components marked in ``keep`` when ``hold`` (no mask while every member
+    runs, or with a fixed step count)."""
+    state, err, stop = ns.state, ns.err, ns.stop
+    for _ in range(k):
+        new, err, aux, *finished = step(state)
+        if history is not None:
+            history.append((state, aux, active))
+        state = (tuple(xp.where(mm(active), a, b) if f else a for a, b, f in zip(new, state, keep))
+                 if hold else new)
+        stop = finished[0] if finished else None
+    return _NSState(state, err, stop)
 
 
 def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: float,
                    max_iter: int, record: bool = False, frozen: tuple | None = None):
-    """Run ``state <- step(state)`` per member until its residual is <= tol.
+    """Run ``state <- step(state)`` per member until its residual is <= tol,
+    on :func:`refimpl.iteration.iterate`.
 
     ``step(state) -> (new_state, err, aux)`` where ``err`` (batch shape) is
     the residual of the *incoming* state, a by-product of the step.  Unless
-    ``record``, the driver keeps no reference to a state once the next one is
-    made, so a step may write its new state into the arrays of the state
-    before its incoming one.  With
-    ``iters`` given every member takes exactly ``iters`` steps (the papers'
-    fixed ``T``); otherwise a member is frozen after the first step whose
-    incoming residual is <= tol, so its result does not depend on its
-    batch-mates, and the loop ends when all are frozen or after ``max_iter``
-    steps.  Whether all are frozen is tested after every step on the host;
-    where host syncs are deferred (a GPU: a device sync each time;
-    :func:`refimpl.backend.device_policy`) every :data:`CHECK_EVERY` steps
-    while the largest residual is >= 1, then when the quadratic model
-    predicts convergence.  The schedule only decides when the loop stops,
-    never what a member computes; so a step may be called after every member
-    has stopped (its results for stopped members are discarded) and must
-    accept that.
+    ``record``, no reference to a state is kept once the next one is made, so
+    a step may write its new state into the arrays of the state before its
+    incoming one.  With ``iters`` given every member takes exactly ``iters``
+    steps (the papers' fixed ``T``); otherwise a member is frozen after the
+    first step whose incoming residual is <= tol, so its result does not
+    depend on its batch-mates, and the loop ends when all are frozen or after
+    ``max_iter`` steps.  The host reads "all stopped" after every step, or
+    every :data:`CHECK_EVERY` steps where host syncs are deferred; a step may
+    then run after every member has stopped (its results for stopped members
+    are discarded) and must accept that.
 
     ``frozen`` says which state components are held once a member stops
     (default: all); a component that only drives the others (the sign
@@ -91,7 +96,7 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
     A step may return a fourth item, a per-member mask of the members it
     finished itself (the symmetric sign iteration's finish); those stop
     instead of the ones with ``err <= tol``, and ``converged`` is then
-    "stopped" (``tol`` only schedules the device-sync checks).
+    "stopped" (``tol`` is not used).
 
     Returns ``(state, n_iter, error, converged, history)``; ``error`` is the
     residual measured at the start of each member's last step, ``history``
@@ -99,48 +104,27 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
     """
     xp = array_api_compat.array_namespace(state[0])
     bshape = tuple(state[0].shape[:-2])
-    dev = backend.device(state[0])
-    done = xp.zeros(bshape, dtype=xp.bool, device=dev)
-    n_iter = xp.zeros(bshape, dtype=xp.int64, device=dev)
-    err = xp.full(bshape, math.inf, dtype=state[0].dtype, device=dev)
-    history = []
-    n_steps = iters if iters is not None else max_iter
-    device_sync = backend.device_policy(xp, dev).deferred_sync
-    none_stopped = not device_sync     # known on the host (no sync): holding is a no-op
-    next_check = 1
-    stops_itself = False
-    for k in range(n_steps):
-        new, e, aux, *stop = step(state)
-        stops_itself = bool(stop)
-        active = ~done
-        if record:
-            history.append((state, aux, active))
-        if iters is None and not none_stopped:   # hold the members that have stopped
-            keep = frozen or (True,) * len(state)
-            state = tuple(xp.where(mm(active), a, b) if f else a
-                          for a, b, f in zip(new, state, keep))
-        else:
-            state = new
-        err = xp.where(active, e, err)
-        n_iter = n_iter + xp.astype(active, xp.int64)
-        if iters is None:
-            done = done | (stop[0] if stops_itself else (e <= tol))
-            if k + 1 >= next_check:
-                if bool(xp.all(done)):
-                    break
-                if not device_sync:
-                    none_stopped = not bool(xp.any(done))
-                    next_check = k + 2
-                    continue
-                # the largest residual of a running member, one step ago
-                worst = float(xp.max(xp.where(done, xp.zeros_like(e), e)))
-                # a member whose residual entering step k is e stops after step
-                # k + _steps_to_tol(e): test right after that step
-                ahead = _steps_to_tol(worst, tol) if worst < 1.0 else CHECK_EVERY
-                next_check = k + 1 + ahead
-    converged = done if stops_itself and iters is None else err <= tol
-    return state, n_iter, err, converged, history
+    policy = backend.policy_of(state[0])
+    history: list | None = [] if record else None
+    keep = frozen or (True,) * len(state)
 
+    def advance(ns, active, k):
+        # On the host, no mask is needed while every member runs.
+        hold = iters is None and (policy.deferred_sync or not bool(xp.all(active)))
+        return _ns_advance(xp, step, ns, active, k, hold=hold, keep=keep, history=history)
+
+    def measure(ns):
+        if iters is not None:                                   # a fixed step count
+            return ns.err, xp.zeros(bshape, dtype=xp.bool, device=backend.device(ns.err))
+        return ns.err, ns.stop if ns.stop is not None else ns.err <= tol
+
+    start = _NSState(state, xp.full(bshape, math.inf, dtype=state[0].dtype,
+                                    device=backend.device(state[0])))
+    ns, diag = iterate(advance, measure, start, batch=bshape, like=start.err,
+                       schedule=Schedule.for_policy(policy, max_iter=iters if iters is not None
+                                                    else max_iter, on_device=CHECK_EVERY))
+    converged = diag.converged if iters is None else diag.error <= tol
+    return ns.state, diag.n_iter, diag.error, converged, history or []
 
 
 # --------------------------------------------------------------------------
