@@ -17,19 +17,14 @@ arithmetic:
 * the sign iteration uses two sets of iterates in turn (a step writes over the
   set of the step before last, which the driver no longer holds).
 
-So :func:`lyapunov_sign_symmetric`, :func:`power_block`, :func:`combine`,
-:func:`scaled_sym` and :func:`add_to_diagonal` return the same bits as their
-plain counterparts (``tests/test_matsqrt_kernels.py`` checks it);
-:func:`scaled_sym` keeps the memory layout of its input, as NumPy's forward
-always has, so products formed later from an MPA root above
-:data:`SMALL_LAPACK_N` (a transposed LU solve, Fortran order) round as they
-always did.  Two are different algorithms
-for the same quantity, used for small matrices (``n <=`` :data:`SMALL_LAPACK_N`; the second from
-:data:`PD_LOOP_MIN_N`): :func:`solve_spd_right` (Cholesky by LAPACK per
-member, where the plain path solves by LU) and :func:`is_positive_definite`
-(LAPACK ``potrf`` per member); they agree with the plain path to round-off.
-The measurements behind these choices are in docs/performance.md (matrix
-square root).
+So :func:`lyapunov_sign_symmetric`, :func:`power_block`, :func:`combine` and
+:func:`add_to_diagonal` return the same bits as their plain counterparts
+(``tests/test_matsqrt_kernels.py`` checks it, and the whole forwards and
+derivatives with them).  One is a different algorithm for a yes/no answer:
+:func:`is_positive_definite` (LAPACK ``potrf`` per member, for
+:data:`PD_LOOP_MIN_N` ``<= n <=`` :data:`SMALL_LAPACK_N`), which gives the
+plain test's verdict.  The measurements behind these choices are in
+docs/performance.md (matrix square root).
 """
 
 from __future__ import annotations
@@ -43,10 +38,10 @@ from ..backend import mT
 from . import sign
 from ._common import mm
 
-#: Largest matrix order for which the per-member SciPy LAPACK calls
-#: (:func:`is_positive_definite`, :func:`solve_spd_right`) replace NumPy's
-#: batched ``linalg``: up to this size they stay on one thread; above it
-#: NumPy's own ``linalg`` (one thread pool with its products) is used.
+#: Largest matrix order for which the per-member SciPy LAPACK test
+#: (:func:`is_positive_definite`) replaces NumPy's batched ``cholesky``: up
+#: to this size it stays on one thread; above it NumPy's own ``linalg`` (one
+#: thread pool with its products) is used.
 SMALL_LAPACK_N = 64
 
 #: Smallest matrix order from which the per-member ``potrf`` loop of
@@ -67,12 +62,6 @@ SIGN_WORK_ARRAYS = 7
 def applies(x) -> bool:
     """Whether the host-NumPy paths apply to arrays like ``x``."""
     return backend.policy_of(x).host_numpy
-
-
-def lapack_loop_applies(*arrays) -> bool:
-    """Whether the per-member SciPy LAPACK solve (:func:`solve_spd_right`)
-    applies to ``arrays``."""
-    return all(applies(x) for x in arrays) and arrays[0].shape[-1] <= SMALL_LAPACK_N
 
 
 def pd_loop_applies(A) -> bool:
@@ -152,38 +141,25 @@ def combine(coef, block):
     return np.reshape(np.transpose(got, (1, 0, 2)), (coef.shape[0],) + shape)
 
 
-def scaled_sym(R, s):
-    """``(R + R^T) s`` written into a fresh array laid out as ``R`` (Fortran
-    order where ``R`` is a transposed LU solve), as
-    :func:`refimpl.matsqrt.forward._scaled_sym`."""
-    out = np.add(R, mT(R), out=np.empty_like(R))
-    out *= s
-    return out
-
-
-def _cholesky_members(A, *, invert: bool):
-    """LAPACK ``potrf`` (with ``invert`` then ``trtri``) per member of a
-    C-order copy of ``A`` (..., n, n), in place through its Fortran-order
-    views.  Returns ``(work, info)``: ``work`` reads in C order as ``L^T``
-    (``invert``: ``L^{-T}``), upper triangular, where ``A = L L^T`` (only
-    one triangle of ``A`` is read); ``info`` (batch shape) is LAPACK's, > 0
-    where the Cholesky broke down (not positive definite to working precision).
+def _cholesky_members(A):
+    """LAPACK ``potrf`` per member of a C-order copy of ``A`` (..., n, n), in
+    place through its Fortran-order views.  Returns ``(work, info)``:
+    ``work`` reads in C order as ``L^T``, upper triangular, where
+    ``A = L L^T`` (only one triangle of ``A`` is read); ``info`` (batch
+    shape) is LAPACK's, > 0 where the Cholesky broke down (not positive
+    definite to working precision).
 
     Plain per-member calls: up to n = :data:`SMALL_LAPACK_N` they stay on one
-    thread.  SciPy's ``posv`` does not: OpenBLAS threads its triangular
-    solves from n = 32 on, and its idle threads then spin for a while and
-    slow the following products and LAPACK calls.
+    thread.
     """
     from scipy.linalg import get_lapack_funcs
 
-    potrf, trtri = get_lapack_funcs(("potrf", "trtri"), (A,))
+    (potrf,) = get_lapack_funcs(("potrf",), (A,))
     work = np.array(A, order="C", copy=True)
     flat = work.reshape((-1, *work.shape[-2:]))        # a view: work is contiguous
     info = np.zeros(flat.shape[0], dtype=np.int64)
     for i in range(flat.shape[0]):
         _, info[i] = potrf(flat[i].T, lower=1, clean=1, overwrite_a=1)
-        if invert and info[i] == 0:
-            _, info[i] = trtri(flat[i].T, lower=1, overwrite_c=1)
     return work, info.reshape(work.shape[:-2])
 
 
@@ -192,32 +168,11 @@ def is_positive_definite(A) -> bool:
     Cholesky factor with a finite, positive diagonal: LAPACK ``potrf`` per
     member (:func:`_cholesky_members`; no copies out of Fortran order, no
     factor returned)."""
-    L_T, info = _cholesky_members(A, invert=False)
+    L_T, info = _cholesky_members(A)
     if bool(np.any(info != 0)):
         return False
     d = np.diagonal(L_T, axis1=-2, axis2=-1)
     return bool(np.all(np.isfinite(d)) and np.all(d > 0))
-
-
-def solve_spd_right(B, A, *, overwrite: bool = False):
-    """Batched ``B A^{-1}`` for symmetric positive definite ``A`` (..., n, n)
-    and ``B`` (..., k, n) with the same batch shape and dtype; only one
-    triangle of ``A`` is read.
-
-    ``A = L L^T`` and ``L^{-1}`` by LAPACK per member (:func:`_cholesky_members`,
-    one thread), then ``B A^{-1} = (B L^{-T}) L^{-1}`` by two batched
-    products; a member whose Cholesky breaks down is solved by LU instead.
-    With ``overwrite`` (``B`` a C-contiguous work array of the caller's) the
-    result is written into ``B``, which is returned.
-    """
-    L_invT, info = _cholesky_members(A, invert=True)
-    bad = info != 0
-    B_bad = B[bad] if bool(np.any(bad)) else None     # a copy, before B is written
-    out = B if overwrite and B.flags.c_contiguous else None
-    out = np.matmul(np.matmul(B, L_invT), mT(L_invT), out=out)     # B L^{-T} L^{-1}
-    if B_bad is not None:
-        out[bad] = mT(np.linalg.solve(A[bad], mT(B_bad)))
-    return out
 
 
 # --------------------------------------------------------------------------

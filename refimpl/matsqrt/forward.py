@@ -162,18 +162,13 @@ def _plus_identity(X, v):
 
 
 def _scaled_sym(R, s):
-    """``(R + R^T) s``; on host NumPy written into an array laid out as ``R``
-    (:func:`_kernels.scaled_sym`, the same values)."""
-    return _kernels.scaled_sym(R, s) if _kernels.applies(R) else (R + mT(R)) * s
+    """``(R + R^T) s``, exactly symmetric."""
+    return (R + mT(R)) * s
 
 
 def _solve_spd_right(N, D):
-    """``N D^{-1}`` for symmetric positive definite ``D`` (one triangle read):
-    ``xp.linalg.solve(D, N^T)^T``; on host NumPy up to
-    :data:`_kernels.SMALL_LAPACK_N` by Cholesky per member
-    (:func:`_kernels.solve_spd_right`, writing over ``N``, a temporary)."""
-    if _kernels.lapack_loop_applies(D, N):
-        return _kernels.solve_spd_right(N, D, overwrite=True)
+    """``N D^{-1} = (D^{-1} N^T)^T`` by one batched LU solve (``D`` symmetric
+    positive definite; polynomials in ``W`` commute, so ``D R = N``)."""
     xp = array_api_compat.array_namespace(N, D)
     return mT(xp.linalg.solve(D, mT(N)))
 
@@ -205,8 +200,8 @@ def _forward_rational(As, c, num, den, gamma, basis):
     spectrum of ``W`` in either basis, every Padé denominator (and numerator,
     the inverse root's denominator) is positive — its real zeros lie outside,
     down to ``q_m(1) = 0.011``, ``p_m(1) = 0.00098`` at ``m = 5`` (tested for
-    m <= 12) — so ``D R = N`` is solved by Cholesky where that is the faster
-    solve, as ``R = N D^{-1}`` (:func:`_solve_spd_right`)."""
+    m <= 12) — and ``D R = N`` is well posed; it is solved as
+    ``R = N D^{-1}`` (:func:`_solve_spd_right`)."""
     xp = array_api_compat.array_namespace(As)
     a, b = (1.0, -1.0) if basis == "z" else (0.0, 1.0)
     d = max(len(num), len(den)) - 1
