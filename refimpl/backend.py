@@ -687,12 +687,18 @@ def mT(A):
 
 
 def matvec(A, x):
-    """Batched matrix-vector product: ``(A @ x[..., None])[..., 0]``."""
+    """Batched matrix-vector product: ``(A @ x[..., None])[..., 0]`` (one
+    matrix and one vector: ``A @ x``, the same products)."""
+    if A.ndim == 2 and x.ndim == 1:
+        return A @ x
     return (A @ x[..., None])[..., 0]
 
 
 def rmatvec(A, y):
-    """Batched ``A^T y`` for a vector ``y`` (..., n): ``(y^T A)^T``."""
+    """Batched ``A^T y`` for a vector ``y`` (..., n): ``(y^T A)^T`` (one
+    matrix and one vector: ``y @ A``)."""
+    if A.ndim == 2 and y.ndim == 1:
+        return y @ A
     return (y[..., None, :] @ A)[..., 0, :]
 
 
