@@ -164,14 +164,14 @@ def _check_phantom(k=None, lam=None) -> None:
     deq._resolve_method_args("neumann", k, lam, None, {})
 
 
-def _deq_contractive(rng):
+def _make_contractive(rng):
     d, p = 5, 3
     return {"W": _scaled_to_norm(rng.standard_normal((d, d)), 0.7),
             "U": rng.standard_normal((d, p)), "b": 0.5 * rng.standard_normal(d),
             "x": rng.standard_normal(p)}
 
 
-def _deq_batched_scales(rng):
+def _make_batched_scales(rng):
     d, p = 4, 3
     scales = np.array([1e-6, 1e-3, 1.0, 30.0])[:, None]
     return {"W": _scaled_to_norm(rng.standard_normal((d, d)), 0.8),
@@ -179,26 +179,26 @@ def _deq_batched_scales(rng):
             "x": rng.standard_normal((4, p)) * scales}
 
 
-def _deq_scalar(rng):
+def _make_scalar(rng):
     return {"W": np.array([[0.6]]), "U": np.array([[1.3]]), "b": np.array([-0.2]),
             "x": np.array([0.8])}
 
 
-def _deq_near_non_contractive(rng):
+def _make_near_non_contractive(rng):
     d, p = 5, 2
     return {"W": _symmetric_with_spectrum(rng, [0.985, 0.6, 0.1, -0.2, -0.5]),
             "U": 0.05 * rng.standard_normal((d, p)), "b": 0.02 * rng.standard_normal(d),
             "x": rng.standard_normal(p)}
 
 
-def _deq_negative_eigenvalues(rng):
+def _make_negative_eigenvalues(rng):
     d, p = 5, 3
     return {"W": _symmetric_with_spectrum(rng, [-1.8, -1.2, -0.4, 0.2, 0.5]),
             "U": 0.3 * rng.standard_normal((d, p)), "b": 0.1 * rng.standard_normal(d),
             "x": rng.standard_normal((2, p))}
 
 
-def _deq_per_member_weights(rng):
+def _make_per_member_weights(rng):
     d, p = 4, 3
     W = np.stack([_scaled_to_norm(rng.standard_normal((d, d)), s) for s in (0.3, 0.6, 0.9)])
     return {"W": W, "U": rng.standard_normal((d, p)), "b": 0.3 * rng.standard_normal(d),
@@ -208,21 +208,21 @@ def _deq_per_member_weights(rng):
 def _tanh_deq_cases() -> tuple[Case, ...]:
     """The curated cases of tanh_deq."""
     return (
-        Case("contractive", "d=5, ||W||_2 = 0.7, one input", 71, _deq_contractive),
+        Case("contractive", "d=5, ||W||_2 = 0.7, one input", 71, _make_contractive),
         Case("batched_scales", "batch of 4 inputs scaled 1e-6..30 (last one saturates "
-             "tanh), zero bias", 72, _deq_batched_scales, flags=("batched", "scales")),
-        Case("scalar", "d = p = 1", 73, _deq_scalar, flags=("edge",)),
+             "tanh), zero bias", 72, _make_batched_scales, flags=("batched", "scales")),
+        Case("scalar", "d = p = 1", 73, _make_scalar, flags=("edge",)),
         Case("near_non_contractive", "symmetric W with eigenvalue 0.985: Picard rate "
-             "~0.98, cond(I - J) ~ 60", 74, _deq_near_non_contractive,
+             "~0.98, cond(I - J) ~ 60", 74, _make_near_non_contractive,
              flags=("ill_conditioned",),
              tol={"float64": {"fd": 1e-7, "batch": 1e-8},
                   "float32": {"fd": 5e-3, "forward": 5e-4}}),
         Case("negative_eigenvalues", "W eigenvalues down to -1.8 (||W||_2 > 1): undamped "
              "Picard oscillates, damped Picard (lam = 0.5) converges", 75,
-             _deq_negative_eigenvalues, params={"method": "picard", "lam": 0.5, "max_iter": 3000},
+             _make_negative_eigenvalues, params={"method": "picard", "lam": 0.5, "max_iter": 3000},
              flags=("batched", "non_contractive", "damping")),
         Case("per_member_weights", "W batched (3 members, ||W||_2 = 0.3, 0.6, 0.9), x, U, "
-             "b shared (gradients summed)", 76, _deq_per_member_weights,
+             "b shared (gradients summed)", 76, _make_per_member_weights,
              flags=("batched", "broadcast")),
     )
 
