@@ -945,64 +945,41 @@ class _CandidateRun:
     out_h: np.ndarray             # that output on the host
     fwd_err: float                # the forward's worst per-member error ...
     fwd_member: tuple | None      # ... and that member
-    bars: Sequence[np.ndarray]    # its input cotangents, not yet canonicalised
     moved: list[str]              # what it modified in place
 
 
-def _call_vjp(spec: registry.OpSpec, gc: vectors.GoldenCase, fw: _Framework,
-              vjp: Callable | None, params: dict, ctx, args, out,
-              host_in: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
-    """The candidate's input cotangents for the case's output cotangent (from
-    ``vjp``, or the framework's autodiff through ``ctx``) on the host, and what
-    its ``vjp`` modified in place."""
-    vargs = []
-    if vjp is not None:
-        vargs = fw.inputs(host_in, requires_grad=False)
-        out_bar = fw.like(gc.cotangent, out)
-        bars = _call(vjp, *vargs, out_bar, **params)
-    else:
-        bars = _call(fw.pullback, ctx, args, out, gc.cotangent)
-    mine = _cotangents(fw, bars, spec, host_in)
-    moved = [f"{k} (in the vjp)" for k, a, h in zip(spec.inputs, vargs, host_in)
+def _moved_inputs(spec: registry.OpSpec, gc: vectors.GoldenCase, fw: _Framework, args,
+                  vargs, out_bar, host_in: Sequence[np.ndarray]) -> list[str]:
+    """What the candidate modified in place: its forward's inputs, its VJP's
+    inputs and output cotangent."""
+    moved = [k for k, a, h in zip(spec.inputs, args, host_in)
              if not np.array_equal(fw.host(a), h)]
-    if vjp is not None and not np.array_equal(fw.host(out_bar), gc.cotangent):
+    moved += [f"{k} (in the vjp)" for k, a, h in zip(spec.inputs, vargs, host_in)
+              if not np.array_equal(fw.host(a), h)]
+    if out_bar is not None and not np.array_equal(fw.host(out_bar), gc.cotangent):
         moved.append(f"{spec.output}_bar (in the vjp)")
-    return mine, moved
+    return moved
 
 
-def _run_candidate(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
-                   fw: _Framework, vjp: Callable | None, host_in: Sequence[np.ndarray],
-                   ftol: float, gtol: float,
-                   keep: dict | None) -> _CandidateRun | CaseReport:
-    """Call the candidate's forward, then its VJP, on the case; the ERROR report
-    of the stage that failed if one did (the forward error, when measured, kept)."""
-    stage = "forward"
-    fwd_err = None
-    try:
-        params, args, out, ctx, out_h = _call_forward(spec, gc, fn, fw, vjp, host_in)
-        if keep is not None:
-            keep[f"candidate.output.{spec.output}"] = out_h
-        fwd_err, fwd_member = member_error(out_h, gc.output, spec.output_core_ndim, ftol)
-
-        stage = "vjp" if vjp is not None else f"{fw.name} autodiff"
-        bars, vjp_moved = _call_vjp(spec, gc, fw, vjp, params, ctx, args, out, host_in)
-        moved = [k for k, a, h in zip(spec.inputs, args, host_in)
-                 if not np.array_equal(fw.host(a), h)] + vjp_moved
-    except CandidateError as exc:
+def _candidate_error(exc: Exception, stage: str, gc: vectors.GoldenCase, ftol: float,
+                     gtol: float, fwd_err: float | None) -> CaseReport:
+    """The ERROR report of ``exc``, raised while the candidate's ``stage`` ran or
+    its result was checked (call it while handling ``exc``: it may take the
+    traceback)."""
+    if isinstance(exc, CandidateError):
         return _error_report(gc, ftol, gtol, f"{stage}: {exc}", forward=fwd_err)
-    except _Raised as raised:
-        inner = raised.exc
+    if isinstance(exc, _Raised):
+        inner = exc.exc
         if isinstance(inner, CandidateError):   # raised by pullback's own checks
             return _error_report(gc, ftol, gtol, f"{stage}: {inner}", forward=fwd_err)
         return _error_report(gc, ftol, gtol,
                              f"{stage}: the candidate raised {_exception_text(inner)}"
-                             f"{_candidate_frame(inner)}", raised.tb, forward=fwd_err)
-    except Exception as exc:  # e.g. converting an exotic output object
-        return _error_report(gc, ftol, gtol,
-                             f"{stage}: checking the candidate's result failed: "
-                             f"{_exception_text(exc)}", traceback.format_exc(),
-                             forward=fwd_err)
-    return _CandidateRun(params, out, out_h, fwd_err, fwd_member, bars, moved)
+                             f"{_candidate_frame(inner)}", exc.tb, forward=fwd_err)
+    # e.g. converting an exotic output object
+    return _error_report(gc, ftol, gtol,
+                         f"{stage}: checking the candidate's result failed: "
+                         f"{_exception_text(exc)}", traceback.format_exc(),
+                         forward=fwd_err)
 
 
 def _gradient_errors(spec: registry.OpSpec, gc: vectors.GoldenCase, mine: Sequence,
@@ -1055,18 +1032,36 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
               keep: dict | None = None) -> CaseReport:
     """Run and compare one case.  ``keep``, when a dict, receives the candidate's
     host output (``candidate.output.<out>``) and canonicalised cotangents
-    (``candidate.vjp.<input>``), for ``--dump``."""
+    (``candidate.vjp.<input>``), for ``--dump``.
+
+    The candidate is called from here (through :func:`_call_forward` and
+    :func:`_call`), so the stack a crash inside it leaves in the captured
+    output is as shallow as it can be."""
     host_in = [gc.inputs[k] for k in spec.inputs]
-    run = _run_candidate(spec, gc, fn, fw, vjp, host_in, ftol, gtol, keep)
-    if isinstance(run, CaseReport):
-        return run
+    stage, fwd_err = "forward", None
     try:
-        mine = registry._canon(spec, run.bars)
+        params, args, out, ctx, out_h = _call_forward(spec, gc, fn, fw, vjp, host_in)
+        if keep is not None:
+            keep[f"candidate.output.{spec.output}"] = out_h
+        fwd_err, fwd_member = member_error(out_h, gc.output, spec.output_core_ndim, ftol)
+
+        stage = "vjp" if vjp is not None else f"{fw.name} autodiff"
+        vargs = fw.inputs(host_in, requires_grad=False) if vjp is not None else []
+        out_bar = fw.like(gc.cotangent, out) if vjp is not None else None
+        bars = (_call(vjp, *vargs, out_bar, **params) if vjp is not None
+                else _call(fw.pullback, ctx, args, out, gc.cotangent))
+        mine: Sequence[np.ndarray] = _cotangents(fw, bars, spec, host_in)
+        moved = _moved_inputs(spec, gc, fw, args, vargs, out_bar, host_in)
+    except Exception as exc:
+        return _candidate_error(exc, stage, gc, ftol, gtol, fwd_err)
+    run = _CandidateRun(params, out, out_h, fwd_err, fwd_member, moved)
+
+    try:
+        mine = registry._canon(spec, mine)
         ref = registry._canon(spec, [gc.vjp[k] for k in spec.inputs])
     except Exception as exc:
         return _error_report(gc, ftol, gtol, f"canonicalising the gradients failed: "
-                             f"{type(exc).__name__}: {exc}", traceback.format_exc(),
-                             run.fwd_err)
+                             f"{type(exc).__name__}: {exc}", traceback.format_exc(), fwd_err)
     if keep is not None:
         keep.update({f"candidate.vjp.{k}": np.asarray(a, dtype=np.float64)
                      for k, a in zip(spec.inputs, mine)})
@@ -1074,13 +1069,13 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
     worst_input = max(errors, key=lambda k: errors[k])
     bad = [k for k in spec.inputs if not errors[k] <= gtol]
     problems = _case_problems(spec, run, errors, where, bad, ftol, gtol)
-    failed = bool(bad or run.moved or not run.fwd_err <= ftol)
-    verdict, note = _reference_verdict(spec, gc, fn, fw, run.params, run.out_h, mine,
-                                       not run.fwd_err <= ftol, bool(bad), gtol)
+    failed = bool(bad or moved or not fwd_err <= ftol)
+    verdict, note = _reference_verdict(spec, gc, fn, fw, params, out_h, mine,
+                                       not fwd_err <= ftol, bool(bad), gtol)
     problems += [note] if note else []
     diagnostics = _case_diagnostics(spec, gc, run, mine, ref, bad, ftol)
     return CaseReport(gc.id, gc.description, tuple(gc.flags), "FAIL" if failed else "pass",
-                      run.fwd_err, errors[worst_input],
+                      fwd_err, errors[worst_input],
                       ftol, gtol, errors, where[worst_input], "\n".join(problems),
                       verdict=verdict, diagnostics=tuple(diagnostics))
 
