@@ -284,6 +284,143 @@ class _Child:
                 pass
 
 
+@dataclass
+class _RunState:
+    """What :func:`run` has gathered so far, and the child and case in flight:
+    everything its Ctrl-C handler needs, wherever the interrupt lands."""
+
+    outcomes: dict[int, Outcome]
+    result: RunResult
+    child: _Child | None = None
+    current: Job | None = None
+
+
+def _is_event(ev, name: str) -> bool:
+    """``ev`` is a message (not "timeout", "flood" or the pipe's end) called ``name``."""
+    return isinstance(ev, dict) and ev["event"] == name
+
+
+def _write_job_file(tmp: str, pending: list[Job], *, op: str, candidate: str,
+                    vjp: str | None, framework: str, keep_arrays: bool, against: str,
+                    unbatched: bool) -> Path:
+    """The job file a child reads: ``pending`` and the run's settings, pickled into ``tmp``."""
+    job_file = Path(tmp) / "job.pickle"
+    job_file.write_bytes(pickle.dumps({
+        "op": op, "candidate": candidate, "vjp": vjp, "framework": framework,
+        "jobs": pending, "sys_path": list(sys.path), "tmp": tmp,
+        "keep_arrays": keep_arrays, "against": against,
+        "unbatched": unbatched}, protocol=pickle.HIGHEST_PROTOCOL))
+    return job_file
+
+
+def _await_load(child: _Child, timeout: float) -> tuple[Any, bool]:
+    """The child's answer to importing the TARGETs, and whether it started at all."""
+    loaded = child.event(time.monotonic() + _STARTUP)
+    started = _is_event(loaded, "ready")
+    if started:
+        loaded = child.event(time.monotonic() + timeout)
+    return loaded, started
+
+
+def _load_failure(child: _Child, loaded, *, started: bool, timeout: float) -> str:
+    """Why the child did not load the TARGETs (``loaded``: its last event), killing
+    it where it still runs."""
+    if _is_event(loaded, "target_error"):
+        return str(loaded.get("message", "cannot import the TARGET"))
+    if loaded == "timeout":
+        child.kill()
+        return (f"importing the TARGET did not finish within {timeout:g} s" if started else
+                f"the validation process did not start within {_STARTUP:g} s")
+    if loaded == "flood":
+        child.kill()
+        return f"importing the TARGET wrote more than {OUTPUT_LIMIT} bytes to stdout/stderr"
+    return f"the process importing the TARGET {exit_reason(child.finish())}"
+
+
+def _stream_failure(child: _Child, ev, *, between_cases: bool, timeout: float) -> str:
+    """Why the child stopped answering (``ev``: "timeout", "flood" or the pipe's end),
+    killing it where it still runs."""
+    if ev == "timeout" and between_cases:
+        child.kill()
+        return f"the validation process stalled for {timeout:g} s between cases"
+    if ev == "timeout":
+        child.kill()
+        return f"did not finish within {timeout:g} s (--timeout); the candidate was stopped"
+    if ev == "flood":
+        child.kill()
+        return (f"the candidate wrote more than {OUTPUT_LIMIT} bytes to "
+                "stdout/stderr; it was stopped (the last bytes are shown)")
+    return f"the validation process {exit_reason(child.finish())}"
+
+
+def _record_failure(state: _RunState, pending: list[Job], why: str) -> None:
+    """The case in flight is an error; with none in flight (the child ended between
+    cases, no progress to build on) every pending case not yet reported is."""
+    child = state.child
+    assert child is not None
+    if state.current is not None:
+        state.outcomes[state.current.index] = Outcome(
+            error=why, output_bytes=child.output.total, output_tail=child.output.text())
+        return
+    for job in pending:
+        if job.index not in state.outcomes:
+            state.outcomes[job.index] = Outcome(error=f"not run: {why}")
+
+
+def _finished_case(child: _Child, ev: dict, job: Job, tmp: str) -> Outcome:
+    """The outcome of ``job`` from its ``done`` message (and the arrays it saved)."""
+    child.end_case()
+    arrays = None
+    if ev.get("arrays"):
+        arrays = _read_arrays(Path(tmp) / f"case{job.index}.npz")
+    return Outcome(report=ev["report"], output_bytes=child.output.total,
+                   output_tail=child.output.text(), arrays=arrays)
+
+
+def _collect_cases(state: _RunState, pending: list[Job], tmp: str, timeout: float) -> None:
+    """Read the loaded child's messages into ``state.outcomes`` until it ends, stalls,
+    floods or its case overruns ``timeout``."""
+    child = state.child
+    assert child is not None
+    deadline = time.monotonic() + timeout
+    by_index = {j.index: j for j in pending}
+    while True:
+        ev = child.event(deadline)
+        if _is_event(ev, "start") and ev.get("index") in by_index and state.current is None:
+            state.current = by_index[ev["index"]]
+            child.begin_case()
+            deadline = time.monotonic() + timeout
+        elif (_is_event(ev, "done") and state.current is not None
+              and isinstance(ev.get("report"), dict)):
+            state.outcomes[state.current.index] = _finished_case(child, ev, state.current, tmp)
+            state.current = None
+        elif _is_event(ev, "end"):
+            child.finish()
+            return
+        elif not isinstance(ev, dict):
+            why = _stream_failure(child, ev, between_cases=state.current is None,
+                                  timeout=timeout)
+            _record_failure(state, pending, why)
+            return
+
+
+def _record_interrupt(state: _RunState, jobs: Sequence[Job]) -> None:
+    """After Ctrl-C: close the child; the case in flight and every case not
+    finished are errors saying so."""
+    state.result.interrupted = True
+    if state.child is not None:
+        captured = state.child.output
+        state.child.close()
+        current = state.current
+        if current is not None and current.index not in state.outcomes:
+            state.outcomes[current.index] = Outcome(
+                error="interrupted (Ctrl-C) while this case ran",
+                output_bytes=captured.total, output_tail=captured.text())
+    for job in jobs:
+        if job.index not in state.outcomes:
+            state.outcomes[job.index] = Outcome(error="not run: interrupted (Ctrl-C)")
+
+
 def run(op: str, jobs: Sequence[Job], *, candidate: str, vjp: str | None, framework: str,
         timeout: float, keep_arrays: bool = False, against: str = "reference",
         unbatched: bool = False) -> RunResult:
@@ -294,123 +431,46 @@ def run(op: str, jobs: Sequence[Job], *, candidate: str, vjp: str | None, framew
     LoadError : the first child could not import the TARGETs (or ended or
         hung while importing them); nothing ran.
     """
-    outcomes: dict[int, Outcome] = {}
+    state = _RunState(outcomes={}, result=RunResult(outcomes=[]))
     pending = list(jobs)
-    result = RunResult(outcomes=[])
     first = True
-    child = None
-    current: Job | None = None
     with tempfile.TemporaryDirectory(prefix="refimpl-validate-") as tmp:
         try:
             while pending:
-                job_file = Path(tmp) / "job.pickle"
-                job_file.write_bytes(pickle.dumps({
-                    "op": op, "candidate": candidate, "vjp": vjp, "framework": framework,
-                    "jobs": pending, "sys_path": list(sys.path), "tmp": tmp,
-                    "keep_arrays": keep_arrays, "against": against,
-                    "unbatched": unbatched}, protocol=pickle.HIGHEST_PROTOCOL))
-                child = _Child(job_file)
-                current = None
-                loaded = child.event(time.monotonic() + _STARTUP)
-                started = isinstance(loaded, dict) and loaded["event"] == "ready"
-                if started:
-                    loaded = child.event(time.monotonic() + timeout)
-                if not (isinstance(loaded, dict) and loaded["event"] == "loaded"):
-                    if isinstance(loaded, dict) and loaded["event"] == "target_error":
-                        why = str(loaded.get("message", "cannot import the TARGET"))
-                    elif loaded == "timeout":
-                        child.kill()
-                        why = (f"importing the TARGET did not finish within {timeout:g} s"
-                               if started else
-                               f"the validation process did not start within {_STARTUP:g} s")
-                    elif loaded == "flood":
-                        child.kill()
-                        why = (f"importing the TARGET wrote more than {OUTPUT_LIMIT} bytes to "
-                               "stdout/stderr")
-                    else:
-                        why = f"the process importing the TARGET {exit_reason(child.finish())}"
+                job_file = _write_job_file(tmp, pending, op=op, candidate=candidate, vjp=vjp,
+                                           framework=framework, keep_arrays=keep_arrays,
+                                           against=against, unbatched=unbatched)
+                child = state.child = _Child(job_file)
+                state.current = None
+                loaded, started = _await_load(child, timeout)
+                if not _is_event(loaded, "loaded"):
+                    why = _load_failure(child, loaded, started=started, timeout=timeout)
                     tail = child.output.text().strip()
                     child.close()
-                    child = None
+                    state.child = None
                     if first:
                         if tail and not isinstance(loaded, dict):
                             why += "; its last output: " + tail[-500:].replace("\n", " | ")
                         raise LoadError(why)
                     for job in pending:
-                        outcomes[job.index] = Outcome(error=f"not run: restarting after a "
-                                                            f"previous case failed: {why}")
+                        state.outcomes[job.index] = Outcome(
+                            error=f"not run: restarting after a previous case failed: {why}")
                     break
                 first = False
-                result.framework_version = str(loaded.get("version", "?"))
-                result.notes = list(loaded.get("notes", []))
-                deadline = time.monotonic() + timeout
-                by_index = {j.index: j for j in pending}
-                while True:
-                    ev = child.event(deadline)
-                    if (isinstance(ev, dict) and ev["event"] == "start"
-                            and ev.get("index") in by_index and current is None):
-                        current = by_index[ev["index"]]
-                        child.begin_case()
-                        deadline = time.monotonic() + timeout
-                    elif (isinstance(ev, dict) and ev["event"] == "done" and current is not None
-                          and isinstance(ev.get("report"), dict)):
-                        child.end_case()
-                        arrays = None
-                        if ev.get("arrays"):
-                            arrays = _read_arrays(Path(tmp) / f"case{current.index}.npz")
-                        outcomes[current.index] = Outcome(
-                            report=ev["report"], output_bytes=child.output.total,
-                            output_tail=child.output.text(), arrays=arrays)
-                        current = None
-                    elif isinstance(ev, dict) and ev["event"] == "end":
-                        child.finish()
-                        break
-                    elif isinstance(ev, dict):
-                        continue
-                    else:
-                        if ev == "timeout" and current is None:
-                            why = f"the validation process stalled for {timeout:g} s between cases"
-                            child.kill()
-                        elif ev == "timeout":
-                            why = (f"did not finish within {timeout:g} s (--timeout); the "
-                                   "candidate was stopped")
-                            child.kill()
-                        elif ev == "flood":
-                            why = (f"the candidate wrote more than {OUTPUT_LIMIT} bytes to "
-                                   "stdout/stderr; it was stopped (the last bytes are shown)")
-                            child.kill()
-                        else:
-                            why = f"the validation process {exit_reason(child.finish())}"
-                        if current is not None:
-                            outcomes[current.index] = Outcome(
-                                error=why, output_bytes=child.output.total,
-                                output_tail=child.output.text())
-                        else:   # ended between cases: no progress to build on
-                            for job in pending:
-                                if job.index not in outcomes:
-                                    outcomes[job.index] = Outcome(error=f"not run: {why}")
-                        break
+                state.result.framework_version = str(loaded.get("version", "?"))
+                state.result.notes = list(loaded.get("notes", []))
+                _collect_cases(state, pending, tmp, timeout)
                 child.close()
-                child = None
-                current = None
-                pending = [j for j in pending if j.index not in outcomes]
+                state.child = None
+                state.current = None
+                pending = [j for j in pending if j.index not in state.outcomes]
         except KeyboardInterrupt:
-            result.interrupted = True
-            if child is not None:
-                captured = child.output
-                child.close()
-                if current is not None and current.index not in outcomes:
-                    outcomes[current.index] = Outcome(
-                        error="interrupted (Ctrl-C) while this case ran",
-                        output_bytes=captured.total, output_tail=captured.text())
-            for job in jobs:
-                if job.index not in outcomes:
-                    outcomes[job.index] = Outcome(error="not run: interrupted (Ctrl-C)")
+            _record_interrupt(state, jobs)
         finally:
-            if child is not None:
-                child.close()
-    result.outcomes = [outcomes[j.index] for j in jobs]
-    return result
+            if state.child is not None:
+                state.child.close()
+    state.result.outcomes = [state.outcomes[j.index] for j in jobs]
+    return state.result
 
 
 def _read_arrays(path: Path) -> dict | None:

@@ -231,6 +231,73 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _verify_jobs(specs, selected: dict, backends, dtypes) -> list[tuple]:
+    """The (spec, case, backend, dtype) runs of ``refimpl verify``, in table order."""
+    jobs: list[tuple] = []
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:                      # an --op given twice runs once
+            continue
+        seen.add(spec.name)
+        for case in selected.get(spec.name, ()):
+            for be in backends:
+                for dt in dtypes:
+                    if dt in case.dtypes:
+                        jobs.append((spec, case, be, dt))
+    return jobs
+
+
+def _run_verify_jobs(jobs: list[tuple], *, verbose: bool, quiet: bool,
+                     start: float) -> tuple[list[tuple], dict[str, list], int, int]:
+    """Run ``jobs``; return the check rows to print, the per-operator tally
+    ``{operator: [case runs, checks, failed, worst error/tol]}``, and the numbers
+    of failed and of all checks.
+
+    Failing checks are always printed, with their detail line; passing ones
+    only with ``verbose``.
+    """
+    from . import registry
+    rows, n_fail, n_checks = [], 0, 0
+    summary: dict[str, list] = {}       # operator -> [case runs, checks, failed, worst error/tol]
+    for i, (spec, case, be, dt) in enumerate(jobs, 1):
+        if not quiet:
+            print(f"[{i}/{len(jobs)}] {spec.name} / {case.id} ({be.name}, {dt}) "
+                  f"{time.perf_counter() - start:6.1f}s", file=sys.stderr, flush=True)
+        tally = summary.setdefault(spec.name, [0, 0, 0, 0.0])
+        tally[0] += 1
+        for r in registry.verify_case(spec, case, backend=be, dtype=dt):
+            n_fail += not r.passed
+            n_checks += 1
+            tally[1] += 1
+            tally[2] += not r.passed
+            if r.tol > 0:
+                tally[3] = max(tally[3], r.error / r.tol)
+            if r.passed and not verbose:
+                continue
+            rows.append((spec.name, case.id, be.name, dt, r.check, f"{r.error:.2e}",
+                         f"{r.tol:.1e}", "pass" if r.passed else "FAIL"))
+            if not r.passed and r.detail:
+                rows.append(("", "", "", "", "", "", "", f"  {r.detail}"))
+    return rows, summary, n_fail, n_checks
+
+
+def _print_verify_report(rows: list[tuple], summary: dict[str, list], *, n_jobs: int,
+                         n_fail: int, n_checks: int, verbose: bool, start: float) -> None:
+    """The check rows, one summary row per operator, and the verdict line."""
+    headers = ("operator", "case", "backend", "dtype", "check", "error", "tol", "result")
+    if rows:
+        print(("" if verbose else "failing checks:\n") + _format_table(rows, headers) + "\n")
+    print(_format_table(
+        [(name, runs, checks, failed, f"{worst:.1e}", "pass" if not failed else "FAIL")
+         for name, (runs, checks, failed, worst) in summary.items()],
+        ("operator", "case runs", "checks", "failed", "worst error/tol", "result")))
+    elapsed = time.perf_counter() - start
+    verdict = ("all checks passed" if n_fail == 0
+               else f"{n_fail} check(s) FAILED, listed above")
+    print(f"\n{n_jobs} case runs, {n_checks} checks, {verdict} ({elapsed:.1f}s)"
+          + ("" if verbose else "; --verbose prints every check"))
+
+
 def cmd_verify(args) -> int:
     from . import registry
     try:
@@ -251,56 +318,17 @@ def cmd_verify(args) -> int:
     except ValueError as exc:
         print(f"refimpl verify: {exc}", file=sys.stderr)
         return 2
-    dtypes = _expand(args.dtype, SUPPORTED_DTYPES)
-
-    jobs = []
-    for spec in specs:
-        for case in selected.pop(spec.name, ()):   # pop: an --op given twice runs once
-            for be in backends:
-                for dt in dtypes:
-                    if dt in case.dtypes:
-                        jobs.append((spec, case, be, dt))
+    jobs = _verify_jobs(specs, selected, backends, _expand(args.dtype, SUPPORTED_DTYPES))
     if not jobs:
         why = (f"no selected case is defined for dtype {args.dtype!r} ('refimpl list OP' "
                "shows dtypes)" if backends else "no backend to run on")
         return _usage_error("verify", f"nothing to run: {why}")
 
-    # Failing checks are always printed, with their detail line; passing ones
-    # only with --verbose.
-    rows, n_fail, n_checks = [], 0, 0
-    summary: dict[str, list] = {}       # operator -> [case runs, checks, failed, worst error/tol]
     start = time.perf_counter()
-    for i, (spec, case, be, dt) in enumerate(jobs, 1):
-        if not args.quiet:
-            print(f"[{i}/{len(jobs)}] {spec.name} / {case.id} ({be.name}, {dt}) "
-                  f"{time.perf_counter() - start:6.1f}s", file=sys.stderr, flush=True)
-        tally = summary.setdefault(spec.name, [0, 0, 0, 0.0])
-        tally[0] += 1
-        for r in registry.verify_case(spec, case, backend=be, dtype=dt):
-            n_fail += not r.passed
-            n_checks += 1
-            tally[1] += 1
-            tally[2] += not r.passed
-            if r.tol > 0:
-                tally[3] = max(tally[3], r.error / r.tol)
-            if r.passed and not args.verbose:
-                continue
-            rows.append((spec.name, case.id, be.name, dt, r.check, f"{r.error:.2e}",
-                         f"{r.tol:.1e}", "pass" if r.passed else "FAIL"))
-            if not r.passed and r.detail:
-                rows.append(("", "", "", "", "", "", "", f"  {r.detail}"))
-    headers = ("operator", "case", "backend", "dtype", "check", "error", "tol", "result")
-    if rows:
-        print(("" if args.verbose else "failing checks:\n") + _format_table(rows, headers) + "\n")
-    print(_format_table(
-        [(name, runs, checks, failed, f"{worst:.1e}", "pass" if not failed else "FAIL")
-         for name, (runs, checks, failed, worst) in summary.items()],
-        ("operator", "case runs", "checks", "failed", "worst error/tol", "result")))
-    elapsed = time.perf_counter() - start
-    verdict = ("all checks passed" if n_fail == 0
-               else f"{n_fail} check(s) FAILED, listed above")
-    print(f"\n{len(jobs)} case runs, {n_checks} checks, {verdict} ({elapsed:.1f}s)"
-          + ("" if args.verbose else "; --verbose prints every check"))
+    rows, summary, n_fail, n_checks = _run_verify_jobs(jobs, verbose=args.verbose,
+                                                       quiet=args.quiet, start=start)
+    _print_verify_report(rows, summary, n_jobs=len(jobs), n_fail=n_fail, n_checks=n_checks,
+                         verbose=args.verbose, start=start)
     return 1 if n_fail else 0
 
 
@@ -436,15 +464,8 @@ def cmd_bench(args) -> int:
     return int(module.main(args.bench_args) or 0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="refimpl",
-        description="Reference gradients for differentiable operators: check them, "
-                    "and check yours against them.",
-    )
-    p.add_argument("--version", action="version", version=f"refimpl {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_verify_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``verify`` subcommand's parser."""
     v = sub.add_parser(
         "verify",
         help="run every operator's cases through forward, adjoint, finite-difference, "
@@ -480,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     v.set_defaults(func=cmd_verify)
 
+
+def _add_list_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``list`` subcommand's parser."""
     ls = sub.add_parser(
         "list",
         help="list the registered operators, or the cases of one operator",
@@ -496,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the same facts (and each case's candidate keywords) as JSON")
     ls.set_defaults(func=cmd_list)
 
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``export`` subcommand's parser."""
     e = sub.add_parser(
         "export",
         help="write golden test vectors (JSON manifest + one .npz per case) into DIR",
@@ -520,6 +547,70 @@ def build_parser() -> argparse.ArgumentParser:
                         "float32 rounds inputs to float32 and uses float32 tolerances)")
     e.set_defaults(func=cmd_export)
 
+
+def _add_validate_candidate_args(va: argparse.ArgumentParser) -> None:
+    """``validate``'s OP, TARGET and how the candidate is differentiated."""
+    va.add_argument("op", metavar="OP", help="registered operator (see 'refimpl list')")
+    va.add_argument("target", metavar="TARGET",
+                    help="the candidate: module:function or path/to/file.py:function")
+    va.add_argument("--framework", required=True, choices=("torch", "jax", "numpy"),
+                    help="the candidate's array library (and autodiff)")
+    va.add_argument("--vjp", metavar="TARGET",
+                    help="the candidate's VJP, vjp(*inputs, out_bar, **params) -> "
+                         "(input cotangents...); required for numpy, replaces autodiff "
+                         "for torch/jax")
+
+
+def _add_validate_case_args(va: argparse.ArgumentParser) -> None:
+    """``validate``'s case selection, tolerances, timeout and failure dumps."""
+    va.add_argument("--case", action="append", metavar="ID",
+                    help="only this case id of OP (repeatable; 'refimpl list OP' names them)")
+    va.add_argument("--exclude-case", action="append", metavar="ID",
+                    help="leave out this case id of OP (repeatable)")
+    va.add_argument("--rtol", type=_relative_tolerance, metavar="TOL",
+                    help="gradient tolerance, 0 < TOL < 1 (default: each case's 'fd' "
+                         "tolerance)")
+    va.add_argument("--forward-rtol", type=_relative_tolerance, metavar="TOL",
+                    help="forward tolerance, 0 < TOL < 1 (default: each case's 'forward' "
+                         "tolerance)")
+    va.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=None,
+                    help="stop a case (and the import of TARGET) after this many seconds "
+                         "and report it as an ERROR (default 300)")
+    va.add_argument("--dump", metavar="DIR",
+                    help="write each case that did not pass to DIR as <op>.<case>.npz "
+                         "(inputs, parameters, reference and candidate output and VJPs) "
+                         "and <op>.<case>.json (errors, diagnostics, a command reproducing "
+                         "it)")
+
+
+def _add_validate_reference_args(va: argparse.ArgumentParser) -> None:
+    """``validate``'s reference (vectors, self, named gradient) and calling mode."""
+    va.add_argument("--vectors", metavar="DIR",
+                    help="take the reference from golden vectors written by "
+                         "'refimpl export' instead of computing it")
+    va.add_argument("--against", choices=("reference", "self"), default="reference",
+                    help="judge the gradient against the reference (default) or, with "
+                         "'self', against finite differences of TARGET's own forward "
+                         "(for approximate-by-design forwards; the forward is not compared)")
+    va.add_argument("--unbatched", action="store_true",
+                    help="call TARGET (and --vjp) once per batch member, inputs sliced "
+                         "along their batch dimensions, and stack the outputs (for code "
+                         "written for one problem at a time)")
+    va.add_argument("--gradient", metavar="NAME[:k=v,...]",
+                    help="compare with one of the operator's named gradients instead of "
+                         "its default (tanh_deq: exact, jfb, unroll[:k=..,lam=..], "
+                         "neumann[:k=..,lam=..])")
+
+
+def _add_validate_report_args(va: argparse.ArgumentParser) -> None:
+    """``validate``'s report options."""
+    va.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    va.add_argument("--traceback", action="store_true",
+                    help="print the full traceback of exceptions raised by the candidate")
+
+
+def _add_validate_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``validate`` subcommand's parser."""
     va = sub.add_parser(
         "validate",
         help="check a PyTorch/JAX/NumPy implementation's forward and gradients against "
@@ -543,53 +634,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "bad option value, golden vectors failing their checks), 130 "
                     "interrupted (Ctrl-C; the finished cases are reported).",
     )
-    va.add_argument("op", metavar="OP", help="registered operator (see 'refimpl list')")
-    va.add_argument("target", metavar="TARGET",
-                    help="the candidate: module:function or path/to/file.py:function")
-    va.add_argument("--framework", required=True, choices=("torch", "jax", "numpy"),
-                    help="the candidate's array library (and autodiff)")
-    va.add_argument("--vjp", metavar="TARGET",
-                    help="the candidate's VJP, vjp(*inputs, out_bar, **params) -> "
-                         "(input cotangents...); required for numpy, replaces autodiff "
-                         "for torch/jax")
-    va.add_argument("--case", action="append", metavar="ID",
-                    help="only this case id of OP (repeatable; 'refimpl list OP' names them)")
-    va.add_argument("--exclude-case", action="append", metavar="ID",
-                    help="leave out this case id of OP (repeatable)")
-    va.add_argument("--rtol", type=_relative_tolerance, metavar="TOL",
-                    help="gradient tolerance, 0 < TOL < 1 (default: each case's 'fd' "
-                         "tolerance)")
-    va.add_argument("--forward-rtol", type=_relative_tolerance, metavar="TOL",
-                    help="forward tolerance, 0 < TOL < 1 (default: each case's 'forward' "
-                         "tolerance)")
-    va.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=None,
-                    help="stop a case (and the import of TARGET) after this many seconds "
-                         "and report it as an ERROR (default 300)")
-    va.add_argument("--dump", metavar="DIR",
-                    help="write each case that did not pass to DIR as <op>.<case>.npz "
-                         "(inputs, parameters, reference and candidate output and VJPs) "
-                         "and <op>.<case>.json (errors, diagnostics, a command reproducing "
-                         "it)")
-    va.add_argument("--vectors", metavar="DIR",
-                    help="take the reference from golden vectors written by "
-                         "'refimpl export' instead of computing it")
-    va.add_argument("--against", choices=("reference", "self"), default="reference",
-                    help="judge the gradient against the reference (default) or, with "
-                         "'self', against finite differences of TARGET's own forward "
-                         "(for approximate-by-design forwards; the forward is not compared)")
-    va.add_argument("--unbatched", action="store_true",
-                    help="call TARGET (and --vjp) once per batch member, inputs sliced "
-                         "along their batch dimensions, and stack the outputs (for code "
-                         "written for one problem at a time)")
-    va.add_argument("--gradient", metavar="NAME[:k=v,...]",
-                    help="compare with one of the operator's named gradients instead of "
-                         "its default (tanh_deq: exact, jfb, unroll[:k=..,lam=..], "
-                         "neumann[:k=..,lam=..])")
-    va.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    va.add_argument("--traceback", action="store_true",
-                    help="print the full traceback of exceptions raised by the candidate")
+    _add_validate_candidate_args(va)
+    _add_validate_case_args(va)
+    _add_validate_reference_args(va)
+    _add_validate_report_args(va)
     va.set_defaults(func=cmd_validate)
 
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``bench`` subcommand's parser."""
     b = sub.add_parser(
         "bench",
         help="run a benchmark from benchmarks/ (source checkout); no NAME lists them",
@@ -599,6 +652,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", nargs="?", metavar="NAME")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS")
     b.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="refimpl",
+        description="Reference gradients for differentiable operators: check them, "
+                    "and check yours against them.",
+    )
+    p.add_argument("--version", action="version", version=f"refimpl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_verify_parser(sub)
+    _add_list_parser(sub)
+    _add_export_parser(sub)
+    _add_validate_parser(sub)
+    _add_bench_parser(sub)
     return p
 
 

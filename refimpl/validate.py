@@ -267,16 +267,8 @@ def _import_file(path: Path):
 _MAX_LISTED = 12
 
 
-def load_target(target: str, *, what: str = "TARGET") -> Callable:
-    """The callable named by ``module:function`` or ``path/to/file.py:function``.
-
-    ``function`` may be dotted (``module:Class.method``).  A module name is
-    looked up with the current directory on ``sys.path`` (as ``python -m``
-    does).  Every failure raises :class:`TargetError` with a message saying
-    what was tried and what went wrong (missing module, exception while
-    importing, missing attribute with the names the module does define,
-    attribute not callable).
-    """
+def _target_parts(target: str, what: str) -> tuple[str, str]:
+    """``(where, attr)`` of ``where:attr``, where being a module or a file path."""
     if not isinstance(target, str) or ":" not in target:
         raise TargetError(f"{what} {target!r} must be 'module:function' or "
                           f"'path/to/file.py:function'")
@@ -284,6 +276,12 @@ def load_target(target: str, *, what: str = "TARGET") -> Callable:
     if not where or not attr:
         raise TargetError(f"{what} {target!r} must be 'module:function' or "
                           f"'path/to/file.py:function'")
+    return where, attr
+
+
+def _import_where(where: str, target: str, what: str):
+    """The module ``where`` names: a file path, or a module name looked up with
+    the current directory on ``sys.path``; any failure a :class:`TargetError`."""
     try:
         if where.endswith(".py") or os.sep in where or "/" in where:
             path = Path(where)
@@ -291,17 +289,16 @@ def load_target(target: str, *, what: str = "TARGET") -> Callable:
                 hint = (f" (did you mean {where + '.py'!r}?)"
                         if Path(where + ".py").is_file() else "")
                 raise TargetError(f"{what} {target!r}: no such file {where!r}{hint}")
-            module = _import_file(path)
-        else:
-            cwd = os.getcwd()
-            added = cwd not in sys.path
-            if added:
-                sys.path.insert(0, cwd)
-            try:
-                module = importlib.import_module(where)
-            finally:
-                if added and cwd in sys.path:
-                    sys.path.remove(cwd)
+            return _import_file(path)
+        cwd = os.getcwd()
+        added = cwd not in sys.path
+        if added:
+            sys.path.insert(0, cwd)
+        try:
+            return importlib.import_module(where)
+        finally:
+            if added and cwd in sys.path:
+                sys.path.remove(cwd)
     except TargetError:
         raise
     except ModuleNotFoundError as exc:
@@ -313,31 +310,54 @@ def load_target(target: str, *, what: str = "TARGET") -> Callable:
             at = f" at {exc.filename}:{exc.lineno}"
         raise TargetError(f"{what} {target!r}: importing {where!r} raised "
                           f"{type(exc).__name__}: {exc}{at}") from None
+
+
+def _callables_listing(obj, part: str) -> str:
+    """What ``obj`` (which has no attribute ``part``) does define: close matches,
+    else its public callables (at most :data:`_MAX_LISTED` named)."""
+    try:
+        members = vars(obj).items()
+    except TypeError:               # no __dict__
+        members = ((n, getattr(obj, n, None)) for n in dir(obj))
+    defined = sorted(n for n, v in members if callable(v) and not n.startswith("_"))
+    close = difflib.get_close_matches(part, defined, n=3)
+    if close:
+        return f"did you mean {' or '.join(map(repr, close))}?"
+    if len(defined) > _MAX_LISTED:
+        return (f"it defines {len(defined)} callables, e.g. "
+                f"{', '.join(defined[:_MAX_LISTED])}, ...")
+    return f"callables it defines: {', '.join(defined) or 'none'}"
+
+
+def _resolve_attribute(module, where: str, attr: str, target: str, what: str) -> Callable:
+    """The callable at the dotted path ``attr`` in ``module``."""
     obj = module
     parts = attr.split(".")
     for i, part in enumerate(parts):
         if not hasattr(obj, part):
-            try:
-                members = vars(obj).items()
-            except TypeError:               # no __dict__
-                members = ((n, getattr(obj, n, None)) for n in dir(obj))
-            defined = sorted(n for n, v in members if callable(v) and not n.startswith("_"))
-            close = difflib.get_close_matches(part, defined, n=3)
-            if close:
-                listing = f"did you mean {' or '.join(map(repr, close))}?"
-            elif len(defined) > _MAX_LISTED:
-                listing = (f"it defines {len(defined)} callables, e.g. "
-                           f"{', '.join(defined[:_MAX_LISTED])}, ...")
-            else:
-                listing = f"callables it defines: {', '.join(defined) or 'none'}"
             owner = f"{where}:{'.'.join(parts[:i])}" if i else where
             raise TargetError(f"{what} {target!r}: {owner!r} has no attribute {part!r}; "
-                              f"{listing}")
+                              f"{_callables_listing(obj, part)}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise TargetError(f"{what} {target!r}: {attr!r} is not callable "
                           f"(it is a {type(obj).__name__})")
     return obj
+
+
+def load_target(target: str, *, what: str = "TARGET") -> Callable:
+    """The callable named by ``module:function`` or ``path/to/file.py:function``.
+
+    ``function`` may be dotted (``module:Class.method``).  A module name is
+    looked up with the current directory on ``sys.path`` (as ``python -m``
+    does).  Every failure raises :class:`TargetError` with a message saying
+    what was tried and what went wrong (missing module, exception while
+    importing, missing attribute with the names the module does define,
+    attribute not callable).
+    """
+    where, attr = _target_parts(target, what)
+    module = _import_where(where, target, what)
+    return _resolve_attribute(module, where, attr, target, what)
 
 
 # --------------------------------------------------------------------------
@@ -916,16 +936,109 @@ def _unbatch(spec: registry.OpSpec, fw: _Framework, fn: Callable,
             None if vjp is None else _unbatched_vjp(spec, fw, vjp))
 
 
+@dataclass
+class _CandidateRun:
+    """What the candidate's forward and VJP gave on one case (host arrays)."""
+
+    params: dict                  # the keyword parameters, as passed to the candidate
+    out: Any                      # its output, in its framework (for the dtype note)
+    out_h: np.ndarray             # that output on the host
+    fwd_err: float                # the forward's worst per-member error ...
+    fwd_member: tuple | None      # ... and that member
+    moved: list[str]              # what it modified in place
+
+
+def _moved_inputs(spec: registry.OpSpec, gc: vectors.GoldenCase, fw: _Framework, args,
+                  vargs, out_bar, host_in: Sequence[np.ndarray]) -> list[str]:
+    """What the candidate modified in place: its forward's inputs, its VJP's
+    inputs and output cotangent."""
+    moved = [k for k, a, h in zip(spec.inputs, args, host_in)
+             if not np.array_equal(fw.host(a), h)]
+    moved += [f"{k} (in the vjp)" for k, a, h in zip(spec.inputs, vargs, host_in)
+              if not np.array_equal(fw.host(a), h)]
+    if out_bar is not None and not np.array_equal(fw.host(out_bar), gc.cotangent):
+        moved.append(f"{spec.output}_bar (in the vjp)")
+    return moved
+
+
+def _candidate_error(exc: Exception, stage: str, gc: vectors.GoldenCase, ftol: float,
+                     gtol: float, fwd_err: float | None) -> CaseReport:
+    """The ERROR report of ``exc``, raised while the candidate's ``stage`` ran or
+    its result was checked (call it while handling ``exc``: it may take the
+    traceback)."""
+    if isinstance(exc, CandidateError):
+        return _error_report(gc, ftol, gtol, f"{stage}: {exc}", forward=fwd_err)
+    if isinstance(exc, _Raised):
+        inner = exc.exc
+        if isinstance(inner, CandidateError):   # raised by pullback's own checks
+            return _error_report(gc, ftol, gtol, f"{stage}: {inner}", forward=fwd_err)
+        return _error_report(gc, ftol, gtol,
+                             f"{stage}: the candidate raised {_exception_text(inner)}"
+                             f"{_candidate_frame(inner)}", exc.tb, forward=fwd_err)
+    # e.g. converting an exotic output object
+    return _error_report(gc, ftol, gtol,
+                         f"{stage}: checking the candidate's result failed: "
+                         f"{_exception_text(exc)}", traceback.format_exc(),
+                         forward=fwd_err)
+
+
+def _gradient_errors(spec: registry.OpSpec, gc: vectors.GoldenCase, mine: Sequence,
+                     ref: Sequence, gtol: float) -> tuple[dict[str, float], dict[str, str]]:
+    """Each input's worst per-member gradient error, and where (``A[0]``) it is."""
+    errors, where = {}, {}
+    for k, c, a, e in zip(spec.inputs, spec.core_ndim, mine, ref):
+        a = np.asarray(a, dtype=np.float64)
+        e = np.asarray(e, dtype=np.float64)
+        errors[k], member = member_error(a, e, c, gtol, _gradient_scale(gc, spec, k))
+        where[k] = _where(k, member)
+    return errors, where
+
+
+def _case_problems(spec: registry.OpSpec, run: _CandidateRun, errors: dict[str, float],
+                   where: dict[str, str], bad: list[str], ftol: float,
+                   gtol: float) -> list[str]:
+    """The report's lines on what is wrong with the case (and a dtype note)."""
+    problems = []
+    if not run.fwd_err <= ftol:
+        problems.append(f"forward error {run.fwd_err:.1e} > {ftol:.1e} at "
+                        f"{_where(spec.output, run.fwd_member)}")
+    if bad:
+        problems.append("gradient errors: " + ", ".join(
+            f"{where[k]} {errors[k]:.1e}" for k in spec.inputs) + f" (tol {gtol:.1e})")
+    if run.moved:
+        problems.append(f"the candidate modified its input(s) {', '.join(run.moved)} in place")
+    out = run.out
+    if getattr(out, "dtype", None) is not None and "float64" not in str(out.dtype):
+        problems.append(f"note: the output has dtype {out.dtype}; the inputs were float64")
+    return problems
+
+
+def _case_diagnostics(spec: registry.OpSpec, gc: vectors.GoldenCase, run: _CandidateRun,
+                      mine: Sequence, ref: Sequence, bad: list[str], ftol: float) -> list:
+    """The worst entries of the failing output and gradients (:func:`_diagnose`)."""
+    diagnostics = []
+    if not run.fwd_err <= ftol:
+        diagnostics.append(_diagnose(f"output {spec.output}", run.out_h, gc.output,
+                                     spec.output_core_ndim, gc))
+    for k, c, a, e in zip(spec.inputs, spec.core_ndim, mine, ref):
+        if k in bad:
+            diagnostics.append(_diagnose(f"gradient {k}", np.asarray(a, dtype=np.float64),
+                                         np.asarray(e, dtype=np.float64), c, gc))
+    return diagnostics
+
+
 def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
               fw: _Framework, vjp: Callable | None, ftol: float, gtol: float,
               keep: dict | None = None) -> CaseReport:
     """Run and compare one case.  ``keep``, when a dict, receives the candidate's
     host output (``candidate.output.<out>``) and canonicalised cotangents
-    (``candidate.vjp.<input>``), for ``--dump``."""
+    (``candidate.vjp.<input>``), for ``--dump``.
+
+    The candidate is called from here (through :func:`_call_forward` and
+    :func:`_call`), so the stack a crash inside it leaves in the captured
+    output is as shallow as it can be."""
     host_in = [gc.inputs[k] for k in spec.inputs]
-    params = dict(gc.candidate_kwargs)
-    stage = "forward"
-    fwd_err = None
+    stage, fwd_err = "forward", None
     try:
         params, args, out, ctx, out_h = _call_forward(spec, gc, fn, fw, vjp, host_in)
         if keep is not None:
@@ -933,34 +1046,15 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
         fwd_err, fwd_member = member_error(out_h, gc.output, spec.output_core_ndim, ftol)
 
         stage = "vjp" if vjp is not None else f"{fw.name} autodiff"
-        vargs = []
-        if vjp is not None:
-            vargs = fw.inputs(host_in, requires_grad=False)
-            out_bar = fw.like(gc.cotangent, out)
-            bars = _call(vjp, *vargs, out_bar, **params)
-        else:
-            bars = _call(fw.pullback, ctx, args, out, gc.cotangent)
+        vargs = fw.inputs(host_in, requires_grad=False) if vjp is not None else []
+        out_bar = fw.like(gc.cotangent, out) if vjp is not None else None
+        bars = (_call(vjp, *vargs, out_bar, **params) if vjp is not None
+                else _call(fw.pullback, ctx, args, out, gc.cotangent))
         mine: Sequence[np.ndarray] = _cotangents(fw, bars, spec, host_in)
-        moved = [k for k, a, h in zip(spec.inputs, args, host_in)
-                 if not np.array_equal(fw.host(a), h)]
-        moved += [f"{k} (in the vjp)" for k, a, h in zip(spec.inputs, vargs, host_in)
-                  if not np.array_equal(fw.host(a), h)]
-        if vjp is not None and not np.array_equal(fw.host(out_bar), gc.cotangent):
-            moved.append(f"{spec.output}_bar (in the vjp)")
-    except CandidateError as exc:
-        return _error_report(gc, ftol, gtol, f"{stage}: {exc}", forward=fwd_err)
-    except _Raised as raised:
-        inner = raised.exc
-        if isinstance(inner, CandidateError):   # raised by pullback's own checks
-            return _error_report(gc, ftol, gtol, f"{stage}: {inner}", forward=fwd_err)
-        return _error_report(gc, ftol, gtol,
-                             f"{stage}: the candidate raised {_exception_text(inner)}"
-                             f"{_candidate_frame(inner)}", raised.tb, forward=fwd_err)
-    except Exception as exc:  # e.g. converting an exotic output object
-        return _error_report(gc, ftol, gtol,
-                             f"{stage}: checking the candidate's result failed: "
-                             f"{_exception_text(exc)}", traceback.format_exc(),
-                             forward=fwd_err)
+        moved = _moved_inputs(spec, gc, fw, args, vargs, out_bar, host_in)
+    except Exception as exc:
+        return _candidate_error(exc, stage, gc, ftol, gtol, fwd_err)
+    run = _CandidateRun(params, out, out_h, fwd_err, fwd_member, moved)
 
     try:
         mine = registry._canon(spec, mine)
@@ -971,41 +1065,17 @@ def _run_case(spec: registry.OpSpec, gc: vectors.GoldenCase, fn: Callable,
     if keep is not None:
         keep.update({f"candidate.vjp.{k}": np.asarray(a, dtype=np.float64)
                      for k, a in zip(spec.inputs, mine)})
-    errors, where = {}, {}
-    for k, c, a, e, x in zip(spec.inputs, spec.core_ndim, mine, ref, host_in):
-        a = np.asarray(a, dtype=np.float64)
-        e = np.asarray(e, dtype=np.float64)
-        errors[k], member = member_error(a, e, c, gtol, _gradient_scale(gc, spec, k))
-        where[k] = _where(k, member)
+    errors, where = _gradient_errors(spec, gc, mine, ref, gtol)
     worst_input = max(errors, key=lambda k: errors[k])
-    grad_err = errors[worst_input]
-
-    problems = []
-    if not fwd_err <= ftol:
-        problems.append(f"forward error {fwd_err:.1e} > {ftol:.1e} at "
-                        f"{_where(spec.output, fwd_member)}")
     bad = [k for k in spec.inputs if not errors[k] <= gtol]
-    if bad:
-        problems.append("gradient errors: " + ", ".join(
-            f"{where[k]} {errors[k]:.1e}" for k in spec.inputs) + f" (tol {gtol:.1e})")
-    if moved:
-        problems.append(f"the candidate modified its input(s) {', '.join(moved)} in place")
-    if getattr(out, "dtype", None) is not None and "float64" not in str(out.dtype):
-        problems.append(f"note: the output has dtype {out.dtype}; the inputs were float64")
+    problems = _case_problems(spec, run, errors, where, bad, ftol, gtol)
     failed = bool(bad or moved or not fwd_err <= ftol)
     verdict, note = _reference_verdict(spec, gc, fn, fw, params, out_h, mine,
                                        not fwd_err <= ftol, bool(bad), gtol)
     problems += [note] if note else []
-    diagnostics = []
-    if not fwd_err <= ftol:
-        diagnostics.append(_diagnose(f"output {spec.output}", out_h, gc.output,
-                                     spec.output_core_ndim, gc))
-    for k, c, a, e in zip(spec.inputs, spec.core_ndim, mine, ref):
-        if k in bad:
-            diagnostics.append(_diagnose(f"gradient {k}", np.asarray(a, dtype=np.float64),
-                                         np.asarray(e, dtype=np.float64), c, gc))
+    diagnostics = _case_diagnostics(spec, gc, run, mine, ref, bad, ftol)
     return CaseReport(gc.id, gc.description, tuple(gc.flags), "FAIL" if failed else "pass",
-                      fwd_err, grad_err,
+                      fwd_err, errors[worst_input],
                       ftol, gtol, errors, where[worst_input], "\n".join(problems),
                       verdict=verdict, diagnostics=tuple(diagnostics))
 
@@ -1326,6 +1396,172 @@ def _name_of(obj) -> str:
     return f"{mod}:{qual}" if mod else qual
 
 
+def _check_arguments(spec: registry.OpSpec, *, against: str, rtol, forward_rtol,
+                     gradient: str | None, vectors_dir, unbatched) -> tuple[registry.OpSpec,
+                                                                            str | None]:
+    """Check the arguments that need no candidate; return the spec whose
+    ``vjp`` is the reference gradient (``spec``, or the one ``gradient`` names)
+    and that gradient's name."""
+    op_name = spec.name
+    if against not in AGAINST:
+        raise ValueError(f"argument 'against' must be one of {', '.join(AGAINST)}, "
+                         f"got {against!r}")
+    if against == "self" and spec.surrogate:
+        raise ValueError(f"argument 'against': {op_name} has a surrogate backward, not the "
+                         f"derivative of its forward, so it cannot be judged against finite "
+                         f"differences of its own forward; use against='reference'")
+    _check_tolerance("rtol", rtol)
+    _check_tolerance("forward_rtol", forward_rtol)
+    ref_spec, gname = spec, None
+    if gradient is not None:
+        gname, goptions = parse_gradient(spec, gradient)
+        if vectors_dir is not None:
+            raise ValueError("argument 'gradient' cannot be combined with 'vectors_dir': golden "
+                             "vectors hold the operator's default gradient")
+        if against == "self":
+            raise ValueError("argument 'gradient' selects a reference gradient; against='self' "
+                             "uses none")
+        ref_spec = _gradient_spec(spec, gname, goptions)
+    if not isinstance(unbatched, bool):
+        raise TypeError(f"argument 'unbatched' must be a bool, got {type(unbatched).__name__}")
+    return ref_spec, gname
+
+
+def _load_candidate(spec: registry.OpSpec, candidate: Callable | str,
+                    vjp: Callable | str | None, framework: str, isolate: bool):
+    """``(fw, fn, vjp_fn)``: the framework, candidate and VJP to call in process,
+    or ``(None, None, vjp)`` for an isolated run (TARGETs checked, not imported)."""
+    fw: _Framework | None
+    fn: Callable | None
+    vjp_fn: Callable | str | None
+    if isolate:
+        fw, fn, vjp_fn = None, None, vjp
+        _check_isolatable(spec, candidate, vjp, framework)
+    else:
+        fw = _framework(framework)
+        fn = load_target(candidate) if isinstance(candidate, str) else candidate
+        if not callable(fn):
+            raise TypeError(f"argument 'candidate' must be callable, got {type(fn).__name__}")
+        vjp_fn = load_target(vjp, what="--vjp TARGET") if isinstance(vjp, str) else vjp
+        if vjp_fn is not None and not callable(vjp_fn):
+            raise TypeError(f"argument 'vjp' must be callable, got {type(vjp_fn).__name__}")
+    if framework == "numpy" and vjp_fn is None:
+        raise ValueError("framework 'numpy' has no autodiff: pass the candidate's VJP as "
+                         f"vjp= (--vjp TARGET), called as {_vjp_signature_text(spec)}")
+    return fw, fn, vjp_fn
+
+
+def _wanted_ids(spec: registry.OpSpec, cases: Iterable[str] | None,
+                exclude: Iterable[str] | None) -> list[str] | None:
+    """The case ids to run (None: all), after checking every given id exists."""
+    wanted = list(cases) if cases is not None else None
+    if wanted is not None:
+        for cid in wanted:
+            spec.case(cid)  # KeyError listing the known ids
+    excluded = set(exclude) if exclude is not None else set()
+    for cid in excluded:
+        spec.case(cid)      # KeyError listing the known ids
+    if excluded:
+        wanted = [c.id for c in spec.cases
+                  if c.id not in excluded and (wanted is None or c.id in wanted)]
+    return wanted
+
+
+def _golden_cases(spec: registry.OpSpec, ref_spec: registry.OpSpec,
+                  wanted: list[str] | None, vectors_dir) -> list[Any]:
+    """The wanted float64 cases with their reference numbers, from golden
+    vectors or computed with ``ref_spec`` (a case not meant for candidates
+    stays a registry Case, to be dropped)."""
+    op_name = spec.name
+    if vectors_dir is not None:
+        gv = vectors.load(vectors_dir)
+        entry = gv.operator(op_name)
+        names = [i["name"] for i in entry["inputs"]]
+        if names != list(spec.inputs):
+            raise ValueError(f"{vectors_dir}: operator {op_name!r} has inputs {names} there "
+                             f"but {list(spec.inputs)} in this refimpl")
+        golden = gv.cases_of(op_name, "float64")
+        if wanted is not None:
+            golden = [g for g in golden if g.id in wanted]
+        return golden
+    selected = [c for c in spec.cases
+                if "float64" in c.dtypes and (wanted is None or c.id in wanted)]
+    return [vectors.reference_case(ref_spec, c, "float64") if c.for_candidates else c
+            for c in selected]
+
+
+def _candidate_cases(golden: list[Any], op_name: str) -> tuple[list[Any], list[str]]:
+    """``golden`` without the cases not meant for candidates, and a note naming them;
+    ValueError when none is left."""
+    notes = []
+    skipped = [g.id for g in golden if not g.for_candidates]
+    if skipped:
+        notes.append(f"skipped {len(skipped)} case(s) not meant for candidates (an "
+                     f"approximant reference, or a variant selected by a parameter "
+                     f"candidates do not receive): {', '.join(skipped)}")
+        golden = [g for g in golden if g.for_candidates]
+    if not golden:
+        raise ValueError(f"no case of {op_name!r} to validate against"
+                         + (f" ({notes[0]})" if notes else ""))
+    return golden, notes
+
+
+def _operator_notes(spec: registry.OpSpec, framework: str) -> list[str]:
+    """Notes on how to read the report for this operator and framework."""
+    notes = []
+    if spec.surrogate:
+        notes.append(f"{spec.name} has a surrogate backward, not the derivative of its "
+                     "forward: the gradient column compares your VJP with refimpl's "
+                     "surrogate gradient (its defining formula, see the registry entry), so "
+                     "the candidate must implement that surrogate (e.g. a custom backward); "
+                     "plain autodiff through a piecewise-constant forward gives zero "
+                     "gradients and fails")
+    if framework == "jax":
+        notes.append("JAX runs with jax_enable_x64 switched on for the validation")
+    return notes
+
+
+def _case_jobs(golden: list[Any], rtol: float | None,
+               forward_rtol: float | None) -> list[tuple]:
+    """``(case, forward tolerance, gradient tolerance)`` of each case."""
+    jobs = []
+    for gc in golden:
+        # An exact reference (tolerance 0, e.g. a surrogate gradient's defining
+        # formula) still allows a foreign implementation FLOOR of round-off.
+        ftol = max(forward_rtol if forward_rtol is not None
+                   else float(gc.tolerance["forward"]), FLOOR)
+        gtol = max(rtol if rtol is not None else float(gc.tolerance["fd"]), FLOOR)
+        jobs.append((gc, ftol, gtol))
+    return jobs
+
+
+def _gradient_source(spec: registry.OpSpec, vjp, vjp_fn, framework: str, against: str,
+                     gradient: str | None, gname: str | None,
+                     unbatched: bool) -> tuple[str, list[str]]:
+    """Where the candidate's gradient came from and what it was compared with
+    (the report's header), and the notes explaining that choice."""
+    notes = []
+    source = f"vjp {_name_of(vjp)}" if vjp_fn is not None else {
+        "torch": "torch.autograd.grad", "jax": "jax.vjp"}[framework]
+    if against == "self":
+        source += " against finite differences of the candidate's own forward"
+        notes.append("against self: the forward is not compared with the reference; the "
+                     "gradient column is |<out_bar, FD> - <vjp, d>| relative to the size of "
+                     "the terms, over random feasible directions d (whole batch and per "
+                     "member), and its tol is widened to the differences' own error estimate")
+    if gradient is not None:
+        assert gname is not None
+        source += f", compared with the {gradient!r} gradient"
+        notes.append(f"gradient {gradient!r}: the reference gradient is "
+                     f"{spec.gradients[gname].description}")
+    if unbatched:
+        source += ", called once per batch member"
+        notes.append("unbatched: the candidate was called once per batch member and its "
+                     "outputs stacked; a broadcast input's cotangent is the sum over the "
+                     "members sharing it")
+    return source, notes
+
+
 def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, framework: str,
              vjp: Callable | str | None = None, cases: Iterable[str] | None = None,
              rtol: float | None = None, forward_rtol: float | None = None,
@@ -1427,131 +1663,35 @@ def validate(op_name: str | registry.OpSpec, candidate: Callable | str, *, frame
     """
     spec = op_name if isinstance(op_name, registry.OpSpec) else registry.get_spec(op_name)
     op_name = spec.name
-    if against not in AGAINST:
-        raise ValueError(f"argument 'against' must be one of {', '.join(AGAINST)}, "
-                         f"got {against!r}")
-    if against == "self" and spec.surrogate:
-        raise ValueError(f"argument 'against': {op_name} has a surrogate backward, not the "
-                         f"derivative of its forward, so it cannot be judged against finite "
-                         f"differences of its own forward; use against='reference'")
-    _check_tolerance("rtol", rtol)
-    _check_tolerance("forward_rtol", forward_rtol)
-    ref_spec = spec
-    if gradient is not None:
-        gname, goptions = parse_gradient(spec, gradient)
-        if vectors_dir is not None:
-            raise ValueError("argument 'gradient' cannot be combined with 'vectors_dir': golden "
-                             "vectors hold the operator's default gradient")
-        if against == "self":
-            raise ValueError("argument 'gradient' selects a reference gradient; against='self' "
-                             "uses none")
-        ref_spec = _gradient_spec(spec, gname, goptions)
-    if not isinstance(unbatched, bool):
-        raise TypeError(f"argument 'unbatched' must be a bool, got {type(unbatched).__name__}")
+    ref_spec, gname = _check_arguments(spec, against=against, rtol=rtol,
+                                       forward_rtol=forward_rtol, gradient=gradient,
+                                       vectors_dir=vectors_dir, unbatched=unbatched)
     if isolate is None:
         isolate = isinstance(candidate, str) and (vjp is None or isinstance(vjp, str))
     timeout = _check_timeout(timeout, isolate)
-    if isolate:
-        fw, fn, vjp_fn = None, None, vjp
-        _check_isolatable(spec, candidate, vjp, framework)
-    else:
-        fw = _framework(framework)
-        fn = load_target(candidate) if isinstance(candidate, str) else candidate
-        if not callable(fn):
-            raise TypeError(f"argument 'candidate' must be callable, got {type(fn).__name__}")
-        vjp_fn = load_target(vjp, what="--vjp TARGET") if isinstance(vjp, str) else vjp
-        if vjp_fn is not None and not callable(vjp_fn):
-            raise TypeError(f"argument 'vjp' must be callable, got {type(vjp_fn).__name__}")
-    fw_name = framework
-    if fw_name == "numpy" and vjp_fn is None:
-        raise ValueError("framework 'numpy' has no autodiff: pass the candidate's VJP as "
-                         f"vjp= (--vjp TARGET), called as {_vjp_signature_text(spec)}")
-
-    wanted = list(cases) if cases is not None else None
-    if wanted is not None:
-        for cid in wanted:
-            spec.case(cid)  # KeyError listing the known ids
-    excluded = set(exclude) if exclude is not None else set()
-    for cid in excluded:
-        spec.case(cid)      # KeyError listing the known ids
-    if excluded:
-        wanted = [c.id for c in spec.cases
-                  if c.id not in excluded and (wanted is None or c.id in wanted)]
-    golden: list[Any]   # GoldenCase; below, a Case not meant for candidates until dropped
-    if vectors_dir is not None:
-        gv = vectors.load(vectors_dir)
-        entry = gv.operator(op_name)
-        names = [i["name"] for i in entry["inputs"]]
-        if names != list(spec.inputs):
-            raise ValueError(f"{vectors_dir}: operator {op_name!r} has inputs {names} there "
-                             f"but {list(spec.inputs)} in this refimpl")
-        golden = gv.cases_of(op_name, "float64")
-        if wanted is not None:
-            golden = [g for g in golden if g.id in wanted]
-    else:
-        selected = [c for c in spec.cases
-                    if "float64" in c.dtypes and (wanted is None or c.id in wanted)]
-        golden = [vectors.reference_case(ref_spec, c, "float64") if c.for_candidates else c
-                  for c in selected]
-
-    notes = []
-    skipped = [g.id for g in golden if not g.for_candidates]
-    if skipped:
-        notes.append(f"skipped {len(skipped)} case(s) not meant for candidates (an "
-                     f"approximant reference, or a variant selected by a parameter "
-                     f"candidates do not receive): {', '.join(skipped)}")
-        golden = [g for g in golden if g.for_candidates]
-    if not golden:
-        raise ValueError(f"no case of {op_name!r} to validate against"
-                         + (f" ({notes[0]})" if notes else ""))
-    if spec.surrogate:
-        notes.append(f"{op_name} has a surrogate backward, not the derivative of its "
-                     "forward: the gradient column compares your VJP with refimpl's "
-                     "surrogate gradient (its defining formula, see the registry entry), so "
-                     "the candidate must implement that surrogate (e.g. a custom backward); "
-                     "plain autodiff through a piecewise-constant forward gives zero "
-                     "gradients and fails")
-    if fw_name == "jax":
-        notes.append("JAX runs with jax_enable_x64 switched on for the validation")
-    jobs = []
-    for gc in golden:
-        # An exact reference (tolerance 0, e.g. a surrogate gradient's defining
-        # formula) still allows a foreign implementation FLOOR of round-off.
-        ftol = max(forward_rtol if forward_rtol is not None
-                   else float(gc.tolerance["forward"]), FLOOR)
-        gtol = max(rtol if rtol is not None else float(gc.tolerance["fd"]), FLOOR)
-        jobs.append((gc, ftol, gtol))
+    fw, fn, vjp_fn = _load_candidate(spec, candidate, vjp, framework, isolate)
+    wanted = _wanted_ids(spec, cases, exclude)
+    golden, notes = _candidate_cases(_golden_cases(spec, ref_spec, wanted, vectors_dir),
+                                     op_name)
+    notes += _operator_notes(spec, framework)
+    jobs = _case_jobs(golden, rtol, forward_rtol)
     keep = dump_dir is not None
     if fw is None:      # isolated: TARGET strings (checked by _check_isolatable)
         assert isinstance(candidate, str) and (vjp is None or isinstance(vjp, str))
         reports, kept, version, interrupted = _run_isolated(
-            spec, jobs, candidate, vjp, fw_name, timeout, keep, against, unbatched)
+            spec, jobs, candidate, vjp, framework, timeout, keep, against, unbatched)
     else:
         reports, kept, interrupted = _run_in_process(spec, jobs, fn, fw, vjp_fn, keep, against,
                                                      unbatched)
         version = fw.version()
-    source = f"vjp {_name_of(vjp)}" if vjp_fn is not None else {
-        "torch": "torch.autograd.grad", "jax": "jax.vjp"}[fw_name]
-    if against == "self":
-        source += " against finite differences of the candidate's own forward"
-        notes.append("against self: the forward is not compared with the reference; the "
-                     "gradient column is |<out_bar, FD> - <vjp, d>| relative to the size of "
-                     "the terms, over random feasible directions d (whole batch and per "
-                     "member), and its tol is widened to the differences' own error estimate")
-    if gradient is not None:
-        source += f", compared with the {gradient!r} gradient"
-        notes.append(f"gradient {gradient!r}: the reference gradient is "
-                     f"{spec.gradients[gname].description}")
-    if unbatched:
-        source += ", called once per batch member"
-        notes.append("unbatched: the candidate was called once per batch member and its "
-                     "outputs stacked; a broadcast input's cotangent is the sum over the "
-                     "members sharing it")
-    command = _command(op_name, candidate, vjp, fw_name, vectors_dir, rtol, forward_rtol,
+    source, source_notes = _gradient_source(spec, vjp, vjp_fn, framework, against, gradient,
+                                            gname, unbatched)
+    notes += source_notes
+    command = _command(op_name, candidate, vjp, framework, vectors_dir, rtol, forward_rtol,
                        timeout if isolate else None, against, unbatched, gradient)
     if dump_dir is not None:
         notes.extend(_dump(dump_dir, spec, jobs, reports, kept, command))
-    report = ValidationReport(op=op_name, framework=fw_name, framework_version=version,
+    report = ValidationReport(op=op_name, framework=framework, framework_version=version,
                               candidate=_name_of(candidate), gradient_source=source,
                               cases=tuple(reports), notes=tuple(notes), command=command,
                               interrupted=interrupted)

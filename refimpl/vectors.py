@@ -439,6 +439,75 @@ def _check_name(name: str, what: str) -> str:
     return name
 
 
+def _export_selection(ops: Iterable[str | registry.OpSpec] | None, dtypes: tuple[str, ...],
+                      cases: Iterable[str] | None) -> tuple[list[registry.OpSpec],
+                                                            set[str] | None]:
+    """The operators to export and the case ids wanted (None: all), checked."""
+    specs = ([n if isinstance(n, registry.OpSpec) else registry.get_spec(n) for n in ops]
+             if ops is not None else registry.all_specs())
+    for dt in dtypes:
+        if dt not in _backend.SUPPORTED_DTYPES:
+            raise ValueError(f"argument 'dtypes' has {dt!r}; choose from "
+                             f"{', '.join(_backend.SUPPORTED_DTYPES)}")
+    wanted = set(cases) if cases is not None else None
+    if wanted is not None:
+        known = {c.id for s in specs for c in s.cases}
+        if wanted - known:
+            raise ValueError(f"argument 'cases' names unknown case(s) "
+                             f"{sorted(wanted - known)}; known: {', '.join(sorted(known))}")
+    return specs, wanted
+
+
+def _export_case(root: Path, spec: registry.OpSpec, case: registry.Case, dt: str) -> dict:
+    """Write ``case``'s numbers in dtype ``dt`` to ``root/<op>/<case>.<dt>.npz``
+    and return its manifest entry."""
+    gc = reference_case(spec, case, dt)
+    rel = (f"{_check_name(spec.name, 'operator name')}/"
+           f"{_check_name(case.id, 'case id')}.{dt}.npz")
+    target = root / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    arrays = gc.arrays(spec.output)
+    _write_npz(target, arrays)
+    where = f"{spec.name}/{case.id}"
+    return {
+        "id": case.id,
+        "description": case.description,
+        "dtype": dt,
+        "seed": int(case.seed),
+        "flags": list(case.flags),
+        "for_candidates": bool(case.for_candidates),
+        "params": _params_json(case.params, "param", f"{where} params"),
+        "vjp_params": _params_json(case.vjp_params, "vjp_param",
+                                   f"{where} vjp_params"),
+        "jvp_params": _params_json(case.jvp_params, "jvp_param",
+                                   f"{where} jvp_params"),
+        "candidate_kwargs": _params_json(
+            gc.candidate_kwargs, "", f"{where} candidate_kwargs",
+            sources=[(k, p) for k, p in _param_kinds(gc)]),
+        "tolerance": _jsonable(gc.tolerance, f"{where} tolerance"),
+        "reference": _jsonable(gc.diagnostics, f"{where} diagnostics"),
+        "file": rel,
+        "sha256": _sha256(target),
+        "size": target.stat().st_size,
+        "arrays": {k: list(a.shape) for k, a in arrays.items()},
+    }
+
+
+def _write_manifest(manifest_path: Path, operators: dict[str, dict]) -> None:
+    """Write the manifest (through a temporary file, so it appears complete or not at all)."""
+    manifest = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "versions": _versions(),
+        "conventions": dict(GENERAL_CONVENTIONS),
+        "operators": operators,
+    }
+    text = json.dumps(manifest, indent=1, allow_nan=False) + "\n"
+    tmp = manifest_path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, manifest_path)
+
+
 def export(path: str | os.PathLike, *, ops: Iterable[str | registry.OpSpec] | None = None,
            dtypes: Sequence[str] = ("float64",),
            cases: Iterable[str] | None = None) -> Path:
@@ -463,19 +532,8 @@ def export(path: str | os.PathLike, *, ops: Iterable[str | registry.OpSpec] | No
     ValueError : unknown operator, case or dtype, or nothing to export.
     RuntimeError : the reference failed on a case.
     """
-    specs = ([n if isinstance(n, registry.OpSpec) else registry.get_spec(n) for n in ops]
-             if ops is not None else registry.all_specs())
     dtypes = tuple(dtypes)
-    for dt in dtypes:
-        if dt not in _backend.SUPPORTED_DTYPES:
-            raise ValueError(f"argument 'dtypes' has {dt!r}; choose from "
-                             f"{', '.join(_backend.SUPPORTED_DTYPES)}")
-    wanted = set(cases) if cases is not None else None
-    if wanted is not None:
-        known = {c.id for s in specs for c in s.cases}
-        if wanted - known:
-            raise ValueError(f"argument 'cases' names unknown case(s) "
-                             f"{sorted(wanted - known)}; known: {', '.join(sorted(known))}")
+    specs, wanted = _export_selection(ops, dtypes, cases)
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
@@ -493,53 +551,14 @@ def export(path: str | os.PathLike, *, ops: Iterable[str | registry.OpSpec] | No
             for dt in dtypes:
                 if dt not in case.dtypes:
                     continue
-                gc = reference_case(spec, case, dt)
-                rel = (f"{_check_name(spec.name, 'operator name')}/"
-                       f"{_check_name(case.id, 'case id')}.{dt}.npz")
-                target = root / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                arrays = gc.arrays(spec.output)
-                _write_npz(target, arrays)
-                where = f"{spec.name}/{case.id}"
-                entry["cases"].append({
-                    "id": case.id,
-                    "description": case.description,
-                    "dtype": dt,
-                    "seed": int(case.seed),
-                    "flags": list(case.flags),
-                    "for_candidates": bool(case.for_candidates),
-                    "params": _params_json(case.params, "param", f"{where} params"),
-                    "vjp_params": _params_json(case.vjp_params, "vjp_param",
-                                               f"{where} vjp_params"),
-                    "jvp_params": _params_json(case.jvp_params, "jvp_param",
-                                               f"{where} jvp_params"),
-                    "candidate_kwargs": _params_json(
-                        gc.candidate_kwargs, "", f"{where} candidate_kwargs",
-                        sources=[(k, p) for k, p in _param_kinds(gc)]),
-                    "tolerance": _jsonable(gc.tolerance, f"{where} tolerance"),
-                    "reference": _jsonable(gc.diagnostics, f"{where} diagnostics"),
-                    "file": rel,
-                    "sha256": _sha256(target),
-                    "size": target.stat().st_size,
-                    "arrays": {k: list(a.shape) for k, a in arrays.items()},
-                })
+                entry["cases"].append(_export_case(root, spec, case, dt))
                 n_written += 1
         if entry["cases"]:
             operators[spec.name] = entry
     if n_written == 0:
         raise ValueError("nothing to export: no case matches the requested operators, "
                          "cases and dtypes")
-    manifest = {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "versions": _versions(),
-        "conventions": dict(GENERAL_CONVENTIONS),
-        "operators": operators,
-    }
-    text = json.dumps(manifest, indent=1, allow_nan=False) + "\n"
-    tmp = manifest_path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, manifest_path)
+    _write_manifest(manifest_path, operators)
     return manifest_path
 
 
@@ -627,7 +646,8 @@ def _json_depth(value: Any) -> int:
     return deepest
 
 
-def _read_manifest(root: Path) -> dict:
+def _manifest_file(root: Path) -> Path:
+    """``root``'s manifest path: present, inside ``root``, within the size cap."""
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise VectorsError(f"{root} has no {MANIFEST}; is it a directory written by "
@@ -637,7 +657,11 @@ def _read_manifest(root: Path) -> dict:
     if size > MAX_MANIFEST_BYTES:
         raise VectorsError(f"{mpath} has {size} bytes, more than a manifest may have "
                            f"({MAX_MANIFEST_BYTES}); refused")
+    return mpath
 
+
+def _parse_manifest(mpath: Path) -> Any:
+    """The manifest's JSON: strict (finite numbers only), not nested too deeply."""
     def no_constants(name):   # JSON has no NaN/Infinity; Python's parser would accept them
         raise VectorsError(f"{mpath} contains {name}, which is not JSON; every number in "
                            "a manifest is finite")
@@ -662,6 +686,11 @@ def _read_manifest(root: Path) -> dict:
     if _json_depth(manifest) > MAX_JSON_DEPTH:
         raise VectorsError(f"{mpath} nests JSON objects/lists more than {MAX_JSON_DEPTH} "
                            "levels deep; refused")
+    return manifest
+
+
+def _check_manifest_header(manifest: Any, mpath: Path) -> dict:
+    """The manifest's schema and version, and its top-level keys; its operators."""
     where = MANIFEST
     schema = _require(manifest, "schema", str, where)
     if schema != SCHEMA:
@@ -673,58 +702,86 @@ def _read_manifest(root: Path) -> dict:
                            f"refimpl; this refimpl reads schema_version {SCHEMA_VERSION}")
     _require(manifest, "versions", dict, where)
     _require(manifest, "conventions", dict, where)
-    operators = _require(manifest, "operators", dict, where)
+    return _require(manifest, "operators", dict, where)
+
+
+def _check_operator_entry(entry: Any, w: str) -> None:
+    """An operator's entry apart from its cases: inputs, output, candidate
+    parameters, flags and conventions."""
+    inputs = _require(entry, "inputs", list, w)
+    names = []
+    for i, inp in enumerate(inputs):
+        names.append(_safe_key(_require(inp, "name", str, f"{w} inputs[{i}]"),
+                               f"{w} inputs[{i}]['name']"))
+        _natural(_require(inp, "core_ndim", int, f"{w} inputs[{i}]"),
+                 f"{w} inputs[{i}]['core_ndim']")
+    if len(set(names)) != len(names):
+        raise VectorsError(f"{w} inputs has repeated names {names}")
+    out = _require(entry, "output", dict, w)
+    _safe_key(_require(out, "name", str, f"{w} output"), f"{w} output['name']")
+    _natural(_require(out, "core_ndim", int, f"{w} output"), f"{w} output['core_ndim']")
+    for i, name in enumerate(_require(entry, "candidate_params", list, w)):
+        if not isinstance(name, str):
+            raise VectorsError(f"{w} candidate_params[{i}] must be str, got "
+                               f"{type(name).__name__}")
+    _require(entry, "surrogate", bool, w)
+    _require(entry, "has_jvp", bool, w)
+    _require(entry, "conventions", dict, w)
+
+
+#: The keys of a case entry and their JSON types.
+_CASE_KEYS = (("id", str), ("description", str), ("dtype", str),
+              ("seed", int), ("flags", list), ("for_candidates", bool),
+              ("params", dict), ("vjp_params", dict),
+              ("jvp_params", dict), ("candidate_kwargs", dict),
+              ("tolerance", dict), ("file", str), ("sha256", str),
+              ("size", int), ("arrays", dict))
+
+
+def _check_case_tolerance(c: Mapping, wc: str) -> None:
+    """Each check's tolerance: a relative error in ``[0, MAX_TOLERANCE]``."""
+    for key in ("forward", "adjoint", "fd", "batch"):
+        t = _require(c["tolerance"], key, float, f"{wc} tolerance")
+        if t < 0:
+            raise VectorsError(f"{wc} tolerance[{key!r}] is negative")
+        if t > MAX_TOLERANCE:
+            raise VectorsError(f"{wc} tolerance[{key!r}] is {t!r}; a tolerance is a "
+                               f"relative error, at most {MAX_TOLERANCE:g}")
+
+
+def _check_case_entry(entry: Mapping, c: Any, wc: str) -> None:
+    """One case's entry: its keys and their types, tolerances, flags, file size
+    and digest, array-parameter references and declared shapes."""
+    for key, kind in _CASE_KEYS:
+        _require(c, key, kind, wc)
+    _check_case_tolerance(c, wc)
+    for i, flag in enumerate(c["flags"]):
+        if not isinstance(flag, str):
+            raise VectorsError(f"{wc} flags[{i}] must be str, got "
+                               f"{type(flag).__name__}")
+    _natural(c["size"], f"{wc} size")
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", c["sha256"]):
+        raise VectorsError(f"{wc} sha256 must be 64 hex digits")
+    for fld in _PARAM_FIELDS:
+        for k, v in c[fld].items():
+            if isinstance(v, dict) and "$array" in v and not (
+                    set(v) == {"$array"} and isinstance(v["$array"], str)):
+                raise VectorsError(f"{wc} {fld}[{k!r}] must be {{\"$array\": "
+                                   f"\"<key>\"}}, got {v!r}"[:300])
+    _check_case_shapes(entry, c, wc)
+
+
+def _read_manifest(root: Path) -> dict:
+    """``root``'s manifest, parsed and checked entry by entry (:class:`VectorsError`
+    naming the first problem)."""
+    mpath = _manifest_file(root)
+    manifest = _parse_manifest(mpath)
+    operators = _check_manifest_header(manifest, mpath)
     for op, entry in operators.items():
-        w = f"{where} operators[{op!r}]"
-        inputs = _require(entry, "inputs", list, w)
-        names = []
-        for i, inp in enumerate(inputs):
-            names.append(_safe_key(_require(inp, "name", str, f"{w} inputs[{i}]"),
-                                   f"{w} inputs[{i}]['name']"))
-            _natural(_require(inp, "core_ndim", int, f"{w} inputs[{i}]"),
-                     f"{w} inputs[{i}]['core_ndim']")
-        if len(set(names)) != len(names):
-            raise VectorsError(f"{w} inputs has repeated names {names}")
-        out = _require(entry, "output", dict, w)
-        _safe_key(_require(out, "name", str, f"{w} output"), f"{w} output['name']")
-        _natural(_require(out, "core_ndim", int, f"{w} output"), f"{w} output['core_ndim']")
-        for i, name in enumerate(_require(entry, "candidate_params", list, w)):
-            if not isinstance(name, str):
-                raise VectorsError(f"{w} candidate_params[{i}] must be str, got "
-                                   f"{type(name).__name__}")
-        _require(entry, "surrogate", bool, w)
-        _require(entry, "has_jvp", bool, w)
-        _require(entry, "conventions", dict, w)
+        w = f"{MANIFEST} operators[{op!r}]"
+        _check_operator_entry(entry, w)
         for j, c in enumerate(_require(entry, "cases", list, w)):
-            wc = f"{w} cases[{j}]"
-            for key, kind in (("id", str), ("description", str), ("dtype", str),
-                              ("seed", int), ("flags", list), ("for_candidates", bool),
-                              ("params", dict), ("vjp_params", dict),
-                              ("jvp_params", dict), ("candidate_kwargs", dict),
-                              ("tolerance", dict), ("file", str), ("sha256", str),
-                              ("size", int), ("arrays", dict)):
-                _require(c, key, kind, wc)
-            for key in ("forward", "adjoint", "fd", "batch"):
-                t = _require(c["tolerance"], key, float, f"{wc} tolerance")
-                if t < 0:
-                    raise VectorsError(f"{wc} tolerance[{key!r}] is negative")
-                if t > MAX_TOLERANCE:
-                    raise VectorsError(f"{wc} tolerance[{key!r}] is {t!r}; a tolerance is a "
-                                       f"relative error, at most {MAX_TOLERANCE:g}")
-            for i, flag in enumerate(c["flags"]):
-                if not isinstance(flag, str):
-                    raise VectorsError(f"{wc} flags[{i}] must be str, got "
-                                       f"{type(flag).__name__}")
-            _natural(c["size"], f"{wc} size")
-            if not re.fullmatch(r"[0-9a-fA-F]{64}", c["sha256"]):
-                raise VectorsError(f"{wc} sha256 must be 64 hex digits")
-            for fld in _PARAM_FIELDS:
-                for k, v in c[fld].items():
-                    if isinstance(v, dict) and "$array" in v and not (
-                            set(v) == {"$array"} and isinstance(v["$array"], str)):
-                        raise VectorsError(f"{wc} {fld}[{k!r}] must be {{\"$array\": "
-                                           f"\"<key>\"}}, got {v!r}"[:300])
-            _check_case_shapes(entry, c, wc)
+            _check_case_entry(entry, c, f"{w} cases[{j}]")
     return manifest
 
 

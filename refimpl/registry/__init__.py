@@ -351,30 +351,11 @@ def _on_host(v):
     return np.asarray(v) if isinstance(v, (bool, int, float)) else np.asarray(to_host(v))
 
 
-def verify_case(spec: OpSpec, case: Case, *, backend: str | Backend = "numpy",
-                dtype: str = "float64") -> list[CheckResult]:
-    """Run every applicable check of ``case`` and return the results.
-
-    Exceptions raised by the operator are reported as failed checks (with
-    the exception text), never propagated, so one broken case does not hide
-    the others.
-    """
-    be = get_backend(backend) if isinstance(backend, str) else backend
-    if dtype not in _backend.SUPPORTED_DTYPES:
-        raise ValueError(f"argument 'dtype' must be one of {_backend.SUPPORTED_DTYPES}, got {dtype!r}")
-    tol = spec.tolerance(case, dtype)
-    rng = np.random.default_rng(case.seed)
-    host = _make_host(spec, case, dtype, rng)
-    arrays = tuple(be.asarray(host[k], dtype) for k in spec.inputs)
+def _forward_checks(spec: OpSpec, case: Case, host: dict, res, out_h: np.ndarray,
+                    tol: Tolerance) -> list[CheckResult]:
+    """The output against the oracle (or, without one, finite), and the result's
+    own convergence flags when it has them."""
     results: list[CheckResult] = []
-
-    # -- forward ---------------------------------------------------------
-    try:
-        res = spec.forward(*arrays, **case.params)
-        out = getattr(res, spec.output)
-    except Exception as exc:  # reported, not raised
-        return [_failed("forward", exc)]
-    out_h = to_host(out)
     if spec.oracle is not None:
         try:
             expected = spec.oracle(*(host[k] for k in spec.inputs), **case.params)
@@ -391,11 +372,14 @@ def verify_case(spec: OpSpec, case: Case, *, backend: str | Backend = "numpy",
         detail = (f"{int(conv.sum())} of {conv.size} converged, n_iter <= {int(iters.max())}"
                   if iters is not None and iters.size else "")
         results.append(CheckResult("converged", 0.0 if ok else 1.0, 0.0, ok, detail))
+    return results
 
-    # -- derivatives -----------------------------------------------------
-    u_host, v_host = draw_directions(spec, rng, host, out_h)
-    u = tuple(None if t is None else be.asarray(t, dtype) for t in u_host)
-    v = be.asarray(v_host, dtype)
+
+def _derivative_checks(spec: OpSpec, case: Case, be: Backend, host: dict, res,
+                       u: tuple, v, tol: Tolerance) -> list[CheckResult]:
+    """The adjoint test of JVP against VJP, and both against finite differences
+    of the float64 forward along ``u`` (cotangent ``v``)."""
+    results: list[CheckResult] = []
 
     def vjp(vv):
         return tuple(spec.vjp(res, vv, **case.vjp_params))
@@ -403,44 +387,82 @@ def verify_case(spec: OpSpec, case: Case, *, backend: str | Backend = "numpy",
     spec_jvp = spec.jvp
     jvp = None if spec_jvp is None else (lambda *uu: spec_jvp(res, *uu, **case.jvp_params))
 
-    if not spec.surrogate:
-        if jvp is not None:
-            try:
-                results.append(adjoint_test(jvp, vjp, u, v, tol=tol.adjoint))
-            except Exception as exc:
-                results.append(_failed("adjoint", exc))
+    if jvp is not None:
         try:
-            arrays64 = tuple(be.asarray(host[k], "float64") for k in spec.inputs)
-
-            def f64(*xs):
-                return getattr(spec.forward(*xs, **case.params), spec.output)
-
-            results.extend(fd_jacobian_check(f64, arrays64, u, cotangents=v, vjp=vjp, jvp=jvp,
-                                             tol=tol.fd, rel_step=case.fd_step))
+            results.append(adjoint_test(jvp, vjp, u, v, tol=tol.adjoint))
         except Exception as exc:
-            results.append(_failed("fd", exc))
+            results.append(_failed("adjoint", exc))
+    try:
+        arrays64 = tuple(be.asarray(host[k], "float64") for k in spec.inputs)
 
-    # -- batch == loop -----------------------------------------------------
-    if _batch_shape(spec, host):
-        try:
-            results.append(_check_batch(spec, case, be, dtype, host, res, v_host, tol.batch))
-        except Exception as exc:
-            results.append(_failed("batch", exc))
+        def f64(*xs):
+            return getattr(spec.forward(*xs, **case.params), spec.output)
 
-    # -- operator-specific checks ------------------------------------------
-    run = CaseRun(spec, case, be, dtype, host, arrays, res, rng, tol)
+        results.extend(fd_jacobian_check(f64, arrays64, u, cotangents=v, vjp=vjp, jvp=jvp,
+                                         tol=tol.fd, rel_step=case.fd_step))
+    except Exception as exc:
+        results.append(_failed("fd", exc))
+    return results
+
+
+def _extra_check_results(spec: OpSpec, run: CaseRun) -> list[CheckResult]:
+    """The operator's own checks; one that raises is a failed check named after it."""
+    results: list[CheckResult] = []
     for extra in spec.extra_checks:
         try:
             results.extend(extra(run))
         except Exception as exc:
             results.append(_failed(getattr(extra, "__name__", "extra"), exc))
+    return results
 
-    # -- nothing was modified ----------------------------------------------
+
+def _mutation_check(spec: OpSpec, arrays: tuple, host: dict, v, v_host: np.ndarray,
+                    dtype: str) -> CheckResult:
+    """No input array and not the cotangent was modified."""
     touched = [k for k, a in zip(spec.inputs, arrays) if not np.array_equal(to_host(a), host[k])]
     if not np.array_equal(to_host(v), v_host.astype(dtype)):
         touched.append("cotangent")
-    results.append(CheckResult("no_mutation", float(len(touched)), 0.0, not touched,
-                               ("modified: " + ", ".join(touched)) if touched else ""))
+    return CheckResult("no_mutation", float(len(touched)), 0.0, not touched,
+                       ("modified: " + ", ".join(touched)) if touched else "")
+
+
+def verify_case(spec: OpSpec, case: Case, *, backend: str | Backend = "numpy",
+                dtype: str = "float64") -> list[CheckResult]:
+    """Run every applicable check of ``case`` and return the results.
+
+    Exceptions raised by the operator are reported as failed checks (with
+    the exception text), never propagated, so one broken case does not hide
+    the others.
+    """
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    if dtype not in _backend.SUPPORTED_DTYPES:
+        raise ValueError(f"argument 'dtype' must be one of {_backend.SUPPORTED_DTYPES}, got {dtype!r}")
+    tol = spec.tolerance(case, dtype)
+    rng = np.random.default_rng(case.seed)
+    host = _make_host(spec, case, dtype, rng)
+    arrays = tuple(be.asarray(host[k], dtype) for k in spec.inputs)
+
+    try:
+        res = spec.forward(*arrays, **case.params)
+        out = getattr(res, spec.output)
+    except Exception as exc:  # reported, not raised
+        return [_failed("forward", exc)]
+    out_h = to_host(out)
+    results = _forward_checks(spec, case, host, res, out_h, tol)
+
+    u_host, v_host = draw_directions(spec, rng, host, out_h)
+    u = tuple(None if t is None else be.asarray(t, dtype) for t in u_host)
+    v = be.asarray(v_host, dtype)
+    if not spec.surrogate:
+        results.extend(_derivative_checks(spec, case, be, host, res, u, v, tol))
+    if _batch_shape(spec, host):
+        try:
+            results.append(_check_batch(spec, case, be, dtype, host, res, v_host, tol.batch))
+        except Exception as exc:
+            results.append(_failed("batch", exc))
+    run = CaseRun(spec, case, be, dtype, host, arrays, res, rng, tol)
+    results.extend(_extra_check_results(spec, run))
+    results.append(_mutation_check(spec, arrays, host, v, v_host, dtype))
     return results
 
 

@@ -164,43 +164,92 @@ def _check_phantom(k=None, lam=None) -> None:
     deq._resolve_method_args("neumann", k, lam, None, {})
 
 
+def _make_contractive(rng):
+    d, p = 5, 3
+    return {"W": _scaled_to_norm(rng.standard_normal((d, d)), 0.7),
+            "U": rng.standard_normal((d, p)), "b": 0.5 * rng.standard_normal(d),
+            "x": rng.standard_normal(p)}
+
+
+def _make_batched_scales(rng):
+    d, p = 4, 3
+    scales = np.array([1e-6, 1e-3, 1.0, 30.0])[:, None]
+    return {"W": _scaled_to_norm(rng.standard_normal((d, d)), 0.8),
+            "U": rng.standard_normal((d, p)), "b": np.zeros(d),
+            "x": rng.standard_normal((4, p)) * scales}
+
+
+def _make_scalar(rng):
+    return {"W": np.array([[0.6]]), "U": np.array([[1.3]]), "b": np.array([-0.2]),
+            "x": np.array([0.8])}
+
+
+def _make_near_non_contractive(rng):
+    d, p = 5, 2
+    return {"W": _symmetric_with_spectrum(rng, [0.985, 0.6, 0.1, -0.2, -0.5]),
+            "U": 0.05 * rng.standard_normal((d, p)), "b": 0.02 * rng.standard_normal(d),
+            "x": rng.standard_normal(p)}
+
+
+def _make_negative_eigenvalues(rng):
+    d, p = 5, 3
+    return {"W": _symmetric_with_spectrum(rng, [-1.8, -1.2, -0.4, 0.2, 0.5]),
+            "U": 0.3 * rng.standard_normal((d, p)), "b": 0.1 * rng.standard_normal(d),
+            "x": rng.standard_normal((2, p))}
+
+
+def _make_per_member_weights(rng):
+    d, p = 4, 3
+    W = np.stack([_scaled_to_norm(rng.standard_normal((d, d)), s) for s in (0.3, 0.6, 0.9)])
+    return {"W": W, "U": rng.standard_normal((d, p)), "b": 0.3 * rng.standard_normal(d),
+            "x": rng.standard_normal(p)}
+
+
+def _tanh_deq_cases() -> tuple[Case, ...]:
+    """The curated cases of tanh_deq."""
+    return (
+        Case("contractive", "d=5, ||W||_2 = 0.7, one input", 71, _make_contractive),
+        Case("batched_scales", "batch of 4 inputs scaled 1e-6..30 (last one saturates "
+             "tanh), zero bias", 72, _make_batched_scales, flags=("batched", "scales")),
+        Case("scalar", "d = p = 1", 73, _make_scalar, flags=("edge",)),
+        Case("near_non_contractive", "symmetric W with eigenvalue 0.985: Picard rate "
+             "~0.98, cond(I - J) ~ 60", 74, _make_near_non_contractive,
+             flags=("ill_conditioned",),
+             tol={"float64": {"fd": 1e-7, "batch": 1e-8},
+                  "float32": {"fd": 5e-3, "forward": 5e-4}}),
+        Case("negative_eigenvalues", "W eigenvalues down to -1.8 (||W||_2 > 1): undamped "
+             "Picard oscillates, damped Picard (lam = 0.5) converges", 75,
+             _make_negative_eigenvalues, params={"method": "picard", "lam": 0.5, "max_iter": 3000},
+             flags=("batched", "non_contractive", "damping")),
+        Case("per_member_weights", "W batched (3 members, ||W||_2 = 0.3, 0.6, 0.9), x, U, "
+             "b shared (gradients summed)", 76, _make_per_member_weights,
+             flags=("batched", "broadcast")),
+    )
+
+
+def _tanh_deq_gradients() -> dict[str, NamedGradient]:
+    """The gradients ``validate --gradient`` takes for tanh_deq."""
+    return {
+        "exact": NamedGradient(
+            lambda res, z_bar: deq.deq_vjp(res, z_bar, method="exact"),
+            description="implicit: u = (I - J^T)^{-1} z_bar (the default)"),
+        "jfb": NamedGradient(
+            lambda res, z_bar: deq.deq_vjp(res, z_bar, method="jfb"),
+            description="Jacobian-free backprop: u = z_bar"),
+        "unroll": NamedGradient(
+            lambda res, z_bar, **kw: deq.deq_vjp(res, z_bar, method="unroll", **kw),
+            {"k": int, "lam": float},
+            "UPG: k damped steps (lam) from the fixed point (defaults k=5, lam=0.5)",
+            _check_phantom),
+        "neumann": NamedGradient(
+            lambda res, z_bar, **kw: deq.deq_vjp(res, z_bar, method="neumann", **kw),
+            {"k": int, "lam": float},
+            "NPG: u = lam sum_{i<k} (B^T)^i z_bar, B = lam J + (1 - lam) I "
+            "(defaults k=5, lam=0.5)", _check_phantom),
+    }
+
+
 def _tanh_deq_spec() -> OpSpec:
-
-    def contractive(rng):
-        d, p = 5, 3
-        return {"W": _scaled_to_norm(rng.standard_normal((d, d)), 0.7),
-                "U": rng.standard_normal((d, p)), "b": 0.5 * rng.standard_normal(d),
-                "x": rng.standard_normal(p)}
-
-    def batched_scales(rng):
-        d, p = 4, 3
-        scales = np.array([1e-6, 1e-3, 1.0, 30.0])[:, None]
-        return {"W": _scaled_to_norm(rng.standard_normal((d, d)), 0.8),
-                "U": rng.standard_normal((d, p)), "b": np.zeros(d),
-                "x": rng.standard_normal((4, p)) * scales}
-
-    def scalar(rng):
-        return {"W": np.array([[0.6]]), "U": np.array([[1.3]]), "b": np.array([-0.2]),
-                "x": np.array([0.8])}
-
-    def near_non_contractive(rng):
-        d, p = 5, 2
-        return {"W": _symmetric_with_spectrum(rng, [0.985, 0.6, 0.1, -0.2, -0.5]),
-                "U": 0.05 * rng.standard_normal((d, p)), "b": 0.02 * rng.standard_normal(d),
-                "x": rng.standard_normal(p)}
-
-    def negative_eigenvalues(rng):
-        d, p = 5, 3
-        return {"W": _symmetric_with_spectrum(rng, [-1.8, -1.2, -0.4, 0.2, 0.5]),
-                "U": 0.3 * rng.standard_normal((d, p)), "b": 0.1 * rng.standard_normal(d),
-                "x": rng.standard_normal((2, p))}
-
-    def per_member_weights(rng):
-        d, p = 4, 3
-        W = np.stack([_scaled_to_norm(rng.standard_normal((d, d)), s) for s in (0.3, 0.6, 0.9)])
-        return {"W": W, "U": rng.standard_normal((d, p)), "b": 0.3 * rng.standard_normal(d),
-                "x": rng.standard_normal(p)}
-
     return OpSpec(
         name="tanh_deq",
         description="implicit layer z = tanh(W z + U x + b): exact implicit VJP/JVP, "
@@ -213,48 +262,14 @@ def _tanh_deq_spec() -> OpSpec:
         vjp=lambda res, z_bar: deq.deq_vjp(res, z_bar, method="exact"),
         jvp=lambda res, dx, dW, dU, db: deq.deq_jvp(res, dx, dW, dU, db),
         oracle=_tanh_deq_oracle,
-        cases=(
-            Case("contractive", "d=5, ||W||_2 = 0.7, one input", 71, contractive),
-            Case("batched_scales", "batch of 4 inputs scaled 1e-6..30 (last one saturates "
-                 "tanh), zero bias", 72, batched_scales, flags=("batched", "scales")),
-            Case("scalar", "d = p = 1", 73, scalar, flags=("edge",)),
-            Case("near_non_contractive", "symmetric W with eigenvalue 0.985: Picard rate "
-                 "~0.98, cond(I - J) ~ 60", 74, near_non_contractive,
-                 flags=("ill_conditioned",),
-                 tol={"float64": {"fd": 1e-7, "batch": 1e-8},
-                      "float32": {"fd": 5e-3, "forward": 5e-4}}),
-            Case("negative_eigenvalues", "W eigenvalues down to -1.8 (||W||_2 > 1): undamped "
-                 "Picard oscillates, damped Picard (lam = 0.5) converges", 75,
-                 negative_eigenvalues, params={"method": "picard", "lam": 0.5, "max_iter": 3000},
-                 flags=("batched", "non_contractive", "damping")),
-            Case("per_member_weights", "W batched (3 members, ||W||_2 = 0.3, 0.6, 0.9), x, U, "
-                 "b shared (gradients summed)", 76, per_member_weights,
-                 flags=("batched", "broadcast")),
-        ),
+        cases=_tanh_deq_cases(),
         tol={
             "float64": Tolerance(forward=1e-10, adjoint=1e-11, fd=1e-8, batch=1e-10),
             "float32": Tolerance(forward=5e-5, adjoint=1e-4, fd=5e-4, batch=1e-4),
         },
         extra_checks=(_deq_exact_closed_form, _deq_phantom_closed_forms),
         candidate_params=(),
-        gradients={
-            "exact": NamedGradient(
-                lambda res, z_bar: deq.deq_vjp(res, z_bar, method="exact"),
-                description="implicit: u = (I - J^T)^{-1} z_bar (the default)"),
-            "jfb": NamedGradient(
-                lambda res, z_bar: deq.deq_vjp(res, z_bar, method="jfb"),
-                description="Jacobian-free backprop: u = z_bar"),
-            "unroll": NamedGradient(
-                lambda res, z_bar, **kw: deq.deq_vjp(res, z_bar, method="unroll", **kw),
-                {"k": int, "lam": float},
-                "UPG: k damped steps (lam) from the fixed point (defaults k=5, lam=0.5)",
-                _check_phantom),
-            "neumann": NamedGradient(
-                lambda res, z_bar, **kw: deq.deq_vjp(res, z_bar, method="neumann", **kw),
-                {"k": int, "lam": float},
-                "NPG: u = lam sum_{i<k} (B^T)^i z_bar, B = lam J + (1 - lam) I "
-                "(defaults k=5, lam=0.5)", _check_phantom),
-        },
+        gradients=_tanh_deq_gradients(),
     )
 
 

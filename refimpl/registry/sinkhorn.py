@@ -268,140 +268,185 @@ def _sk_unbalanced_identity(run: CaseRun) -> list[CheckResult]:
                     name="C_bar_sums_vs_marginal_gradients")]
 
 
-def _sinkhorn_cases() -> tuple[tuple[Case, ...], tuple[Case, ...]]:
-    """The curated cases: ``(balanced, unbalanced)``."""
+def _dirichlet(rng, k, conc=1.0, bits=20):
+    """Dirichlet(conc) weights of ``k`` entries, rounded to multiples of 2^-bits."""
+    # Dyadic weights j / 2^bits (exact in float32 and summing to exactly 1 in
+    # both dtypes), so float32 rounding cannot create a mass mismatch.
+    w = np.floor(rng.dirichlet(np.full(k, conc)) * 2 ** bits) + 1.0
+    w[np.argmax(w)] += 2 ** bits - w.sum()
+    return w / 2 ** bits
 
-    def dirichlet(rng, k, conc=1.0, bits=20):
-        # Dyadic weights j / 2^bits (exact in float32 and summing to exactly 1 in
-        # both dtypes), so float32 rounding cannot create a mass mismatch.
-        w = np.floor(rng.dirichlet(np.full(k, conc)) * 2 ** bits) + 1.0
-        w[np.argmax(w)] += 2 ** bits - w.sum()
-        return w / 2 ** bits
 
-    def sqdist(rng, n, m, d=2, scale=1.0):
-        x, y = rng.random((n, d)), rng.random((m, d))
-        return scale * ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+def _sqdist(rng, n, m, d=2, scale=1.0):
+    """``scale`` times the squared distances between ``n`` and ``m`` uniform random
+    points of [0, 1]^d."""
+    x, y = rng.random((n, d)), rng.random((m, d))
+    return scale * ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
 
-    def uniform_4x2(rng):
-        return {"C": rng.random((4, 2)), "a": np.full(4, 0.25), "b": np.full(2, 0.5)}
 
-    def nonuniform_6x5(rng):
-        return {"C": sqdist(rng, 6, 5), "a": dirichlet(rng, 6), "b": dirichlet(rng, 5)}
+def _make_uniform_4x2(rng):
+    return {"C": rng.random((4, 2)), "a": np.full(4, 0.25), "b": np.full(2, 0.5)}
 
-    def wide_3x7(rng):
-        return {"C": rng.random((3, 7)), "a": dirichlet(rng, 3), "b": dirichlet(rng, 7)}
 
-    def tall_skinny(rng):
-        # SOFT top-k shape: n scores against the anchors {0, 1}, masses k/n and (n-k)/n.
-        n, k = 16, 4
-        x = rng.random(n)
-        C = (x[:, None] - np.array([1.0, 0.0])[None, :]) ** 2
-        return {"C": C, "a": np.full(n, 1.0 / n), "b": np.array([k / n, (n - k) / n])}
+def _make_nonuniform_6x5(rng):
+    return {"C": _sqdist(rng, 6, 5), "a": _dirichlet(rng, 6), "b": _dirichlet(rng, 5)}
 
-    def single_row(rng):
-        b = dirichlet(rng, 4)
-        return {"C": rng.random((1, 4)), "a": np.array([b.sum()]), "b": b}
 
-    def single_col(rng):
-        a = dirichlet(rng, 5)
-        return {"C": rng.random((5, 1)), "a": a, "b": np.array([a.sum()])}
+def _make_wide_3x7(rng):
+    return {"C": rng.random((3, 7)), "a": _dirichlet(rng, 3), "b": _dirichlet(rng, 7)}
 
-    def tiny_marginals(rng):
-        # Two entries of 2^-40 ~ 9.1e-13 on each side (exact in float32).
-        # Both masses become 1 + 2^-39 exactly.
-        a, b = dirichlet(rng, 5), dirichlet(rng, 4)
-        for w, tiny_idx, keep in ((a, [1, 3], 0), (b, [1, 2], 3)):
-            w[keep] += w[tiny_idx].sum()
-            w[tiny_idx] = 2.0 ** -40
-        return {"C": rng.random((5, 4)), "a": a, "b": b}
 
-    def tiny_eps_monotone(rng):
-        # 1-D sorted points, squared distances, non-uniform masses: the eps -> 0
-        # limit is a monotone "staircase" plan whose support is a spanning tree,
-        # so the backward stays well conditioned even at eps = 1e-3.
-        x = np.sort(rng.random(5))
-        y = np.sort(rng.random(4))
-        a = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
-        b = np.array([0.35, 0.15, 0.3, 0.2])
-        return {"C": (x[:, None] - y[None, :]) ** 2, "a": a, "b": b}
+def _make_tall_skinny(rng):
+    # SOFT top-k shape: n scores against the anchors {0, 1}, masses k/n and (n-k)/n.
+    n, k = 16, 4
+    x = rng.random(n)
+    C = (x[:, None] - np.array([1.0, 0.0])[None, :]) ** 2
+    return {"C": C, "a": np.full(n, 1.0 / n), "b": np.array([k / n, (n - k) / n])}
 
-    def batch_scales(rng):
-        # Members whose masses differ by 1e-4 .. 1e4 and whose costs are shifted
-        # by large constants (the plan is invariant to both shifts; eps fixed).
-        mass = np.array([2.0 ** -13, 1.0, 2.0 ** 13])[:, None]   # ~1.2e-4, 1, 8.2e3
-        C = rng.random((3, 4, 3)) + np.array([0.0, 50.0, -20.0])[:, None, None]
-        a = np.stack([dirichlet(rng, 4) for _ in range(3)]) * mass
-        b = np.stack([dirichlet(rng, 3) for _ in range(3)]) * mass
-        return {"C": C, "a": a, "b": b}
 
-    def shared_marginals(rng):
-        return {"C": rng.random((2, 4, 3)), "a": dirichlet(rng, 4), "b": dirichlet(rng, 3)}
+def _make_single_row(rng):
+    b = _dirichlet(rng, 4)
+    return {"C": rng.random((1, 4)), "a": np.array([b.sum()]), "b": b}
 
-    def additive(rng):
-        u, v = rng.standard_normal(4), rng.standard_normal(5)
-        return {"C": u[:, None] + v[None, :], "a": dirichlet(rng, 4), "b": dirichlet(rng, 5)}
 
-    def unbalanced(rng):
-        return {"C": rng.random((5, 4)), "a": 1.3 * dirichlet(rng, 5), "b": 0.7 * dirichlet(rng, 4)}
+def _make_single_col(rng):
+    a = _dirichlet(rng, 5)
+    return {"C": rng.random((5, 1)), "a": a, "b": np.array([a.sum()])}
 
-    def vjp_case(rng):
-        return {"C": sqdist(rng, 7, 6), "a": dirichlet(rng, 7, 2.0), "b": dirichlet(rng, 6, 2.0)}
 
-    def vjp_batch(rng):
-        return {"C": rng.random((2, 6, 5)), "a": np.stack([dirichlet(rng, 6) for _ in range(2)]),
-                "b": np.stack([dirichlet(rng, 5) for _ in range(2)])}
+def _make_tiny_marginals(rng):
+    # Two entries of 2^-40 ~ 9.1e-13 on each side (exact in float32).
+    # Both masses become 1 + 2^-39 exactly.
+    a, b = _dirichlet(rng, 5), _dirichlet(rng, 4)
+    for w, tiny_idx, keep in ((a, [1, 3], 0), (b, [1, 2], 3)):
+        w[keep] += w[tiny_idx].sum()
+        w[tiny_idx] = 2.0 ** -40
+    return {"C": rng.random((5, 4)), "a": a, "b": b}
 
-    tight = {"tol": 1e-13, "max_iter": 50_000}
-    cases = (
-        Case("uniform_4x2", "uniform marginals, random costs, eps 0.2", 301, uniform_4x2,
-             params={"eps": 0.2, **tight}),
+
+def _make_tiny_eps_monotone(rng):
+    # 1-D sorted points, squared distances, non-uniform masses: the eps -> 0
+    # limit is a monotone "staircase" plan whose support is a spanning tree,
+    # so the backward stays well conditioned even at eps = 1e-3.
+    x = np.sort(rng.random(5))
+    y = np.sort(rng.random(4))
+    a = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
+    b = np.array([0.35, 0.15, 0.3, 0.2])
+    return {"C": (x[:, None] - y[None, :]) ** 2, "a": a, "b": b}
+
+
+def _make_batch_scales(rng):
+    # Members whose masses differ by 1e-4 .. 1e4 and whose costs are shifted
+    # by large constants (the plan is invariant to both shifts; eps fixed).
+    mass = np.array([2.0 ** -13, 1.0, 2.0 ** 13])[:, None]   # ~1.2e-4, 1, 8.2e3
+    C = rng.random((3, 4, 3)) + np.array([0.0, 50.0, -20.0])[:, None, None]
+    a = np.stack([_dirichlet(rng, 4) for _ in range(3)]) * mass
+    b = np.stack([_dirichlet(rng, 3) for _ in range(3)]) * mass
+    return {"C": C, "a": a, "b": b}
+
+
+def _make_shared_marginals(rng):
+    return {"C": rng.random((2, 4, 3)), "a": _dirichlet(rng, 4), "b": _dirichlet(rng, 3)}
+
+
+def _make_additive(rng):
+    u, v = rng.standard_normal(4), rng.standard_normal(5)
+    return {"C": u[:, None] + v[None, :], "a": _dirichlet(rng, 4), "b": _dirichlet(rng, 5)}
+
+
+def _make_unbalanced(rng):
+    return {"C": rng.random((5, 4)), "a": 1.3 * _dirichlet(rng, 5),
+            "b": 0.7 * _dirichlet(rng, 4)}
+
+
+def _make_vjp_case(rng):
+    return {"C": _sqdist(rng, 7, 6), "a": _dirichlet(rng, 7, 2.0),
+            "b": _dirichlet(rng, 6, 2.0)}
+
+
+def _make_vjp_batch(rng):
+    return {"C": rng.random((2, 6, 5)), "a": np.stack([_dirichlet(rng, 6) for _ in range(2)]),
+            "b": np.stack([_dirichlet(rng, 5) for _ in range(2)])}
+
+
+def _make_semi_unbalanced(rng):
+    return {"C": rng.random((4, 5)), "a": _dirichlet(rng, 4),
+            "b": 1.5 * _dirichlet(rng, 5)}
+
+
+#: Sinkhorn settings of the registry cases: iterate to round-off.
+_TIGHT = {"tol": 1e-13, "max_iter": 50_000}
+
+
+def _balanced_problem_cases() -> tuple[Case, ...]:
+    """Balanced cases: shapes, marginals, scales, batches, closed forms."""
+    return (
+        Case("uniform_4x2", "uniform marginals, random costs, eps 0.2", 301, _make_uniform_4x2,
+             params={"eps": 0.2, **_TIGHT}),
         Case("nonuniform_6x5", "Dirichlet marginals, squared-distance costs, eps 0.05", 302,
-             nonuniform_6x5, params={"eps": 0.05, **tight}, flags=("nonuniform",)),
-        Case("wide_3x7", "n < m: the backward eliminates the column side", 303, wide_3x7,
-             params={"eps": 0.1, **tight}, flags=("nonuniform",)),
+             _make_nonuniform_6x5, params={"eps": 0.05, **_TIGHT}, flags=("nonuniform",)),
+        Case("wide_3x7", "n < m: the backward eliminates the column side", 303, _make_wide_3x7,
+             params={"eps": 0.1, **_TIGHT}, flags=("nonuniform",)),
         Case("tall_skinny_16x2", "SOFT top-k shape (n=16 scores, 2 anchors, k=4): 2 x 2 Schur system",
-             304, tall_skinny, params={"eps": 0.05, **tight}, flags=("tall_skinny",)),
-        Case("single_row", "n = 1: P = b^T whatever C; C_bar = 0", 305, single_row,
-             params={"eps": 0.1, **tight}, flags=("edge",)),
-        Case("single_col", "m = 1: P = a whatever C; C_bar = 0", 306, single_col,
-             params={"eps": 0.1, **tight}, flags=("edge",)),
+             304, _make_tall_skinny, params={"eps": 0.05, **_TIGHT}, flags=("tall_skinny",)),
+        Case("single_row", "n = 1: P = b^T whatever C; C_bar = 0", 305, _make_single_row,
+             params={"eps": 0.1, **_TIGHT}, flags=("edge",)),
+        Case("single_col", "m = 1: P = a whatever C; C_bar = 0", 306, _make_single_col,
+             params={"eps": 0.1, **_TIGHT}, flags=("edge",)),
         Case("tiny_marginals", "marginal entries of ~1e-12 (no NaN/Inf, scaled backward)", 307,
-             tiny_marginals, params={"eps": 0.1, **tight}, flags=("edge", "nonuniform"),
+             _make_tiny_marginals, params={"eps": 0.1, **_TIGHT}, flags=("edge", "nonuniform"),
              tol={"float32": {"forward": 2e-3}}),
         Case("tiny_eps_monotone", "eps = 1e-3, 1-D monotone costs: near-sparse but well-conditioned"
-             " (float64 only: float32 cannot resolve C/eps ~ 1e3)", 308, tiny_eps_monotone,
+             " (float64 only: float32 cannot resolve C/eps ~ 1e3)", 308, _make_tiny_eps_monotone,
              params={"eps": 1e-3, "tol": 1e-12, "max_iter": 200_000}, flags=("tiny_eps",),
              dtypes=("float64",), fd_step=1e-7,
              tol={"float64": {"forward": 1e-8, "fd": 1e-6, "adjoint": 1e-10}}),
         Case("batch_scales", "batch of 3: masses ~1e-4, 1, ~1e4 and cost offsets 0, 50, -20", 309,
-             batch_scales, params={"eps": 0.1, **tight}, flags=("batched", "scales"),
+             _make_batch_scales, params={"eps": 0.1, **_TIGHT}, flags=("batched", "scales"),
              tol={"float32": {"forward": 5e-3, "fd": 5e-3}}),
         Case("shared_marginals", "batch of costs against one (a, b) (broadcast marginals)", 310,
-             shared_marginals, params={"eps": 0.1, **tight}, flags=("batched", "broadcast")),
-        Case("additive_cost", "C = u 1^T + 1 v^T: closed form P = a b^T", 311, additive,
-             params={"eps": 0.3, **tight}, flags=("additive", "closed_form")),
-        Case("vjp_cg", "method='cg' (matrix-free conjugate gradients)", 314, vjp_case,
-             params={"eps": 0.05, **tight}, vjp_params={"method": "cg"}, jvp_params={"method": "cg"},
+             _make_shared_marginals, params={"eps": 0.1, **_TIGHT}, flags=("batched", "broadcast")),
+        Case("additive_cost", "C = u 1^T + 1 v^T: closed form P = a b^T", 311, _make_additive,
+             params={"eps": 0.3, **_TIGHT}, flags=("additive", "closed_form")),
+    )
+
+
+def _balanced_method_cases() -> tuple[Case, ...]:
+    """Balanced cases of the backward's other linear-solve methods."""
+    return (
+        Case("vjp_cg", "method='cg' (matrix-free conjugate gradients)", 314, _make_vjp_case,
+             params={"eps": 0.05, **_TIGHT}, vjp_params={"method": "cg"},
+             jvp_params={"method": "cg"},
              flags=("method",)),
-        Case("vjp_reduced", "method='reduced' (the paper's (n+m-1) system)", 315, vjp_case,
-             params={"eps": 0.05, **tight}, vjp_params={"method": "reduced"},
+        Case("vjp_reduced", "method='reduced' (the paper's (n+m-1) system)", 315, _make_vjp_case,
+             params={"eps": 0.05, **_TIGHT}, vjp_params={"method": "reduced"},
              jvp_params={"method": "reduced"}, flags=("method",)),
-        Case("vjp_kkt", "method='kkt' (full KKT system, oracle)", 316, vjp_case,
-             params={"eps": 0.05, **tight}, vjp_params={"method": "kkt"}, jvp_params={"method": "kkt"},
+        Case("vjp_kkt", "method='kkt' (full KKT system, oracle)", 316, _make_vjp_case,
+             params={"eps": 0.05, **_TIGHT}, vjp_params={"method": "kkt"},
+             jvp_params={"method": "kkt"},
              flags=("method",)),
     )
-    unbalanced_cases = (
+
+
+def _unbalanced_cases() -> tuple[Case, ...]:
+    """KL-relaxed marginals on one or both sides."""
+    return (
         Case("unbalanced", "KL-relaxed marginals rho_a = rho_b = 0.5, masses 1.3 vs 0.7", 312,
-             unbalanced, params={"eps": 0.1, "rho_a": 0.5, "rho_b": 0.5, **tight},
+             _make_unbalanced, params={"eps": 0.1, "rho_a": 0.5, "rho_b": 0.5, **_TIGHT},
              flags=("unbalanced",)),
         Case("semi_unbalanced", "hard row constraint, relaxed columns (rho_b = 0.2)", 313,
-             lambda rng: {"C": rng.random((4, 5)), "a": dirichlet(rng, 4), "b": 1.5 * dirichlet(rng, 5)},
-             params={"eps": 0.1, "rho_b": 0.2, **tight}, flags=("unbalanced",)),
-        Case("vjp_cg_batch_unbalanced", "method='cg' on a batch of unbalanced problems", 317, vjp_batch,
-             params={"eps": 0.1, "rho_a": 1.0, "rho_b": 2.0, **tight}, vjp_params={"method": "cg"},
+             _make_semi_unbalanced,
+             params={"eps": 0.1, "rho_b": 0.2, **_TIGHT}, flags=("unbalanced",)),
+        Case("vjp_cg_batch_unbalanced", "method='cg' on a batch of unbalanced problems", 317,
+             _make_vjp_batch,
+             params={"eps": 0.1, "rho_a": 1.0, "rho_b": 2.0, **_TIGHT}, vjp_params={"method": "cg"},
              jvp_params={"method": "cg"}, flags=("method", "batched", "unbalanced")),
     )
-    return cases, unbalanced_cases
+
+
+def _sinkhorn_cases() -> tuple[tuple[Case, ...], tuple[Case, ...]]:
+    """The curated cases: ``(balanced, unbalanced)``."""
+    return _balanced_problem_cases() + _balanced_method_cases(), _unbalanced_cases()
 
 
 _TOL = {

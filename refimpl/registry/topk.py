@@ -249,74 +249,86 @@ def _tk_ties_split(run: CaseRun) -> list[CheckResult]:
                         "max spread of A within a group of equal scores")]
 
 
-def _soft_topk_spec() -> OpSpec:
+def _make_normal_scores(n, scale=1.0, batch=()):
+    """A case maker: ``x`` of ``batch + (n,)`` standard normal scores times ``scale``."""
+    return lambda rng: {"x": scale * rng.standard_normal(batch + (n,))}
 
-    def normal(n, scale=1.0, batch=()):
-        return lambda rng: {"x": scale * rng.standard_normal(batch + (n,))}
 
-    def ties_boundary(rng):
-        # Three equal scores share the one slot left after the top score (k = 2).
-        return {"x": np.array([2.0, 0.5, 0.5, 0.5, -0.25, -1.5])}
+def _make_ties_boundary(rng):
+    # Three equal scores share the one slot left after the top score (k = 2).
+    return {"x": np.array([2.0, 0.5, 0.5, 0.5, -0.25, -1.5])}
 
-    def tiny_eps(rng):
-        # Distinct scores at least 0.1 apart; eps = 1e-6: A is the hard indicator.
-        x = np.sort(rng.choice(np.arange(-10, 11), size=8, replace=False)) / 10.0
-        return {"x": rng.permutation(x)}
 
-    def batch_scales(rng):
-        # Rows of scale 1e-2, 1 and 10 with offsets 0, 1e3, -50 (the offsets leave A
-        # unchanged; rows never interact: no normalisation over the batch).
-        scale = np.array([1e-2, 1.0, 10.0])[:, None]
-        offset = np.array([0.0, 1e3, -50.0])[:, None]
-        return {"x": scale * rng.standard_normal((3, 8)) + offset}
+def _make_tiny_eps(rng):
+    # Distinct scores at least 0.1 apart; eps = 1e-6: A is the hard indicator.
+    x = np.sort(rng.choice(np.arange(-10, 11), size=8, replace=False)) / 10.0
+    return {"x": rng.permutation(x)}
 
-    def batch_scales_sinkhorn(rng):
-        scale = np.array([0.1, 1.0, 2.0])[:, None]
-        offset = np.array([0.0, 100.0, -5.0])[:, None]
-        return {"x": scale * rng.standard_normal((3, 6)) + offset}
 
+def _make_batch_scales(rng):
+    # Rows of scale 1e-2, 1 and 10 with offsets 0, 1e3, -50 (the offsets leave A
+    # unchanged; rows never interact: no normalisation over the batch).
+    scale = np.array([1e-2, 1.0, 10.0])[:, None]
+    offset = np.array([0.0, 1e3, -50.0])[:, None]
+    return {"x": scale * rng.standard_normal((3, 8)) + offset}
+
+
+def _make_batch_scales_sinkhorn(rng):
+    scale = np.array([0.1, 1.0, 2.0])[:, None]
+    offset = np.array([0.0, 100.0, -5.0])[:, None]
+    return {"x": scale * rng.standard_normal((3, 6)) + offset}
+
+
+def _soft_topk_cases() -> tuple[Case, ...]:
+    """The curated cases of soft_topk: closed form and Sinkhorn path, ties, edges, batches."""
     sk_tight = {"method": "sinkhorn", "tol": 1e-13, "max_iter": 200_000}
     sk32 = {"float32": {"forward": 2e-3, "fd": 5e-3, "batch": 1e-4}}
-    cases = (
+    return (
         Case("closed_largest", "n = 8 normal scores, k = 3, eps = 0.2, closed form", 501,
-             normal(8), params={"k": 3, "eps": 0.2, "largest": True}),
+             _make_normal_scores(8), params={"k": 3, "eps": 0.2, "largest": True}),
         Case("closed_smallest", "n = 7, k = 2 smallest, eps = 0.3, closed form", 502,
-             normal(7), params={"k": 2, "eps": 0.3, "largest": False}),
+             _make_normal_scores(7), params={"k": 2, "eps": 0.3, "largest": False}),
         Case("sinkhorn_largest", "n = 8, k = 3, eps = 0.5, Sinkhorn path + KKT/Schur backward", 503,
-             normal(8), params={"k": 3, "eps": 0.5, "largest": True, **sk_tight},
+             _make_normal_scores(8), params={"k": 3, "eps": 0.5, "largest": True, **sk_tight},
              flags=("sinkhorn",), tol=sk32),
         Case("sinkhorn_smallest", "n = 7, k = 4 smallest, eps = 0.4, Sinkhorn path", 504,
-             normal(7), params={"k": 4, "eps": 0.4, "largest": False, **sk_tight},
+             _make_normal_scores(7), params={"k": 4, "eps": 0.4, "largest": False, **sk_tight},
              flags=("sinkhorn",), tol=sk32),
-        Case("sinkhorn_cg", "Sinkhorn path, backward by matrix-free CG", 505, normal(9),
+        Case("sinkhorn_cg", "Sinkhorn path, backward by matrix-free CG", 505,
+             _make_normal_scores(9),
              params={"k": 2, "eps": 0.5, "largest": True, **sk_tight},
              vjp_params={"method": "cg"}, flags=("sinkhorn", "method"), tol=sk32),
         Case("ties_boundary", "three equal scores share the last slot (k = 2): A = 1/3 each at "
-             "eps -> 0; eps = 0.1", 506, ties_boundary,
+             "eps -> 0; eps = 0.1", 506, _make_ties_boundary,
              params={"k": 2, "eps": 0.1, "largest": True}, flags=("ties",)),
         Case("ties_boundary_sinkhorn", "the tie case on the Sinkhorn path (eps = 0.3)", 507,
-             ties_boundary, params={"k": 2, "eps": 0.3, "largest": True, **sk_tight},
+             _make_ties_boundary, params={"k": 2, "eps": 0.3, "largest": True, **sk_tight},
              flags=("ties", "sinkhorn"), tol=sk32),
         Case("tiny_eps", "eps = 1e-6 << gap 0.1: A is the hard top-k, s underflows to 0, "
-             "gradient 0, no NaN", 508, tiny_eps, params={"k": 3, "eps": 1e-6, "largest": True},
+             "gradient 0, no NaN", 508, _make_tiny_eps,
+             params={"k": 3, "eps": 1e-6, "largest": True},
              flags=("tiny_eps", "near_hard")),
-        Case("k_zero", "k = 0: A = 0 identically, gradient 0", 509, normal(5),
+        Case("k_zero", "k = 0: A = 0 identically, gradient 0", 509, _make_normal_scores(5),
              params={"k": 0, "eps": 0.1}, flags=("edge",)),
-        Case("k_n", "k = n: A = 1 identically, gradient 0", 510, normal(5),
+        Case("k_n", "k = n: A = 1 identically, gradient 0", 510, _make_normal_scores(5),
              params={"k": 5, "eps": 0.1, "largest": False}, flags=("edge",)),
         Case("pair", "n = 2, k = 1: A_1 = sigmoid((x_1 - x_2)/eps) (closed form)", 511,
-             normal(2), params={"k": 1, "eps": 0.7}, flags=("pair", "closed_form")),
+             _make_normal_scores(2), params={"k": 1, "eps": 0.7}, flags=("pair", "closed_form")),
         Case("all_equal", "equal scores: A = k/n, J = (s/t)(I - 11^T/n) (closed form)", 512,
              lambda rng: {"x": np.full(6, 0.3)}, params={"k": 2, "eps": 0.2},
              flags=("all_equal", "closed_form", "ties")),
         Case("batch_scales", "batch of 3 rows of scale 1e-2, 1, 10 and offsets 0, 1e3, -50", 513,
-             batch_scales, params={"k": 3, "eps": 0.1}, flags=("batched", "scales", "near_hard"),
+             _make_batch_scales, params={"k": 3, "eps": 0.1},
+             flags=("batched", "scales", "near_hard"),
              fd_step=1e-5, tol={"float32": {"forward": 2e-3, "fd": 5e-3}}),
         Case("batch_scales_sinkhorn", "batch of 3 rows (scales 0.1, 1, 2; offsets 0, 100, -5), "
-             "Sinkhorn path", 514, batch_scales_sinkhorn,
+             "Sinkhorn path", 514, _make_batch_scales_sinkhorn,
              params={"k": 2, "eps": 0.5, "largest": True, **sk_tight},
              flags=("batched", "scales", "sinkhorn"), tol=sk32),
     )
+
+
+def _soft_topk_spec() -> OpSpec:
     return OpSpec(
         name="soft_topk",
         description="SOFT top-k indicator (entropic OT onto anchors {0, 1}): closed form and Sinkhorn",
@@ -328,7 +340,7 @@ def _soft_topk_spec() -> OpSpec:
         vjp=lambda res, A_bar, **kw: (topk.soft_topk_vjp(res, A_bar, **kw),),
         jvp=lambda res, dx: topk.soft_topk_jvp(res, dx),
         oracle=_topk_oracle,
-        cases=cases,
+        cases=_soft_topk_cases(),
         tangents=_topk_tangents,
         tol={
             "float64": Tolerance(forward=1e-10, adjoint=1e-11, fd=1e-7, batch=1e-11),
