@@ -455,6 +455,11 @@ _TOL = {
 }
 
 
+#: The balanced operators' gauge, as written into exported vectors.
+_GAUGE_CONVENTION = ("(a_bar, b_bar) are defined up to (c, -c) (only 1^T da = 1^T db is feasible); "
+                     "both sides are compared after a_bar -= mean(a_bar), b_bar += mean(a_bar)")
+
+
 def _gauge_fix(bars):
     """a_bar - mean(a_bar), b_bar + mean(a_bar): the (c, -c) gauge (sum(a_bar) = 0)."""
     return (bars[0], *sk.gauge_fix(bars[1], bars[2]))
@@ -478,8 +483,7 @@ def _sinkhorn_spec() -> OpSpec:
         canonicalize=_gauge_fix,
         candidate_params=("eps",),
         conventions={
-            "gauge": "(a_bar, b_bar) are defined up to (c, -c) (only 1^T da = 1^T db is feasible); "
-                     "both sides are compared after a_bar -= mean(a_bar), b_bar += mean(a_bar)",
+            "gauge": _GAUGE_CONVENTION,
             "output": "P, the entropic plan exp((f 1^T + 1 g^T - C) / eps); not a value",
             "candidates": "fn(C, a, b, *, eps) -> P",
         },
@@ -783,8 +787,7 @@ def _value_spec(kind: str) -> OpSpec:
         canonicalize=_gauge_fix,
         candidate_params=("eps",),
         conventions={
-            "gauge": "(a_bar, b_bar) are defined up to (c, -c) (only 1^T da = 1^T db is feasible); "
-                     "both sides are compared after a_bar -= mean(a_bar), b_bar += mean(a_bar)",
+            "gauge": _GAUGE_CONVENTION,
             "output": {"linear": "value = <C, P>, P the balanced entropic plan; not the "
                                  "regularised objective",
                        "entropic": "value = <C, P> + eps sum P (log P - 1) = <f, a> + <g, b> "
