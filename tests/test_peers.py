@@ -69,10 +69,21 @@ EXPECTED = {
         # masses 1e-4 .. 1e4: the offset eps sum(a) sum(b), not eps
         "batch_scales": ("pass", None),
     }),
+    # 9 of 14 pass (docs/peers.md, measured over all cases); this subset keeps CI short
     "ott_topk": ("soft_topk", "soft_topk", "jax", ("jax", "ott"), {
         "closed_largest": ("pass", None),
-        # target weight k/n = 0: NaN gradient
+        "sinkhorn_largest": ("pass", None),
+        # target weight k/n = 0: eps log 0 in the implicit backward, NaN gradient
         "k_zero": ("ERROR", None),
+        # topk_mask asserts k < n
+        "k_n": ("ERROR", None),
+        # eps = 1e-6: Sinkhorn does not converge (sum A = 5 for k = 3), NaN where A = 0
+        "tiny_eps": ("ERROR", None),
+        # offset 1e3: forward 1e-9 off (cost round-off), implicit solve raises;
+        # scale 10 at eps 0.1: near hard, Sinkhorn not converged (forward 9.4e-5 off)
+        "batch_scales": ("ERROR", None),
+        # offset 100: the singular 2x2 implicit system breaks NormalCG (forward passes)
+        "batch_scales_sinkhorn": ("ERROR", None),
     }),
     "torch_eigh_sqrtm": ("sqrtm", "sqrtm", "torch", ("torch",), {
         "eig_exact": ("pass", None),
