@@ -178,9 +178,11 @@ def _fast_block(xp, pb: _Problem, st: _ScalingState, keep, k: int):
         lu = _keep(xp, keep, xp.log(u), st.lu)
         lv = _keep(xp, keep, xp.log(v), st.lv)
         lsc = xp.log(sc)
-        # NaN anywhere fails every comparison, hence the test.
-        ok = ((xp.min(s, axis=-1) >= pb.row_lo) & (xp.min(sc, axis=-1) >= pb.col_lo)
-              & (xp.max(xp.abs(lu), axis=-1) <= pb.lim) & (xp.max(xp.abs(lv), axis=-1) <= pb.lim))
+        # One reduction for the whole test: every margin (sums above their
+        # floors, |log u|, |log v| within lim) >= 0; a NaN anywhere fails it.
+        margins = xp.concat([s - pb.row_lo, sc - pb.col_lo, pb.lim - xp.abs(lu),
+                             pb.lim - xp.abs(lv)], axis=-1)
+        ok = xp.min(margins, axis=-1) >= 0.0
     return _ScalingState(st.phi_t, st.psi_t, st.Kt, lu, lv, lsc, st.col_bad), ok
 
 
