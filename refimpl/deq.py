@@ -344,7 +344,6 @@ class _FixedPointState(NamedTuple):
     nf: Any             # ||f(z)||
     converged: Any      # ||g|| <= atol + tol ||f(z)|| held (frozen from then on)
     failed: Any         # f(z) was not finite (frozen from then on)
-    n_iter: Any         # updates taken
     dZ: Any = None
     dG: Any = None
     z_prev: Any = None
@@ -489,15 +488,14 @@ def fixed_point(f: Callable, z0, *, method: str = "anderson", tol: float | None 
     reg = 1e-10 if reg is None else backend.check_positive(reg, "reg")
     sync_every = (backend.policy_of(z0).sync_cadence(8) if check_every is None
                   else backend.check_int(check_every, "check_every", min=1))
-    st, n_f_evals, history = _solve_fixed_point(f, z0, method=method, tol=tol, atol=atol,
+    st, diag, n_f_evals, history = _solve_fixed_point(f, z0, method=method, tol=tol, atol=atol,
                                                 max_iter=max_iter, lam=lam, m=m, reg=reg,
                                                 sync_every=sync_every,
                                                 record_history=record_history)
     # The final state holds each member's values at its last evaluation (0-d
     # NumPy operations return scalars: asarray keeps the arrays of the convention).
-    error, converged, _ = (xp.asarray(v) for v in _fixed_point_error(xp, st))
     res = FixedPointResult(
-        z=st.z, fz=st.fz, n_iter=xp.asarray(st.n_iter), error=error, converged=converged,
+        z=st.z, fz=st.fz, n_iter=diag.n_iter, error=diag.error, converged=diag.converged,
         residual=xp.asarray(xp.where(st.failed, math.inf, st.r)), n_f_evals=n_f_evals,
         method=method, lam=lam, tol=tol, atol=atol, m=m, history=history)
     if warn and not res.all_converged:
@@ -559,7 +557,7 @@ def _update(st: _FixedPointState, live, method: str, lam: float, m: int,
                 dG = xp.concat([dG[..., start:, :], new_dg], axis=-2)
         z_new = z + lam * g if dG is None else _anderson_step(z, g, dZ, dG, lam, reg)
     return st._replace(z=xp.where(live[..., None], z_new, z),
-                       n_iter=st.n_iter + xp.astype(live, xp.int64), dZ=dZ, dG=dG,
+                       dZ=dZ, dG=dG,
                        z_prev=None if method == "picard" else z,
                        g_prev=None if method == "picard" else g)
 
@@ -580,7 +578,8 @@ def _solve_fixed_point(f, z0, *, method, tol, atol, max_iter, lam, m, reg, sync_
     """Run :func:`fixed_point`'s iteration: evaluation 0 at ``z0``, then up to
     ``max_iter`` (update, evaluation) steps under :func:`refimpl.iteration.iterate`.
 
-    Returns ``(state, n_f_evals, history)``.
+    Returns ``(state, Diagnostics, n_f_evals, history)``; the diagnostics
+    count each member's updates (0 for a member that passes at ``z0``).
     """
     xp = array_api_compat.array_namespace(z0)
     dev = backend.device(z0)
@@ -600,18 +599,16 @@ def _solve_fixed_point(f, z0, *, method, tol, atol, max_iter, lam, m, reg, sync_
 
     def advance(st, active, k):
         for _ in range(k):
-            live = active & ~(st.converged | st.failed)
-            st = evaluate(_update(st, live, method, lam, m, reg), live)
+            st = evaluate(_update(st, active, method, lam, m, reg), active)
         return st
 
     st = _FixedPointState(z=z0, fz=z0, g=xp.zeros_like(z0), r=zero, nf=zero, converged=no,
-                          failed=no, n_iter=xp.zeros(bshape, dtype=xp.int64, device=dev))
+                          failed=no)
     st = evaluate(st, ~no)                                     # iteration 0: f(z0)
-    # Check 0 measures evaluation 0: members that pass at z0 keep n_iter = 0
-    # (the state's own counts are each member's diagnostics).
-    st, _ = iterate(advance, lambda s: _fixed_point_error(xp, s), st, batch=bshape, like=z0,
+    # Check 0 measures evaluation 0: members that pass at z0 stop with n_iter = 0.
+    st, diag = iterate(advance, lambda s: _fixed_point_error(xp, s), st, batch=bshape, like=z0,
                     schedule=Schedule(max_iter=max_iter, sync_every=sync_every, measure_initial=True))
-    return st, n_f_evals, tuple(history) if record_history else None
+    return st, diag, n_f_evals, tuple(history) if record_history else None
 
 
 # --------------------------------------------------------------------------

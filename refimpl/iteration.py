@@ -92,7 +92,7 @@ class Converging:
 
     @property
     def max_error(self) -> float:
-        """The largest member error (``inf`` if any member's is; NaN-free)."""
+        """The largest member error (NaN if any member's error is NaN)."""
         xp = backend.namespace(error=self.error)
         return backend.to_float(xp.max(self.error)) if self.size else 0.0
 
