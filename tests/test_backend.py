@@ -119,6 +119,64 @@ def test_small_linear_algebra_helpers(backend, rng):
     assert float(B.inner(A, A)) == pytest.approx(np.sum(Ah * Ah))
 
 
+def test_check_reads_and_reductions_match_numpy(backend, dtype, rng):
+    """any_true/all_true/count_true/reduce_min/reduce_sum against NumPy's
+    own functions on the host copy: arrays of several shapes, 0-d arrays and
+    the NumPy scalars NumPy's reductions return; NaN propagates through
+    reduce_min."""
+    h = rng.standard_normal((3, 5)).astype(dtype)
+    h[1, 2] = np.nan
+    x = backend.asarray(h, dtype)
+    xp = B.namespace(x=x)
+    for mask_h in (h > 0.3, np.zeros((2, 3), bool), np.ones((4,), bool), np.array(True),
+                   np.array(False)):
+        mask = backend.asarray(mask_h)
+        assert B.any_true(mask) is bool(np.any(mask_h))
+        assert B.all_true(mask) is bool(np.all(mask_h))
+        assert B.count_true(mask) == int(np.count_nonzero(mask_h))
+    for scalar in (np.bool_(True), np.bool_(False)):        # NumPy's 0-d reductions
+        assert B.any_true(scalar) is B.all_true(scalar) is bool(scalar)
+        assert B.count_true(scalar) == int(scalar)
+    for axis in (0, -1):
+        got_min = B.to_host(B.reduce_min(x, axis=axis))
+        np.testing.assert_array_equal(got_min, np.min(h, axis=axis))
+        got_sum = B.to_host(B.reduce_sum(x, axis=axis))
+        rtol = 0 if backend.name == "numpy" else (1e-15 if dtype == "float64" else 1e-6)
+        np.testing.assert_allclose(got_sum, np.sum(h, axis=axis), rtol=rtol)
+    assert math.isnan(float(B.reduce_min(x[1, ...])))
+    assert B.reduce_min(x).dtype == x.dtype and B.reduce_sum(xp.abs(x)).shape == (3,)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_cache_aligned(dtype, rng):
+    """A NumPy array comes back starting on a 64-byte boundary, C-contiguous,
+    equal to the input and not sharing its memory when copied; the input is
+    left alone; an already aligned array and non-NumPy inputs come back as
+    they are."""
+    base = np.empty(12 * 7 + 16, dtype=dtype)
+    for off in range(8):                        # every alignment a NumPy array can have
+        x = base[off:off + 12 * 7].reshape(12, 7)
+        x[...] = rng.standard_normal((12, 7))
+        before = x.copy()
+        y = B.cache_aligned(x)
+        assert y.ctypes.data % B.CACHE_LINE == 0 and y.flags.c_contiguous
+        np.testing.assert_array_equal(y, before)
+        np.testing.assert_array_equal(x, before)
+        if x.ctypes.data % B.CACHE_LINE:
+            assert not np.shares_memory(x, y)
+        else:
+            assert y is x
+    f = np.asfortranarray(rng.standard_normal((5, 6)).astype(dtype))
+    y = B.cache_aligned(f)
+    assert y.flags.c_contiguous and y.ctypes.data % B.CACHE_LINE == 0
+    np.testing.assert_array_equal(y, f)
+    b = np.broadcast_to(rng.standard_normal(6).astype(dtype), (3, 6))  # materialised
+    np.testing.assert_array_equal(B.cache_aligned(b), b)
+    strict = pytest.importorskip("array_api_strict")
+    s = strict.asarray([1.0, 2.0])
+    assert B.cache_aligned(s) is s
+
+
 def test_sum_to_shape_is_adjoint_of_broadcast(backend, rng):
     # <broadcast_to(x, S), y> == <x, sum_to_shape(y, x.shape)> for every y.
     xp = backend.xp
