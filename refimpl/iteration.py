@@ -206,45 +206,59 @@ def iterate(advance: Callable[[Any, Any, int], Any],
                   xp.full(batch, math.inf, dtype=dt, device=dev),
                   xp.zeros(batch, dtype=xp.int64, device=dev),
                   xp.zeros(batch, dtype=xp.bool, device=dev))
+    size = math.prod(batch)
     it = checks = 0
+    running = size                 # members known (on the host) to be running; -1: not read
     if schedule.measure_initial:
-        rec = _check(xp, rec, measure(state), 0)
-        if schedule.max_iter == 0 or not bool(xp.any(rec.active)):
-            return state, rec.diagnostics()
+        rec = _check(xp, rec, measure(state), 0, 0, every=True)
+        running = backend.count_true(rec.active)
+        if schedule.max_iter == 0 or running == 0:
+            return state, rec.diagnostics(xp, dt)
     while it < schedule.max_iter:
         k = min(schedule.check_every, schedule.max_iter - it)
         state = advance(state, rec.active, k)
         it += k
         checks += 1
-        rec = _check(xp, rec, measure(state), it)
-        if it < schedule.max_iter and checks % schedule.sync_every == 0 and not bool(xp.any(rec.active)):
-            break
-    return state, rec.diagnostics()
+        rec = _check(xp, rec, measure(state), it, k, every=running == size)
+        running = -1
+        if it < schedule.max_iter and checks % schedule.sync_every == 0:
+            running = backend.count_true(rec.active)
+            if running == 0:
+                break
+    return state, rec.diagnostics(xp, dt)
 
 
 @dataclass(frozen=True)
 class _Record:
     """The driver's per-member bookkeeping: who is still running, and the
-    error, iteration count and verdict at each member's last check."""
+    error, iteration count and verdict at each member's last check (arrays of
+    the batch shape, or NumPy scalars for an unbatched NumPy problem: what
+    NumPy's reductions to 0-d give)."""
 
     active: Any
     error: Any
     n_iter: Any
     converged: Any
 
-    def diagnostics(self) -> Diagnostics:
-        return Diagnostics(n_iter=self.n_iter, error=self.error, converged=self.converged)
+    def diagnostics(self, xp, error_dtype) -> Diagnostics:
+        return Diagnostics(n_iter=xp.asarray(self.n_iter), error=xp.asarray(self.error, dtype=error_dtype),
+                           converged=xp.asarray(self.converged))
 
 
-def _check(xp, rec: _Record, measured, it: int) -> _Record:
-    """Record the members still running at check ``it``, then retire those
-    whose test holds or that failed."""
+def _check(xp, rec: _Record, measured, it: int, k: int, *, every: bool) -> _Record:
+    """Record the members still running at check ``it`` (``k`` iterations
+    after the last), then retire those whose test holds or that failed.
+    ``every``: the host knows that every member is running, so the record is
+    the check itself, without masks (each member's count was ``it - k``)."""
     measured = tuple(measured)
     err, done = measured[0], measured[1]
     failed = measured[2] if len(measured) > 2 else None
     stop = done if failed is None else done | failed
+    verdict = done if failed is None else done & ~failed
+    if every:
+        return _Record(active=~stop, error=err, n_iter=rec.n_iter + k, converged=verdict)
     a = rec.active
     return _Record(active=a & ~stop,
                    error=xp.where(a, err, rec.error),
                    n_iter=xp.where(a, xp.full_like(rec.n_iter, it), rec.n_iter),
-                   converged=xp.where(a, done if failed is None else done & ~failed, rec.converged))
+                   converged=xp.where(a, verdict, rec.converged))
