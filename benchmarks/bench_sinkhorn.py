@@ -258,13 +258,15 @@ def iteration_floors(C, eps: float, repeat: int) -> dict:
     array, the least a log-domain iteration (two full-size log-sum-exps)
     does; ``matvec2_s``: ``K v`` and ``K^T u``, the least a scaling-domain
     iteration does, with BLAS threads as refimpl's forward sets them
-    (:func:`refimpl.backend.single_threaded_blas`).
+    (:func:`refimpl.backend.single_threaded_blas`) and ``K`` starting on a
+    cache line (:func:`refimpl.backend.cache_aligned`: the fastest layout,
+    which the forward's kernel has too).
     """
     from refimpl import backend
 
     X = -C / eps
     out = np.empty_like(X)
-    K = np.exp(X)
+    K = backend.cache_aligned(np.exp(X))
     u, v = np.ones(C.shape[0]), np.ones(C.shape[1])
     exp2 = repeated_best(lambda: (np.exp(X, out=out), np.exp(X, out=out)), repeat)
     with backend.single_threaded_blas(K, K.size <= backend.SERIAL_MATVEC_ENTRIES):

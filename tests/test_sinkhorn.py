@@ -242,19 +242,25 @@ def test_unchecked_blocks_are_redone_per_member(rng, monkeypatch):
     whose end state is out of range.  A member that needs that (tiny marginals
     at eps = 1e-3: scalings far beyond exp(+-lim)) and one that never does
     (eps = 0.5) give in a batch exactly what they give alone."""
-    redone = []
-    careful = sk_iterations._careful_block
+    redone, offsets = [], set()
+    careful, fast = sk_iterations._careful_block, sk_iterations._fast_block
 
     def spy(xp, pb, st, m, k):
         redone.append(np.asarray(m).copy())
         return careful(xp, pb, st, m, k)
 
+    def spy_fast(xp, pb, st, keep, k):
+        offsets.add(st.Kt.ctypes.data % 64)
+        return fast(xp, pb, st, keep, k)
+
     monkeypatch.setattr(sk_iterations, "_careful_block", spy)
+    monkeypatch.setattr(sk_iterations, "_fast_block", spy_fast)
     C0, a0, b0 = _tiny_marginal_problem(rng, 20, 15)
     C = np.stack([C0, C0 * 1e-3 * 0.5])          # the second: C / eps = C0 / 2, well scaled
     params = dict(eps=1e-3, tol=1e-10, max_iter=20_000, warn=False)
     res = sk.sinkhorn(C, a0, b0, **params)
     assert res.all_converged and redone
+    assert offsets == {0}      # K~ starts on a cache line, also after the reruns' absorptions
     assert all(m[0] and not m[1] for m in redone)       # only the hard member was rerun
     for k in range(2):
         redone.clear()

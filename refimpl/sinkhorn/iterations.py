@@ -45,7 +45,9 @@ class _Problem:
     ``K = -C / eps`` is the log Gibbs kernel; ``a``, ``b`` and their logs are
     broadcast to the batch; ``beta = eps / rho_b`` (0 balanced) enters the
     column target ``b exp(-beta psi)``; ``lim``, ``row_lo``, ``col_lo`` are
-    the scaling domain's limits (:func:`_scaling_limits`).
+    the scaling domain's limits (:func:`_scaling_limits`), and ``lo``, ``hi``
+    the same limits as bounds on ``(K~ v, K~^T u, u, v)`` concatenated
+    (:func:`_range_bounds`).
     """
 
     K: Any
@@ -61,12 +63,14 @@ class _Problem:
     lim: float
     row_lo: Any
     col_lo: Any
+    lo: Any
+    hi: Any
 
 
-def _marginal_error(xp, pb: _Problem, log_c, psi):
+def _marginal_error(xp, pb: _Problem, c, psi):
     """``(error, done, failed)`` of one convergence check: the relative L1
     column error ``||c - t||_1 / ||t||_1`` of the plan with column marginal
-    ``c = exp(log_c)`` against its target ``t = b exp(-beta psi)`` (``t = b``
+    ``c`` against its target ``t = b exp(-beta psi)`` (``t = b``
     balanced); a member stops at ``error <= tol`` and fails on a NaN error.
     Relative to the target's own mass, the error has the same rounding floor
     however far a relaxed side moves the mass from ``sum(b)``."""
@@ -75,7 +79,7 @@ def _marginal_error(xp, pb: _Problem, log_c, psi):
     else:
         target = pb.b * xp.exp(-pb.beta * psi)
         mass = xp.sum(target, axis=-1)
-    err = xp.sum(xp.abs(xp.exp(log_c) - target), axis=-1) / mass
+    err = backend.reduce_sum(xp.abs(c - target)) / mass
     return err, err <= pb.tol, xp.isnan(err)
 
 
@@ -114,7 +118,7 @@ def _log_advance(xp, pb: _Problem, st: _LogState, active, k: int) -> _LogState:
 
 def _log_measure(xp, pb: _Problem, st: _LogState):
     """The check after a row update: ``c = P^T 1 = exp(psi + LSE_i(K_ij + phi_i))``."""
-    return _marginal_error(xp, pb, st.psi + st.lse_col, st.psi)
+    return _marginal_error(xp, pb, xp.exp(st.psi + st.lse_col), st.psi)
 
 
 # -- stabilised scaling domain ------------------------------------------------
@@ -124,17 +128,18 @@ class _ScalingState:
     """Iterates of the scaling domain (:func:`_scaling_advance`).
 
     ``phi~ = phi_t``, ``psi~ = psi_t`` the absorbed potentials, ``Kt = K~``,
-    ``lu = log u``, ``lv = log v``; ``lsc = log(K~^T u)`` the column sums of
-    the last row update (None before the first); ``col_bad`` marks members
-    whose last column sums left the accurate range (their next column update
-    is absorbed).
+    ``u``, ``v`` the scalings (within ``exp(+-lim)``); ``lsc = log(K~^T u)``
+    the log column sums of the last row update (None before the first; in
+    logs because a column sum redone in the log domain may underflow);
+    ``col_bad`` marks members whose last column sums left the accurate range
+    (their next column update is absorbed).
     """
 
     phi_t: Any
     psi_t: Any
     Kt: Any
-    lu: Any
-    lv: Any
+    u: Any
+    v: Any
     lsc: Any
     col_bad: Any
 
@@ -160,100 +165,101 @@ def _fast_block(xp, pb: _Problem, st: _ScalingState, keep, k: int):
     test in between: two matrix-vector products and two divisions each
     (floating-point exceptions give inf/NaN silently and fail the end test).
 
-    Returns the new state and, per member, whether it is valid: the last sums
-    at or above their floors and ``|log u|``, ``|log v| <= lim``.  A valid
-    end state is an accurate iterate whatever happened inside the block (the
-    limit is unique; only the final sums enter the check).
+    Returns the new state and, per member, whether it is valid: no absorption
+    pending at the start (``col_bad``), the last sums at or above their
+    floors and ``u``, ``v`` within ``exp(+-lim)``.  A valid end state is an
+    accurate iterate whatever happened inside the block (the limit is unique;
+    only the final sums enter the check).
     """
-    u, v = xp.exp(st.lu), xp.exp(st.lv)
+    Kt, u, v = st.Kt, st.u, st.v
     if st.lsc is not None:                   # the pending column update, from the log sums
         v = _keep(xp, keep, xp.exp(_log_scaling(pb.log_b, st.lsc, pb.tau_b, st.psi_t)), v)
-    with backend.ignoring_floating_errors():
-        for j in range(k):
-            s = matvec(st.Kt, v)                                       # K~ v
-            u = _keep(xp, keep, _scaling(xp, pb.a, pb.log_a, s, pb.tau_a, st.phi_t), u)
-            sc = rmatvec(st.Kt, u)                                    # K~^T u
-            if j < k - 1:
-                v = _keep(xp, keep, _scaling(xp, pb.b, pb.log_b, sc, pb.tau_b, st.psi_t), v)
-        lu = _keep(xp, keep, xp.log(u), st.lu)
-        lv = _keep(xp, keep, xp.log(v), st.lv)
-        lsc = xp.log(sc)
-        # One reduction for the whole test: every margin (sums above their
-        # floors, |log u|, |log v| within lim) >= 0; a NaN anywhere fails it.
-        margins = xp.concat([s - pb.row_lo, sc - pb.col_lo, pb.lim - xp.abs(lu),
-                             pb.lim - xp.abs(lv)], axis=-1)
-        ok = xp.min(margins, axis=-1) >= 0.0
-    return _ScalingState(st.phi_t, st.psi_t, st.Kt, lu, lv, lsc, st.col_bad), ok
+    for j in range(k):
+        s = matvec(Kt, v)                                              # K~ v
+        u = _keep(xp, keep, _scaling(xp, pb.a, pb.log_a, s, pb.tau_a, st.phi_t), u)
+        sc = rmatvec(Kt, u)                                           # K~^T u
+        if j < k - 1:
+            v = _keep(xp, keep, _scaling(xp, pb.b, pb.log_b, sc, pb.tau_b, st.psi_t), v)
+    # One reduction for the whole test: every margin (sums above their
+    # floors, scalings within exp(+-lim)) >= 0; a NaN anywhere fails it.
+    x = xp.concat([s, sc, u, v], axis=-1)
+    ok = (backend.reduce_min(xp.concat([x - pb.lo, pb.hi - x], axis=-1)) >= 0.0) & ~st.col_bad
+    return _ScalingState(st.phi_t, st.psi_t, Kt, u, v, xp.log(sc), st.col_bad), ok
 
 
-def _absorb(xp, pb: _Problem, st: _ScalingState, need) -> _ScalingState:
+# The careful path works on the logs ``lu = log u``, ``lv = log v`` and
+# updates every member; ``m`` marks those whose tests count (the caller keeps
+# the others' results from elsewhere, :func:`_select`).
+
+def _absorb(xp, pb: _Problem, phi_t, psi_t, Kt, lu, lv, need):
     """Fold the scalings of the members ``need`` into ``phi~, psi~`` and
-    recompute their ``K~ = exp(K + phi~ 1^T + 1 psi~^T)`` (one exponential pass)."""
+    recompute their ``K~ = exp(K + phi~ 1^T + 1 psi~^T)`` (one exponential
+    pass); returns ``(phi~, psi~, K~, log u, log v)``."""
     nd = need[..., None]
-    phi_t = xp.where(nd, st.phi_t + st.lu, st.phi_t)
-    psi_t = xp.where(nd, st.psi_t + st.lv, st.psi_t)
-    Kt = xp.where(nd[..., None], xp.exp(pb.K + phi_t[..., :, None] + psi_t[..., None, :]), st.Kt)
-    zero = xp.zeros_like
-    return _ScalingState(phi_t, psi_t, Kt, xp.where(nd, zero(st.lu), st.lu),
-                         xp.where(nd, zero(st.lv), st.lv), st.lsc, st.col_bad)
+    phi_t = xp.where(nd, phi_t + lu, phi_t)
+    psi_t = xp.where(nd, psi_t + lv, psi_t)
+    Kt = xp.where(nd[..., None], xp.exp(pb.K + phi_t[..., :, None] + psi_t[..., None, :]), Kt)
+    return phi_t, psi_t, Kt, xp.where(nd, xp.zeros_like(lu), lu), xp.where(nd, xp.zeros_like(lv), lv)
 
 
-def _careful_row(xp, pb: _Problem, st: _ScalingState, m) -> _ScalingState:
-    """Row update of the members ``m`` with range tests: sums below the floor
-    or non-finite scalings are redone in the log domain, ``phi = tau_a (log a
-    - LSE_j(K_ij + psi_j))``, and absorbed; so are scalings beyond ``lim``."""
-    s = matvec(st.Kt, xp.exp(st.lv))
-    lu = _log_scaling(pb.log_a, xp.log(xp.maximum(s, pb.row_lo)), pb.tau_a, st.phi_t)
+def _careful_row(xp, pb: _Problem, phi_t, psi_t, Kt, lv, m):
+    """Row update ``log u`` with range tests: sums below the floor or
+    non-finite scalings are redone in the log domain, ``phi = tau_a (log a -
+    LSE_j(K_ij + psi_j))``, and absorbed; so are scalings beyond ``lim``.
+    Returns ``(phi~, psi~, K~, log u, log v)``."""
+    s = matvec(Kt, xp.exp(lv))
+    lu = _log_scaling(pb.log_a, xp.log(xp.maximum(s, pb.row_lo)), pb.tau_a, phi_t)
     bad = m & ((xp.min(s, axis=-1) < pb.row_lo) | ~xp.all(xp.isfinite(lu), axis=-1))
-    if bool(xp.any(bad)):
-        phi_log = pb.tau_a * (pb.log_a - _lse_rows(xp, pb.K, st.psi_t + st.lv))
-        lu = xp.where(bad[..., None], phi_log - st.phi_t, lu)
+    if backend.any_true(bad):
+        phi_log = pb.tau_a * (pb.log_a - _lse_rows(xp, pb.K, psi_t + lv))
+        lu = xp.where(bad[..., None], phi_log - phi_t, lu)
     need = bad | (m & (xp.max(xp.abs(lu), axis=-1) > pb.lim))
-    st = _ScalingState(st.phi_t, st.psi_t, st.Kt, lu, st.lv, st.lsc, st.col_bad)
-    return _absorb(xp, pb, st, need) if bool(xp.any(need)) else st
+    if backend.any_true(need):
+        return _absorb(xp, pb, phi_t, psi_t, Kt, lu, lv, need)
+    return phi_t, psi_t, Kt, lu, lv
 
 
-def _careful_col_sums(xp, pb: _Problem, st: _ScalingState, m) -> _ScalingState:
+def _careful_col_sums(xp, pb: _Problem, phi_t, psi_t, Kt, lu, m):
     """Column sums ``log(K~^T u)``; where they leave the accurate range they
     are redone in the log domain, ``psi~ + LSE_i(K_ij + phi_i)``, and the
-    member's next column update is absorbed."""
-    sc = rmatvec(st.Kt, xp.exp(st.lu))
+    member's next column update is absorbed.  Returns ``(lsc, col_bad)``."""
+    sc = rmatvec(Kt, xp.exp(lu))
     lsc = xp.log(xp.maximum(sc, pb.col_lo))
     bad = m & ((xp.min(sc, axis=-1) < pb.col_lo) | ~xp.all(xp.isfinite(sc), axis=-1))
-    if bool(xp.any(bad)):
-        lsc = xp.where(bad[..., None], st.psi_t + _lse_cols(xp, pb.K, st.phi_t + st.lu), lsc)
-    return _ScalingState(st.phi_t, st.psi_t, st.Kt, st.lu, st.lv, lsc, bad)
-
-
-def _careful_col_update(xp, pb: _Problem, st: _ScalingState, m) -> _ScalingState:
-    """Column update ``log v = tau_b (log b - log(K~^T u)) + (tau_b - 1) psi~``
-    of the members ``m``, absorbed beyond ``lim`` or after inaccurate sums."""
-    lv = _log_scaling(pb.log_b, st.lsc, pb.tau_b, st.psi_t)
-    need = m & (st.col_bad | (xp.max(xp.abs(lv), axis=-1) > pb.lim))
-    st = _ScalingState(st.phi_t, st.psi_t, st.Kt, st.lu, lv, st.lsc, xp.zeros_like(st.col_bad))
-    return _absorb(xp, pb, st, need) if bool(xp.any(need)) else st
+    if backend.any_true(bad):
+        lsc = xp.where(bad[..., None], psi_t + _lse_cols(xp, pb.K, phi_t + lu), lsc)
+    return lsc, bad
 
 
 def _careful_block(xp, pb: _Problem, st: _ScalingState, m, k: int) -> _ScalingState:
-    """``k`` iterations with the range tests after every half-step (members ``m``)."""
+    """``k`` iterations with the range tests after every half-step (the
+    members ``m``)."""
+    phi_t, psi_t, Kt, lsc, col_bad = st.phi_t, st.psi_t, st.Kt, st.lsc, st.col_bad
+    lu, lv = xp.log(st.u), xp.log(st.v)
     for j in range(k):
-        if j or st.lsc is not None:
-            st = _careful_col_update(xp, pb, st, m)
-        st = _careful_row(xp, pb, st, m)
-        st = _careful_col_sums(xp, pb, st, m)
-    return st
+        if j or lsc is not None:
+            # Column update log v = tau_b (log b - log(K~^T u)) + (tau_b - 1) psi~,
+            # absorbed beyond lim or after inaccurate sums.
+            lv = _log_scaling(pb.log_b, lsc, pb.tau_b, psi_t)
+            need = m & (col_bad | (xp.max(xp.abs(lv), axis=-1) > pb.lim))
+            if backend.any_true(need):
+                phi_t, psi_t, Kt, lu, lv = _absorb(xp, pb, phi_t, psi_t, Kt, lu, lv, need)
+        phi_t, psi_t, Kt, lu, lv = _careful_row(xp, pb, phi_t, psi_t, Kt, lv, m)
+        lsc, col_bad = _careful_col_sums(xp, pb, phi_t, psi_t, Kt, lu, m)
+    return _ScalingState(phi_t, psi_t, Kt, xp.exp(lu), xp.exp(lv), lsc, col_bad)
 
 
 def _select(xp, m, new: _ScalingState, old: _ScalingState) -> _ScalingState:
-    """``new`` for the members ``m``, ``old`` for the others."""
+    """``new`` for the members ``m``, ``old`` for the others (a new ``K~``
+    cache-aligned, as :func:`_scaling_init` makes it)."""
     vec = m[..., None]
 
     def pick(x, y):
         return xp.where(vec, x, y)
 
-    Kt = old.Kt if new.Kt is old.Kt else xp.where(vec[..., None], new.Kt, old.Kt)
+    Kt = old.Kt if new.Kt is old.Kt else backend.cache_aligned(xp.where(vec[..., None], new.Kt, old.Kt))
     return _ScalingState(pick(new.phi_t, old.phi_t), pick(new.psi_t, old.psi_t), Kt,
-                         pick(new.lu, old.lu), pick(new.lv, old.lv), pick(new.lsc, old.lsc),
+                         pick(new.u, old.u), pick(new.v, old.v), pick(new.lsc, old.lsc),
                          xp.where(m, new.col_bad, old.col_bad))
 
 
@@ -287,17 +293,20 @@ def _scaling_advance(xp, pb: _Problem, st: _ScalingState, active, k: int) -> _Sc
     log domain.  Each member's path depends on its own data only, so a batch
     gives what a loop gives.
     """
-    keep = None if bool(xp.all(active)) else active[..., None]
+    keep = None if backend.all_true(active) else active[..., None]
     new, ok = _fast_block(xp, pb, st, keep, k)
-    redo = active & (~ok | st.col_bad)
-    if bool(xp.any(redo)):
+    if backend.all_true(ok):
+        return new
+    redo = active & ~ok
+    if backend.any_true(redo):
         new = _select(xp, redo, _careful_block(xp, pb, st, redo, k), new)
     return new
 
 
 def _scaling_measure(xp, pb: _Problem, st: _ScalingState):
     """The check after a row update: ``c = P^T 1 = v * (K~^T u)``."""
-    return _marginal_error(xp, pb, st.lv + st.lsc, None if pb.beta == 0.0 else st.psi_t + st.lv)
+    return _marginal_error(xp, pb, st.v * xp.exp(st.lsc),
+                           None if pb.beta == 0.0 else st.psi_t + xp.log(st.v))
 
 
 def _scaling_init(xp, pb: _Problem, batch) -> _ScalingState:
@@ -308,6 +317,8 @@ def _scaling_init(xp, pb: _Problem, batch) -> _ScalingState:
     With ``mu_i = max_j K_ij``, ``E = exp(K - mu 1^T)`` and ``sigma = E 1``:
     ``LSE_j K_ij = mu_i + log sigma_i``, and on a balanced side
     ``K~ = exp(K + phi~) = D(a / sigma) E`` (one exponential pass).
+    ``K~`` is cache-aligned (:func:`refimpl.backend.cache_aligned`): the
+    iterations read it twice each.
     """
     n, m = pb.K.shape[-2], pb.K.shape[-1]
     dt, dev = pb.K.dtype, backend.device(pb.K)
@@ -319,10 +330,10 @@ def _scaling_init(xp, pb: _Problem, batch) -> _ScalingState:
         Kt = E * (pb.a / sigma)[..., None]
     else:
         Kt = xp.exp(pb.K + phi_t[..., :, None])
-    Kt = xp.broadcast_to(Kt, batch + (n, m))
-    zeros = xp.zeros(batch + (m,), dtype=dt, device=dev)
-    return _ScalingState(xp.broadcast_to(phi_t, batch + (n,)), zeros, Kt,
-                         xp.zeros(batch + (n,), dtype=dt, device=dev), xp.zeros_like(zeros), None,
+    Kt = xp.broadcast_to(backend.cache_aligned(Kt), batch + (n, m))
+    ones = xp.ones(batch + (m,), dtype=dt, device=dev)
+    return _ScalingState(xp.broadcast_to(phi_t, batch + (n,)), xp.zeros_like(ones), Kt,
+                         xp.ones(batch + (n,), dtype=dt, device=dev), ones, None,
                          xp.zeros(batch, dtype=xp.bool, device=dev))
 
 
@@ -356,16 +367,31 @@ def _scaling_limits(xp, dtype, n: int, m: int):
     return lim, m * base, n * base
 
 
+def _range_bounds(xp, lim: float, row_floor: float, col_floor: float, n: int, m: int, dtype, device):
+    """``(lo, hi)``, each of length ``2 (n + m)``: the end state of a block is
+    in range when ``lo <= (K~ v, K~^T u, u, v) <= hi`` entrywise, i.e. the
+    sums are at or above their floors and ``exp(-lim) <= u, v <= exp(lim)``."""
+    def full(k, value):
+        return xp.full((k,), value, dtype=dtype, device=device)
+
+    lo = xp.concat([full(n, row_floor), full(m, col_floor), full(n + m, math.exp(-lim))])
+    hi = xp.concat([full(n + m, math.inf), full(n + m, math.exp(lim))])
+    return lo, hi
+
+
 def _solve_potentials(xp, pb: _Problem, batch, *, max_iter: int, check_every: int, use_scaling: bool):
     """Run the iterations (:func:`refimpl.iteration.iterate`); returns
     ``(phi, psi, Diagnostics)``."""
     schedule = Schedule(max_iter=max_iter, check_every=check_every)
     like = pb.K
     if use_scaling:
-        st, diag = iterate(lambda s, act, k: _scaling_advance(xp, pb, s, act, k),
-                           lambda s: _scaling_measure(xp, pb, s), _scaling_init(xp, pb, batch),
-                           batch=batch, like=like, schedule=schedule)
-        return st.phi_t + st.lu, st.psi_t + st.lv, diag
+        # The unchecked blocks may overflow or divide by zero; their end test
+        # catches it (the careful path never computes an inf or NaN it keeps).
+        with backend.ignoring_floating_errors():
+            st, diag = iterate(lambda s, act, k: _scaling_advance(xp, pb, s, act, k),
+                               lambda s: _scaling_measure(xp, pb, s), _scaling_init(xp, pb, batch),
+                               batch=batch, like=like, schedule=schedule)
+        return st.phi_t + xp.log(st.u), st.psi_t + xp.log(st.v), diag
     n, m = pb.K.shape[-2], pb.K.shape[-1]
     dt, dev = pb.K.dtype, backend.device(pb.K)
     init = _LogState(xp.zeros(batch + (n,), dtype=dt, device=dev),
