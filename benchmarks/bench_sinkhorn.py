@@ -240,10 +240,19 @@ def l1_marginal_error(P, a, b) -> float:
     return float((np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - b).sum()) / b.sum())
 
 
-def repeated_best(fn, repeat: int, inner: int = 20) -> float:
-    """Best over ``repeat`` rounds of the mean time of ``inner`` calls (short kernels)."""
+def repeated_best(fn, repeat: int, round_s: float = 0.01) -> float:
+    """Best over ``repeat`` rounds (at least 10) of the mean time of a call
+    (short kernels).  A round makes as many calls as take about ``round_s``
+    seconds, after a warm-up round: kernels of a few microseconds otherwise
+    pick up the machine's state (clock, other processes) more than their own
+    cost."""
+    t0 = time.perf_counter()
+    fn()
+    inner = max(1, min(10_000, int(round_s / max(time.perf_counter() - t0, 1e-7))))
+    for _ in range(inner):                               # warm-up round
+        fn()
     best = math.inf
-    for _ in range(repeat):
+    for _ in range(max(repeat, 10)):
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
