@@ -32,7 +32,9 @@ Part 3 - forward against POT and OTT-JAX (``--peer-n``, ``--peer-eps``;
 ``--only-peers`` runs just this part): float64, n in {200, 500, 2000}, eps in
 {0.05, 0.01}, every solver's stopping rule at least as strict as refimpl's on
 the L1 column error (see :func:`bench_peers`), the achieved L1 marginal error
-of every plan recomputed identically, OTT compiled before timing.  Each
+of every plan recomputed identically, OTT compiled before timing, refimpl,
+OTT and the floors timed alike (best of at least 10 rounds after a warm-up
+round, :func:`repeated_best`).  Each
 row prints the time ratios from that one run and each solver's per-iteration
 cost against the measured floor of the work its method must do: two
 matrix-vector products with an n x n matrix (refimpl's scaling domain) or two
@@ -240,24 +242,26 @@ def l1_marginal_error(P, a, b) -> float:
     return float((np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - b).sum()) / b.sum())
 
 
-def repeated_best(fn, repeat: int, round_s: float = 0.01) -> float:
-    """Best over ``repeat`` rounds (at least 10) of the mean time of a call
-    (short kernels).  A round makes as many calls as take about ``round_s``
-    seconds, after a warm-up round: kernels of a few microseconds otherwise
-    pick up the machine's state (clock, other processes) more than their own
-    cost."""
+def repeated_best(fn, repeat: int, round_s: float = 0.01) -> tuple[float, object]:
+    """Best over ``repeat`` rounds (at least 10) of the mean time of a call,
+    and the last result.  A round makes as many calls as take about
+    ``round_s`` seconds (at least one), after a warm-up round: a kernel of a
+    few microseconds timed a few times otherwise measures the machine's state
+    (clock, caches, other processes) more than its own cost.  The floors and
+    the solvers whose cost per iteration is compared with them are timed this
+    way alike."""
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     inner = max(1, min(10_000, int(round_s / max(time.perf_counter() - t0, 1e-7))))
     for _ in range(inner):                               # warm-up round
-        fn()
+        out = fn()
     best = math.inf
     for _ in range(max(repeat, 10)):
         t0 = time.perf_counter()
         for _ in range(inner):
-            fn()
+            out = fn()
         best = min(best, (time.perf_counter() - t0) / inner)
-    return best
+    return best, out
 
 
 def iteration_floors(C, eps: float, repeat: int) -> dict:
@@ -277,9 +281,9 @@ def iteration_floors(C, eps: float, repeat: int) -> dict:
     out = np.empty_like(X)
     K = backend.cache_aligned(np.exp(X))
     u, v = np.ones(C.shape[0]), np.ones(C.shape[1])
-    exp2 = repeated_best(lambda: (np.exp(X, out=out), np.exp(X, out=out)), repeat)
+    exp2, _ = repeated_best(lambda: (np.exp(X, out=out), np.exp(X, out=out)), repeat)
     with backend.single_threaded_blas(K, K.size <= backend.SERIAL_MATVEC_ENTRIES):
-        mv2 = repeated_best(lambda: (K @ v, u @ K), repeat)
+        mv2, _ = repeated_best(lambda: (K @ v, u @ K), repeat)
     return dict(exp2_s=exp2, matvec2_s=mv2)
 
 
@@ -320,8 +324,11 @@ def bench_peers(ns, eps_list, tol: float, repeat: int, pot_max_n: int) -> list[d
     plan is recomputed identically and reported next to its time; the
     per-iteration cost is compared with the floors of :func:`iteration_floors`
     (refimpl, scaling domain: two matrix-vector products; POT and OTT, log
-    domain: two exponentials).  OTT is compiled before timing.  POT runs only
-    up to ``n = pot_max_n`` (above it its log-domain iterations take minutes).
+    domain: two exponentials).  OTT is compiled before timing.  refimpl, OTT
+    and the floors are timed alike (:func:`repeated_best`: at least 10 rounds
+    after a warm-up); POT, 10-20x slower, by the best of ``repeat - 1``
+    calls, and only up to ``n = pot_max_n`` (above it its log-domain
+    iterations take minutes).
     """
     try:
         import ot
@@ -333,13 +340,13 @@ def bench_peers(ns, eps_list, tol: float, repeat: int, pot_max_n: int) -> list[d
         for eps in eps_list:
             floors = iteration_floors(C, eps, repeat)
             row = dict(n=n, eps=eps, tol=tol, **floors)
-            t, res = best_time(lambda: sk.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=100_000, warn=False),
-                               repeat)
+            t, res = repeated_best(lambda: sk.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=100_000,
+                                                       warn=False), repeat)
             it = int(res.n_iter)
             # Setup (input checks, the first absorbed row update, the final
             # plan) plus one iteration and its check; the rest is the loop.
-            t1, _ = best_time(lambda: sk.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=1, warn=False),
-                              repeat)
+            t1, _ = repeated_best(lambda: sk.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=1, warn=False),
+                                  repeat)
             loop = max(t - t1, 0.0) / max(it - 1, 1)
             row.update(refimpl_s=t, refimpl_iter=it, refimpl_l1=l1_marginal_error(res.P, a, b),
                        refimpl_floor_ratio=t / it / floors["matvec2_s"], refimpl_setup_s=t1,
@@ -349,7 +356,7 @@ def bench_peers(ns, eps_list, tol: float, repeat: int, pot_max_n: int) -> list[d
                 import jax.numpy as jnp
                 args = tuple(jnp.asarray(x) for x in (C, a, b))
                 ott(*args)                                           # compile
-                t_o, (P_o, it_o) = best_time(lambda: ott(*args), repeat)
+                t_o, (P_o, it_o) = repeated_best(lambda: ott(*args), repeat)
                 row.update(ott_s=t_o, ott_iter=it_o, ott_l1=l1_marginal_error(P_o, a, b),
                            ott_floor_ratio=t_o / it_o / floors["exp2_s"], refimpl_over_ott=t / t_o,
                            refimpl_over_ott_per_iter=(t / it) / (t_o / it_o))
@@ -498,9 +505,10 @@ def main(argv=None) -> int:
         else:
             print(f"NumPy on CPU ({machine})", flush=True)
         if args.peer_n:
-            print(f"\nSinkhorn forward against POT and OTT-JAX (float64, tol = {args.tol}, best of "
-                  f"{args.repeat}); floors: two exponentials / two matrix-vector products of one n x n array",
-                  flush=True)
+            print(f"\nSinkhorn forward against POT and OTT-JAX (float64, tol = {args.tol}; refimpl, OTT "
+                  f"and floors: best of {max(args.repeat, 10)} rounds after a warm-up, POT: best of "
+                  f"{max(1, args.repeat - 1)}); floors: two exponentials / two matrix-vector products of "
+                  f"one n x n array", flush=True)
             peers = bench_peers([int(x) for x in args.peer_n.split(",")],
                                 [float(x) for x in args.peer_eps.split(",")], args.tol, args.repeat, args.pot_max_n)
         if args.grad_n:

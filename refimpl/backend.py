@@ -792,17 +792,16 @@ def solve_vec(A, b):
 #: Largest dense system (order k) whose NumPy factorizations :func:`serial_dense`
 #: holds to one BLAS/LAPACK thread.  Threaded ``syevd``/``getrf`` gain at most
 #: the core count at these sizes, but on a loaded machine their threads wait
-#: for each other: on a 2-core machine with the other core busy, the Sinkhorn
-#: ``schur`` backward at k = 500 took a median 3.9x its single-threaded time
-#: (and up to 27x), while at k = 1000 the one-thread median was already the
-#: lower one.  Above this size the library's own threading is kept.
+#: for each other and the median call becomes several times slower than on
+#: one thread (measurements in docs/performance.md).  Above this size the
+#: library's own threading is kept.
 SERIAL_DENSE_N = 1024
 
 #: Largest matrix (entries) whose NumPy matrix-vector products
 #: :func:`serial_dense` callers such as the Sinkhorn forward keep on one
-#: thread (32 MiB in float64).  The products are bound by memory traffic;
-#: on the same loaded machine two threads made the n = 2000 forward 1.9x
-#: slower (median) than one.
+#: thread (32 MiB in float64).  The products are bound by memory traffic,
+#: and a second thread slowed them down on a loaded machine
+#: (docs/performance.md).
 SERIAL_MATVEC_ENTRIES = 1 << 22
 
 #: The boundary, in bytes, on which :func:`cache_aligned` starts an array (a
