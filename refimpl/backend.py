@@ -232,7 +232,7 @@ def check_array(x: Any, name: str, *, ndim: int | None = None,
     if not allow_empty and math.prod(tuple(x.shape)) == 0:
         raise ValueError(f"argument {name!r} is empty (shape {tuple(x.shape)}); refimpl operators "
                          "refuse a zero-length axis, a batch of size 0 included")
-    if finite and x.size != 0 and not bool(xp.all(xp.isfinite(x))):
+    if finite and x.size != 0 and not all_true(xp.isfinite(x)):
         raise ValueError(f"argument {name!r} contains NaN or Inf")
     return x
 

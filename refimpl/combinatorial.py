@@ -682,14 +682,14 @@ def _safe_norm(xp, v, w, core_ndim: int, what: str):
     the digits."""
     r, _ = _scaled_norm(xp, v, core_ndim)
     zero = r == 0.0 if v is w else r <= _degenerate_radius(xp, w, core_ndim)
-    if bool(xp.any(zero)):
+    if backend.any_true(zero):
         raise ValueError(
             f"argument 'w' has {what} equal to 0 (up to round-off) in some batch member; the "
             "projection is undefined there (v / ||v|| needs v != 0)")
     if v is not w:
         scale, _ = _scaled_norm(xp, w, core_ndim)
         eps = float(xp.finfo(w.dtype).eps)
-        if bool(xp.any(r < math.sqrt(eps) * scale)):
+        if backend.any_true(r < math.sqrt(eps) * scale):
             warnings.warn(
                 "w - mean(w) 1 is tiny relative to w (nearly constant costs): the std "
                 "projection and its Jacobian (scale 1/||w - mean(w) 1||) lose more than half "

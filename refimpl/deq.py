@@ -1303,7 +1303,7 @@ def phantom_matrix(J, F, *, method: str, k: int | None = None, lam: float | None
             if "LinAlgError" not in type(exc).__name__:
                 raise
             A = None
-        if A is None or not bool(xp.all(xp.isfinite(A))):
+        if A is None or not backend.all_true(xp.isfinite(A)):
             raise ValueError("argument 'J': I - J is singular to working precision, the exact "
                              "implicit gradient does not exist")
         return A

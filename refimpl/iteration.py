@@ -76,14 +76,12 @@ class Converging:
     @property
     def all_converged(self) -> bool:
         """Every member met its stopping test."""
-        xp = backend.namespace(converged=self.converged)
-        return bool(xp.all(self.converged))
+        return backend.all_true(self.converged)
 
     @property
     def n_converged(self) -> int:
         """How many members met their stopping test."""
-        xp = backend.namespace(converged=self.converged)
-        return int(xp.sum(xp.astype(self.converged, xp.int64)))
+        return backend.count_true(self.converged)
 
     @property
     def size(self) -> int:

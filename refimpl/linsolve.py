@@ -101,7 +101,7 @@ def _solve_or_raise(xp, A, rhs, what: str):
         if "LinAlgError" in type(exc).__name__:              # torch's is _LinAlgError
             raise ValueError(what) from exc
         raise
-    if not bool(xp.all(xp.isfinite(x))):
+    if not backend.all_true(xp.isfinite(x)):
         raise ValueError(what)
     return x
 

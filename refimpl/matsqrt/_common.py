@@ -89,17 +89,16 @@ def check_square(A, name: str):
 def symmetric_part(A, name: str, sym_tol: float | None):
     """Validate symmetry up to ``sym_tol`` (relative, Frobenius) and return
     ``(sym(A), ||A||_F)``; zero members are rejected."""
-    xp = array_api_compat.array_namespace(A)
     bshape = tuple(A.shape[:-2])
     tol = math.sqrt(eps(A)) if sym_tol is None else backend.check_positive(sym_tol, "sym_tol")
     norm = fro(A)
-    if not bool(xp.all(norm > 0)):
+    if not backend.all_true(norm > 0):
         _, idx = worst(backend.to_host(norm == 0), bshape)
         raise ValueError(f"argument {name!r} is the zero matrix{member(idx, bshape)}: "
                          "no normalisation exists and its root is not differentiable")
     As = sym(A)
     asym = 2.0 * fro(A - As) / norm                   # A - A^T = 2 (A - sym(A))
-    if not bool(xp.all(asym <= tol)):
+    if not backend.all_true(asym <= tol):
         val, idx = worst(backend.to_host(asym), bshape)
         raise ValueError(f"argument {name!r} is not symmetric: ||A - A^T||_F / ||A||_F = "
                          f"{val:.2e} > sym_tol = {tol:.1e}{member(idx, bshape)}")
@@ -146,7 +145,7 @@ def is_positive_definite(A) -> bool:
             return False
         raise
     d = backend.diagonal(L)
-    return bool(xp.all(xp.isfinite(d)) & xp.all(d > 0))
+    return backend.all_true(xp.isfinite(d)) and backend.all_true(d > 0)
 
 
 # --------------------------------------------------------------------------
@@ -165,7 +164,7 @@ def iteration_options(iters, tol, max_iter, dtype_eps: float):
 def warn_unconverged(what: str, converged, error, tol: float, stacklevel: int = 3):
     """ConvergenceWarning with the largest residual of an unconverged member."""
     xp = array_api_compat.array_namespace(converged)
-    if bool(xp.all(converged)):
+    if backend.all_true(converged):
         return
     worst_err = float(xp.max(xp.where(converged, xp.zeros_like(error), error)))
     warnings.warn(f"{what} did not converge: residual {worst_err:.2e} > tol {tol:.1e} "

@@ -53,7 +53,7 @@ def _exact(res, E, inverse: bool, *, via_approximant: bool = False):
     eig = _eig_of(res)
     s = eig.s
     s_min, s_max = s[..., 0], s[..., -1]
-    if not bool(xp.all(s_min > 0)):
+    if not backend.all_true(s_min > 0):
         hint = ("the 'eig' forward computes the true root, so its 'approximant' derivative is "
                 "this one; compute the forward with method='mpa', 'mtp' or 'ns' to get the "
                 "derivative of an approximant, defined there" if via_approximant else
@@ -61,7 +61,7 @@ def _exact(res, E, inverse: bool, *, via_approximant: bool = False):
                 "the approximant, defined there")
         raise ValueError("the matrix square root is not differentiable at a singular A "
                          f"(a zero eigenvalue); {hint}")
-    if not bool(xp.all(s_min >= math.sqrt(eps(res.A)) * s_max)):
+    if not backend.all_true(s_min >= math.sqrt(eps(res.A)) * s_max):
         warnings.warn("A is ill-conditioned: the Lyapunov operator S X + X S has condition "
                       f"number {float(xp.max(s_max / s_min)):.1e}; the gradient is large "
                       "and sensitive", ConditioningWarning, stacklevel=4)
@@ -142,7 +142,7 @@ def _lyap_sign(res, E, inverse: bool, iters, tol, max_iter, full_output):
         # iteration then runs to max_iter and warns; an estimate may exceed hi)
         l0 = lo / sigma
         # a bound (not the ns forward's estimate) unless the clip below raises it
-        bound = res.method != "ns" and bool(xp.all(l0 >= eps(res.A)))
+        bound = res.method != "ns" and backend.all_true(l0 >= eps(res.A))
         l0 = xp.clip(xp.where(l0 > 0.0, l0, xp.zeros_like(l0)), min=eps(res.A), max=1.0)
     # X is exactly symmetric: C_0 is, and so is every update (sym(M), the finish)
     solve = (_kernels.lyapunov_sign_symmetric if _kernels.applies(B)
@@ -305,8 +305,7 @@ def _check_derivative_args(res, E, inverse: bool, name: str, method: str, fn: st
         raise ValueError(f"argument {name!r} has shape {tuple(E.shape)}, expected "
                          f"{tuple(out.shape)}")
     backend.check_choice(method, "method", VJP_METHODS)
-    xp = array_api_compat.array_namespace(E)
-    if not bool(xp.all(res.converged)):
+    if not backend.all_true(res.converged):
         warnings.warn(f"the {res.method!r} forward did not converge; its {method!r} "
                       "derivative is unreliable", ConvergenceWarning, stacklevel=4)
 

@@ -105,7 +105,7 @@ def _approx_params(method, order, degree, iters):
 def _check_iters_array(iters):
     """Steps taken per member (e.g. ``res.n_iter``): a non-negative integer array."""
     xp = array_api_compat.array_namespace(iters)
-    if not xp.isdtype(iters.dtype, "integral") or bool(xp.any(iters < 0)):
+    if not xp.isdtype(iters.dtype, "integral") or backend.any_true(iters < 0):
         raise TypeError("argument 'iters' must be a non-negative integer or an integer "
                         f"array, got an array of dtype {backend.dtype_name(iters.dtype)}")
     return iters

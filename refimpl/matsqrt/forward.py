@@ -298,7 +298,7 @@ def _eig_root(As, norm, inverse: bool, psd_tol):
         bad = lam[..., 0] <= 0.0
     else:         # semidefinite: l_min >= -psd_tol ||A||_F
         bad = lam[..., 0] < -psd_tolerance(As, psd_tol) * norm
-    if bool(xp.any(bad)):
+    if backend.any_true(bad):
         raise_not_psd(As, norm, "A", definite=inverse, eigenvalues=lam)
     lam = xp.maximum(lam, xp.zeros_like(lam))
     s = xp.sqrt(lam)

@@ -110,7 +110,7 @@ def _newton_schulz(state: tuple, step: Callable, *, iters: int | None, tol: floa
 
     def advance(ns, active, k):
         # On the host, no mask is needed while every member runs.
-        hold = iters is None and (policy.deferred_sync or not bool(xp.all(active)))
+        hold = iters is None and (policy.deferred_sync or not backend.all_true(active))
         return _ns_advance(xp, step, ns, active, k, hold=hold, keep=keep, history=history)
 
     def measure(ns):
@@ -178,11 +178,11 @@ def matrix_sign(M, *, iters: int | None = None, tol: float | None = None,
     >>> bool(np.allclose(r.sign @ r.sign, np.eye(2)))
     True
     """
-    xp = backend.namespace(M=M)
+    backend.namespace(M=M)
     check_square(M, "M")
     iters, tol, max_iter = iteration_options(iters, tol, max_iter, eps(M))
     norm = fro(M)
-    if not bool(xp.all(norm > 0)):
+    if not backend.all_true(norm > 0):
         raise ValueError("argument 'M' has a zero member: its sign is undefined")
     eye = eye_like(M)
 
@@ -266,7 +266,7 @@ def _lyapunov_newton_sign(B0, C0, *, tol, max_iter):
         done = e <= tol
         conv = conv | (active & done)
         active = active & ~done & xp.isfinite(e)
-        if not bool(xp.any(active)):
+        if not backend.any_true(active):
             break
     return 0.5 * C, n_iter, err, conv
 
@@ -416,7 +416,7 @@ def neumann_finish(B, C, a, b, j):
     """
     xp = array_api_compat.array_namespace(B, C)
     j_max = int(xp.max(j))
-    same = bool(xp.all(j == j_max))
+    same = backend.all_true(j == j_max)
     w = mm(1.0 / (a + b))
     Dw = add_to_diagonal(B * -w, 0.5)                    # I/2 - w B
     term = C * (2.0 * w)                                 # T^0(2 w C)
@@ -441,10 +441,10 @@ def finish_members(B, C, lo, hi, j, new):
     last member finished, and gathering no member would leave nothing to reduce.
     """
     xp = array_api_compat.array_namespace(B, C)
-    if not bool(xp.any(new)):
+    if not backend.any_true(new):
         return C, j
     j = xp.where(new, j, xp.zeros_like(j))               # others may be inf (no interval)
-    if bool(xp.all(new)):
+    if backend.all_true(new):
         return neumann_finish(B, C, lo, hi, j), j
     # only the members that finish here, gathered: with many members finishing
     # at different steps (small n, large batches) a finish over the whole batch
@@ -499,7 +499,7 @@ def symmetric_sign_step(state: tuple, s: SignSettings):
         new = ready & ~finished                          # finish here (once a member)
         finished = finished | new
         bound = 1.0 - (l - s.pad) ** 2                   # >= ||I - B_k^2||_2, reported
-        if bool(xp.all(finished)):
+        if backend.all_true(finished):
             Z, n_terms = _finished_c(B, C, None, l, j, new, n_terms, s)
             return (B, Z, l, finished, n_terms), bound, None, finished
     R2, e = doubled_residual(B)
@@ -515,11 +515,11 @@ def symmetric_sign_step(state: tuple, s: SignSettings):
         ready, j = hand_over(e, l, s)
         new = ready & ~finished
         finished = finished | new
-    if bool(xp.all(finished)):                           # the rest all finish here
+    if backend.all_true(finished):                           # the rest all finish here
         Z, n_terms = _finished_c(B, C, e, l, j, new, n_terms, s)
         return (B, Z, l, finished, n_terms), e, None, finished
     Bn, Cn, l_next = sign_step(B, C, R2, l, s)
-    if bool(xp.any(new)):                                # some finish, the others step
+    if backend.any_true(new):                                # some finish, the others step
         Z, n_terms = _finished_c(B, C, None if by_bound else e, l_k if by_bound else l, j, new,
                                  n_terms, s)
         Cn = xp.where(mm(new), Z, Cn)
@@ -530,7 +530,7 @@ def _finished_c(B, C, e, l, j, new, n_terms, s: SignSettings):
     """The finish of the members in ``new`` on their interval (from ``e``,
     ``l``) and the term counts with theirs recorded."""
     xp = array_api_compat.array_namespace(B, C)
-    if not bool(xp.any(new)):
+    if not backend.any_true(new):
         return C, n_terms
     lo, hi = spectrum_interval(e, l, s)
     Z, j = finish_members(B, C, lo, hi, j, new)
@@ -694,7 +694,7 @@ def _lyapunov_by_sign(B, C, iters, tol, max_iter):
     xp = array_api_compat.array_namespace(B, C)
     iters, tol, max_iter = iteration_options(iters, tol, max_iter, eps(B))
     sigma = fro(B)
-    if not bool(xp.all(sigma > 0)):
+    if not backend.all_true(sigma > 0):
         raise ValueError("argument 'B' has a zero member: B X + X B^T = C is singular")
     B0, C0 = B / mm(sigma), C / mm(sigma)
     with warnings.catch_warnings():
@@ -702,7 +702,7 @@ def _lyapunov_by_sign(B, C, iters, tol, max_iter):
         warnings.simplefilter("ignore", RuntimeWarning)
         X, n_iter, err, conv = _lyapunov_sign_core(B0, C0, iters=iters, tol=tol,
                                                    max_iter=max_iter)
-    if iters is None and not bool(xp.all(conv)):
+    if iters is None and not backend.all_true(conv):
         # Newton-Schulz converges only for spectra near the real axis; the
         # scaled Newton iteration solves the members it left unconverged.
         Xn, n_n, err_n, conv_n = _lyapunov_newton_sign(B0, C0, tol=tol, max_iter=max_iter)
@@ -728,7 +728,7 @@ def _lyapunov_by_eig(B, C, sym_tol):
     lam, U = xp.linalg.eigh(Bs)
     pair = lam[..., :, None] + lam[..., None, :]
     small = xp.min(xp.abs(pair), axis=(-2, -1)) <= 10.0 * B.shape[-1] * eps(B) * norm
-    if bool(xp.any(small)):
+    if backend.any_true(small):
         raise ValueError("argument 'B' has eigenvalues b_i + b_j = 0 to working "
                          "precision: B X + X B^T = C is singular")
     X = _symmetric_eig_solve(U, lam, C, lambda a, b: 1.0 / (a + b))

@@ -59,9 +59,9 @@ def _check_inputs(C, a, b, eps, rho_a, rho_b):
     rho_a = _check_rho(rho_a, "rho_a")
     rho_b = _check_rho(rho_b, "rho_b")
     for name, x in (("a", a), ("b", b)):
-        if bool(xp.any(x < 0)):
+        if backend.any_true(x < 0):
             raise ValueError(f"argument {name!r} has negative entries; marginals must be positive")
-        if bool(xp.any(x == 0)):
+        if backend.any_true(x == 0):
             raise ValueError(f"argument {name!r} has zero entries; marginals must be positive "
                              f"(drop zero-mass points, or use a tiny positive mass)")
     if rho_a is None and rho_b is None:
@@ -221,7 +221,7 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
         err_w = float(xp.reshape(error, (-1,))[worst])
         tol_w = float(xp.reshape(tol_eff, (-1,))[worst])
         raised = f" (tol={tol:.1e} raised to the dtype's floor)" if tol_w > tol else ""
-        if not bool(xp.all(resolvable)):
+        if not backend.all_true(resolvable):
             why = (f"eps={eps:.1e} is too small for {backend.dtype_name(dt)}: the rounding floor "
                    f"of the log-domain plan, 32 u (1 + max|C|/eps + log nm), is {tol_w:.1e} >= 1, "
                    f"so the plan has no resolved digit; use a larger eps or float64")

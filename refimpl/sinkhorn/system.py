@@ -101,7 +101,7 @@ class _System:
 def _isolated(xp, mass):
     """``(mass with zeros replaced by 1, zero-mass mask or None)``."""
     iso = mass == 0
-    if not bool(xp.any(iso)):
+    if not backend.any_true(iso):
         return mass, None
     return xp.where(iso, xp.ones_like(mass), mass), iso
 
@@ -227,7 +227,7 @@ def _solve_schur(sys: _System, t_a, t_b):
     S_hat = _schur_operator(sys)
     gap, lam_max = _spectrum(sys, S_hat)
     cond = _cond_from(xp, gap, lam_max)
-    if bool(xp.all(cond <= _cond_threshold(P.dtype))):
+    if backend.all_true(cond <= _cond_threshold(P.dtype)):
         if sys.balanced:
             q = xp.sqrt(sys.c_mass / xp.sum(sys.c_mass, axis=-1, keepdims=True))
             S_hat = S_hat + q[..., :, None] * q[..., None, :]
