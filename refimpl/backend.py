@@ -419,26 +419,6 @@ def to_float(x) -> float:
 # NumPy's wrappers end in: the same result) and read a 0-d array or a NumPy
 # scalar (what NumPy's reductions to 0-d return) as it is.
 
-def any_true(x) -> bool:
-    """``bool(xp.any(x))`` for a bool array ``x``: a host read (a sync on a
-    device)."""
-    if type(x) is np.ndarray:                          # fast paths, see above
-        return bool(np.logical_or.reduce(x, axis=None)) if x.ndim else bool(x)
-    if isinstance(x, np.generic):
-        return bool(x)
-    return bool(array_api_compat.array_namespace(x).any(x))
-
-
-def all_true(x) -> bool:
-    """``bool(xp.all(x))`` for a bool array ``x``: a host read (a sync on a
-    device)."""
-    if type(x) is np.ndarray:                          # fast paths, see above
-        return bool(np.logical_and.reduce(x, axis=None)) if x.ndim else bool(x)
-    if isinstance(x, np.generic):
-        return bool(x)
-    return bool(array_api_compat.array_namespace(x).all(x))
-
-
 def count_true(x) -> int:
     """The number of true entries of a bool array ``x``: a host read (a sync
     on a device)."""
@@ -448,6 +428,16 @@ def count_true(x) -> int:
         return int(bool(x))
     xp = array_api_compat.array_namespace(x)
     return int(xp.sum(xp.astype(x, xp.int64)))
+
+
+def any_true(x) -> bool:
+    """``bool(xp.any(x))`` for a bool array ``x`` (one host read)."""
+    return count_true(x) > 0
+
+
+def all_true(x) -> bool:
+    """``bool(xp.all(x))`` for a bool array ``x`` (one host read)."""
+    return count_true(x) == math.prod(tuple(x.shape))
 
 
 def reduce_min(x, axis: int = -1):
