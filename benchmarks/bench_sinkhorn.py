@@ -271,9 +271,10 @@ def iteration_floors(C, eps: float, repeat: int) -> dict:
     array, the least a log-domain iteration (two full-size log-sum-exps)
     does; ``matvec2_s``: ``K v`` and ``K^T u``, the least a scaling-domain
     iteration does, with BLAS threads as refimpl's forward sets them
-    (:func:`refimpl.backend.single_threaded_blas`) and ``K`` starting on a
-    cache line (:func:`refimpl.backend.cache_aligned`: the fastest layout,
-    which the forward's kernel has too).
+    (:func:`refimpl.backend.single_threaded_blas`), ``K`` starting on a cache
+    line (:func:`refimpl.backend.cache_aligned`: the fastest layout, which
+    the forward's kernel has too) and the products written into preallocated
+    arrays by ``np.dot`` (the cheapest NumPy form of them).
     """
     from refimpl import backend
 
@@ -281,9 +282,10 @@ def iteration_floors(C, eps: float, repeat: int) -> dict:
     out = np.empty_like(X)
     K = backend.cache_aligned(np.exp(X))
     u, v = np.ones(C.shape[0]), np.ones(C.shape[1])
+    Kv, Ktu = np.empty_like(u), np.empty_like(v)
     exp2, _ = repeated_best(lambda: (np.exp(X, out=out), np.exp(X, out=out)), repeat)
     with backend.single_threaded_blas(K, K.size <= backend.SERIAL_MATVEC_ENTRIES):
-        mv2, _ = repeated_best(lambda: (K @ v, u @ K), repeat)
+        mv2, _ = repeated_best(lambda: (np.dot(K, v, out=Kv), np.dot(u, K, out=Ktu)), repeat)
     return dict(exp2_s=exp2, matvec2_s=mv2)
 
 
