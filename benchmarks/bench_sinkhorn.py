@@ -328,7 +328,7 @@ def bench_peers(ns, eps_list, tol: float, repeat: int, pot_max_n: int) -> list[d
     (refimpl, scaling domain: two matrix-vector products; POT and OTT, log
     domain: two exponentials).  OTT is compiled before timing.  refimpl, OTT
     and the floors are timed alike (:func:`repeated_best`: at least 10 rounds
-    after a warm-up); POT, 10-20x slower, by the best of ``repeat - 1``
+    after a warm-up); POT, much slower, by the best of ``repeat - 1``
     calls, and only up to ``n = pot_max_n`` (above it its log-domain
     iterations take minutes).
     """
