@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "examples" / "peers"
 
 #: file stem -> (operator, function, framework, packages it needs,
-#:               {case: (status, verdict or None)}) -- the cases run, and their outcome.
+#:               {case: (status, verdict or None)}) -- the cases run, and their outcome
+#: (status: one, or a tuple of those the platform's round-off may give).
 EXPECTED = {
     "pot_sinkhorn_log": ("sinkhorn", "sinkhorn", "torch", ("torch", "ot"), {
         "uniform_4x2": ("pass", None),
@@ -94,7 +95,9 @@ EXPECTED = {
         # eigh's backward divides by eigenvalue gaps: 0/0 at repeated eigenvalues
         "scaled_identity": ("ERROR", None),
         "diagonal": ("ERROR", None),
-        "repeated_lyapunov_sign": ("ERROR", None),
+        # ... or, where the platform's round-off leaves a tiny nonzero gap, a
+        # finite wrong gradient
+        "repeated_lyapunov_sign": (("ERROR", "FAIL"), None),
         "repeated_eigenvalues": ("FAIL", "gradient off"),
     }),
     "torchdeq_tanh": ("tanh_deq", "tanh_deq", "torch", ("torch", "torchdeq"), {
@@ -144,7 +147,8 @@ def test_peer_verdicts_as_documented(stem):
     wrong = []
     for case, (status, verdict) in expected.items():
         c = got[case]
-        if c.status != status or (verdict is not None and c.verdict != verdict):
+        statuses = status if isinstance(status, tuple) else (status,)
+        if c.status not in statuses or (verdict is not None and c.verdict != verdict):
             wrong.append(f"{case}: expected {status} {verdict or ''}, got {c.status} "
                          f"{c.verdict} {c.message[:200]}")
     assert not wrong, f"{stem}: verdicts differ from docs/peers.md:\n" + "\n".join(wrong)
