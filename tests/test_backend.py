@@ -147,6 +147,36 @@ def test_check_reads_and_reductions_match_numpy(backend, dtype, rng):
     assert B.reduce_min(x).dtype == x.dtype and B.reduce_sum(xp.abs(x)).shape == (3,)
 
 
+def test_loop_maps_match_the_products(backend, dtype, rng):
+    """matvec_maps and divide_map give what matvec, rmatvec and ``/`` give,
+    bit for bit, for one matrix and one vector and for a batch; on NumPy the
+    one-vector maps write into the work array of work_like and return it,
+    elsewhere work_like is None and the maps return new arrays.  Inputs are
+    left alone."""
+    Ah = rng.standard_normal((2, 4, 3)).astype(dtype)
+    xh, yh = rng.standard_normal((2, 3)).astype(dtype), rng.standard_normal((2, 4)).astype(dtype)
+    for A_h, x_h, y_h in ((Ah[0], xh[0], yh[0]), (Ah, xh, yh)):     # one matrix; a batch
+        A, x, y = (backend.asarray(h, dtype) for h in (A_h, x_h, y_h))
+        mv, rmv = B.matvec_maps(A, x)
+        wx, wy = B.work_like(y), B.work_like(x)             # K x has the shape of y
+        assert (wx is None) == (backend.name != "numpy")
+        got_x, got_y = mv(x, wx), rmv(y, wy)
+        np.testing.assert_array_equal(B.to_host(got_x), B.to_host(B.matvec(A, x)))
+        np.testing.assert_array_equal(B.to_host(got_y), B.to_host(B.rmatvec(A, y)))
+        np.testing.assert_allclose(B.to_host(got_x), np.einsum("...ij,...j->...i", A_h, x_h),
+                                   rtol=1e-12 if dtype == "float64" else 1e-5)
+        if backend.name == "numpy" and A_h.ndim == 2:
+            assert got_x is wx and got_y is wy              # written into the work arrays
+        d = B.divide_map(y, x)
+        w = B.work_like(y)
+        got = d(backend.asarray(np.full(y_h.shape, 4.0, dtype=dtype), dtype), w)
+        np.testing.assert_array_equal(B.to_host(got), y_h / np.dtype(dtype).type(4.0))
+        if backend.name == "numpy":
+            assert got is w
+        for arr, h in ((A, A_h), (x, x_h), (y, y_h)):
+            np.testing.assert_array_equal(B.to_host(arr), h)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_cache_aligned(dtype, rng):
     """A NumPy array comes back starting on a 64-byte boundary, C-contiguous,
