@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from . import backend
 
@@ -226,12 +226,12 @@ def iterate(advance: Callable[[Any, Any, int], Any],
     return state, rec.diagnostics(xp, dt)
 
 
-@dataclass(frozen=True)
-class _Record:
+class _Record(NamedTuple):
     """The driver's per-member bookkeeping: who is still running, and the
     error, iteration count and verdict at each member's last check (arrays of
     the batch shape, or NumPy scalars for an unbatched NumPy problem: what
-    NumPy's reductions to 0-d give)."""
+    NumPy's reductions to 0-d give).  A NamedTuple: one is made per check,
+    and it builds a few times faster than a frozen dataclass."""
 
     active: Any
     error: Any

@@ -249,9 +249,9 @@ def test_unchecked_blocks_are_redone_per_member(rng, monkeypatch):
         redone.append(np.asarray(m).copy())
         return careful(xp, pb, st, m, k)
 
-    def spy_fast(xp, pb, st, keep, k):
+    def spy_fast(xp, pb, st, k):
         offsets.add(st.Kt.ctypes.data % 64)
-        return fast(xp, pb, st, keep, k)
+        return fast(xp, pb, st, k)
 
     monkeypatch.setattr(sk_iterations, "_careful_block", spy)
     monkeypatch.setattr(sk_iterations, "_fast_block", spy_fast)

@@ -8,7 +8,7 @@ import warnings
 
 from .. import backend
 from ..backend import ConvergenceWarning
-from .iterations import _Problem, _range_bounds, _scaling_limits, _solve_potentials, _use_scaling
+from .iterations import _Problem, _range_test, _scaling_limits, _solve_potentials, _use_scaling
 from .results import SinkhornResult
 
 # --------------------------------------------------------------------------
@@ -189,7 +189,7 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
 
     K = -C / eps                                          # log Gibbs kernel
     lim, row_floor, col_floor = _scaling_limits(xp, dt, n, m)
-    lo, hi = _range_bounds(xp, lim, row_floor, col_floor, n, m, dt, dev)
+    range_w, range_c = _range_test(xp, lim, row_floor, col_floor, n, m, dt, dev)
     b_full = xp.broadcast_to(b, batch + (m,))
     pb = _Problem(K=K, a=xp.broadcast_to(a, batch + (n,)), b=b_full,
                   log_a=xp.broadcast_to(xp.log(a), batch + (n,)),
@@ -198,7 +198,8 @@ def sinkhorn(C, a, b, *, eps, tol: float = 1e-10, max_iter: int = 10_000,
                                  xp.full(batch, tol, dtype=dt, device=dev)),
                   tau_a=tau_a, tau_b=tau_b, beta=0.0 if rho_b is None else eps / rho_b, lim=lim,
                   row_lo=xp.asarray(row_floor, dtype=dt, device=dev),
-                  col_lo=xp.asarray(col_floor, dtype=dt, device=dev), lo=lo, hi=hi)
+                  col_lo=xp.asarray(col_floor, dtype=dt, device=dev), range_w=range_w,
+                  range_c=range_c)
     # Matrix-vector products of a matrix up to 32 MiB: memory-bound, one thread.
     with backend.single_threaded_blas(C, n * m <= backend.SERIAL_MATVEC_ENTRIES):
         phi, psi, diag = _solve_potentials(xp, pb, batch, max_iter=max_iter, check_every=check_every,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import backend
 from ..backend import logsumexp, matvec, rmatvec
@@ -45,9 +45,9 @@ class _Problem:
     ``K = -C / eps`` is the log Gibbs kernel; ``a``, ``b`` and their logs are
     broadcast to the batch; ``beta = eps / rho_b`` (0 balanced) enters the
     column target ``b exp(-beta psi)``; ``lim``, ``row_lo``, ``col_lo`` are
-    the scaling domain's limits (:func:`_scaling_limits`), and ``lo``, ``hi``
-    the same limits as bounds on ``(K~ v, K~^T u, u, v)`` concatenated
-    (:func:`_range_bounds`).
+    the scaling domain's limits (:func:`_scaling_limits`), and ``range_w``,
+    ``range_c`` the same limits as one test on the end state of a block
+    (:func:`_range_test`).
     """
 
     K: Any
@@ -63,8 +63,8 @@ class _Problem:
     lim: float
     row_lo: Any
     col_lo: Any
-    lo: Any
-    hi: Any
+    range_w: Any
+    range_c: Any
 
 
 def _marginal_error(xp, pb: _Problem, c, psi):
@@ -80,18 +80,16 @@ def _marginal_error(xp, pb: _Problem, c, psi):
         target = pb.b * xp.exp(-pb.beta * psi)
         mass = xp.sum(target, axis=-1)
     err = backend.reduce_sum(xp.abs(c - target)) / mass
-    return err, err <= pb.tol, xp.isnan(err)
-
-
-def _keep(xp, keep, new, old):
-    """``new`` where the member is iterating (``keep`` (..., 1) mask or None: all)."""
-    return new if keep is None else xp.where(keep, new, old)
+    return err, err <= pb.tol, err != err                     # (NaN)
 
 
 # -- log domain ---------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _LogState:
+# The states are NamedTuples: immutable like a frozen dataclass and a few
+# times cheaper to build, which counts when one is made per block of a few
+# microseconds.
+
+class _LogState(NamedTuple):
     """``phi = f / eps``, ``psi = g / eps`` and ``lse_col = LSE_i(K_ij + phi_i)``
     of the last row update (None before the first: no column update pending)."""
 
@@ -123,16 +121,16 @@ def _log_measure(xp, pb: _Problem, st: _LogState):
 
 # -- stabilised scaling domain ------------------------------------------------
 
-@dataclass(frozen=True)
-class _ScalingState:
+class _ScalingState(NamedTuple):
     """Iterates of the scaling domain (:func:`_scaling_advance`).
 
     ``phi~ = phi_t``, ``psi~ = psi_t`` the absorbed potentials, ``Kt = K~``,
-    ``u``, ``v`` the scalings (within ``exp(+-lim)``); ``lsc = log(K~^T u)``
-    the log column sums of the last row update (None before the first; in
-    logs because a column sum redone in the log domain may underflow);
-    ``col_bad`` marks members whose last column sums left the accurate range
-    (their next column update is absorbed).
+    ``u``, ``v`` the scalings (within ``exp(+-lim)``); ``sc = K~^T u`` the
+    column sums of the last row update (None before the first); ``lsc`` their
+    logs where the careful path computed them (None after a fast block): a
+    column sum redone in the log domain may underflow as a number, not as a
+    log; ``col_bad`` marks members whose last column sums left the accurate
+    range (their next column update is absorbed).
     """
 
     phi_t: Any
@@ -140,6 +138,7 @@ class _ScalingState:
     Kt: Any
     u: Any
     v: Any
+    sc: Any
     lsc: Any
     col_bad: Any
 
@@ -151,19 +150,23 @@ def _log_scaling(log_target, log_sum, tau: float, absorbed):
     return tau * (log_target - log_sum) + (tau - 1.0) * absorbed
 
 
-def _scaling(xp, target, log_target, sums, tau: float, absorbed):
-    """``u = target / sums`` (balanced) or ``exp(log u)`` of :func:`_log_scaling`.
-    A zero or infinite sum gives a scaling out of range (the block's end test
-    catches it)."""
+def _scaling_map(xp, target, log_target, tau: float, absorbed):
+    """The map ``(sums, out) -> scaling`` of one side, made once per block:
+    ``target / sums`` balanced (written into the work array ``out`` where
+    the library allows, :func:`refimpl.backend.divide_map`), else ``exp`` of
+    :func:`_log_scaling`.  A zero or infinite sum gives a scaling out of
+    range (the block's end test catches it)."""
     if tau == 1.0:
-        return target / sums
-    return xp.exp(_log_scaling(log_target, xp.log(sums), tau, absorbed))
+        return backend.divide_map(target, absorbed)
+    return lambda sums, out: xp.exp(_log_scaling(log_target, xp.log(sums), tau, absorbed))
 
 
-def _fast_block(xp, pb: _Problem, st: _ScalingState, keep, k: int):
-    """``k`` iterations ``u = a / (K~ v)``, ``v = b / (K~^T u)`` with no range
-    test in between: two matrix-vector products and two divisions each
-    (floating-point exceptions give inf/NaN silently and fail the end test).
+def _fast_block(xp, pb: _Problem, st: _ScalingState, k: int):
+    """``k`` iterations ``u = a / (K~ v)``, ``v = b / (K~^T u)`` of every
+    member with no range test in between: two matrix-vector products and two
+    divisions each (floating-point exceptions give inf/NaN silently and fail
+    the end test), written into work arrays of the block where the library
+    allows.  The caller keeps the state of the members that have stopped.
 
     Returns the new state and, per member, whether it is valid: no absorption
     pending at the start (``col_bad``), the last sums at or above their
@@ -171,20 +174,24 @@ def _fast_block(xp, pb: _Problem, st: _ScalingState, keep, k: int):
     accurate iterate whatever happened inside the block (the limit is unique;
     only the final sums enter the check).
     """
-    Kt, u, v = st.Kt, st.u, st.v
-    if st.lsc is not None:                   # the pending column update, from the log sums
-        v = _keep(xp, keep, xp.exp(_log_scaling(pb.log_b, st.lsc, pb.tau_b, st.psi_t)), v)
+    mv, rmv = backend.matvec_maps(st.Kt, st.v)                  # v -> K~ v, u -> K~^T u
+    row = _scaling_map(xp, pb.a, pb.log_a, pb.tau_a, st.phi_t)
+    col = _scaling_map(xp, pb.b, pb.log_b, pb.tau_b, st.psi_t)
+    # Work arrays, new for each block: the state the block started from stays
+    # intact (the careful path and the stopped members go back to it).
+    s, u, sc, v_work = (backend.work_like(x) for x in (st.u, st.u, st.v, st.v))
+    v = st.v if st.sc is None else col(st.sc, v_work)          # the pending column update
     for j in range(k):
-        s = matvec(Kt, v)                                              # K~ v
-        u = _keep(xp, keep, _scaling(xp, pb.a, pb.log_a, s, pb.tau_a, st.phi_t), u)
-        sc = rmatvec(Kt, u)                                           # K~^T u
+        s = mv(v, s)
+        u = row(s, u)
+        sc = rmv(u, sc)
         if j < k - 1:
-            v = _keep(xp, keep, _scaling(xp, pb.b, pb.log_b, sc, pb.tau_b, st.psi_t), v)
-    # One reduction for the whole test: every margin (sums above their
-    # floors, scalings within exp(+-lim)) >= 0; a NaN anywhere fails it.
-    x = xp.concat([s, sc, u, v], axis=-1)
-    ok = (backend.reduce_min(xp.concat([x - pb.lo, pb.hi - x], axis=-1)) >= 0.0) & ~st.col_bad
-    return _ScalingState(st.phi_t, st.psi_t, Kt, u, v, xp.log(sc), st.col_bad), ok
+            v = col(sc, v_work)
+    # One reduction for the whole test (:func:`_range_test`): every margin
+    # (sums above their floors, scalings within exp(+-lim)) >= 0.
+    x = xp.concat([s, sc, u, v, u, v], axis=-1)
+    ok = (backend.reduce_min(x * pb.range_w - pb.range_c) >= 0.0) & ~st.col_bad
+    return _ScalingState(st.phi_t, st.psi_t, st.Kt, u, v, sc, None, st.col_bad), ok
 
 
 # The careful path works on the logs ``lu = log u``, ``lv = log v`` and
@@ -234,8 +241,8 @@ def _careful_col_sums(xp, pb: _Problem, phi_t, psi_t, Kt, lu, m):
 def _careful_block(xp, pb: _Problem, st: _ScalingState, m, k: int) -> _ScalingState:
     """``k`` iterations with the range tests after every half-step (the
     members ``m``)."""
-    phi_t, psi_t, Kt, lsc, col_bad = st.phi_t, st.psi_t, st.Kt, st.lsc, st.col_bad
-    lu, lv = xp.log(st.u), xp.log(st.v)
+    phi_t, psi_t, Kt, col_bad = st.phi_t, st.psi_t, st.Kt, st.col_bad
+    lu, lv, lsc = xp.log(st.u), xp.log(st.v), _log_col_sums(xp, st)
     for j in range(k):
         if j or lsc is not None:
             # Column update log v = tau_b (log b - log(K~^T u)) + (tau_b - 1) psi~,
@@ -246,7 +253,12 @@ def _careful_block(xp, pb: _Problem, st: _ScalingState, m, k: int) -> _ScalingSt
                 phi_t, psi_t, Kt, lu, lv = _absorb(xp, pb, phi_t, psi_t, Kt, lu, lv, need)
         phi_t, psi_t, Kt, lu, lv = _careful_row(xp, pb, phi_t, psi_t, Kt, lv, m)
         lsc, col_bad = _careful_col_sums(xp, pb, phi_t, psi_t, Kt, lu, m)
-    return _ScalingState(phi_t, psi_t, Kt, xp.exp(lu), xp.exp(lv), lsc, col_bad)
+    return _ScalingState(phi_t, psi_t, Kt, xp.exp(lu), xp.exp(lv), xp.exp(lsc), lsc, col_bad)
+
+
+def _log_col_sums(xp, st: _ScalingState):
+    """``log(K~^T u)`` of the state (None before the first row update)."""
+    return st.lsc if st.lsc is not None or st.sc is None else xp.log(st.sc)
 
 
 def _select(xp, m, new: _ScalingState, old: _ScalingState) -> _ScalingState:
@@ -258,8 +270,9 @@ def _select(xp, m, new: _ScalingState, old: _ScalingState) -> _ScalingState:
         return xp.where(vec, x, y)
 
     Kt = old.Kt if new.Kt is old.Kt else backend.cache_aligned(xp.where(vec[..., None], new.Kt, old.Kt))
+    lsc = None if new.lsc is None and old.lsc is None else pick(_log_col_sums(xp, new), _log_col_sums(xp, old))
     return _ScalingState(pick(new.phi_t, old.phi_t), pick(new.psi_t, old.psi_t), Kt,
-                         pick(new.u, old.u), pick(new.v, old.v), pick(new.lsc, old.lsc),
+                         pick(new.u, old.u), pick(new.v, old.v), pick(new.sc, old.sc), lsc,
                          xp.where(m, new.col_bad, old.col_bad))
 
 
@@ -293,8 +306,9 @@ def _scaling_advance(xp, pb: _Problem, st: _ScalingState, active, k: int) -> _Sc
     log domain.  Each member's path depends on its own data only, so a batch
     gives what a loop gives.
     """
-    keep = None if backend.all_true(active) else active[..., None]
-    new, ok = _fast_block(xp, pb, st, keep, k)
+    new, ok = _fast_block(xp, pb, st, k)
+    if not backend.all_true(active):
+        new = _select(xp, active, new, st)               # the stopped members keep their state
     if backend.all_true(ok):
         return new
     redo = active & ~ok
@@ -305,7 +319,7 @@ def _scaling_advance(xp, pb: _Problem, st: _ScalingState, active, k: int) -> _Sc
 
 def _scaling_measure(xp, pb: _Problem, st: _ScalingState):
     """The check after a row update: ``c = P^T 1 = v * (K~^T u)``."""
-    return _marginal_error(xp, pb, st.v * xp.exp(st.lsc),
+    return _marginal_error(xp, pb, st.v * st.sc,
                            None if pb.beta == 0.0 else st.psi_t + xp.log(st.v))
 
 
@@ -333,7 +347,7 @@ def _scaling_init(xp, pb: _Problem, batch) -> _ScalingState:
     Kt = xp.broadcast_to(backend.cache_aligned(Kt), batch + (n, m))
     ones = xp.ones(batch + (m,), dtype=dt, device=dev)
     return _ScalingState(xp.broadcast_to(phi_t, batch + (n,)), xp.zeros_like(ones), Kt,
-                         xp.ones(batch + (n,), dtype=dt, device=dev), ones, None,
+                         xp.ones(batch + (n,), dtype=dt, device=dev), ones, None, None,
                          xp.zeros(batch, dtype=xp.bool, device=dev))
 
 
@@ -367,16 +381,19 @@ def _scaling_limits(xp, dtype, n: int, m: int):
     return lim, m * base, n * base
 
 
-def _range_bounds(xp, lim: float, row_floor: float, col_floor: float, n: int, m: int, dtype, device):
-    """``(lo, hi)``, each of length ``2 (n + m)``: the end state of a block is
-    in range when ``lo <= (K~ v, K~^T u, u, v) <= hi`` entrywise, i.e. the
-    sums are at or above their floors and ``exp(-lim) <= u, v <= exp(lim)``."""
+def _range_test(xp, lim: float, row_floor: float, col_floor: float, n: int, m: int, dtype, device):
+    """``(w, c)``, each of length ``3 (n + m)``: the end state of a block is in
+    range when every margin ``x w - c >= 0`` for ``x = (K~ v, K~^T u, u, v, u,
+    v)``, i.e. the sums are at or above their floors (``K~ v / row_floor >=
+    1``), ``u exp(lim) >= 1`` and ``1 - u exp(-lim) >= 0`` (likewise ``v``):
+    one minimum over all of them, which a NaN anywhere fails."""
     def full(k, value):
         return xp.full((k,), value, dtype=dtype, device=device)
 
-    lo = xp.concat([full(n, row_floor), full(m, col_floor), full(n + m, math.exp(-lim))])
-    hi = xp.concat([full(n + m, math.inf), full(n + m, math.exp(lim))])
-    return lo, hi
+    w = xp.concat([full(n, 1.0 / row_floor), full(m, 1.0 / col_floor), full(n + m, math.exp(lim)),
+                   full(n + m, -math.exp(-lim))])
+    c = xp.concat([full(2 * (n + m), 1.0), full(n + m, -1.0)])
+    return w, c
 
 
 def _solve_potentials(xp, pb: _Problem, batch, *, max_iter: int, check_every: int, use_scaling: bool):
