@@ -33,8 +33,8 @@ Part 3 - forward against POT and OTT-JAX (``--peer-n``, ``--peer-eps``;
 {0.05, 0.01}, every solver's stopping rule at least as strict as refimpl's on
 the L1 column error (see :func:`bench_peers`), the achieved L1 marginal error
 of every plan recomputed identically, OTT compiled before timing, refimpl,
-OTT and the floors timed alike (best of at least 10 rounds after a warm-up
-round, :func:`repeated_best`).  Each
+OTT and the floors timed alike, in interleaved rounds (best of at least 10
+rounds after a warm-up round, :func:`interleaved_best`).  Each
 row prints the time ratios from that one run and each solver's per-iteration
 cost against the measured floor of the work its method must do: two
 matrix-vector products with an n x n matrix (refimpl's scaling domain) or two
@@ -74,6 +74,7 @@ from pathlib import Path
 
 import numpy as np
 
+from refimpl import backend
 from refimpl import sinkhorn as sk
 from refimpl.backend import (ConditioningWarning, ConvergenceWarning, backend_status, get_backend,
                              to_host)
@@ -242,39 +243,52 @@ def l1_marginal_error(P, a, b) -> float:
     return float((np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - b).sum()) / b.sum())
 
 
-def repeated_best(fn, repeat: int, round_s: float = 0.01) -> tuple[float, object]:
-    """Best over ``repeat`` rounds (at least 10) of the mean time of a call,
-    and the last result.  A round makes as many calls as take about
-    ``round_s`` seconds (at least one), after a warm-up round: a kernel of a
-    few microseconds timed a few times otherwise measures the machine's state
-    (clock, caches, other processes) more than its own cost.  The floors and
-    the solvers whose cost per iteration is compared with them are timed this
-    way alike."""
-    t0 = time.perf_counter()
-    out = fn()
-    inner = max(1, min(10_000, int(round_s / max(time.perf_counter() - t0, 1e-7))))
-    for _ in range(inner):                               # warm-up round
-        out = fn()
-    best = math.inf
-    for _ in range(max(repeat, 10)):
+def interleaved_best(fns, repeat: int, round_s: float = 0.01) -> list[tuple[float, object]]:
+    """``(best mean time of a call, last result)`` of each function in
+    ``fns``, timed in interleaved rounds.
+
+    A round makes as many calls of a function as take about ``round_s``
+    seconds (at least one): a kernel of a few microseconds timed a few times
+    otherwise measures the machine's state (clock, caches, other processes)
+    more than its own cost.  After a warm-up round, ``max(repeat, 10)`` rounds
+    run the functions one after the other, and each keeps its best round.
+    Interleaving puts every function through the same slow and fast spells
+    of a shared machine, so the ratios of the bests do not depend on which
+    function happened to run during a slow one.
+    """
+    inner, outs = [], []
+    for fn in fns:
         t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn()
-        best = min(best, (time.perf_counter() - t0) / inner)
-    return best, out
+        outs.append(fn())
+        inner.append(max(1, min(10_000, int(round_s / max(time.perf_counter() - t0, 1e-7)))))
+    for fn, k in zip(fns, inner):                        # warm-up round
+        for _ in range(k):
+            fn()
+    best = [math.inf] * len(fns)
+    for _ in range(max(repeat, 10)):
+        for i, (fn, k) in enumerate(zip(fns, inner)):
+            t0 = time.perf_counter()
+            for _ in range(k):
+                outs[i] = fn()
+            best[i] = min(best[i], (time.perf_counter() - t0) / k)
+    return list(zip(best, outs))
 
 
-def iteration_floors(C, eps: float, repeat: int) -> dict:
-    """Measured floors of one Sinkhorn iteration on an n x m float64 array.
+def iteration_floors(C, eps: float):
+    """The floors of one Sinkhorn iteration on an n x m float64 array, as
+    callables: ``(exp2, matvec2, serial)``.
 
-    ``exp2_s``: two elementwise exponentials written into a preallocated
+    ``exp2``: two elementwise exponentials written into a preallocated
     array, the least a log-domain iteration (two full-size log-sum-exps)
-    does; ``matvec2_s``: ``K v`` and ``K^T u``, the least a scaling-domain
-    iteration does, with BLAS threads as refimpl's forward sets them
-    (:func:`refimpl.backend.single_threaded_blas`), ``K`` starting on a cache
-    line (:func:`refimpl.backend.cache_aligned`: the fastest layout, which
-    the forward's kernel has too) and the products written into preallocated
-    arrays by ``np.dot`` (the cheapest NumPy form of them).
+    does; ``matvec2``: ``K v`` and ``K^T u``, the least a scaling-domain
+    iteration does, ``K`` starting on a cache line
+    (:func:`refimpl.backend.cache_aligned`: the fastest layout, which the
+    forward's kernel has too) and the products written into preallocated
+    arrays by the bound methods ``K.dot`` and ``K.T.dot`` (the cheapest NumPy
+    form of them: a few tenths of a microsecond per product below ``K @ v``
+    and ``np.dot`` at n = 200).  ``serial``: whether refimpl's forward runs
+    BLAS on one thread at this size (:func:`refimpl.backend.single_threaded_blas`);
+    time ``matvec2`` under the same setting.
     """
     from refimpl import backend
 
@@ -283,10 +297,16 @@ def iteration_floors(C, eps: float, repeat: int) -> dict:
     K = backend.cache_aligned(np.exp(X))
     u, v = np.ones(C.shape[0]), np.ones(C.shape[1])
     Kv, Ktu = np.empty_like(u), np.empty_like(v)
-    exp2, _ = repeated_best(lambda: (np.exp(X, out=out), np.exp(X, out=out)), repeat)
-    with backend.single_threaded_blas(K, K.size <= backend.SERIAL_MATVEC_ENTRIES):
-        mv2, _ = repeated_best(lambda: (np.dot(K, v, out=Kv), np.dot(u, K, out=Ktu)), repeat)
-    return dict(exp2_s=exp2, matvec2_s=mv2)
+    mv, rmv = K.dot, K.T.dot
+
+    def exp2():
+        np.exp(X, out=out)
+        np.exp(X, out=out)
+
+    def matvec2():
+        mv(v, out=Kv)
+        rmv(u, out=Ktu)
+    return exp2, matvec2, K.size <= backend.SERIAL_MATVEC_ENTRIES
 
 
 def ott_solver(eps: float, tol: float, max_iter: int):
@@ -327,8 +347,8 @@ def bench_peers(ns, eps_list, tol: float, repeat: int, pot_max_n: int) -> list[d
     per-iteration cost is compared with the floors of :func:`iteration_floors`
     (refimpl, scaling domain: two matrix-vector products; POT and OTT, log
     domain: two exponentials).  OTT is compiled before timing.  refimpl, OTT
-    and the floors are timed alike (:func:`repeated_best`: at least 10 rounds
-    after a warm-up); POT, much slower, by the best of ``repeat - 1``
+    and the floors are timed alike, in interleaved rounds
+    (:func:`interleaved_best`: at least 10 rounds after a warm-up); POT, much slower, by the best of ``repeat - 1``
     calls, and only up to ``n = pot_max_n`` (above it its log-domain
     iterations take minutes).
     """
@@ -340,27 +360,34 @@ def bench_peers(ns, eps_list, tol: float, repeat: int, pot_max_n: int) -> list[d
     for n in ns:
         C, a, b, _ = problem(n, seed=1)
         for eps in eps_list:
-            floors = iteration_floors(C, eps, repeat)
-            row = dict(n=n, eps=eps, tol=tol, **floors)
-            t, res = repeated_best(lambda: sk.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=100_000,
-                                                       warn=False), repeat)
+            exp2, matvec2, serial = iteration_floors(C, eps)
+
+            def full():
+                return sk.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=100_000, warn=False)
+
+            def setup():
+                # Setup (input checks, the first absorbed row update, the final
+                # plan) plus one iteration and its check; the rest is the loop.
+                return sk.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=1, warn=False)
+            with backend.single_threaded_blas(C, serial):
+                (t_exp2, _), (t_mv2, _), (t, res), (t1, _) = interleaved_best([exp2, matvec2, full, setup],
+                                                                              repeat)
             it = int(res.n_iter)
-            # Setup (input checks, the first absorbed row update, the final
-            # plan) plus one iteration and its check; the rest is the loop.
-            t1, _ = repeated_best(lambda: sk.sinkhorn(C, a, b, eps=eps, tol=tol, max_iter=1, warn=False),
-                                  repeat)
             loop = max(t - t1, 0.0) / max(it - 1, 1)
-            row.update(refimpl_s=t, refimpl_iter=it, refimpl_l1=l1_marginal_error(res.P, a, b),
-                       refimpl_floor_ratio=t / it / floors["matvec2_s"], refimpl_setup_s=t1,
-                       refimpl_loop_floor_ratio=loop / floors["matvec2_s"])
+            row = dict(n=n, eps=eps, tol=tol, exp2_s=t_exp2, matvec2_s=t_mv2,
+                       refimpl_s=t, refimpl_iter=it, refimpl_l1=l1_marginal_error(res.P, a, b),
+                       refimpl_floor_ratio=t / it / t_mv2, refimpl_setup_s=t1,
+                       refimpl_loop_floor_ratio=loop / t_mv2)
+            # OTT is timed on its own: JAX's worker threads stay busy for a
+            # while after a call returns and would slow whatever runs next.
             ott = ott_solver(eps, tol, 100_000)
             if ott is not None:
                 import jax.numpy as jnp
                 args = tuple(jnp.asarray(x) for x in (C, a, b))
                 ott(*args)                                           # compile
-                t_o, (P_o, it_o) = repeated_best(lambda: ott(*args), repeat)
+                ((t_o, (P_o, it_o)),) = interleaved_best([lambda: ott(*args)], repeat)
                 row.update(ott_s=t_o, ott_iter=it_o, ott_l1=l1_marginal_error(P_o, a, b),
-                           ott_floor_ratio=t_o / it_o / floors["exp2_s"], refimpl_over_ott=t / t_o,
+                           ott_floor_ratio=t_o / it_o / t_exp2, refimpl_over_ott=t / t_o,
                            refimpl_over_ott_per_iter=(t / it) / (t_o / it_o))
             if ot is not None and n <= pot_max_n:
                 t_p, (P_p, log) = best_time(lambda: ot.bregman.sinkhorn_log(
@@ -368,7 +395,7 @@ def bench_peers(ns, eps_list, tol: float, repeat: int, pot_max_n: int) -> list[d
                     max(1, repeat - 1))
                 it_p = int(log["niter"]) + 1
                 row.update(pot_s=t_p, pot_iter=it_p, pot_l1=l1_marginal_error(P_p, a, b),
-                           pot_floor_ratio=t_p / it_p / floors["exp2_s"], pot_over_refimpl=t_p / t)
+                           pot_floor_ratio=t_p / it_p / t_exp2, pot_over_refimpl=t_p / t)
             rows.append(row)
             print(fmt_peer_row(row), flush=True)
     return rows
