@@ -799,19 +799,19 @@ def work_like(x):
     return np.empty_like(x) if type(x) is np.ndarray else None
 
 
-def divide_map(c, like):
-    """``d(x, out) = c / x`` for a fixed ``c`` and arrays ``x`` like ``like``,
+def divide_map(c):
+    """``d(x, out) = c / x`` for a fixed ``c`` (``x`` from the same library),
     written into the work array ``out`` and returned on NumPy (``np.divide``
     with ``c`` bound), a new array elsewhere (see :func:`matvec_maps`).
 
     Examples
     --------
     >>> import numpy as np
-    >>> d = divide_map(np.array([1.0, 2.0]), np.ones(2))
+    >>> d = divide_map(np.array([1.0, 2.0]))
     >>> d(np.array([4.0, 4.0]), np.empty(2)).tolist()
     [0.25, 0.5]
     """
-    if type(c) is np.ndarray and type(like) is np.ndarray:
+    if type(c) is np.ndarray:
         return functools.partial(np.divide, c)
     return lambda x, out: c / x
 

@@ -167,7 +167,7 @@ def test_loop_maps_match_the_products(backend, dtype, rng):
                                    rtol=1e-12 if dtype == "float64" else 1e-5)
         if backend.name == "numpy" and A_h.ndim == 2:
             assert got_x is wx and got_y is wy              # written into the work arrays
-        d = B.divide_map(y, x)
+        d = B.divide_map(y)
         w = B.work_like(y)
         got = d(backend.asarray(np.full(y_h.shape, 4.0, dtype=dtype), dtype), w)
         np.testing.assert_array_equal(B.to_host(got), y_h / np.dtype(dtype).type(4.0))

@@ -157,7 +157,7 @@ def _scaling_map(xp, target, log_target, tau: float, absorbed):
     :func:`_log_scaling`.  A zero or infinite sum gives a scaling out of
     range (the block's end test catches it)."""
     if tau == 1.0:
-        return backend.divide_map(target, absorbed)
+        return backend.divide_map(target)
     return lambda sums, out: xp.exp(_log_scaling(log_target, xp.log(sums), tau, absorbed))
 
 
