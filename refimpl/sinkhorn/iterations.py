@@ -267,13 +267,13 @@ def _select(xp, m, new: _ScalingState, old: _ScalingState) -> _ScalingState:
     vec = m[..., None]
 
     def pick(x, y):
-        return xp.where(vec, x, y)
+        return x if x is y else xp.where(vec, x, y)       # (a fast block shares phi~, psi~)
 
     Kt = old.Kt if new.Kt is old.Kt else backend.cache_aligned(xp.where(vec[..., None], new.Kt, old.Kt))
     lsc = None if new.lsc is None and old.lsc is None else pick(_log_col_sums(xp, new), _log_col_sums(xp, old))
     return _ScalingState(pick(new.phi_t, old.phi_t), pick(new.psi_t, old.psi_t), Kt,
                          pick(new.u, old.u), pick(new.v, old.v), pick(new.sc, old.sc), lsc,
-                         xp.where(m, new.col_bad, old.col_bad))
+                         old.col_bad if new.col_bad is old.col_bad else xp.where(m, new.col_bad, old.col_bad))
 
 
 def _scaling_advance(xp, pb: _Problem, st: _ScalingState, active, k: int) -> _ScalingState:
